@@ -1,0 +1,60 @@
+"""Auxiliary load-balancing losses and expert-load statistics, computed from :class:`RoutingStats`.
+
+Without a balancing term a top-1 router tends to collapse onto one expert, which turns MoLE back
+into plain LoRA with extra parameters. Both losses below only ever see non-padding tokens: padding
+is an artefact of batching and must not pull the router.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from mole.experts import RoutingStats
+
+AUX_LOSSES = ("switch", "per_sample")
+
+
+def switch_loss(stats: list[RoutingStats]) -> torch.Tensor:
+    """Switch-Transformer balance loss ``K * sum_e f_e * P_e`` per layer, averaged over layers.
+
+    ``f_e`` is the fraction of the batch's tokens whose top-1 is expert ``e`` (no gradient) and
+    ``P_e`` the mean router probability of ``e`` (Fedus et al. 2021, eq. 4). Equals 1 at perfect
+    balance, K when one expert takes every token with certainty.
+    """
+    per_layer = []
+    for layer in stats:
+        num_experts = layer.prob_sum.shape[-1]
+        total = layer.tokens.sum().clamp(min=1.0)
+        fraction = layer.count.sum(dim=0) / total  # (K,)
+        mean_prob = layer.prob_sum.sum(dim=0) / total  # (K,)
+        per_layer.append(num_experts * (fraction * mean_prob).sum())
+    return torch.stack(per_layer).mean()
+
+
+def per_sample_loss(stats: list[RoutingStats]) -> torch.Tensor:
+    """The released LLaVA-MoLE code's form: per sample, tokens pooled over all layers,
+    ``sum_j mean(p_j) * mean(1[top1 = j])``, averaged over the samples that have tokens.
+    """
+    prob_sum = torch.stack([layer.prob_sum for layer in stats]).sum(dim=0)  # (batch, K)
+    count = torch.stack([layer.count for layer in stats]).sum(dim=0)  # (batch, K)
+    tokens = torch.stack([layer.tokens for layer in stats]).sum(dim=0)  # (batch,)
+    has_tokens = tokens > 0
+    denom = tokens.clamp(min=1.0).unsqueeze(-1)
+    per_sample = ((prob_sum / denom) * (count / denom)).sum(dim=-1)  # (batch,)
+    return per_sample[has_tokens].sum() / has_tokens.sum().clamp(min=1)
+
+
+def aux_loss(stats: list[RoutingStats], kind: str) -> torch.Tensor:
+    """The configured balance loss; zero (a constant) when nothing is routed, e.g. plain LoRA."""
+    if not stats:
+        return torch.zeros(())
+    if kind == "switch":
+        return switch_loss(stats)
+    if kind == "per_sample":
+        return per_sample_loss(stats)
+    raise ValueError(f"aux loss must be one of {AUX_LOSSES}, got {kind!r}")
+
+
+def expert_load(stats: list[RoutingStats]) -> torch.Tensor:
+    """(layers, K) token counts per expert over the batch's non-padding tokens, for logging."""
+    return torch.stack([layer.count.sum(dim=0) for layer in stats]) if stats else torch.zeros(0, 0)

@@ -1,0 +1,180 @@
+"""MoLE layer maths against per-token reference loops and against peft itself."""
+
+import copy
+
+import pytest
+import torch
+from torch import nn
+from transformers.models.llama.configuration_llama import LlamaConfig
+from transformers.models.llama.modeling_llama import LlamaMLP
+
+from mole.balance import aux_loss, per_sample_loss, switch_loss
+from mole.experts import MoleMLP, RoutingContext, RoutingStats
+
+HIDDEN, INTER, K, R = 16, 24, 3, 4
+
+
+def make_mlp(num_experts=K, routing="hard", dropout=0.0, seed=0):
+    torch.manual_seed(seed)
+    base = LlamaMLP(LlamaConfig(hidden_size=HIDDEN, intermediate_size=INTER, num_attention_heads=2, num_key_value_heads=2))
+    context = RoutingContext()
+    mlp = MoleMLP(base, HIDDEN, num_experts, R, alpha=8.0, dropout=dropout, routing=routing, context=context)
+    for bank in mlp.experts.values():  # B starts at zero; make the experts differ
+        nn.init.normal_(bank.lora_B, std=0.5)
+    if mlp.router is not None:
+        nn.init.normal_(mlp.router.weight, std=1.0)
+    return mlp, context
+
+
+def reference(mlp: MoleMLP, x: torch.Tensor) -> torch.Tensor:
+    """Token by token: route, then apply that expert's (weighted) LoRA to each projection."""
+    out = []
+    for token in x.reshape(-1, HIDDEN):
+        probs = mlp.router(token).softmax(-1)
+        e = int(probs.argmax())
+
+        def proj(name, v):
+            bank = mlp.experts[name]
+            delta = bank.lora_B[e] @ (bank.lora_A[e] @ v) * bank.scaling
+            if mlp.routing == "scaled":
+                delta = delta * probs[e]
+            if mlp.routing == "dense":
+                delta = sum(probs[j] * (bank.lora_B[j] @ (bank.lora_A[j] @ v)) for j in range(K)) * bank.scaling
+            return getattr(mlp, name)(v) + delta
+
+        h = mlp.act_fn(proj("gate_proj", token)) * proj("up_proj", token)
+        out.append(proj("down_proj", h))
+    return torch.stack(out).reshape(x.shape)
+
+
+@pytest.mark.parametrize("routing", ["hard", "scaled", "dense"])
+def test_routing_and_scatter_equal_per_token_reference(routing):
+    mlp, _ = make_mlp(routing=routing)
+    x = torch.randn(2, 7, HIDDEN)
+    got = mlp(x)
+    want = reference(mlp, x)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5, msg=f"{routing} MoLE != per-token loop")
+    chosen = mlp.stats.count.sum(0)
+    assert (chosen > 0).sum() >= 2, f"test needs tokens on several experts, got load {chosen.tolist()}"
+
+
+def test_dense_equals_explicit_weighted_sum_of_experts():
+    mlp, _ = make_mlp(routing="dense")
+    bank = mlp.experts["up_proj"]
+    x = torch.randn(5, HIDDEN)
+    weights = torch.softmax(torch.randn(5, K), -1)
+    from mole.experts import Routes
+
+    got = bank(x, Routes(dense_weights=weights))
+    want = sum(weights[:, j : j + 1] * (x @ bank.lora_A[j].t() @ bank.lora_B[j].t()) for j in range(K)) * bank.scaling
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+
+
+def test_expert_with_no_tokens_runs_on_an_empty_slice_and_gets_zero_grad():
+    mlp, _ = make_mlp(routing="hard")
+    with torch.no_grad():
+        mlp.router.weight.zero_()
+        mlp.router.bias.copy_(torch.tensor([5.0, 0.0, -5.0]))  # everything to expert 0
+    mlp(torch.randn(1, 6, HIDDEN)).sum().backward()
+    grad = mlp.experts["gate_proj"].lora_B.grad
+    assert grad is not None, "stacked expert parameters must always receive a gradient"
+    assert grad[0].abs().sum() > 0 and grad[1:].abs().sum() == 0, "only the chosen expert learns"
+
+
+def test_single_expert_equals_peft_lora_with_same_weights():
+    from peft import LoraConfig, inject_adapter_in_model
+
+    mlp, _ = make_mlp(num_experts=1)
+    assert mlp.router is None, "plain LoRA has no router"
+    torch.manual_seed(1)
+    base = LlamaMLP(LlamaConfig(hidden_size=HIDDEN, intermediate_size=INTER, num_attention_heads=2, num_key_value_heads=2))
+    base.load_state_dict({k: v for k, v in mlp.state_dict().items() if "experts" not in k})
+    holder = nn.Module()
+    holder.mlp = base
+    peft_model = inject_adapter_in_model(
+        LoraConfig(r=R, lora_alpha=8.0, lora_dropout=0.0, target_modules=["gate_proj", "up_proj", "down_proj"]),
+        holder,
+    )
+    with torch.no_grad():
+        for name, bank in mlp.experts.items():
+            layer = getattr(peft_model.mlp, name)
+            layer.lora_A["default"].weight.copy_(bank.lora_A[0])
+            layer.lora_B["default"].weight.copy_(bank.lora_B[0])
+    x = torch.randn(2, 5, HIDDEN)
+    torch.testing.assert_close(mlp(x), peft_model.mlp(x), rtol=1e-5, atol=1e-6, msg="K=1 must be peft LoRA")
+    assert mlp.stats is None, "plain LoRA records no routing statistics"
+
+
+def test_router_gets_lm_gradient_in_scaled_but_not_in_hard():
+    for routing, expect_grad in [("scaled", True), ("hard", False)]:
+        mlp, _ = make_mlp(routing=routing)
+        mlp(torch.randn(2, 4, HIDDEN)).pow(2).sum().backward()
+        grad = mlp.router.weight.grad
+        has = grad is not None and grad.abs().sum() > 0
+        assert has == expect_grad, f"{routing}: router LM gradient present={has}"
+
+
+def test_hard_router_learns_from_aux_loss():
+    mlp, context = make_mlp(routing="hard")
+    mlp(torch.randn(2, 4, HIDDEN))
+    switch_loss(context.stats()).backward()
+    assert mlp.router.weight.grad.abs().sum() > 0, "aux loss must reach the router in hard mode"
+
+
+def stats_from(probs, top, mask):
+    """RoutingStats of one layer from hand-made (batch, seq, K) probs and (batch, seq) choices."""
+    keep = mask.float().unsqueeze(-1)
+    onehot = torch.nn.functional.one_hot(top, probs.shape[-1]).float()
+    return RoutingStats((probs * keep).sum(1), (onehot * keep).sum(1), mask.float().sum(1))
+
+
+def test_switch_loss_hand_checked_value():
+    # 4 tokens, K=2: top-1 = [0, 0, 0, 1] -> f = [0.75, 0.25]; mean probs P = [0.6, 0.4]
+    probs = torch.tensor([[[0.9, 0.1], [0.6, 0.4], [0.7, 0.3], [0.2, 0.8]]])
+    top = torch.tensor([[0, 0, 0, 1]])
+    loss = switch_loss([stats_from(probs, top, torch.ones(1, 4, dtype=torch.bool))])
+    assert loss.item() == pytest.approx(2 * (0.75 * 0.6 + 0.25 * 0.4)), "K * sum f_e P_e"
+
+
+def test_aux_loss_ignores_padding():
+    probs = torch.tensor([[[0.9, 0.1], [0.6, 0.4], [0.7, 0.3], [0.2, 0.8]]])
+    top = torch.tensor([[0, 0, 0, 1]])
+    mask = torch.ones(1, 4, dtype=torch.bool)
+    padded_probs = torch.cat([probs, torch.tensor([[[0.01, 0.99], [0.01, 0.99]]])], dim=1)
+    padded_top = torch.cat([top, torch.tensor([[1, 1]])], dim=1)
+    padded_mask = torch.cat([mask, torch.zeros(1, 2, dtype=torch.bool)], dim=1)
+    for kind in ["switch", "per_sample"]:
+        clean = aux_loss([stats_from(probs, top, mask)], kind)
+        padded = aux_loss([stats_from(padded_probs, padded_top, padded_mask)], kind)
+        assert padded.item() == pytest.approx(clean.item()), f"{kind} loss changed by padding"
+
+
+def test_per_sample_loss_hand_checked_value():
+    # sample 0: probs mean [0.75, 0.25], choices [1, 0] -> 0.75; sample 1: mean [0.3, 0.7], choices [0, 1] -> 0.7
+    probs = torch.tensor([[[0.8, 0.2], [0.7, 0.3]], [[0.4, 0.6], [0.2, 0.8]]])
+    top = torch.tensor([[0, 0], [1, 1]])
+    loss = per_sample_loss([stats_from(probs, top, torch.ones(2, 2, dtype=torch.bool))])
+    assert loss.item() == pytest.approx((0.75 + 0.7) / 2)
+
+
+def test_mlp_masks_padding_from_context():
+    mlp, context = make_mlp()
+    x = torch.randn(2, 5, HIDDEN)
+    context.token_mask = torch.tensor([[1, 1, 1, 0, 0], [1, 1, 1, 1, 1]], dtype=torch.bool)
+    mlp(x)
+    assert mlp.stats.tokens.tolist() == [3.0, 5.0]
+    assert mlp.stats.count.sum().item() == 8.0
+
+
+def test_stats_are_not_double_counted_under_gradient_checkpointing():
+    from torch.utils.checkpoint import checkpoint
+
+    mlp, context = make_mlp(routing="scaled")
+    x = torch.randn(2, 5, HIDDEN, requires_grad=True)
+    mlp(x)
+    plain = copy.deepcopy(mlp.stats.count)
+    out = checkpoint(mlp, x, use_reentrant=False)
+    loss = out.sum() + switch_loss(context.stats())
+    loss.backward()  # re-runs the forward
+    torch.testing.assert_close(mlp.stats.count, plain, msg="recompute must overwrite, not accumulate")
+    assert mlp.router.weight.grad.abs().sum() > 0
