@@ -1,0 +1,24 @@
+"""Train a MoLE LLaVA: ``deepspeed launch/train.py --config launch/configs/tiny.yaml [key=value ...]``."""
+
+import os
+import sys
+
+from mole.config import ConfigError, parse_cli
+from mole.ds_config import build_ds_config
+
+
+def main() -> int:
+    try:
+        cfg = parse_cli(sys.argv[1:])
+        build_ds_config(cfg, int(os.environ.get("WORLD_SIZE", "1")))  # its errors too, before any load
+    except ConfigError as err:
+        print(f"config error: {err}", file=sys.stderr)
+        return 2
+    from mole.train.loop import run  # heavy imports only after the config is known to be valid
+
+    run(cfg)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

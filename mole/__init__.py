@@ -1,0 +1,1 @@
+"""Mixture-of-LoRA-Experts (LLaVA-MoLE) finetuning of LLaVA under DeepSpeed."""

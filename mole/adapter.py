@@ -1,0 +1,65 @@
+"""The saved adapter: every trainable tensor (experts, routers, attention LoRA, projector) + its config.
+
+``output_dir/adapter/`` holds ``adapter.safetensors`` and ``mole_config.json``; it is the one format
+that loading, evaluation and export read. Keys are the LLaVA model's own parameter names.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+
+import torch
+from safetensors.torch import save_file
+from torch import nn
+
+ADAPTER_WEIGHTS = "adapter.safetensors"
+ADAPTER_CONFIG = "mole_config.json"
+FORMAT_VERSION = 1
+
+
+def gather_trainable_state(model: nn.Module) -> dict[str, torch.Tensor]:
+    """Full copies of the trainable parameters, gathered from ZeRO-3 shards where partitioned.
+
+    Must run on every rank (the gathers are collectives), in the same parameter order.
+    """
+    import deepspeed
+
+    state = {}
+    for name, param in model.named_parameters():
+        if not param.requires_grad:
+            continue
+        with deepspeed.zero.GatheredParameters([param], modifier_rank=None):
+            state[name] = param.detach().to("cpu", copy=True).contiguous()
+    return state
+
+
+def adapter_config(cfg, llava_config) -> dict:
+    """What a loader needs to rebuild the MoLE layers on a base model and to check it is the right one."""
+    text = llava_config.text_config
+    return {
+        "format_version": FORMAT_VERSION,
+        "base_model": cfg.model.name_or_path,
+        "hidden_size": text.hidden_size,
+        "num_hidden_layers": text.num_hidden_layers,
+        "num_experts": cfg.mole.num_experts,
+        "routing": cfg.mole.routing,
+        "aux_loss": cfg.mole.aux_loss,
+        "r": cfg.lora.r,
+        "alpha": cfg.lora.alpha,
+        "dropout": cfg.lora.dropout,
+        "attn_targets": list(cfg.lora.attn_targets),
+        "mlp_targets": list(cfg.lora.mlp_targets),
+        "train_projector": cfg.train.train_projector,
+    }
+
+
+def save_adapter(directory: str, state: dict[str, torch.Tensor], config: dict) -> None:
+    """Write weights then config, each via a temporary file and rename, so a crash leaves no half file."""
+    os.makedirs(directory, exist_ok=True)
+    weights = os.path.join(directory, ADAPTER_WEIGHTS)
+    save_file(state, weights + ".tmp", metadata={"format": "mole", "format_version": str(FORMAT_VERSION)})
+    os.replace(weights + ".tmp", weights)
+    with open(os.path.join(directory, ADAPTER_CONFIG + ".tmp"), "w") as handle:
+        json.dump(config, handle, indent=2)
+    os.replace(os.path.join(directory, ADAPTER_CONFIG + ".tmp"), os.path.join(directory, ADAPTER_CONFIG))

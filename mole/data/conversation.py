@@ -1,0 +1,126 @@
+"""LLaVA conversation JSON -> token ids and labels, with the model's own chat template.
+
+Labels cover each assistant answer plus the EOS token (the chat template alone adds no EOS, and a
+model that never learns to stop breaks generation); everything else is masked with ``IGNORE_INDEX``.
+Each turn is rendered through the tokenizer's chat template and the rendering of the conversation so
+far is subtracted, so the prompt format is exactly the template's, whatever model directory is used.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+
+from mole.data.errors import BadSample
+
+IGNORE_INDEX = -100
+IMAGE_PLACEHOLDER = "<image>"
+ROLES = {"human": "user", "gpt": "assistant"}
+
+
+@dataclass
+class Turn:
+    role: str  # "user" | "assistant"
+    text: str
+
+
+def parse_conversation(raw: bytes) -> tuple[list[Turn], bool]:
+    """Validate a LLaVA-format sample's JSON; return its turns and whether it references an image."""
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as err:
+        raise BadSample("non_utf8", str(err)) from None
+    try:
+        record = json.loads(text)
+    except json.JSONDecodeError as err:
+        raise BadSample("invalid_json", str(err)) from None
+    if not isinstance(record, dict):
+        raise BadSample("wrong_type", f"top level is {type(record).__name__}, expected an object")
+    conversations = record.get("conversations")
+    if not conversations:
+        raise BadSample("no_conversations", "missing or empty 'conversations'")
+    if not isinstance(conversations, list):
+        raise BadSample("wrong_type", "'conversations' is not a list")
+    turns = []
+    for index, message in enumerate(conversations):
+        if not isinstance(message, dict) or not isinstance(message.get("value"), str):
+            raise BadSample("wrong_type", f"turn {index} is not {{'from': str, 'value': str}}")
+        role = ROLES.get(message.get("from"))
+        if role is None:
+            raise BadSample("wrong_type", f"turn {index} has unknown speaker {message.get('from')!r}")
+        turns.append(Turn(role, message["value"]))
+    if not any(turn.role == "assistant" and turn.text.strip() for turn in turns):
+        raise BadSample("no_answer", "no non-empty assistant turn")
+    has_image = any(IMAGE_PLACEHOLDER in turn.text for turn in turns)
+    return turns, has_image
+
+
+def to_chat_messages(turns: list[Turn], has_image: bool) -> list[dict]:
+    """LLaVA strings (``"<image>\\n..."``) -> the content-list messages chat templates expect."""
+    messages = []
+    image_placed = False
+    for turn in turns:
+        text = turn.text.replace(IMAGE_PLACEHOLDER, "").strip()
+        content: list[dict] = []
+        if has_image and not image_placed and turn.role == "user":
+            content.append({"type": "image"})
+            image_placed = True
+        content.append({"type": "text", "text": text})
+        messages.append({"role": turn.role, "content": content})
+    return messages
+
+
+def tokenize_conversation(
+    turns: list[Turn], has_image: bool, tokenizer, image_token_id: int, num_image_tokens: int, max_length: int
+) -> tuple[list[int], list[int]]:
+    """Token ids and labels for one conversation, image placeholder expanded, truncated at ``max_length``.
+
+    Truncation cuts from the end and never inside the image tokens: a sample whose image tokens do
+    not fit, or that keeps no answer token, is a ``BadSample("too_long")``.
+    """
+    messages = to_chat_messages(turns, has_image)
+    ids: list[int] = [tokenizer.bos_token_id] if tokenizer.bos_token_id is not None else []
+    labels: list[int] = [IGNORE_INDEX] * len(ids)
+    rendered = ""
+    for index, message in enumerate(messages):
+        full = tokenizer.apply_chat_template(messages[: index + 1], tokenize=False)
+        if not full.startswith(rendered):
+            raise ValueError("chat template does not render conversations prefix by prefix")
+        piece, rendered = full[len(rendered) :], full
+        if message["role"] != "assistant":
+            ids += _encode(tokenizer, piece)
+            labels += [IGNORE_INDEX] * (len(ids) - len(labels))
+            continue
+        answer = message["content"][-1]["text"]
+        start = piece.rfind(answer)
+        header = piece[:start].rstrip()
+        spacing = piece[len(header) : start]  # the space before the answer belongs to the answer
+        ids += _encode(tokenizer, header)
+        labels += [IGNORE_INDEX] * (len(ids) - len(labels))
+        answer_ids = _encode(tokenizer, spacing + answer) + [tokenizer.eos_token_id]
+        ids += answer_ids
+        labels += answer_ids
+    ids, labels = _expand_image(ids, labels, image_token_id, num_image_tokens)
+    if has_image and ids.count(image_token_id) != num_image_tokens:
+        raise BadSample("image_placeholder", "expected exactly one <image> placeholder")
+    last_image = max((i for i, t in enumerate(ids) if t == image_token_id), default=-1)
+    if last_image >= max_length:
+        raise BadSample("too_long", f"image tokens end at {last_image + 1} > max_length {max_length}")
+    ids, labels = ids[:max_length], labels[:max_length]
+    if all(label == IGNORE_INDEX for label in labels):
+        raise BadSample("too_long", f"no answer token left within max_length {max_length}")
+    return ids, labels
+
+
+def _encode(tokenizer, text: str) -> list[int]:
+    return tokenizer(text, add_special_tokens=False)["input_ids"] if text else []
+
+
+def _expand_image(ids, labels, image_token_id, count):
+    """One image placeholder token -> ``count`` copies, one per image feature the projector emits."""
+    out_ids, out_labels = [], []
+    for token, label in zip(ids, labels):
+        repeat = count if token == image_token_id else 1
+        out_ids += [token] * repeat
+        out_labels += [label] * repeat
+    return out_ids, out_labels

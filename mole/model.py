@@ -1,0 +1,98 @@
+"""Load the frozen LLaVA backbone (partitioned at load time under ZeRO-3) and wrap it for training.
+
+The same ``from_pretrained`` call loads the bundled tiny model and a real ``llava-1.5-7b-hf``
+directory; only the path in the config changes.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+from transformers import AutoProcessor, LlavaForConditionalGeneration
+
+from mole.balance import aux_loss
+from mole.config import Config
+from mole.surgery import MoleSurgery, apply_mole
+
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def load_backbone(path: str, dtype: torch.dtype, ds_config: dict | None = None) -> LlavaForConditionalGeneration:
+    """``from_pretrained``, with ZeRO-3 partitioning *during* the load when ``ds_config`` is stage 3.
+
+    transformers partitions at load time while an ``HfDeepSpeedConfig`` object is alive, so a 7B
+    model never sits whole in one rank's memory. The object must outlive ``from_pretrained``.
+    """
+    zero3 = ds_config is not None and ds_config.get("zero_optimization", {}).get("stage") == 3
+    keep_alive = None
+    if zero3:
+        from transformers.integrations import HfDeepSpeedConfig
+
+        keep_alive = HfDeepSpeedConfig(ds_config)  # noqa: F841 (weakly referenced by transformers)
+    model = LlavaForConditionalGeneration.from_pretrained(path, dtype=dtype)
+    del keep_alive
+    return model
+
+
+def build_mole_model(cfg: Config, dtype: torch.dtype, ds_config: dict | None = None):
+    """Backbone + MoLE surgery from the config; returns (model, surgery, processor)."""
+    model = load_backbone(cfg.model.name_or_path, dtype, ds_config)
+    model.config.use_cache = False
+    surgery = apply_mole(
+        model,
+        num_experts=cfg.mole.num_experts,
+        routing=cfg.mole.routing,
+        r=cfg.lora.r,
+        alpha=cfg.lora.alpha,
+        dropout=cfg.lora.dropout,
+        attn_targets=list(cfg.lora.attn_targets),
+        mlp_targets=list(cfg.lora.mlp_targets),
+        train_projector=cfg.train.train_projector,
+    )
+    for module in model.modules():  # new modules are created in fp32; match the backbone
+        for param in module.parameters(recurse=False):
+            if param.requires_grad and param.dtype != dtype:
+                param.data = param.data.to(dtype)
+    processor = AutoProcessor.from_pretrained(cfg.model.name_or_path)
+    return model, surgery, processor
+
+
+class TrainingModel(nn.Module):
+    """One training forward of a MoLE LLaVA: LM loss + weighted balance loss.
+
+    It runs the steps LLaVA's own forward runs (embed tokens, vision tower + projector, scatter the
+    image features into the image-token positions, LLM) but *always* runs the vision tower: a batch
+    with no image gets a blank dummy image whose features are multiplied by zero, as LLaVA's training
+    code does. Under ZeRO-3 every rank must gather the same parameters in the same order each step;
+    transformers would skip the vision tower on a text-only batch and desynchronise the ranks.
+    """
+
+    def __init__(self, llava: LlavaForConditionalGeneration, surgery: MoleSurgery, aux_kind: str, aux_weight: float):
+        super().__init__()
+        self.llava = llava
+        self.context = surgery.context
+        self.aux_kind, self.aux_weight = aux_kind, aux_weight
+        vision = llava.config.vision_config
+        self.dummy_image_shape = (1, vision.num_channels, vision.image_size, vision.image_size)
+
+    def forward(self, input_ids, attention_mask, labels, pixel_values=None):
+        llava = self.llava
+        embeds = llava.get_input_embeddings()(input_ids)
+        text_only = pixel_values is None
+        if text_only:
+            pixel_values = torch.zeros(self.dummy_image_shape, dtype=embeds.dtype, device=embeds.device)
+        features = llava.model.get_image_features(pixel_values=pixel_values.to(embeds.dtype), return_dict=True)
+        features = torch.cat(features.pooler_output, dim=0).to(embeds.dtype)  # (image tokens, hidden)
+        if text_only:
+            embeds = embeds + features.sum() * 0.0
+        else:
+            image_positions = (input_ids == llava.config.image_token_id).unsqueeze(-1).expand_as(embeds)
+            if image_positions.sum() != features.numel():
+                raise ValueError(
+                    f"{int(image_positions.sum()) // embeds.shape[-1]} image tokens in the batch but "
+                    f"{features.shape[0]} image features: the data and the model's processor disagree"
+                )
+            embeds = embeds.masked_scatter(image_positions, features)
+        out = llava(inputs_embeds=embeds, attention_mask=attention_mask, labels=labels, use_cache=False)
+        aux = aux_loss(self.context.stats(), self.aux_kind).to(out.loss.device)
+        return {"loss": out.loss + self.aux_weight * aux, "lm_loss": out.loss.detach(), "aux_loss": aux.detach()}

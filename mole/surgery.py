@@ -1,0 +1,103 @@
+"""Turn a Hugging Face LLaVA into a MoLE LLaVA: experts in every LLM MLP, plain LoRA on attention.
+
+Surgery only moves module references and adds new modules; it never reads a frozen weight, so it
+works the same on a model whose weights ZeRO-3 has already partitioned across ranks. It refuses
+loudly when a target pattern matches nothing, rather than training an unadapted model.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+
+from torch import nn
+
+from mole.experts import MoleMLP, RoutingContext
+
+MLP_PATTERN = re.compile(r"(.*\.)?language_model\.layers\.\d+\.mlp")
+ATTENTION_PATTERN = r"(.*\.)?language_model\.layers\.\d+\.self_attn\.({targets})"
+PROJECTOR_PREFIX = "multi_modal_projector"
+
+
+class SurgeryError(ValueError):
+    """A target pattern that matched nothing, or a module that does not have the expected shape."""
+
+
+@dataclass
+class MoleSurgery:
+    """What :func:`apply_mole` did: the shared routing context and the names it replaced or adapted."""
+
+    context: RoutingContext
+    mole_layers: list[str] = field(default_factory=list)
+    lora_layers: list[str] = field(default_factory=list)
+
+
+def apply_mole(
+    model: nn.Module,
+    *,
+    num_experts: int,
+    routing: str,
+    r: int,
+    alpha: float,
+    dropout: float,
+    attn_targets: list[str],
+    mlp_targets: list[str],
+    train_projector: bool,
+) -> MoleSurgery:
+    """Add MoLE experts to the LLM's MLPs and peft LoRA to its attention, then set what trains.
+
+    Afterwards exactly the experts, routers, attention LoRA and (if ``train_projector``) the
+    multimodal projector require gradients; the vision tower and the LLM stay frozen.
+    """
+    for param in model.parameters():
+        param.requires_grad_(False)
+    surgery = MoleSurgery(context=RoutingContext())
+    if attn_targets:
+        surgery.lora_layers = _add_attention_lora(model, attn_targets, r, alpha, dropout)
+    hidden_size = model.config.text_config.hidden_size
+    for name, module in list(model.named_modules()):
+        if not MLP_PATTERN.fullmatch(name):
+            continue
+        missing = [t for t in mlp_targets if not isinstance(getattr(module, t, None), nn.Linear)]
+        if missing:
+            raise SurgeryError(f"{name} has no linear {missing}; lora.mlp_targets must name its projections")
+        mole = MoleMLP(module, hidden_size, num_experts, r, alpha, dropout, routing, surgery.context, tuple(mlp_targets))
+        parent_name, _, child = name.rpartition(".")
+        setattr(model.get_submodule(parent_name), child, mole)
+        surgery.mole_layers.append(name)
+    if not surgery.mole_layers:
+        raise SurgeryError(f"no module matches {MLP_PATTERN.pattern!r}: is this a LLaVA with a LLaMA-style LLM?")
+    model.register_forward_pre_hook(_remember_padding_mask(surgery.context), with_kwargs=True)
+    for name, param in model.named_parameters():
+        param.requires_grad_(is_trainable(name, train_projector))
+    return surgery
+
+
+def is_trainable(name: str, train_projector: bool) -> bool:
+    """The one rule for what trains: experts, routers, LoRA, and optionally the projector."""
+    if ".experts." in name or ".router." in name or "lora_" in name:
+        return True
+    return train_projector and PROJECTOR_PREFIX in name
+
+
+def _add_attention_lora(model: nn.Module, targets: list[str], r: int, alpha: float, dropout: float) -> list[str]:
+    """Plain LoRA on the LLM's attention projections, by peft itself."""
+    from peft import LoraConfig, inject_adapter_in_model
+
+    pattern = ATTENTION_PATTERN.format(targets="|".join(re.escape(t) for t in targets))
+    matched = [name for name, _ in model.named_modules() if re.fullmatch(pattern, name)]
+    if not matched:
+        raise SurgeryError(f"lora.attn_targets {targets} match no module of the LLM's attention ({pattern!r})")
+    config = LoraConfig(r=r, lora_alpha=alpha, lora_dropout=dropout, target_modules=pattern, bias="none")
+    inject_adapter_in_model(config, model)
+    return matched
+
+
+def _remember_padding_mask(context: RoutingContext):
+    """A pre-forward hook: the decoder calls ``mlp(x)`` with no mask, so hand it over via the context."""
+
+    def hook(module, args, kwargs):
+        context.token_mask = kwargs.get("attention_mask")
+        return None
+
+    return hook
