@@ -35,9 +35,14 @@ def load_backbone(path: str, dtype: torch.dtype, ds_config: dict | None = None) 
 
 
 def build_mole_model(cfg: Config, dtype: torch.dtype, ds_config: dict | None = None):
-    """Backbone + MoLE surgery from the config; returns (model, surgery, processor)."""
+    """Backbone + MoLE surgery from the config; returns (model, surgery, processor).
+
+    The new modules are initialised from ``train.seed`` right before surgery, so they are the same
+    on every rank and under every ZeRO stage (loading consumes random numbers differently).
+    """
     model = load_backbone(cfg.model.name_or_path, dtype, ds_config)
     model.config.use_cache = False
+    torch.manual_seed(cfg.train.seed)
     surgery = apply_mole(
         model,
         num_experts=cfg.mole.num_experts,

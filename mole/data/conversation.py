@@ -78,28 +78,13 @@ def tokenize_conversation(
     Truncation cuts from the end and never inside the image tokens: a sample whose image tokens do
     not fit, or that keeps no answer token, is a ``BadSample("too_long")``.
     """
-    messages = to_chat_messages(turns, has_image)
-    ids: list[int] = [tokenizer.bos_token_id] if tokenizer.bos_token_id is not None else []
-    labels: list[int] = [IGNORE_INDEX] * len(ids)
-    rendered = ""
-    for index, message in enumerate(messages):
-        full = tokenizer.apply_chat_template(messages[: index + 1], tokenize=False)
-        if not full.startswith(rendered):
-            raise ValueError("chat template does not render conversations prefix by prefix")
-        piece, rendered = full[len(rendered) :], full
-        if message["role"] != "assistant":
-            ids += _encode(tokenizer, piece)
-            labels += [IGNORE_INDEX] * (len(ids) - len(labels))
-            continue
-        answer = message["content"][-1]["text"]
-        start = piece.rfind(answer)
-        header = piece[:start].rstrip()
-        spacing = piece[len(header) : start]  # the space before the answer belongs to the answer
-        ids += _encode(tokenizer, header)
-        labels += [IGNORE_INDEX] * (len(ids) - len(labels))
-        answer_ids = _encode(tokenizer, spacing + answer) + [tokenizer.eos_token_id]
-        ids += answer_ids
-        labels += answer_ids
+    text, answer_spans = render_conversation(turns, has_image, tokenizer)
+    encoded = tokenizer(text, add_special_tokens=True, return_offsets_mapping=True)
+    ids = list(encoded["input_ids"])
+    labels = [
+        token if any(lo <= start and end <= hi for lo, hi in answer_spans) and end > start else IGNORE_INDEX
+        for token, (start, end) in zip(ids, encoded["offset_mapping"])
+    ]
     ids, labels = _expand_image(ids, labels, image_token_id, num_image_tokens)
     if has_image and ids.count(image_token_id) != num_image_tokens:
         raise BadSample("image_placeholder", "expected exactly one <image> placeholder")
@@ -112,8 +97,33 @@ def tokenize_conversation(
     return ids, labels
 
 
-def _encode(tokenizer, text: str) -> list[int]:
-    return tokenizer(text, add_special_tokens=False)["input_ids"] if text else []
+def render_conversation(turns: list[Turn], has_image: bool, tokenizer) -> tuple[str, list[tuple[int, int]]]:
+    """The conversation as one string in the chat template's format, each answer followed by EOS,
+    with the character spans of the answers (leading space and EOS included) to be labelled.
+
+    The whole string is tokenised at once (tokenising turns separately splits tokens differently at
+    turn boundaries than the inference prompt does). Each turn's text is what the template renders
+    for the conversation up to it minus what it rendered before; the template's separator after an
+    answer is replaced by EOS, as LLaVA-1.5's own training format has it (``... ASSISTANT: a</s>USER: ...``).
+    """
+    messages = to_chat_messages(turns, has_image)
+    text, rendered, spans = "", "", []
+    for index, message in enumerate(messages):
+        full = tokenizer.apply_chat_template(messages[: index + 1], tokenize=False)
+        if not full.startswith(rendered):
+            raise ValueError("the chat template does not render conversations prefix by prefix")
+        piece, rendered = full[len(rendered) :], full
+        if message["role"] != "assistant":
+            text += piece
+            continue
+        answer = message["content"][-1]["text"]
+        header = piece[: piece.rfind(answer)].rstrip()
+        spacing = piece[len(header) : piece.rfind(answer)]  # the space before an answer belongs to it
+        text += header
+        start = len(text)
+        text += spacing + answer + tokenizer.eos_token
+        spans.append((start, len(text)))
+    return text, spans
 
 
 def _expand_image(ids, labels, image_token_id, count):

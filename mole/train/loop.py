@@ -37,7 +37,6 @@ def run(cfg: Config) -> dict:
         os.makedirs(cfg.output_dir, exist_ok=True)
         save_config(cfg, os.path.join(cfg.output_dir, "config.yaml"))
 
-    torch.manual_seed(cfg.train.seed)  # identical adapter initialisation on every rank
     dtype = DTYPES[cfg.train.precision]
     llava, surgery, processor = build_mole_model(cfg, dtype, ds_config)
     model = TrainingModel(llava, surgery, cfg.mole.aux_loss, cfg.mole.aux_weight)

@@ -16,14 +16,15 @@ import torch.distributed as dist
 
 def count_parameters(model: torch.nn.Module) -> dict:
     """Trainable / total parameter counts, using ZeRO-3's full sizes for partitioned tensors."""
-    total = trainable = partitioned = 0
+    total = trainable = partitioned = tensors = 0
     for param in model.parameters():
+        tensors += 1
         numel = getattr(param, "ds_numel", param.numel())
         total += numel
         trainable += numel if param.requires_grad else 0
-        if hasattr(param, "ds_tensor") and not getattr(param, "ds_persist", False):
+        if hasattr(param, "ds_numel") and not param.ds_persist:  # only a shard is held between uses
             partitioned += 1
-    return {"total": total, "trainable": trainable, "partitioned": partitioned}
+    return {"total": total, "trainable": trainable, "tensors": tensors, "partitioned": partitioned}
 
 
 class RankLog:

@@ -1,0 +1,84 @@
+"""Shared test utilities: launching real 2-rank DeepSpeed runs and writing tar shards."""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import tarfile
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+TINY_CONFIG = REPO / "launch" / "configs" / "tiny.yaml"
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def launch_training(output_dir: Path, *overrides: str, ranks: int = 2, timeout: int = 300) -> subprocess.CompletedProcess:
+    """``deepspeed --num_gpus N launch/train.py --config tiny.yaml ...`` for real; fails the test on error."""
+    cmd = [
+        python(), "-m", "deepspeed.launcher.runner", "--num_gpus", str(ranks), "--master_port", str(free_port()),
+        str(REPO / "launch" / "train.py"), "--config", str(TINY_CONFIG), f"output_dir={output_dir}", *overrides,
+    ]
+    proc = run_group(cmd, timeout)
+    if proc.returncode != 0:
+        raise AssertionError(f"training failed ({proc.returncode}): {' '.join(cmd)}\n{proc.stdout[-4000:]}\n{proc.stderr[-4000:]}")
+    return proc
+
+
+def run_group(cmd: list[str], timeout: int, **kwargs) -> subprocess.CompletedProcess:
+    """Run a command in its own process group and kill the whole group on timeout, ranks included
+    (a hung collective must fail the test, not leave orphaned ranks behind)."""
+    proc = subprocess.Popen(cmd, cwd=kwargs.pop("cwd", REPO), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True, start_new_session=True, **kwargs)
+    try:
+        stdout, stderr = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        stdout, stderr = proc.communicate()
+        raise AssertionError(f"timed out after {timeout} s (hung collective?): {' '.join(cmd)}\n{stdout[-3000:]}\n{stderr[-3000:]}")
+    return subprocess.CompletedProcess(cmd, proc.returncode, stdout, stderr)
+
+
+def read_rank_log(output_dir: Path, rank: int) -> list[dict]:
+    lines = (Path(output_dir) / "logs" / f"rank{rank}.jsonl").read_text().splitlines()
+    return [json.loads(line) for line in lines]
+
+
+def step_records(output_dir: Path, rank: int) -> list[dict]:
+    return [r for r in read_rank_log(output_dir, rank) if "step" in r]
+
+
+def write_shard(path: Path, samples: list[dict]) -> Path:
+    """A tar shard from ``{"__key__": str, "<ext>": bytes | dict}`` samples (dicts become JSON)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with tarfile.open(path, "w") as tar:
+        for sample in samples:
+            for ext, value in sample.items():
+                if ext == "__key__":
+                    continue
+                data = json.dumps(value).encode() if isinstance(value, dict) else value
+                info = tarfile.TarInfo(f"{sample['__key__']}.{ext}")
+                info.size = len(data)
+                tar.addfile(info, io.BytesIO(data))
+    return path
+
+
+def text_sample(key: str, question: str, answer: str) -> dict:
+    return {"__key__": key, "json": {"conversations": [{"from": "human", "value": question}, {"from": "gpt", "value": answer}]}}
+
+
+def python() -> str:
+    return sys.executable
+
+
+def env_without_ranks() -> dict:
+    return {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK")}

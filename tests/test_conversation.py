@@ -1,0 +1,96 @@
+"""Conversation -> tokens and labels with the tiny model's real tokenizer and chat template."""
+
+import json
+
+import pytest
+from transformers import AutoProcessor
+
+from mole.data.conversation import IGNORE_INDEX, parse_conversation, tokenize_conversation
+from mole.data.errors import BadSample
+from tests.helpers import REPO
+
+
+@pytest.fixture(scope="module")
+def processor():
+    return AutoProcessor.from_pretrained(REPO / "models" / "tiny-llava")
+
+
+def encode(processor, record, max_length=512):
+    turns, has_image = parse_conversation(json.dumps(record).encode())
+    image_id = processor.tokenizer.convert_tokens_to_ids(processor.image_token)
+    return tokenize_conversation(turns, has_image, processor.tokenizer, image_id, 16, max_length)
+
+
+MULTI_TURN = {
+    "conversations": [
+        {"from": "human", "value": "<image>\nWhat color is the main object?"},
+        {"from": "gpt", "value": "red"},
+        {"from": "human", "value": "How many objects are there?"},
+        {"from": "gpt", "value": "two"},
+    ]
+}
+
+
+def test_labels_cover_exactly_each_answer_plus_eos_on_a_multi_turn_sample(processor):
+    tokenizer = processor.tokenizer
+    ids, labels = encode(processor, MULTI_TURN)
+    assert len(ids) == len(labels)
+    labelled = [i for i, label in enumerate(labels) if label != IGNORE_INDEX]
+    spans, current = [], [labelled[0]]
+    for i in labelled[1:]:
+        if i == current[-1] + 1:
+            current.append(i)
+        else:
+            spans.append(current)
+            current = [i]
+    spans.append(current)
+    texts = [tokenizer.decode([ids[i] for i in span]) for span in spans]
+    assert texts == [" red</s>", " two</s>"], texts
+    assert all(labels[i] == ids[i] for i in labelled), "labels must equal the input ids where not masked"
+    prompt = tokenizer.decode(ids[: spans[0][0]])
+    assert prompt.startswith("<s>USER: ") and prompt.endswith("What color is the main object? ASSISTANT:"), prompt
+
+
+def test_image_placeholder_expands_to_one_token_per_image_feature(processor):
+    ids, _ = encode(processor, MULTI_TURN)
+    image_id = processor.tokenizer.convert_tokens_to_ids(processor.image_token)
+    assert ids.count(image_id) == 16
+
+
+def test_prompt_matches_what_the_chat_template_gives_at_inference(processor):
+    ids, labels = encode(processor, MULTI_TURN)
+    first_answer = next(i for i, label in enumerate(labels) if label != IGNORE_INDEX)
+    messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "What color is the main object?"}]}]
+    text = processor.apply_chat_template(messages, add_generation_prompt=True)
+    expected = processor(text=text, images=None if False else _blank(processor), return_tensors="pt")["input_ids"][0].tolist()
+    assert ids[:first_answer] == expected, "training prompt differs from the inference prompt"
+
+
+def _blank(processor):
+    from PIL import Image
+
+    return Image.new("RGB", (56, 56))
+
+
+def test_truncation_never_cuts_image_tokens(processor):
+    with pytest.raises(BadSample) as err:
+        encode(processor, MULTI_TURN, max_length=10)
+    assert err.value.reason == "too_long"
+    ids, labels = encode(processor, MULTI_TURN, max_length=40)
+    assert len(ids) == 40 and any(label != IGNORE_INDEX for label in labels)
+
+
+@pytest.mark.parametrize(
+    "raw, reason",
+    [
+        (b"{not json", "invalid_json"),
+        (b"\xff\xfe", "non_utf8"),
+        (b'{"conversations": []}', "no_conversations"),
+        (b'{"conversations": [{"from": "human", "value": 3}]}', "wrong_type"),
+        (b'{"conversations": [{"from": "human", "value": "hi"}]}', "no_answer"),
+    ],
+)
+def test_bad_conversations_name_their_reason(raw, reason):
+    with pytest.raises(BadSample) as err:
+        parse_conversation(raw)
+    assert err.value.reason == reason
