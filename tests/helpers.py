@@ -14,6 +14,7 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 TINY_CONFIG = REPO / "launch" / "configs" / "tiny.yaml"
+SHORT_RUN_STEPS = 8  # steps of the shared short training runs
 
 
 def free_port() -> int:

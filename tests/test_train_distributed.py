@@ -11,25 +11,10 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from tests.helpers import REPO, launch_training, read_rank_log, step_records, text_sample, write_shard
+from tests.helpers import REPO, SHORT_RUN_STEPS as STEPS, launch_training, read_rank_log, step_records, text_sample, write_shard
 
 pytestmark = pytest.mark.distributed
-STEPS = 8
 
-
-@pytest.fixture(scope="session")
-def mode_runs(tmp_path_factory):
-    """One short run per routing mode and one plain-LoRA run, default ZeRO-3 config."""
-    runs = {}
-    for name, overrides in {
-        "hard": ["mole.routing=hard"],
-        "dense": ["mole.routing=dense"],
-        "lora": ["mole.num_experts=1"],
-    }.items():
-        out = tmp_path_factory.mktemp(f"run_{name}")
-        launch_training(out, f"train.max_steps={STEPS}", *overrides)
-        runs[name] = out
-    return runs
 
 
 @pytest.fixture(scope="session")
@@ -68,7 +53,7 @@ def assert_routing_differs_across_ranks(out):
     assert any(differs), "ranks routed identically; the test would not exercise divergent routing"
 
 
-@pytest.mark.parametrize("mode", ["hard", "dense"])
+@pytest.mark.parametrize("mode", ["scaled", "hard", "dense"])
 def test_routing_mode_trains_with_routing_differing_across_ranks(mode_runs, mode):
     out = mode_runs[mode]
     assert_routing_differs_across_ranks(out)

@@ -1,0 +1,26 @@
+"""Session fixtures shared by test modules: trained tiny runs are expensive, so each is made once."""
+
+from __future__ import annotations
+
+import pytest
+
+from tests.helpers import SHORT_RUN_STEPS as STEPS
+from tests.helpers import launch_training
+
+@pytest.fixture(scope="session")
+def mode_runs(tmp_path_factory):
+    """Short 2-rank runs of tiny.yaml (ZeRO-3, every tensor partitioned): one per routing mode and plain LoRA.
+
+    Keys: ``scaled`` (the default), ``hard``, ``dense`` (K=3) and ``lora`` (K=1, projector trained).
+    """
+    runs = {}
+    for name, overrides in {
+        "scaled": [],
+        "hard": ["mole.routing=hard"],
+        "dense": ["mole.routing=dense"],
+        "lora": ["mole.num_experts=1"],
+    }.items():
+        out = tmp_path_factory.mktemp(f"run_{name}")
+        launch_training(out, f"train.max_steps={STEPS}", *overrides)
+        runs[name] = out
+    return runs
