@@ -31,7 +31,8 @@ import yaml
 ROUTINGS = ("hard", "scaled", "dense")
 AUX_LOSSES = ("switch", "per_sample")
 OPTIMIZERS = ("adamw", "sgd")
-PRECISIONS = ("fp32", "bf16", "fp16")
+PRECISIONS = ("auto", "fp32", "bf16", "fp16")
+NONFINITE_POLICIES = ("stop", "skip")
 IMAGE_ASPECTS = ("pad", "crop")
 BUNDLED_DOMAINS = ("shapes", "charts", "tissue")
 
@@ -89,6 +90,9 @@ class DomainConfig:
     URLs (``pipe:``, ``s3://``) are passed through untouched, local paths are made absolute."""
     weight: float = 1.0
     """Relative sampling weight of this domain in the mixed stream (> 0)."""
+    val_shards: str | list[str] | None = None
+    """Held-out shard pattern(s) for the periodic validation loss (``train.eval_every``); none: the
+    domain is not evaluated."""
 
 
 def _bundled_domains() -> list[DomainConfig]:
@@ -131,10 +135,28 @@ class TrainConfig:
     """adamw or sgd; built by mole as a torch optimizer, never from the DeepSpeed JSON."""
     weight_decay: float = 0.0
     """Decoupled weight decay on the trained parameters."""
-    precision: str = "fp32"
-    """Compute precision: fp32, bf16 or fp16 (sets the DeepSpeed bf16/fp16 sections)."""
+    precision: str = "auto"
+    """Compute precision: fp32, bf16 or fp16 (sets the DeepSpeed bf16/fp16 sections); auto is bf16
+    on a GPU and fp32 on a CPU, so one config serves both."""
+    gradient_checkpointing: bool = False
+    """Recompute the LLM's activations in backward (for real model sizes); routing statistics and
+    the balance loss are unaffected."""
+    on_nonfinite: str = "stop"
+    """A NaN/inf loss on any rank: stop the run naming the step, or skip that micro-batch on all ranks."""
     save_every: int = 0
-    """Checkpoint every N optimizer steps; 0 saves only at the end."""
+    """Checkpoint (DeepSpeed, under output_dir/checkpoints/step_<N>) every N optimizer steps; 0 only
+    at the end. The adapter is written to output_dir/adapter at each save too."""
+    keep_checkpoints: int = 2
+    """How many of the newest complete checkpoints to keep."""
+    resume: str = "auto"
+    """auto: continue from output_dir's newest complete checkpoint if any; never: start fresh (an
+    existing checkpoint is then an error, to protect it); or a checkpoint directory path."""
+    eval_every: int = 0
+    """Held-out loss per domain (on each domain's val_shards) every N steps; 0 disables."""
+    eval_batches: int = 8
+    """At most this many micro-batches per domain and rank per evaluation."""
+    log_routing_every: int = 50
+    """Log the domain x expert routing heatmap to TensorBoard every N steps (0 disables)."""
     seed: int = 0
     """Seed for parameter init, data shuffling and dropout (offset by rank where needed)."""
     ds_config: str = "ds_configs/zero3.json"
@@ -347,11 +369,19 @@ def _resolve_paths(cfg: Config, cwd: str) -> None:
     cfg.model.name_or_path = _absolute(cfg.model.name_or_path, cwd)
     cfg.train.ds_config = _absolute(cfg.train.ds_config, cwd)
     cfg.output_dir = _absolute(cfg.output_dir, cwd)
+    if cfg.train.resume not in ("auto", "never"):
+        cfg.train.resume = _absolute(cfg.train.resume, cwd)
     for d in cfg.data.domains:
-        if isinstance(d.shards, str):
-            d.shards = _absolute(d.shards, cwd) if _is_local(d.shards) else d.shards
-        else:
-            d.shards = [_absolute(s, cwd) if _is_local(s) else s for s in d.shards]
+        d.shards = _absolute_patterns(d.shards, cwd)
+        d.val_shards = _absolute_patterns(d.val_shards, cwd)
+
+
+def _absolute_patterns(patterns: str | list[str] | None, cwd: str) -> str | list[str] | None:
+    if patterns is None:
+        return None
+    if isinstance(patterns, str):
+        return _absolute(patterns, cwd) if _is_local(patterns) else patterns
+    return [_absolute(p, cwd) if _is_local(p) else p for p in patterns]
 
 
 def load_config(path: str | None, overrides: list[str]) -> Config:
@@ -480,11 +510,16 @@ def validate(cfg: Config) -> None:
         value = getattr(t, name)
         _require(value >= 1, f"train.{name}", f"must be >= 1, got {value}")
     _require(t.lr > 0, "train.lr", f"must be > 0, got {t.lr}")
-    for name in ("projector_lr", "warmup_steps", "grad_clip", "weight_decay", "save_every"):
+    for name in ("projector_lr", "warmup_steps", "grad_clip", "weight_decay", "save_every", "eval_every",
+                 "log_routing_every"):
         value = getattr(t, name)
         _require(value >= 0, f"train.{name}", f"must be >= 0, got {value}")
     _choice(t.optimizer, OPTIMIZERS, "train.optimizer")
     _choice(t.precision, PRECISIONS, "train.precision")
+    _choice(t.on_nonfinite, NONFINITE_POLICIES, "train.on_nonfinite")
+    _require(t.keep_checkpoints >= 1, "train.keep_checkpoints", f"must be >= 1, got {t.keep_checkpoints}")
+    _require(t.eval_batches >= 1, "train.eval_batches", f"must be >= 1, got {t.eval_batches}")
+    _require(bool(t.resume), "train.resume", "must be auto, never or a checkpoint directory")
 
     path = cfg.model.name_or_path
     _require(

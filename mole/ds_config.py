@@ -31,11 +31,21 @@ def _read_json(path: str) -> dict:
     return ds
 
 
+def effective_precision(precision: str) -> str:
+    """``auto`` is bf16 where a GPU is visible and fp32 on CPU; anything else is taken as given."""
+    if precision != "auto":
+        return precision
+    import torch
+
+    return "bf16" if torch.cuda.is_available() else "fp32"
+
+
 def _ours(cfg: Config, world_size: int) -> list[tuple[tuple[str, ...], Any, str]]:
     """(JSON path, value mole wants, how the value follows from the Config) for every shared key."""
     t = cfg.train
     batch = t.micro_batch_size * t.grad_accum * world_size
-    precision = f"train.precision={t.precision!r}"
+    resolved = effective_precision(t.precision)
+    precision = f"train.precision={t.precision!r}" + (f" (-> {resolved})" if resolved != t.precision else "")
     micro = f"train.micro_batch_size={t.micro_batch_size}"
     return [
         (("train_micro_batch_size_per_gpu",), t.micro_batch_size, micro),
@@ -47,8 +57,8 @@ def _ours(cfg: Config, world_size: int) -> list[tuple[tuple[str, ...], Any, str]
             f"{t.micro_batch_size} * {t.grad_accum} * {world_size} = {batch}",
         ),
         (("gradient_clipping",), t.grad_clip, f"train.grad_clip={t.grad_clip}"),
-        (("bf16", "enabled"), t.precision == "bf16", precision),
-        (("fp16", "enabled"), t.precision == "fp16", precision),
+        (("bf16", "enabled"), resolved == "bf16", precision),
+        (("fp16", "enabled"), resolved == "fp16", precision),
     ]
 
 

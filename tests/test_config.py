@@ -56,7 +56,7 @@ def test_defaults_load_with_schema_values(workdir: Path) -> None:
     assert cfg.mole.num_experts == 3 and cfg.mole.routing == "scaled", f"mole defaults wrong: {cfg.mole}"
     assert cfg.lora.attn_targets == ["q_proj", "k_proj", "v_proj", "o_proj"], cfg.lora.attn_targets
     assert [d.name for d in cfg.data.domains] == ["shapes", "charts", "tissue"], cfg.data.domains
-    assert cfg.train.max_steps == 50 and cfg.train.precision == "fp32", f"train defaults wrong: {cfg.train}"
+    assert cfg.train.max_steps == 50 and cfg.train.precision == "auto", f"train defaults wrong: {cfg.train}"
     assert cfg.model.name_or_path == str(workdir / "models" / "tiny-llava"), cfg.model.name_or_path
 
 
@@ -310,7 +310,15 @@ def test_ds_contradiction_names_both_sides(workdir: Path) -> None:
 def test_ds_precision_contradiction_is_rejected(workdir: Path) -> None:
     path = write_ds(workdir, {"zero_optimization": {"stage": 3}, "bf16": {"enabled": True}})
     with pytest.raises(ConfigError, match=r"bf16.enabled=true but train.precision='fp32'"):
-        build_ds_config(load_config(None, [f"train.ds_config={path}"]), world_size=1)
+        build_ds_config(load_config(None, [f"train.ds_config={path}", "train.precision=fp32"]), world_size=1)
+
+
+def test_auto_precision_is_fp32_without_a_gpu(workdir: Path) -> None:
+    import torch
+
+    ds = build_ds_config(load_config(None, []), world_size=1)
+    want_bf16 = torch.cuda.is_available()
+    assert ds["bf16"]["enabled"] is want_bf16 and ds["fp16"]["enabled"] is False, (ds["bf16"], ds["fp16"])
 
 
 def test_ds_leftover_auto_names_json_path(workdir: Path) -> None:

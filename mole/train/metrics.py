@@ -1,7 +1,10 @@
-"""Per-step metrics: each rank's own record (``output_dir/logs/rank<N>.jsonl``) and cross-rank means.
+"""Per-step metrics: every rank's own record, cross-rank reduction, TensorBoard and metrics.jsonl.
 
-The per-rank record keeps what differs between ranks (routing, images seen, skips) so routing
-behaviour can be checked rank by rank; the returned values are reduced over all ranks.
+Each rank appends what differs between ranks (routing, images, skips) to
+``output_dir/logs/rank<N>.jsonl``. Values for TensorBoard are reduced over all ranks with *one*
+all-reduce per step, whose layout is fixed by the run (domains, layers, experts), so every rank
+issues the same collective whatever it saw. Rank 0 writes ``output_dir/tensorboard`` and
+``output_dir/metrics.jsonl``; the step of every point is the number of optimizer steps completed.
 """
 
 from __future__ import annotations
@@ -12,6 +15,10 @@ from collections import Counter
 
 import torch
 import torch.distributed as dist
+
+from mole.experts import RoutingStats
+from mole.plots import routing_heatmap_array
+from mole.routing_analysis import domain_expert_counts, domain_expert_shares, layer_nmi
 
 
 def count_parameters(model: torch.nn.Module) -> dict:
@@ -27,56 +34,152 @@ def count_parameters(model: torch.nn.Module) -> dict:
     return {"total": total, "trainable": trainable, "tensors": tensors, "partitioned": partitioned}
 
 
-class RankLog:
-    """Accumulates micro-batches into one record per optimizer step."""
+def truncate_jsonl(path: str, after_step: int) -> None:
+    """Drop records past ``after_step``: a resumed run re-logs the steps after its checkpoint."""
+    if not os.path.exists(path):
+        return
+    with open(path) as handle:
+        keep = [line for line in handle if json.loads(line).get("step", 0) <= after_step]
+    with open(path, "w") as handle:
+        handle.writelines(keep)
 
-    def __init__(self, output_dir: str, rank: int, domain_names: list[str], parameter_counts: dict):
-        os.makedirs(os.path.join(output_dir, "logs"), exist_ok=True)
-        self.file = open(os.path.join(output_dir, "logs", f"rank{rank}.jsonl"), "a")
-        self.domain_names = domain_names
-        self._write({"event": "start", "rank": rank, "parameters": parameter_counts})
+
+class StepMetrics:
+    """Accumulates micro-batches into one optimizer step, then reduces and writes it."""
+
+    def __init__(self, output_dir: str, rank: int, domain_names: list[str], num_layers: int, num_experts: int,
+                 resume_step: int = 0):
+        self.rank, self.domain_names = rank, domain_names
+        self.num_layers = num_layers if num_experts > 1 else 0
+        self.num_experts = num_experts
+        rank_log = os.path.join(output_dir, "logs", f"rank{rank}.jsonl")
+        os.makedirs(os.path.dirname(rank_log), exist_ok=True)
+        truncate_jsonl(rank_log, resume_step)
+        self.file = open(rank_log, "a")
+        self.writer = self.jsonl = None
+        if rank == 0:
+            from torch.utils.tensorboard import SummaryWriter
+
+            jsonl = os.path.join(output_dir, "metrics.jsonl")
+            truncate_jsonl(jsonl, resume_step)
+            self.jsonl = open(jsonl, "a")
+            # purge_step drops events a killed run logged after its last checkpoint
+            self.writer = SummaryWriter(os.path.join(output_dir, "tensorboard"), purge_step=resume_step + 1)
+        self.routing = torch.zeros(self.num_layers, len(domain_names), num_experts, dtype=torch.float64)  # since the last heatmap
+        self.skipped_since_log: Counter = Counter()
         self._reset()
+
+    def record(self, record: dict) -> None:
+        """A free-form line in this rank's log (start-up facts, events)."""
+        self.file.write(json.dumps(record) + "\n")
+        self.file.flush()
 
     def _reset(self) -> None:
         self.sums = {"loss": 0.0, "lm_loss": 0.0, "aux_loss": 0.0}
-        self.micro_batches = self.images = 0
-        self.load: torch.Tensor | None = None
-        self.domains: Counter = Counter()
+        self.micro_batches = self.images = self.tokens = self.samples = self.skipped_nonfinite = 0
+        self.load = torch.zeros(self.num_layers, self.num_experts, dtype=torch.float64)
+        self.domains = torch.zeros(len(self.domain_names), dtype=torch.float64)
         self.skipped: Counter = Counter()
 
-    def add_micro_batch(self, batch: dict, out: dict, load: torch.Tensor) -> None:
+    def add_micro_batch(self, batch: dict, out: dict, stats: list[RoutingStats]) -> None:
+        """``stats``: the routing statistics of this micro-batch's forward, one per routed layer."""
         for key in self.sums:
             self.sums[key] += float(out[key].detach())
         self.micro_batches += 1
         self.images += 0 if batch["pixel_values"] is None else batch["pixel_values"].shape[0]
-        self.load = load.cpu() if self.load is None else self.load + load.cpu()
-        self.domains.update(self.domain_names[i] for i in batch["domain"].tolist())
-        self.skipped.update(batch.get("skipped", {}))
+        self.tokens += int(batch["attention_mask"].sum())
+        self.samples += batch["input_ids"].shape[0]
+        self.domains += torch.bincount(batch["domain"].cpu(), minlength=len(self.domain_names)).double()
+        if stats:
+            by_domain = domain_expert_counts(stats, batch["domain"], len(self.domain_names))  # (layers, domains, K)
+            self.routing += by_domain
+            self.load += by_domain.sum(dim=1)
 
-    def end_step(self, step: int, lr: float, seconds: float) -> dict:
-        """Write this rank's record and return the step's metrics averaged over ranks."""
-        local = {k: v / self.micro_batches for k, v in self.sums.items()}
-        record = {
-            "step": step,
-            **local,
-            "lr": lr,
-            "seconds": seconds,
-            "images": self.images,
-            "domains": dict(self.domains),
-            "skipped": dict(self.skipped),
-            "expert_load": self.load.tolist() if self.load is not None and self.load.numel() else [],
-        }
-        self._write(record)
-        values = torch.tensor([local["loss"], local["lm_loss"], local["aux_loss"]], dtype=torch.float64)
+    def add_skipped(self, skipped: dict) -> None:
+        self.skipped.update(skipped)
+        self.skipped_since_log.update(skipped)
+
+    def end_step(self, step: int, lr: float, grad_norm: float | None, seconds: float, stop_requested: bool) -> dict:
+        """Write this rank's record; reduce over ranks (one all-reduce); rank 0 writes TensorBoard.
+
+        Returns the reduced metrics (the same on every rank), including ``stop`` (any rank asked).
+        """
+        local = {k: v / max(self.micro_batches, 1) for k, v in self.sums.items()}
+        self.record({
+            "step": step, **local, "lr": lr, "seconds": seconds, "images": self.images, "tokens": self.tokens,
+            "domains": {n: int(c) for n, c in zip(self.domain_names, self.domains.tolist()) if c},
+            "skipped": dict(self.skipped), "skipped_nonfinite": self.skipped_nonfinite,
+            "expert_load": self.load.tolist(),
+        })
+        scalars = torch.tensor([local["loss"], local["lm_loss"], local["aux_loss"], self.tokens, self.samples,
+                                float(stop_requested), sum(self.skipped.values())], dtype=torch.float64)
+        packed = torch.cat([scalars, self.domains, self.load.flatten()])
+        world = 1
         if dist.is_initialized():
-            dist.all_reduce(values)
-            values /= dist.get_world_size()
+            dist.all_reduce(packed)
+            world = dist.get_world_size()
+        loss, lm_loss, aux, tokens, samples, stop, skipped = packed[:7].tolist()
+        domains = packed[7 : 7 + len(self.domain_names)]
+        load = packed[7 + len(self.domain_names) :].reshape(self.num_layers, self.num_experts)
+        reduced = {"step": step, "loss": loss / world, "lm_loss": lm_loss / world, "aux_loss": aux / world,
+                   "lr": lr, "stop": stop > 0}
+        if self.writer is not None:
+            scalars = {
+                "train/loss": reduced["loss"], "train/lm_loss": reduced["lm_loss"], "train/aux_loss": reduced["aux_loss"],
+                "train/lr": lr, "perf/tokens_per_s": tokens / seconds, "perf/samples_per_s": samples / seconds,
+                "data/skipped": skipped,
+            }
+            if grad_norm is not None:
+                scalars["train/grad_norm"] = grad_norm
+            for name, count in zip(self.domain_names, domains.tolist()):
+                scalars[f"data/samples/{name}"] = count
+            fractions = load / load.sum(dim=1, keepdim=True).clamp(min=1)
+            for layer in range(self.num_layers):
+                for expert in range(self.num_experts):
+                    scalars[f"moe/load/layer_{layer}/expert_{expert}"] = fractions[layer, expert].item()
+            self.write_scalars(step, scalars)
         self._reset()
-        return {"step": step, "loss": values[0].item(), "lm_loss": values[1].item(), "aux_loss": values[2].item(), "lr": lr}
+        return reduced
 
-    def _write(self, record: dict) -> None:
-        self.file.write(json.dumps(record) + "\n")
-        self.file.flush()
+    def write_scalars(self, step: int, scalars: dict) -> None:
+        """Rank 0 only: TensorBoard and a ``metrics.jsonl`` line with the same values."""
+        if self.writer is None or not scalars:
+            return
+        for tag, value in scalars.items():
+            self.writer.add_scalar(tag, value, step)
+        self.jsonl.write(json.dumps({"step": step, **scalars}) + "\n")
+        self.jsonl.flush()
+
+    def log_skip_reasons(self, step: int) -> dict:
+        """Per-reason skip counts summed over ranks since the last call (a collective on all ranks)."""
+        gathered = [None] * dist.get_world_size() if dist.is_initialized() else [self.skipped_since_log]
+        if dist.is_initialized():
+            dist.all_gather_object(gathered, dict(self.skipped_since_log))
+        self.skipped_since_log = Counter()
+        total: Counter = Counter()
+        for counts in gathered:
+            total.update(counts)
+        self.write_scalars(step, {f"data/skipped/{key}": value for key, value in sorted(total.items())})
+        return dict(total)
+
+    def log_routing(self, step: int) -> torch.Tensor | None:
+        """Domain x expert token shares (all ranks, since the last call) as a TensorBoard image."""
+        if self.num_layers == 0:
+            return None
+        routing = self.routing.clone()
+        if dist.is_initialized():
+            dist.all_reduce(routing)
+        self.routing.zero_()
+        if self.writer is not None:
+            image = routing_heatmap_array(domain_expert_shares(routing), self.domain_names,
+                                          f"share of each domain's tokens per expert, steps up to {step}",
+                                          nmi=layer_nmi(routing))
+            self.writer.add_image("moe/routing", image, step, dataformats="HWC")
+            self.writer.flush()
+        return routing
 
     def close(self) -> None:
         self.file.close()
+        if self.writer is not None:
+            self.writer.close()
+            self.jsonl.close()

@@ -1,0 +1,187 @@
+"""Checkpoints that survive ``kill -9`` at any moment, and finding the one to resume from.
+
+Layout under ``output_dir/checkpoints/``::
+
+    step_<N>/            DeepSpeed's files (trainable weights + optimizer + scheduler, no frozen
+                         backbone: exclude_frozen_parameters) and mole_rank<R>.pt (step, RNG states)
+    step_<N>/complete.json   written by rank 0 only after every rank finished: the commit marker
+    latest               the newest complete tag, replaced atomically (temp file + rename)
+
+DeepSpeed's own ``latest`` is written by rank 0 before the other ranks finish their shards, so it is
+disabled (``save_latest=False``) and written here after a barrier. A directory without
+``complete.json``, or whose listed files are missing or truncated, is never resumed from; the
+previous complete checkpoint is used instead. Old checkpoints are deleted only after ``latest``
+names the new one, marker first, so a half-deleted directory is never mistaken for a complete one.
+
+``mole_rank<R>.pt`` is loaded with ``torch.load(weights_only=True)``. DeepSpeed's own files are
+loaded by DeepSpeed with ``weights_only=False``: they are trusted local files written by this
+trainer, never data from elsewhere.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import random
+import re
+import shutil
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+log = logging.getLogger(__name__)
+
+COMPLETE = "complete.json"
+LATEST = "latest"
+TAG = re.compile(r"step_(\d+)")
+
+
+@dataclass
+class Resumable:
+    path: str  # the checkpoints root
+    tag: str
+    step: int
+    world_size: int
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint that cannot be resumed as asked (wrong world size, nothing complete at a path)."""
+
+
+def rank_state_file(rank: int) -> str:
+    return f"mole_rank{rank}.pt"
+
+
+class Checkpoints:
+    def __init__(self, root: str, keep: int, rank: int, world_size: int):
+        self.root, self.keep, self.rank, self.world_size = root, keep, rank, world_size
+
+    def save(self, engine, step: int) -> str:
+        """Save on every rank (DeepSpeed's save is collective), then commit on rank 0."""
+        tag = f"step_{step}"
+        directory = os.path.join(self.root, tag)
+        if self.rank == 0 and os.path.isdir(directory):
+            _remove(directory)  # a leftover of a killed save of the same step
+        dist.barrier()
+        engine.save_checkpoint(self.root, tag=tag, client_state={"step": step}, save_latest=False,
+                               exclude_frozen_parameters=True)
+        torch.save(capture_rng(step), os.path.join(directory, rank_state_file(self.rank)))
+        dist.barrier()
+        if self.rank == 0:
+            files = {
+                name: os.path.getsize(os.path.join(directory, name))
+                for name in sorted(os.listdir(directory))
+                if os.path.isfile(os.path.join(directory, name))
+            }
+            _write_atomic(os.path.join(directory, COMPLETE),
+                          json.dumps({"step": step, "world_size": self.world_size, "files": files}, indent=1))
+            _write_atomic(os.path.join(self.root, LATEST), tag)
+            self._prune()
+        dist.barrier()
+        return directory
+
+    def _prune(self) -> None:
+        tags = sorted(_complete_tags(self.root), key=lambda t: t[1], reverse=True)
+        for tag, _ in tags[self.keep :]:
+            _remove(os.path.join(self.root, tag))
+
+
+def find_resumable(root: str) -> Resumable | None:
+    """The newest checkpoint under ``root`` whose files are all present with their recorded sizes."""
+    for tag, _ in sorted(_complete_tags(root), key=lambda t: t[1], reverse=True):
+        found = verified(root, tag)
+        if found is not None:
+            return found
+    return None
+
+
+def verified(root: str, tag: str) -> Resumable | None:
+    """``root/tag`` if its commit marker exists and every file it lists has its recorded size."""
+    directory = os.path.join(root, tag)
+    try:
+        with open(os.path.join(directory, COMPLETE)) as handle:
+            manifest = json.load(handle)
+    except (OSError, ValueError):
+        return None
+    broken = [
+        name for name, size in manifest["files"].items()
+        if not os.path.isfile(os.path.join(directory, name)) or os.path.getsize(os.path.join(directory, name)) != size
+    ]
+    if broken:
+        log.warning("checkpoint %s is incomplete (%s); not resuming from it", directory, ", ".join(broken[:3]))
+        return None
+    return Resumable(root, tag, manifest["step"], manifest["world_size"])
+
+
+def resolve_resume(setting: str, output_dir: str, world_size: int) -> Resumable | None:
+    """What ``train.resume`` (auto | never | a checkpoint path) means for this run."""
+    root = os.path.join(output_dir, "checkpoints")
+    if setting == "never":
+        if find_resumable(root) is not None:
+            raise CheckpointError(
+                f"train.resume=never but {root} holds checkpoints; use another output_dir or remove them"
+            )
+        return None
+    if setting == "auto":
+        found = find_resumable(root)
+    else:
+        path = setting.rstrip("/")
+        if TAG.fullmatch(os.path.basename(path)):  # a step_<N> directory: exactly that one
+            found = verified(os.path.dirname(path), os.path.basename(path))
+        else:
+            found = find_resumable(path)
+        if found is None:
+            raise CheckpointError(f"train.resume={setting}: no complete checkpoint there")
+    if found is not None and found.world_size != world_size:
+        raise CheckpointError(
+            f"checkpoint {found.path}/{found.tag} was written by {found.world_size} ranks but this run has "
+            f"{world_size}: ZeRO checkpoints are partitioned per rank. Resume with {found.world_size} ranks, or "
+            f"convert it with DeepSpeed's universal checkpoint (deepspeed.checkpoint.ds_to_universal) first"
+        )
+    return found
+
+
+def capture_rng(step: int) -> dict:
+    """This rank's random state: torch (CPU and current GPU) and Python's ``random``."""
+    state = {"step": step, "torch": torch.get_rng_state(), "python": random.getstate()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state()
+    return state
+
+
+def restore_rng(directory: str, rank: int) -> int:
+    """Restore this rank's random state from a checkpoint; returns the saved step."""
+    state = torch.load(os.path.join(directory, rank_state_file(rank)), weights_only=True)
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state(state["cuda"])
+    random.setstate(state["python"])
+    return int(state["step"])
+
+
+def _complete_tags(root: str) -> list[tuple[str, int]]:
+    if not os.path.isdir(root):
+        return []
+    return [
+        (name, int(match.group(1)))
+        for name in os.listdir(root)
+        if (match := TAG.fullmatch(name)) and os.path.isfile(os.path.join(root, name, COMPLETE))
+    ]
+
+
+def _write_atomic(path: str, text: str) -> None:
+    tmp = f"{path}.tmp.{os.getpid()}"
+    with open(tmp, "w") as handle:
+        handle.write(text)
+        handle.flush()
+        os.fsync(handle.fileno())
+    os.replace(tmp, path)
+
+
+def _remove(directory: str) -> None:
+    marker = os.path.join(directory, COMPLETE)
+    if os.path.exists(marker):
+        os.remove(marker)  # first, so a half-deleted checkpoint is never taken for a complete one
+    shutil.rmtree(directory, ignore_errors=True)

@@ -1,0 +1,215 @@
+"""Checkpoints that survive kill -9, resume, signals, TensorBoard: with real 2-rank DeepSpeed runs."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import signal
+import subprocess
+import time
+from pathlib import Path
+
+import psutil
+import pytest
+
+from mole.train.checkpoint import COMPLETE, CheckpointError, find_resumable, resolve_resume
+from tests.helpers import REPO, TINY_CONFIG, free_port, python, read_rank_log, step_records
+
+STEPS, SAVE_EVERY = 12, 4
+DOMAINS = ("shapes", "charts", "tissue")
+
+
+def training_command(output_dir: Path, *overrides: str) -> list[str]:
+    return [python(), "-m", "deepspeed.launcher.runner", "--num_gpus", "2", "--master_port", str(free_port()),
+            str(REPO / "launch" / "train.py"), "--config", str(TINY_CONFIG), f"output_dir={output_dir}", *overrides]
+
+
+def start(cmd: list[str], log: Path) -> subprocess.Popen:
+    return subprocess.Popen(cmd, cwd=REPO, stdout=log.open("w"), stderr=subprocess.STDOUT, start_new_session=True)
+
+
+def wait_until(predicate, proc: subprocess.Popen, timeout: float, what: str) -> None:
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if proc.poll() is not None:
+            raise AssertionError(f"run ended (rc {proc.returncode}) before {what}")
+        if time.monotonic() > deadline:
+            os.killpg(proc.pid, signal.SIGKILL)
+            raise AssertionError(f"timed out waiting for {what}")
+        time.sleep(0.02)
+
+
+def finish(proc: subprocess.Popen, log: Path, timeout: float = 300) -> int:
+    try:
+        return proc.wait(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        raise AssertionError(f"run did not finish:\n{log.read_text()[-3000:]}") from None
+
+
+@pytest.fixture(scope="session")
+def killed_then_resumed(tmp_path_factory):
+    """A 12-step run (checkpoint every 4) killed with SIGKILL right after its step-8 checkpoint, then
+    the same command again."""
+    out = tmp_path_factory.mktemp("killed")
+    cmd = training_command(out, f"train.max_steps={STEPS}", f"train.save_every={SAVE_EVERY}", "train.eval_every=4",
+                           "train.log_routing_every=4", "train.eval_batches=2", "train.micro_batch_size=8")
+    latest = out / "checkpoints" / "latest"
+    proc = start(cmd, out / "first.log")
+    wait_until(lambda: latest.exists() and latest.read_text() == "step_8", proc, 300, "the step-8 checkpoint")
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert not (out / "done.json").exists(), "the run finished before it was killed: the test proved nothing"
+    killed_at = max(r["step"] for r in step_records(out, 0))
+    resumed = start(cmd, out / "second.log")
+    rc = finish(resumed, out / "second.log")
+    assert rc == 0, (out / "second.log").read_text()[-3000:]
+    return out, killed_at
+
+
+def scalars(out: Path) -> dict[str, list[tuple[int, float]]]:
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(out / "tensorboard"), size_guidance={"images": 0, "scalars": 0})
+    events.Reload()
+    return {tag: [(e.step, e.value) for e in events.Scalars(tag)] for tag in events.Tags()["scalars"]}
+
+
+@pytest.mark.distributed
+def test_killed_run_resumes_from_its_step_8_checkpoint_and_ends_at_12(killed_then_resumed):
+    out, killed_at = killed_then_resumed
+    starts = [r for r in read_rank_log(out, 0) if r.get("event") == "start"]
+    assert [s["from_step"] for s in starts] == [0, 8], f"expected a fresh start then a resume at 8: {starts}"
+    for rank in (0, 1):
+        steps = [r["step"] for r in step_records(out, rank)]
+        assert steps == list(range(1, STEPS + 1)), f"rank {rank} log is not 1..12 exactly once: {steps}"
+    assert json.loads((out / "done.json").read_text())["step"] == STEPS
+    assert killed_at >= 8
+
+
+@pytest.mark.distributed
+def test_tensorboard_curves_continue_across_the_kill(killed_then_resumed):
+    out, _ = killed_then_resumed
+    loss = scalars(out)["train/loss"]
+    assert [step for step, _ in loss] == list(range(1, STEPS + 1)), f"steps logged: {[s for s, _ in loss]}"
+    jsonl = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert sorted({r["step"] for r in jsonl if "train/loss" in r}) == list(range(1, STEPS + 1))
+    assert len([r for r in jsonl if "train/loss" in r]) == STEPS, "metrics.jsonl repeats steps after the resume"
+
+
+@pytest.mark.distributed
+def test_every_tensorboard_tag_is_written_and_finite(killed_then_resumed):
+    out, _ = killed_then_resumed
+    tags = scalars(out)
+    expected = ["train/loss", "train/lm_loss", "train/aux_loss", "train/lr", "train/grad_norm", "perf/tokens_per_s",
+                "perf/samples_per_s", "data/skipped"]
+    expected += [f"data/samples/{d}" for d in DOMAINS] + [f"eval/loss/{d}" for d in DOMAINS]
+    expected += [f"moe/load/layer_{layer}/expert_{e}" for layer in range(2) for e in range(3)]
+    missing = [tag for tag in expected if tag not in tags]
+    assert not missing, f"missing TensorBoard tags: {missing}"
+    for tag in expected:
+        assert all(math.isfinite(v) for _, v in tags[tag]), f"{tag} has a non-finite value"
+    assert [s for s, _ in tags["eval/loss/shapes"]] == [4, 8, 12]
+    load = [sum(v for s, v in tags[f"moe/load/layer_0/expert_{e}"] if s == 5) for e in range(3)]
+    assert sum(load) == pytest.approx(1.0), f"expert load fractions of a layer must sum to 1: {load}"
+
+
+@pytest.mark.distributed
+def test_routing_heatmap_is_logged_as_an_image(killed_then_resumed):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    out, _ = killed_then_resumed
+    events = EventAccumulator(str(out / "tensorboard"), size_guidance={"images": 0})
+    events.Reload()
+    images = events.Images("moe/routing")
+    assert [i.step for i in images] == [4, 8, 12]
+    assert images[-1].width > 100 and images[-1].height > 50 and images[-1].encoded_image_string[:4] == b"\x89PNG"
+
+
+@pytest.mark.distributed
+def test_checkpoints_hold_only_the_adapter_and_its_optimizer_state(killed_then_resumed):
+    out, _ = killed_then_resumed
+    kept = sorted(p.name for p in (out / "checkpoints").iterdir() if p.name.startswith("step_"))
+    assert kept == ["step_12", "step_8"], f"keep_checkpoints=2 should keep the newest two: {kept}"
+    adapter = (out / "adapter" / "adapter.safetensors").stat().st_size
+    checkpoint = sum(f.stat().st_size for f in (out / "checkpoints" / "step_12").iterdir())
+    base = (REPO / "models" / "tiny-llava" / "model.safetensors").stat().st_size
+    # fp32 weights + two Adam moments = 3x the adapter, plus DeepSpeed's bookkeeping; a frozen
+    # backbone in it would add the base model's size
+    assert checkpoint < 4 * adapter, f"checkpoint {checkpoint} B vs adapter {adapter} B (base {base} B)"
+
+
+@pytest.fixture(scope="session")
+def signalled(tmp_path_factory):
+    """A long run where only rank 1 gets SIGUSR1: every rank must save at the same step and exit 0."""
+    out = tmp_path_factory.mktemp("signalled")
+    proc = start(training_command(out, "train.max_steps=500", "train.save_every=0", "train.eval_every=0"), out / "run.log")
+    rank_log = out / "logs" / "rank1.jsonl"
+    wait_until(lambda: rank_log.exists() and len(step_records(out, 1)) >= 3, proc, 300, "three steps")
+    rank1 = [p for p in psutil.Process(proc.pid).children(recursive=True) if "--local_rank=1" in " ".join(p.cmdline())]
+    assert len(rank1) == 1, "could not find the rank-1 process"
+    rank1[0].send_signal(signal.SIGUSR1)
+    rc = finish(proc, out / "run.log")
+    return out, rc
+
+
+@pytest.mark.distributed
+def test_a_signal_on_one_rank_checkpoints_all_ranks_at_the_same_step_and_exits_cleanly(signalled):
+    out, rc = signalled
+    assert rc == 0, (out / "run.log").read_text()[-3000:]
+    assert not (out / "done.json").exists(), "a stopped run must not claim to be done"
+    last = [step_records(out, rank)[-1]["step"] for rank in (0, 1)]
+    assert last[0] == last[1], f"ranks stopped at different steps: {last}"
+    assert (out / "checkpoints" / "latest").read_text() == f"step_{last[0]}"
+    assert find_resumable(str(out / "checkpoints")).step == last[0]
+    assert last[0] < 500
+
+
+# ----------------------------------------------------------------- checkpoint discovery (no DeepSpeed)
+
+
+def fake_checkpoint(root: Path, step: int, world_size: int = 2, complete: bool = True) -> Path:
+    directory = root / f"step_{step}"
+    directory.mkdir(parents=True)
+    files = {}
+    for rank in range(world_size):
+        name = f"zero_pp_rank_{rank}_mp_rank_00_optim_states.pt"
+        (directory / name).write_bytes(b"x" * 100)
+        files[name] = 100
+    if complete:
+        (directory / COMPLETE).write_text(json.dumps({"step": step, "world_size": world_size, "files": files}))
+    return directory
+
+
+def test_resume_skips_a_checkpoint_without_its_commit_marker(tmp_path):
+    fake_checkpoint(tmp_path, 4)
+    fake_checkpoint(tmp_path, 8, complete=False)  # killed while saving
+    assert find_resumable(str(tmp_path)).step == 4
+
+
+def test_resume_falls_back_when_a_file_of_the_newest_checkpoint_is_truncated(tmp_path):
+    fake_checkpoint(tmp_path, 4)
+    newest = fake_checkpoint(tmp_path, 8)
+    (newest / "zero_pp_rank_1_mp_rank_00_optim_states.pt").write_bytes(b"x" * 10)
+    assert find_resumable(str(tmp_path)).step == 4
+
+
+def test_resuming_with_another_world_size_says_what_to_do(tmp_path):
+    fake_checkpoint(tmp_path / "checkpoints", 4, world_size=2)
+    with pytest.raises(CheckpointError, match="written by 2 ranks but this run has 4.*universal"):
+        resolve_resume("auto", str(tmp_path), world_size=4)
+
+
+def test_resume_never_refuses_to_start_over_existing_checkpoints(tmp_path):
+    fake_checkpoint(tmp_path / "checkpoints", 4)
+    with pytest.raises(CheckpointError, match="resume=never"):
+        resolve_resume("never", str(tmp_path), world_size=2)
+    assert resolve_resume("never", str(tmp_path / "elsewhere"), world_size=2) is None
+
+
+def test_resume_from_an_explicit_checkpoint_directory(tmp_path):
+    fake_checkpoint(tmp_path / "checkpoints", 4)
+    fake_checkpoint(tmp_path / "checkpoints", 8)
+    found = resolve_resume(str(tmp_path / "checkpoints" / "step_4"), str(tmp_path), world_size=2)
+    assert (found.tag, found.step) == ("step_4", 4)
