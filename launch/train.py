@@ -14,9 +14,14 @@ def main() -> int:
     except ConfigError as err:
         print(f"config error: {err}", file=sys.stderr)
         return 2
+    from mole.train.checkpoint import CheckpointError
     from mole.train.loop import run  # heavy imports only after the config is known to be valid
 
-    run(cfg)
+    try:
+        run(cfg)
+    except (CheckpointError, FloatingPointError, FileNotFoundError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 1
     return 0
 
 

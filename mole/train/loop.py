@@ -55,7 +55,7 @@ def run(cfg: Config) -> dict:
     precision = effective_precision(cfg.train.precision)
     llava, surgery, processor = build_mole_model(cfg, DTYPES[precision], ds_config)
     if cfg.train.gradient_checkpointing:
-        llava.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        llava.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
     model = TrainingModel(llava, surgery, cfg.mole.aux_loss, cfg.mole.aux_weight)
     engine = _make_engine(model, cfg, ds_config)
     checkpoints = Checkpoints(os.path.join(cfg.output_dir, "checkpoints"), cfg.train.keep_checkpoints,

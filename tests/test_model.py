@@ -1,0 +1,94 @@
+"""The training forward of the tiny MoLE LLaVA, in one process (no DeepSpeed engine needed)."""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+
+import pytest
+import torch
+from PIL import Image
+
+from mole.config import load_config
+from mole.data.collate import collate
+from mole.data.stream import SampleProcessor
+from mole.model import TrainingModel, build_mole_model
+from tests.helpers import REPO, TINY_CONFIG, free_port, python, run_group, text_sample
+
+QUESTION = {"conversations": [{"from": "human", "value": "<image>\nWhat color is the main object?"},
+                              {"from": "gpt", "value": "red"}]}
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    cfg = load_config(str(TINY_CONFIG), ["lora.dropout=0.0"])
+    llava, surgery, processor = build_mole_model(cfg, torch.float32)
+    for name, param in llava.named_parameters():  # B starts at zero: make the experts matter
+        if param.requires_grad and "lora_B" in name:
+            torch.nn.init.normal_(param, std=0.2)
+    return TrainingModel(llava, surgery, "switch", 0.01), processor
+
+
+def batch_of(processor, raws: list[dict]) -> dict:
+    process = SampleProcessor(processor, 256, "pad")
+    examples = [{**process(raw), "domain": 0} for raw in raws]
+    return collate(examples, processor.tokenizer.pad_token_id)
+
+
+def jpeg(color) -> bytes:
+    buffer = io.BytesIO()
+    Image.new("RGB", (64, 48), color).save(buffer, format="JPEG")
+    return buffer.getvalue()
+
+
+def forward_backward(model, batch):
+    model.zero_grad()
+    out = model(batch["input_ids"], batch["attention_mask"], batch["labels"], batch["pixel_values"])
+    out["loss"].backward()
+    return out, [p.grad.clone() for n, p in model.named_parameters() if "router" in n]
+
+
+def test_gradient_checkpointing_leaves_losses_and_router_gradients_unchanged(tiny):
+    model, processor = tiny
+    batch = batch_of(processor, [{"json": json.dumps(QUESTION).encode(), "jpg": jpeg(c)} for c in ("red", "blue")])
+    model.train()
+    plain_out, plain_grads = forward_backward(model, batch)
+    model.llava.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+    try:
+        assert model.llava.model.language_model.gradient_checkpointing, "checkpointing did not switch on"
+        ckpt_out, ckpt_grads = forward_backward(model, batch)
+    finally:
+        model.llava.activation_checkpointing_disable()
+    for key in ("lm_loss", "aux_loss"):
+        torch.testing.assert_close(ckpt_out[key], plain_out[key], msg=f"{key} changed under checkpointing")
+    assert plain_grads and all(g.abs().sum() > 0 for g in plain_grads), "routers got no gradient"
+    for a, b in zip(plain_grads, ckpt_grads):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-7, msg="router gradient changed under checkpointing")
+
+
+def test_text_only_batch_still_runs_the_vision_tower_and_projector(tiny):
+    model, processor = tiny
+    calls = []
+    handle = model.llava.model.multi_modal_projector.register_forward_hook(lambda *args: calls.append(1))
+    sample = text_sample("t", "How many sides has a square?", "four")
+    batch = batch_of(processor, [{"json": json.dumps(sample["json"]).encode()}])
+    assert batch["pixel_values"] is None
+    try:
+        out, _ = forward_backward(model, batch)
+    finally:
+        handle.remove()
+    assert calls == [1], "the projector must run once on a text-only batch (ZeRO-3 gathers it on every rank)"
+    projector_grad = model.llava.model.multi_modal_projector.linear_1.weight.grad
+    assert projector_grad is not None and projector_grad.abs().sum() == 0, "the dummy image must contribute nothing"
+    assert torch.isfinite(out["loss"])
+
+
+def test_nonfinite_loss_stops_the_run_naming_the_step(tmp_path):
+    proc = run_group(
+        [python(), str(REPO / "launch" / "train.py"), "--config", str(TINY_CONFIG), "train.max_steps=6",
+         "train.lr=1e30", "train.grad_clip=0", "train.optimizer=sgd", f"output_dir={tmp_path}"],
+        timeout=300, env={**os.environ, "MASTER_PORT": str(free_port())},
+    )
+    assert proc.returncode != 0
+    assert "non-finite loss" in proc.stderr and "at step" in proc.stderr, proc.stderr[-1500:]
