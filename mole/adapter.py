@@ -63,3 +63,42 @@ def save_adapter(directory: str, state: dict[str, torch.Tensor], config: dict) -
     with open(os.path.join(directory, ADAPTER_CONFIG + ".tmp"), "w") as handle:
         json.dump(config, handle, indent=2)
     os.replace(os.path.join(directory, ADAPTER_CONFIG + ".tmp"), os.path.join(directory, ADAPTER_CONFIG))
+
+
+class AdapterError(ValueError):
+    """An adapter directory that cannot be used as asked: missing files, a format version we do not
+    read, or weights and config that do not fit each other or the base model."""
+
+
+REQUIRED_CONFIG_KEYS = (
+    "format_version", "hidden_size", "num_hidden_layers", "num_experts", "routing",
+    "r", "alpha", "dropout", "attn_targets", "mlp_targets", "train_projector",
+)
+
+
+def read_adapter_config(directory: str) -> dict:
+    """``mole_config.json`` of an adapter directory, checked for the keys and the format version we read."""
+    path = os.path.join(directory, ADAPTER_CONFIG)
+    if not os.path.isfile(path):
+        raise AdapterError(f"{directory!r} is not a mole adapter directory: it has no {ADAPTER_CONFIG}")
+    with open(path) as handle:
+        config = json.load(handle)
+    missing = [key for key in REQUIRED_CONFIG_KEYS if key not in config]
+    if missing:
+        raise AdapterError(f"{path}: missing keys {missing}")
+    if config["format_version"] != FORMAT_VERSION:
+        raise AdapterError(
+            f"{path}: adapter format_version {config['format_version']} is not the version this mole reads ({FORMAT_VERSION})"
+        )
+    return config
+
+
+def load_adapter(directory: str) -> tuple[dict[str, torch.Tensor], dict]:
+    """(weights, config) of an adapter directory; weights come from safetensors only (no pickle)."""
+    from safetensors.torch import load_file
+
+    config = read_adapter_config(directory)
+    path = os.path.join(directory, ADAPTER_WEIGHTS)
+    if not os.path.isfile(path):
+        raise AdapterError(f"{directory!r} has {ADAPTER_CONFIG} but no {ADAPTER_WEIGHTS}")
+    return load_file(path), config

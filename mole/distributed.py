@@ -22,7 +22,9 @@ class DistInfo:
 
 
 def init_distributed() -> DistInfo:
-    """Start DeepSpeed's process group (nccl on GPU, gloo on CPU) from the launcher's environment.
+    """Start DeepSpeed's process group from the launcher's environment: gloo on CPU; on GPU NCCL for
+    CUDA tensors and gloo for CPU ones (the trainer reduces its metrics and stop flag as CPU tensors,
+    which an NCCL-only group rejects: "No backend type associated with device type cpu").
 
     Works under ``deepspeed``, ``torchrun`` and ``srun`` (which the SLURM script maps to RANK /
     WORLD_SIZE / LOCAL_RANK), and as a single plain process.
@@ -36,9 +38,24 @@ def init_distributed() -> DistInfo:
     os.environ.setdefault("MASTER_PORT", "29500")
     cuda = torch.cuda.is_available()
     if not dist.is_initialized():
-        deepspeed.init_distributed(dist_backend="nccl" if cuda else "gloo")
+        deepspeed.init_distributed(dist_backend="cpu:gloo,cuda:nccl" if cuda else "gloo")
     local_rank = int(os.environ["LOCAL_RANK"])
     device = torch.device("cuda", local_rank) if cuda else torch.device("cpu")
     if cuda:
         torch.cuda.set_device(device)
+    else:
+        share_cpu_cores()
     return DistInfo(dist.get_rank(), dist.get_world_size(), local_rank, device)
+
+
+def share_cpu_cores() -> None:
+    """On CPU, give each local rank its share of the cores unless OMP_NUM_THREADS says otherwise.
+
+    Every rank would otherwise start one thread per core, and N ranks on N cores oversubscribe
+    them many times over (tens of times slower for small matmuls).
+    """
+    if "OMP_NUM_THREADS" in os.environ:
+        return
+    # torchrun and srun (launch/slurm) export LOCAL_WORLD_SIZE, the DeepSpeed launcher LOCAL_SIZE
+    local_ranks = int(os.environ.get("LOCAL_WORLD_SIZE") or os.environ.get("LOCAL_SIZE") or "1")
+    torch.set_num_threads(max(1, (os.cpu_count() or 1) // max(1, local_ranks)))

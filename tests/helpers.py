@@ -55,7 +55,8 @@ def read_rank_log(output_dir: Path, rank: int) -> list[dict]:
 
 
 def step_records(output_dir: Path, rank: int) -> list[dict]:
-    return [r for r in read_rank_log(output_dir, rank) if "step" in r]
+    """A rank's per-step records (events such as ``{"event": "start", "step": 0}`` left out)."""
+    return [r for r in read_rank_log(output_dir, rank) if "step" in r and "event" not in r]
 
 
 def write_shard(path: Path, samples: list[dict]) -> Path:

@@ -12,7 +12,7 @@ def collate(examples: list[dict], pad_token_id: int) -> dict:
 
     ``pixel_values`` holds only the images that exist, in sample order (the model scatters them into
     the image-token positions), or is ``None`` for a text-only batch. ``domain`` carries each
-    sample's domain index for per-domain metrics and routing analysis.
+    sample's domain index for per-domain metrics and routing analysis; ``keys`` the samples' tar keys.
     """
     length = max(len(example["input_ids"]) for example in examples)
     input_ids = torch.full((len(examples), length), pad_token_id, dtype=torch.long)
@@ -30,4 +30,5 @@ def collate(examples: list[dict], pad_token_id: int) -> dict:
         "attention_mask": attention_mask,
         "pixel_values": torch.stack(images) if images else None,
         "domain": torch.tensor([example["domain"] for example in examples], dtype=torch.long),
+        "keys": [example.get("key", "") for example in examples],
     }

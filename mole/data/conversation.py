@@ -25,7 +25,8 @@ class Turn:
 
 
 def parse_conversation(raw: bytes) -> tuple[list[Turn], bool]:
-    """Validate a LLaVA-format sample's JSON; return its turns and whether it references an image."""
+    """Validate a LLaVA-format sample's JSON; return its turns and whether it references an image
+    (one ``<image>`` placeholder, in any turn; more than one is a bad sample)."""
     try:
         text = raw.decode("utf-8")
     except UnicodeDecodeError as err:
@@ -51,8 +52,10 @@ def parse_conversation(raw: bytes) -> tuple[list[Turn], bool]:
         turns.append(Turn(role, message["value"]))
     if not any(turn.role == "assistant" and turn.text.strip() for turn in turns):
         raise BadSample("no_answer", "no non-empty assistant turn")
-    has_image = any(IMAGE_PLACEHOLDER in turn.text for turn in turns)
-    return turns, has_image
+    placeholders = sum(turn.text.count(IMAGE_PLACEHOLDER) for turn in turns)
+    if placeholders > 1:
+        raise BadSample("image_placeholder", f"{placeholders} {IMAGE_PLACEHOLDER} placeholders; a sample has one image")
+    return turns, placeholders == 1
 
 
 def to_chat_messages(turns: list[Turn], has_image: bool) -> list[dict]:

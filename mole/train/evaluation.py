@@ -12,12 +12,11 @@ import logging
 
 import torch
 import torch.distributed as dist
-import webdataset as wds
-
 from mole.data.collate import collate
 from mole.data.conversation import IGNORE_INDEX
 from mole.data.errors import BadSample
-from mole.data.stream import SampleProcessor
+from mole.data.sample import SampleProcessor
+from mole.data.shards import read_shard
 
 log = logging.getLogger(__name__)
 
@@ -27,10 +26,11 @@ def heldout_batches(urls: list[str], process: SampleProcessor, batch_size: int, 
     """This rank's share of the first ``max_batches * world_size`` batches of valid samples."""
     wanted = max_batches * batch_size * world_size
     examples, index = [], 0
-    pipeline = wds.DataPipeline(wds.SimpleShardList(urls), wds.tarfile_to_samples(handler=wds.warn_and_continue))
-    for raw in pipeline:
+    for raw in (sample for url in urls for sample in read_shard(url)):
         if index >= wanted:
             break
+        if isinstance(raw, BadSample):
+            continue
         try:
             example = process(raw)
         except BadSample:

@@ -19,7 +19,9 @@ from tqdm import tqdm
 
 from mole.adapter import adapter_config, gather_trainable_state, save_adapter
 from mole.config import Config, save_config
-from mole.data.stream import Domain, MixedStream, SampleProcessor, derive_seed, expand_shards, make_loader
+from mole.data.sample import SampleProcessor
+from mole.data.shards import expand_shards
+from mole.data.stream import Domain, MixedStream, derive_seed, make_loader
 from mole.distributed import DistInfo, init_distributed
 from mole.ds_config import build_ds_config, effective_precision
 from mole.model import DTYPES, TrainingModel, build_mole_model
@@ -72,7 +74,8 @@ def run(cfg: Config) -> dict:
     log.info("parameters: %s trainable of %s total (%.3f%%); %d of %d tensors partitioned by ZeRO-3; precision %s",
              f"{counts['trainable']:,}", f"{counts['total']:,}", 100 * counts["trainable"] / counts["total"],
              counts["partitioned"], counts["tensors"], precision)
-    process = SampleProcessor(processor, cfg.data.max_length, cfg.data.image_aspect)
+    process = SampleProcessor(processor, cfg.data.max_length, cfg.data.image_aspect,
+                              image_backend=cfg.data.image_backend, max_image_pixels=cfg.data.max_image_pixels)
     stream = MixedStream(domains, process, batch_size=cfg.train.micro_batch_size,
                          pad_token_id=processor.tokenizer.pad_token_id, seed=cfg.train.seed, rank=info.rank,
                          start_step=start_step, shuffle_buffer=cfg.data.shuffle_buffer)

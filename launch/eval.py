@@ -1,0 +1,110 @@
+"""Evaluate a trained adapter per domain on held-out shards: answer loss, answer accuracy, routing NMI.
+
+    python launch/eval.py --adapter runs/tiny/adapter                      # one process
+    torchrun --nproc_per_node 2 launch/eval.py --adapter runs/tiny/adapter # data sharded over ranks
+    deepspeed --num_gpus 2 launch/eval.py --adapter runs/tiny/adapter      # the same, DeepSpeed's launcher
+
+Every rank loads a full model copy (no ZeRO). By default the domains are the bundled ones, read from
+``<data-root>/<name>/<split>-*.tar``; ``--shards NAME=PATTERN`` (repeatable) names the domains and
+their shards instead. Rank 0 prints the table and writes ``metrics.json``, ``predictions.jsonl`` and
+(K>1) ``routing.png`` to ``--out`` (default: ``eval/`` next to the adapter directory).
+"""
+
+import argparse
+import os
+import sys
+
+
+def parse_args(argv: list[str]) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--adapter", required=True, help="adapter directory (adapter.safetensors + mole_config.json)")
+    parser.add_argument("--base", help="base LLaVA directory (default: the adapter's recorded base_model)")
+    parser.add_argument("--split", default="test", help="shard prefix for the default domains (default: test)")
+    parser.add_argument("--data-root", default="data_shards", help="root of the default domains' shards")
+    parser.add_argument("--domains", nargs="+", default=["shapes", "charts", "tissue"], help="default domain names")
+    parser.add_argument("--shards", action="append", default=[], metavar="NAME=PATTERN",
+                        help="a domain and its shards (glob or brace pattern); replaces the default domains")
+    parser.add_argument("--max-samples", type=int, help="samples per domain (default: all)")
+    parser.add_argument("--batch-size", type=int, default=8)
+    parser.add_argument("--max-new-tokens", type=int, default=16)
+    parser.add_argument("--max-length", type=int, default=2048, help="token budget per sample, image tokens included")
+    parser.add_argument("--image-aspect", choices=["pad", "crop"], default="pad", help="as data.image_aspect in training")
+    parser.add_argument("--dtype", choices=["fp32", "bf16", "fp16"], default="fp32")
+    parser.add_argument("--device", help="default: this rank's GPU if there is one, else cpu")
+    parser.add_argument("--out", help="output directory (default: eval/ next to the adapter directory)")
+    parser.add_argument("--local_rank", "--local-rank", type=int, help=argparse.SUPPRESS)  # from the deepspeed launcher
+    return parser.parse_args(argv)
+
+
+def eval_domains(args: argparse.Namespace):
+    from mole.evaluate import expand_eval_shards
+
+    if args.shards:
+        pairs = [item.split("=", 1) for item in args.shards]
+        if any(len(pair) != 2 or not all(pair) for pair in pairs):
+            raise ValueError(f"--shards takes NAME=PATTERN, got {args.shards}")
+    else:
+        pairs = [(name, os.path.join(args.data_root, name, f"{args.split}-*.tar")) for name in args.domains]
+    return [expand_eval_shards(name, pattern) for name, pattern in pairs]
+
+
+def main(argv: list[str]) -> int:
+    args = parse_args(argv)
+    import torch
+
+    from mole.adapter import AdapterError, read_adapter_config
+    from mole.evaluate import evaluate, format_table, save_results
+    from mole.inference import load_model, load_processor
+
+    try:
+        config = read_adapter_config(args.adapter)
+        base = args.base or config.get("base_model")
+        if not base:
+            raise AdapterError("the adapter records no base_model; pass --base")
+        domains = eval_domains(args)
+    except (AdapterError, FileNotFoundError, ValueError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+
+    rank, world_size = 0, 1
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        from mole.distributed import init_distributed
+
+        info = init_distributed()
+        rank, world_size, device = info.rank, info.world_size, info.device
+    if args.device:
+        device = torch.device(args.device)
+
+    try:
+        model = load_model(base, args.adapter, device=device, dtype=args.dtype)
+    except AdapterError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    processor = load_processor(base)
+    results = evaluate(
+        model, processor, domains,
+        batch_size=args.batch_size, max_new_tokens=args.max_new_tokens, max_samples=args.max_samples,
+        max_length=args.max_length, image_aspect=args.image_aspect, rank=rank, world_size=world_size,
+    )
+    if rank == 0:
+        results["adapter"], results["base"], results["world_size"] = os.path.abspath(args.adapter), os.path.abspath(base), world_size
+        results["adapter_config"] = config
+        out = args.out or os.path.join(os.path.dirname(os.path.abspath(args.adapter)), "eval")
+        name = os.path.join(*os.path.abspath(args.adapter).split(os.sep)[-2:])
+        title = f"{name} (K={config['num_experts']}, {config['routing']}): share of each domain's tokens per expert"
+        paths = save_results(results, out, title)
+        print(f"adapter {os.path.abspath(args.adapter)} (K={config['num_experts']}, routing {config['routing']}), "
+              f"{world_size} rank(s)")
+        print(format_table(results))
+        print("wrote " + ", ".join(paths))
+    if world_size > 1:
+        import torch.distributed as dist
+
+        dist.barrier()
+        dist.destroy_process_group()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))

@@ -1,0 +1,43 @@
+"""Export a trained adapter for use outside mole, or consolidate a DeepSpeed checkpoint into one.
+
+    python launch/export.py --adapter runs/lora/adapter --format peft   --out exported/peft
+    python launch/export.py --adapter runs/lora/adapter --format merged --out exported/merged
+    python launch/export.py --adapter runs/tiny/checkpoints/step_100 --format mole --out exported/mole
+
+``peft`` and ``merged`` need a plain-LoRA adapter (K=1); ``mole`` takes any adapter directory, or a
+DeepSpeed checkpoint (a ``step_<N>`` directory, a checkpoints root with ``latest``, or a run's
+output_dir), whose files DeepSpeed unpickles: consolidate only checkpoints you trust.
+"""
+
+import argparse
+import sys
+
+
+def main(argv: list[str]) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--adapter", required=True, help="mole adapter directory, or a DeepSpeed checkpoint for --format mole")
+    parser.add_argument("--format", required=True, choices=["peft", "merged", "mole"])
+    parser.add_argument("--out", required=True, help="output directory")
+    parser.add_argument("--base", help="base LLaVA directory for --format merged (default: the adapter's base_model)")
+    parser.add_argument("--config", help="for a checkpoint: its mole_config.json or the run's config.yaml (default: found above it)")
+    args = parser.parse_args(argv)
+
+    from mole.adapter import AdapterError
+    from mole.export import ExportError, export_merged, export_mole, export_peft
+
+    try:
+        if args.format == "peft":
+            written = ", ".join(export_peft(args.adapter, args.out))
+        elif args.format == "merged":
+            written = export_merged(args.adapter, args.out, args.base)
+        else:
+            written = export_mole(args.adapter, args.out, args.config)
+    except (AdapterError, ExportError, FileNotFoundError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    print(f"wrote {written}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))

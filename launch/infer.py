@@ -1,0 +1,87 @@
+"""Answer questions about images with a trained adapter.
+
+    python launch/infer.py --adapter runs/tiny/adapter --image cat.jpg --prompt "What color is the cat?"
+    python launch/infer.py --adapter runs/tiny/adapter --jsonl questions.jsonl --out answers.jsonl
+
+Batch mode reads one ``{"image": path, "prompt": text}`` object per line (``image`` may be omitted
+or null for a text-only question; relative paths resolve against the JSONL file's directory) and
+writes the same objects with an ``"answer"`` added, in order.
+"""
+
+import argparse
+import json
+import os
+import sys
+
+
+def parse_args(argv: list[str]) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--adapter", required=True, help="adapter directory (adapter.safetensors + mole_config.json)")
+    parser.add_argument("--base", help="base LLaVA directory (default: the adapter's recorded base_model)")
+    parser.add_argument("--image", help="image file for a single question")
+    parser.add_argument("--prompt", help="the question")
+    parser.add_argument("--jsonl", help="batch mode: a JSONL file of {image, prompt}")
+    parser.add_argument("--out", help="batch mode: where to write the answers (JSONL; default: stdout)")
+    parser.add_argument("--max-new-tokens", type=int, default=64)
+    parser.add_argument("--batch-size", type=int, default=8)
+    parser.add_argument("--image-aspect", choices=["pad", "crop"], default="pad", help="as data.image_aspect in training")
+    parser.add_argument("--dtype", choices=["fp32", "bf16", "fp16"], default="fp32")
+    parser.add_argument("--device", help="default: cuda if available, else cpu")
+    args = parser.parse_args(argv)
+    if (args.jsonl is None) == (args.prompt is None):
+        parser.error("give either --prompt (with an optional --image) or --jsonl")
+    return args
+
+
+def read_requests(path: str) -> list[dict]:
+    requests = []
+    with open(path) as handle:
+        for number, line in enumerate(handle, 1):
+            if not line.strip():
+                continue
+            request = json.loads(line)
+            if not isinstance(request, dict) or not isinstance(request.get("prompt"), str):
+                raise ValueError(f"{path}:{number}: expected an object with a string 'prompt'")
+            requests.append(request)
+    return requests
+
+
+def main(argv: list[str]) -> int:
+    args = parse_args(argv)
+    import torch
+    from PIL import Image
+
+    from mole.adapter import AdapterError, read_adapter_config
+    from mole.inference import Prompt, generate_answers, load_model, load_processor, question_turns
+
+    try:
+        base = args.base or read_adapter_config(args.adapter).get("base_model")
+        if args.jsonl:
+            requests = read_requests(args.jsonl)
+            root = os.path.dirname(os.path.abspath(args.jsonl))
+        else:
+            requests, root = [{"image": args.image, "prompt": args.prompt}], os.getcwd()
+        prompts = []
+        for request in requests:
+            image = Image.open(os.path.join(root, request["image"])).convert("RGB") if request.get("image") else None
+            prompts.append(Prompt(question_turns(request["prompt"], image is not None), image))
+        device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+        model = load_model(base, args.adapter, device=device, dtype=args.dtype)
+    except (AdapterError, OSError, ValueError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    answers = generate_answers(model, load_processor(base), prompts, args.max_new_tokens, args.batch_size, args.image_aspect)
+    if not args.jsonl:
+        print(answers[0])
+        return 0
+    lines = [json.dumps({**request, "answer": answer}) for request, answer in zip(requests, answers)]
+    if args.out:
+        with open(args.out, "w") as handle:
+            handle.write("\n".join(lines) + "\n")
+    else:
+        print("\n".join(lines))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))

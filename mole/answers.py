@@ -1,0 +1,53 @@
+"""Answer normalisation and matching in the style of the VQAv2 evaluation.
+
+VQAv2 (Antol et al. 2015; the official ``vqaEval.py``) compares answers after: lower-casing,
+punctuation handling (a period between digits stays, ``,`` between digits is a thousands separator
+and goes, other punctuation becomes a space or disappears), number words to digits, dropping the
+articles ``a``/``an``/``the`` and restoring common contractions written without an apostrophe.
+VQAv2 scores against ten human answers; our data have one reference answer, so accuracy here is
+plain equality of the normalised strings. Exact match compares the stripped raw strings.
+"""
+
+from __future__ import annotations
+
+import re
+
+NUMBER_WORDS = {
+    "none": "0", "zero": "0", "one": "1", "two": "2", "three": "3", "four": "4", "five": "5",
+    "six": "6", "seven": "7", "eight": "8", "nine": "9", "ten": "10",
+}
+ARTICLES = {"a", "an", "the"}
+CONTRACTIONS = {
+    "arent": "aren't", "cant": "can't", "couldnt": "couldn't", "didnt": "didn't", "doesnt": "doesn't",
+    "dont": "don't", "hadnt": "hadn't", "hasnt": "hasn't", "havent": "haven't", "isnt": "isn't",
+    "shouldnt": "shouldn't", "wasnt": "wasn't", "werent": "weren't", "wont": "won't", "wouldnt": "wouldn't",
+    "youre": "you're", "theyre": "they're", "whats": "what's", "thats": "that's", "its": "it's",
+}
+PUNCTUATION = set(";/[]\"{}()=+\\_-><@`,?!*#%^&$:~|'")
+_PERIOD = re.compile(r"(?<!\d)\.(?!\d)")  # a period not inside a number such as 3.5
+_THOUSANDS = re.compile(r"(?<=\d),(?=\d)")  # 1,000 -> 1000
+
+
+def normalize_answer(answer: str) -> str:
+    """The VQAv2-normalised form of an answer (``"Two."`` -> ``"2"``, ``"the Red one"`` -> ``"red 1"``)."""
+    text = answer.replace("\n", " ").replace("\t", " ").strip().lower()
+    text = _THOUSANDS.sub("", text)
+    text = "".join(" " if char in PUNCTUATION else char for char in text)
+    text = _PERIOD.sub("", text)
+    words = []
+    for word in text.split():
+        word = NUMBER_WORDS.get(word, word)
+        if word in ARTICLES:
+            continue
+        words.append(CONTRACTIONS.get(word, word))
+    return " ".join(words)
+
+
+def answers_match(prediction: str, reference: str) -> bool:
+    """Equal after :func:`normalize_answer`."""
+    return normalize_answer(prediction) == normalize_answer(reference)
+
+
+def exact_match(prediction: str, reference: str) -> bool:
+    """Equal as written, up to surrounding whitespace."""
+    return prediction.strip() == reference.strip()

@@ -1,0 +1,130 @@
+"""LLaVA-format JSON + image folder -> webdataset shards that ``mole`` streams (``launch/make_shards.py``).
+
+The input is a list of entries as in ``llava_v1_5_mix665k.json``: ``{"id": str | int, "image"?:
+"<source>/<...>.jpg", "conversations": [{"from": "human" | "gpt", "value": str}, ...]}``, image paths
+relative to the image folder, no ``image`` for text-only entries. Each usable entry becomes one sample:
+key = its position in the JSON (ids repeat in the real mix), ``json`` = the entry, and the image file's
+bytes under its extension. Entries are checked with the loader's own rules (so what is written is what
+trains): malformed conversations, a missing, unreadable or unsupported image, or an ``<image>`` with no
+image are skipped and reported in ``skipped.jsonl``; ``manifest.json`` counts samples per source and
+gives each shard set's brace pattern, ready for a domain's ``shards``.
+
+With ``split_by="source"`` each source gets its own shard set under ``OUT/<source>/``: the first path
+component of ``image`` (``coco``, ``gqa``, ``ocr_vqa``, ``textvqa``, ``vg`` in LLaVA-1.5's mix) or
+``text`` for entries without an image, so a config can weight sources as domains.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from collections import Counter
+from pathlib import Path
+
+import webdataset as wds
+from PIL import Image
+from tqdm import tqdm
+
+from mole.data.conversation import parse_conversation
+from mole.data.errors import BadSample
+from mole.data.images import IMAGE_EXTENSIONS
+
+TEXT_SOURCE = "text"
+SHARD_NAME = "shard-%06d.tar"
+
+
+def source_of(entry: dict) -> str:
+    """The shard set an entry belongs to: the first component of its image path, or ``text``."""
+    image = entry.get("image")
+    if not image:
+        return TEXT_SOURCE
+    first = Path(image).parts[0]
+    return re.sub(r"[^A-Za-z0-9_.-]", "_", first) if len(Path(image).parts) > 1 else "images"
+
+
+def to_sample(index: int, entry, images: Path) -> dict:
+    """The webdataset sample for one entry, or ``BadSample`` saying why it cannot train."""
+    if not isinstance(entry, dict):
+        raise BadSample("wrong_type", f"entry is {type(entry).__name__}, expected an object")
+    encoded = json.dumps(entry, ensure_ascii=False).encode("utf-8")
+    _, has_placeholder = parse_conversation(encoded)
+    sample = {"__key__": f"{index:09d}", "json": encoded}
+    image = entry.get("image")
+    if image is None:
+        if has_placeholder:
+            raise BadSample("image_missing", "<image> in the text but the entry has no image")
+        return sample
+    if not isinstance(image, str):
+        raise BadSample("wrong_type", f"'image' is {type(image).__name__}, expected a path")
+    path = (images / image).resolve()
+    if images.resolve() not in path.parents:
+        raise BadSample("bad_image_path", f"{image!r} points outside the image folder")
+    ext = path.suffix.lower().lstrip(".")
+    if ext not in IMAGE_EXTENSIONS:
+        raise BadSample("unsupported_image_type", f"{image!r}: expected one of {', '.join(IMAGE_EXTENSIONS)}")
+    try:
+        data = path.read_bytes()
+    except OSError as err:
+        raise BadSample("image_missing_file", f"{image!r}: {err.strerror}") from None
+    try:
+        with Image.open(path) as header:  # reads the header only: catches non-images cheaply
+            header.size
+    except Exception as err:  # PIL raises many types on non-images
+        raise BadSample("broken_image", f"{image!r}: {type(err).__name__}: {err}") from None
+    sample[ext] = data
+    return sample
+
+
+def convert(json_path: str | Path, images: str | Path, out: str | Path, split_by: str | None = None,
+            max_count: int = 10_000, max_size: int = 1_000_000_000, progress: bool = True) -> dict:
+    """Write the shards and ``manifest.json`` / ``skipped.jsonl`` under ``out``; return the manifest."""
+    images, out = Path(images), Path(out)
+    if split_by not in (None, "source"):
+        raise ValueError(f"split_by must be None or 'source', got {split_by!r}")
+    entries = json.loads(Path(json_path).read_text(encoding="utf-8"))
+    if not isinstance(entries, list):
+        raise ValueError(f"{json_path}: expected a JSON list of LLaVA entries, got {type(entries).__name__}")
+    out.mkdir(parents=True, exist_ok=True)
+    writers: dict[str, wds.ShardWriter] = {}
+    counts: Counter = Counter()
+    skipped: Counter = Counter()
+    with open(out / "skipped.jsonl", "w", encoding="utf-8") as skipped_log:
+        for index, entry in enumerate(tqdm(entries, desc="entries", unit="", disable=not progress)):
+            try:
+                sample = to_sample(index, entry, images)
+            except BadSample as bad:
+                skipped[bad.reason] += 1
+                record = {"index": index, "id": entry.get("id") if isinstance(entry, dict) else None,
+                          "reason": bad.reason, "detail": str(bad)}
+                skipped_log.write(json.dumps(record, ensure_ascii=False) + "\n")
+                continue
+            source = source_of(entry) if split_by == "source" else ""
+            if source not in writers:
+                (out / source).mkdir(parents=True, exist_ok=True)
+                writers[source] = wds.ShardWriter(str(out / source / SHARD_NAME), maxcount=max_count, maxsize=max_size,
+                                                  verbose=0, user="mole", group="mole", mtime=0)
+            writers[source].write(sample)
+            counts[source] += 1
+    sources = {}
+    for source, writer in sorted(writers.items()):
+        shards = writer.shard
+        writer.close()
+        sources[source or "all"] = {
+            "samples": counts[source], "shards": shards,
+            "pattern": str(out / source / SHARD_NAME.replace("%06d", f"{{000000..{shards - 1:06d}}}")),
+        }
+    manifest = {
+        "json": str(Path(json_path).resolve()), "images": str(images.resolve()), "split_by": split_by,
+        "entries": len(entries), "written": sum(counts.values()), "skipped": sum(skipped.values()),
+        "skipped_by_reason": dict(sorted(skipped.items())), "sources": sources,
+    }
+    (out / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n")
+    return manifest
+
+
+def summary(manifest: dict) -> str:
+    lines = [f"{manifest['written']} of {manifest['entries']} entries written, {manifest['skipped']} skipped"]
+    lines += [f"  {name:>12}: {s['samples']:>8} samples in {s['shards']:>4} shards  {s['pattern']}"
+              for name, s in manifest["sources"].items()]
+    lines += [f"  skipped {reason}: {n}" for reason, n in manifest["skipped_by_reason"].items()]
+    return "\n".join(lines)

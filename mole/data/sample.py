@@ -1,0 +1,50 @@
+"""One raw tar sample (member name -> bytes) -> one training example, or ``BadSample``."""
+
+from __future__ import annotations
+
+from PIL import Image
+
+from mole.data.conversation import parse_conversation, tokenize_conversation
+from mole.data.errors import BadSample
+from mole.data.images import IMAGE_EXTENSIONS, MAX_PIXELS, decode_image, make_pixel_transform
+
+
+class SampleProcessor:
+    """Validate, decode and tokenise samples with the model's own processor.
+
+    ``image_backend``: ``fast`` (default) or ``processor``; see :mod:`mole.data.images`. An image
+    member without an ``<image>`` in the text is placed at the start of the first user turn.
+    """
+
+    def __init__(self, processor, max_length: int, image_aspect: str, *, image_backend: str = "fast",
+                 max_image_pixels: int = MAX_PIXELS):
+        self.tokenizer = processor.tokenizer
+        self.image_token_id = self.tokenizer.convert_tokens_to_ids(processor.image_token)
+        self.num_image_tokens = count_image_tokens(processor)
+        self.pixels = make_pixel_transform(processor.image_processor, image_aspect, image_backend)
+        self.max_length, self.max_image_pixels = max_length, max_image_pixels
+
+    def __call__(self, raw: dict) -> dict:
+        """``{"input_ids", "labels", "pixel_values" (3, H, W) or None, "key"}``."""
+        if "json" not in raw:
+            raise BadSample("no_conversations", f"sample {raw.get('__key__')!r} has no .json member")
+        turns, has_placeholder = parse_conversation(raw["json"])
+        image_bytes = next((raw[ext] for ext in IMAGE_EXTENSIONS if ext in raw), None)
+        if has_placeholder and image_bytes is None:
+            raise BadSample("image_missing", "<image> in the text but no image member")
+        pixels = None
+        if image_bytes is not None:
+            pixels = self.pixels(decode_image(image_bytes, self.max_image_pixels))
+        ids, labels = tokenize_conversation(
+            turns, pixels is not None, self.tokenizer, self.image_token_id, self.num_image_tokens, self.max_length
+        )
+        return {"input_ids": ids, "labels": labels, "pixel_values": pixels, "key": raw.get("__key__", "")}
+
+
+def count_image_tokens(processor) -> int:
+    """How many tokens one image expands to, asked of the processor itself (16 tiny, 576 LLaVA-1.5)."""
+    size = processor.image_processor.crop_size
+    image = Image.new("RGB", (size["width"], size["height"]))
+    ids = processor(text=processor.image_token, images=image, return_tensors="pt")["input_ids"][0]
+    image_token_id = processor.tokenizer.convert_tokens_to_ids(processor.image_token)
+    return int((ids == image_token_id).sum())

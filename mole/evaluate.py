@@ -1,0 +1,274 @@
+"""Per-domain evaluation of a loaded model on held-out shards: answer loss, answer accuracy, routing.
+
+For every domain (one or more tar shards, read in order, nothing resampled):
+
+* **loss** — the LM loss on answer tokens (answers + EOS, the tokens training labels), teacher-forced,
+  summed over tokens and divided once per domain (a token-weighted mean);
+* **accuracy / exact match** — every answer turn is asked as a question (earlier turns of the
+  conversation, reference answers included, as history) and greedily generated; accuracy compares
+  the VQAv2-normalised strings (:mod:`mole.answers`), exact match the stripped raw strings;
+* **routing** — the (layers, domains, K) token counts of the teacher-forced forward
+  (:mod:`mole.routing_analysis`), non-padding tokens only, image and prompt tokens included.
+
+Distributed evaluation shards the samples over ranks (sample ``i`` goes to rank ``i % world_size``),
+each rank holding a full model copy, and sums the counts with ``all_reduce``: ranks may run
+different numbers of batches, which is why this is not done under ZeRO-3. Samples that cannot be
+used are skipped and counted per domain and reason, as in training.
+"""
+
+from __future__ import annotations
+
+import glob
+import itertools
+import os
+from collections import Counter
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+
+from mole.answers import answers_match, exact_match
+from mole.data.collate import collate
+from mole.data.conversation import IGNORE_INDEX, parse_conversation
+from mole.data.errors import BadSample
+from mole.data.images import IMAGE_EXTENSIONS, decode_image
+from mole.data.stream import SampleProcessor
+from mole.inference import Prompt, PromptEncoder, generate_answers, mole_layers, routing_context
+from mole.routing_analysis import domain_expert_counts, domain_expert_shares, layer_nmi
+
+# per-domain sums, reduced over ranks: one column each
+SUMS = ("samples", "answer_tokens", "loss_sum", "questions", "correct", "exact")
+
+
+@dataclass
+class EvalDomain:
+    name: str
+    urls: list[str]  # tar shard paths, read in this order
+
+
+def expand_eval_shards(name: str, pattern: str) -> EvalDomain:
+    """A domain from a glob (``test-*.tar``) or webdataset brace pattern (``test-{000000..000003}.tar``)."""
+    import webdataset as wds
+
+    urls: list[str] = []
+    for expanded in wds.shardlists.expand_urls(pattern):
+        urls += sorted(glob.glob(expanded)) if glob.has_magic(expanded) else [expanded]
+    missing = [url for url in urls if not os.path.exists(url)]
+    if not urls or missing:
+        raise FileNotFoundError(f"eval domain {name!r}: shard pattern {pattern!r} matches no file" + (f" ({missing[:3]} missing)" if missing else ""))
+    return EvalDomain(name, urls)
+
+
+def read_raw_samples(domain: EvalDomain, max_samples: int | None) -> Iterator[dict]:
+    """The first ``max_samples`` samples of a domain's shards, in order, as member-name -> bytes dicts.
+
+    Only the conversation JSON and the image members are kept; nothing is decoded or unpickled here.
+    """
+    import webdataset as wds
+
+    wanted = ("json", *IMAGE_EXTENSIONS)
+    pipeline = wds.DataPipeline(wds.SimpleShardList(domain.urls), wds.tarfile_to_samples())
+    for index, raw in enumerate(pipeline):
+        if max_samples is not None and index >= max_samples:
+            return
+        yield {k: v for k, v in raw.items() if k in wanted or k == "__key__"}
+
+
+@dataclass
+class _Item:
+    """One usable sample on this rank: its training example (for the loss) and its questions."""
+
+    domain: int
+    key: str
+    example: dict
+    prompts: list[Prompt]
+    references: list[str]
+
+
+def _prepare(raw: dict, domain: int, processor: SampleProcessor) -> _Item:
+    example = processor(raw)  # BadSample propagates: counted by the caller
+    example["domain"] = domain
+    turns, _ = parse_conversation(raw["json"])
+    image_bytes = next((raw[ext] for ext in IMAGE_EXTENSIONS if ext in raw), None)
+    image = decode_image(image_bytes) if image_bytes is not None else None
+    prompts, references = [], []
+    for index, turn in enumerate(turns):
+        if turn.role == "assistant" and index > 0 and turns[index - 1].role == "user":
+            prompts.append(Prompt(turns[:index], image))
+            references.append(turn.text)
+    return _Item(domain, raw["__key__"], example, prompts, references)
+
+
+@torch.no_grad()
+def evaluate(
+    model,
+    processor,
+    domains: list[EvalDomain],
+    *,
+    batch_size: int = 8,
+    max_new_tokens: int = 16,
+    max_samples: int | None = None,
+    max_length: int = 2048,
+    image_aspect: str = "pad",
+    rank: int = 0,
+    world_size: int = 1,
+) -> dict:
+    """Evaluate ``model`` (from :func:`mole.inference.load_model`) per domain; every rank gets the
+    same reduced results dict (metrics per domain and overall, routing per layer, predictions)."""
+    sample_processor = SampleProcessor(processor, max_length, image_aspect)
+    encoder = PromptEncoder(processor, image_aspect)
+    num_domains, num_layers = len(domains), len(mole_layers(model))
+    num_experts = mole_layers(model)[0].num_experts if num_layers else 1
+    sums = torch.zeros(num_domains, len(SUMS), dtype=torch.float64)
+    routing = torch.zeros(num_layers, num_domains, num_experts, dtype=torch.float64)
+    skipped: Counter = Counter()
+    predictions: list[dict] = []
+
+    def own_items() -> Iterator[_Item]:
+        """This rank's usable samples, prepared one at a time (sample i belongs to rank i % world_size)."""
+        for d, domain in enumerate(domains):
+            for index, raw in enumerate(read_raw_samples(domain, max_samples)):
+                if index % world_size != rank:
+                    continue
+                try:
+                    yield _prepare(raw, d, sample_processor)
+                except BadSample as bad:
+                    skipped[f"{domain.name}/{bad.reason}"] += 1
+
+    items = own_items()
+    while chunk := list(itertools.islice(items, batch_size)):
+        _score_batch(model, chunk, processor.tokenizer.pad_token_id, sums, routing)
+        prompts = [prompt for item in chunk for prompt in item.prompts]
+        answers = iter(generate_answers(model, processor, prompts, max_new_tokens, batch_size, encoder=encoder))
+        for item in chunk:
+            for turn, reference in enumerate(item.references):
+                prediction = next(answers)
+                match, exact = answers_match(prediction, reference), exact_match(prediction, reference)
+                sums[item.domain, SUMS.index("questions")] += 1
+                sums[item.domain, SUMS.index("correct")] += match
+                sums[item.domain, SUMS.index("exact")] += exact
+                predictions.append({
+                    "domain": domains[item.domain].name, "key": item.key, "turn": turn,
+                    "question": item.prompts[turn].turns[-1].text, "reference": reference,
+                    "prediction": prediction, "match": match, "exact_match": exact,
+                })
+
+    if world_size > 1:
+        dist.all_reduce(sums)
+        dist.all_reduce(routing)
+        gathered: list = [None] * world_size
+        dist.all_gather_object(gathered, (predictions, dict(skipped)))  # our own ranks' lists, in memory
+        predictions = [p for rank_predictions, _ in gathered for p in rank_predictions]
+        skipped = sum((Counter(s) for _, s in gathered), Counter())
+    predictions.sort(key=lambda p: ([d.name for d in domains].index(p["domain"]), p["key"], p["turn"]))
+    return _results(domains, sums, routing, skipped, predictions)
+
+
+def _score_batch(model, chunk: list[_Item], pad_token_id: int, sums: torch.Tensor, routing: torch.Tensor) -> None:
+    """Teacher-forced forward of one batch: answer-token loss sums and routing counts per domain."""
+    batch = collate([item.example for item in chunk], pad_token_id)
+    device, dtype = model.device, model.dtype
+    pixels = batch["pixel_values"]
+    out = model(
+        input_ids=batch["input_ids"].to(device),
+        attention_mask=batch["attention_mask"].to(device),
+        pixel_values=None if pixels is None else pixels.to(device=device, dtype=dtype),
+        use_cache=False,
+    )
+    logits = out.logits[:, :-1].float()  # (batch, seq-1, vocab): position t predicts token t+1
+    labels = batch["labels"][:, 1:].to(device)
+    token_loss = F.cross_entropy(logits.transpose(1, 2), labels, ignore_index=IGNORE_INDEX, reduction="none")
+    per_sample = token_loss.sum(dim=1).double().cpu()
+    tokens = (labels != IGNORE_INDEX).sum(dim=1).double().cpu()
+    domain = batch["domain"]
+    for column, values in (("samples", torch.ones_like(tokens)), ("answer_tokens", tokens), ("loss_sum", per_sample)):
+        sums[:, SUMS.index(column)].index_add_(0, domain, values)
+    stats = routing_context(model).stats()
+    if stats:
+        routing += domain_expert_counts(stats, domain, routing.shape[1])
+    else:  # K=1: one expert takes every (non-padding) token
+        routing[:, :, 0] += torch.zeros(routing.shape[1], dtype=torch.float64).index_add_(
+            0, domain, batch["attention_mask"].sum(dim=1).double()
+        )
+
+
+def _results(domains: list[EvalDomain], sums: torch.Tensor, routing: torch.Tensor, skipped: Counter, predictions: list[dict]) -> dict:
+    def metrics(row: torch.Tensor) -> dict:
+        value = dict(zip(SUMS, row.tolist()))
+        return {
+            "samples": int(value["samples"]),
+            "questions": int(value["questions"]),
+            "answer_tokens": int(value["answer_tokens"]),
+            "loss": value["loss_sum"] / value["answer_tokens"] if value["answer_tokens"] else None,
+            "accuracy": value["correct"] / value["questions"] if value["questions"] else None,
+            "exact_match": value["exact"] / value["questions"] if value["questions"] else None,
+        }
+
+    shares = domain_expert_shares(routing)  # (layers, domains, K)
+    nmi = layer_nmi(routing)
+    per_domain = {}
+    for d, domain in enumerate(domains):
+        per_domain[domain.name] = metrics(sums[d])
+        per_domain[domain.name]["skipped"] = {k.split("/", 1)[1]: v for k, v in skipped.items() if k.split("/", 1)[0] == domain.name}
+        per_domain[domain.name]["top_expert_share"] = float(shares[:, d].max(dim=-1).values.mean()) if len(shares) else None
+        per_domain[domain.name]["shards"] = domain.urls
+    return {
+        "domains": per_domain,
+        "overall": metrics(sums.sum(dim=0)),
+        "routing": {
+            "num_experts": routing.shape[-1],
+            "nmi_per_layer": nmi,
+            "mean_nmi": sum(nmi) / len(nmi) if nmi else None,
+            "shares": shares.tolist(),  # [layer][domain][expert]
+            "counts": routing.tolist(),
+        },
+        "predictions": predictions,
+    }
+
+
+def format_table(results: dict) -> str:
+    """The per-domain metrics and the per-layer routing NMI as a plain-text table."""
+    header = f"{'domain':<12} {'samples':>7} {'questions':>9} {'loss':>8} {'accuracy':>8} {'exact':>7} {'top-expert':>10}"
+    lines = [header, "-" * len(header)]
+
+    def fmt(value, spec):
+        return format(value, spec) if value is not None else "-"
+
+    rows = list(results["domains"].items()) + [("all", results["overall"])]
+    for name, m in rows:
+        lines.append(
+            f"{name:<12} {m['samples']:>7} {m['questions']:>9} {fmt(m['loss'], '8.4f')} {fmt(m['accuracy'], '8.3f')} "
+            f"{fmt(m['exact_match'], '7.3f')} {fmt(m.get('top_expert_share'), '10.3f')}"
+        )
+    routing = results["routing"]
+    nmi = " ".join(f"{v:.3f}" for v in routing["nmi_per_layer"])
+    lines.append(f"routing: K={routing['num_experts']}, NMI(domain; expert) per layer: {nmi}  mean {fmt(routing['mean_nmi'], '.3f')}")
+    skipped = {name: m["skipped"] for name, m in results["domains"].items() if m["skipped"]}
+    if skipped:
+        lines.append(f"skipped samples: {skipped}")
+    return "\n".join(lines)
+
+
+def save_results(results: dict, out_dir: str, title: str) -> list[str]:
+    """Write ``metrics.json`` (everything but the predictions), ``predictions.jsonl`` and, for K>1,
+    ``routing.png``; return the paths written."""
+    import json
+
+    from mole.plots import routing_heatmap_png
+
+    os.makedirs(out_dir, exist_ok=True)
+    paths = [os.path.join(out_dir, "metrics.json"), os.path.join(out_dir, "predictions.jsonl")]
+    with open(paths[0], "w") as handle:
+        json.dump({k: v for k, v in results.items() if k != "predictions"}, handle, indent=2)
+    with open(paths[1], "w") as handle:
+        for prediction in results["predictions"]:
+            handle.write(json.dumps(prediction) + "\n")
+    routing = results["routing"]
+    if routing["num_experts"] > 1:
+        paths.append(os.path.join(out_dir, "routing.png"))
+        png = routing_heatmap_png(torch.tensor(routing["shares"]), list(results["domains"]), title, routing["nmi_per_layer"])
+        with open(paths[-1], "wb") as handle:
+            handle.write(png)
+    return paths

@@ -1,0 +1,246 @@
+"""Export a trained adapter: as a standard peft LoRA (K=1), merged into the base (K=1), or as a
+validated, self-contained mole adapter, also consolidated from a DeepSpeed ZeRO checkpoint.
+
+* ``peft``: ``adapter_config.json`` + ``adapter_model.safetensors`` with peft's key names, for
+  ``PeftModel.from_pretrained(base, dir)``. Plain LoRA on attention and MLP projections, and the
+  trained projector as a ``modules_to_save`` module. Written without loading the base model.
+* ``merged``: the LoRA deltas merged into the base weights (by peft's ``merge_and_unload``), the
+  trained projector in place; a normal Hugging Face model directory with the processor.
+* ``mole``: ``adapter.safetensors`` + ``mole_config.json``, what :func:`mole.load_model` reads.
+
+K>1 adapters have a router per layer choosing among expert LoRAs per token; peft has no such
+layer, so only ``mole`` exports them.
+
+DeepSpeed checkpoint files are ``torch.load``-ed by DeepSpeed with ``weights_only=False``, i.e.
+unpickled: consolidate only checkpoints you trust (your own training runs' local files).
+Everything else here reads safetensors.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+
+import torch
+
+from mole.adapter import AdapterError, adapter_config, load_adapter, save_adapter
+from mole.surgery import PROJECTOR_PREFIX
+
+EXPORT_FORMATS = ("peft", "merged", "mole")
+PEFT_PREFIX = "base_model.model."
+_EXPERT_KEY = re.compile(r"(?P<layer>.*\.layers\.(?P<index>\d+)\.mlp)\.experts\.(?P<proj>\w+)\.lora_(?P<ab>[AB])")
+_ROUTER_KEY = re.compile(r".*\.layers\.(?P<index>\d+)\.mlp\.router\.(weight|bias)")
+_ATTN_KEY = re.compile(r"(?P<module>.*\.layers\.(?P<index>\d+)\.self_attn\.(?P<proj>\w+))\.lora_(?P<ab>[AB])\.default\.weight")
+
+
+class ExportError(ValueError):
+    """An export that cannot be done as asked; the message says what to do instead."""
+
+
+# ------------------------------------------------------------------------------------ checks
+
+
+def validate_adapter(state: dict[str, torch.Tensor], config: dict) -> None:
+    """Check that the weights are what the config describes, without the base model: every layer
+    has every target's experts with K and r as configured, a router iff K>1, attention LoRA on every
+    attention target, the projector iff it trained, and nothing else."""
+    layers, num_experts, r = config["num_hidden_layers"], config["num_experts"], config["r"]
+    problems: list[str] = []
+    seen_experts, seen_attn, seen_routers = set(), set(), set()
+    for name, tensor in state.items():
+        if match := _EXPERT_KEY.fullmatch(name):
+            seen_experts.add((int(match["index"]), match["proj"], match["ab"]))
+            rank_dim = 1 if match["ab"] == "A" else 2
+            if tensor.ndim != 3 or tensor.shape[0] != num_experts or tensor.shape[rank_dim] != r:
+                problems.append(f"{name} has shape {tuple(tensor.shape)}, expected K={num_experts}, r={r}")
+        elif match := _ROUTER_KEY.fullmatch(name):
+            seen_routers.add((int(match["index"]), name.rsplit(".", 1)[1]))
+            if tensor.shape[0] != num_experts or (tensor.ndim == 2 and tensor.shape[1] != config["hidden_size"]):
+                problems.append(f"{name} has shape {tuple(tensor.shape)}, expected ({num_experts}, {config['hidden_size']})")
+        elif match := _ATTN_KEY.fullmatch(name):
+            seen_attn.add((int(match["index"]), match["proj"], match["ab"]))
+            if tensor.shape[0 if match["ab"] == "A" else 1] != r:
+                problems.append(f"{name} has shape {tuple(tensor.shape)}, expected rank {r}")
+        elif not (config["train_projector"] and PROJECTOR_PREFIX in name):
+            problems.append(f"unexpected tensor {name}")
+    expected_experts = {(i, p, ab) for i in range(layers) for p in config["mlp_targets"] for ab in "AB"}
+    expected_attn = {(i, p, ab) for i in range(layers) for p in config["attn_targets"] for ab in "AB"}
+    expected_routers = {(i, k) for i in range(layers) for k in ("weight", "bias")} if num_experts > 1 else set()
+    for what, expected, seen in (("expert", expected_experts, seen_experts), ("attention LoRA", expected_attn, seen_attn),
+                                 ("router", expected_routers, seen_routers)):
+        if expected - seen:
+            problems.append(f"missing {what} tensors for (layer, ...) {sorted(expected - seen)[:3]}")
+        if seen - expected:
+            problems.append(f"{what} tensors the config does not describe: {sorted(seen - expected)[:3]}")
+    if config["train_projector"] and not any(PROJECTOR_PREFIX in name for name in state):
+        problems.append("train_projector is set but there are no projector tensors")
+    if problems:
+        raise AdapterError(f"adapter weights do not match mole_config.json: {'; '.join(problems[:5])}")
+
+
+def require_plain_lora(config: dict, fmt: str) -> None:
+    if config["num_experts"] != 1:
+        raise ExportError(
+            f"--format {fmt} needs a plain LoRA adapter (K=1), but this one has K={config['num_experts']} experts with "
+            f"routers, which have no peft form; use --format mole (read by mole.load_model)"
+        )
+
+
+# -------------------------------------------------------------------------------------- peft
+
+
+def peft_state_and_config(state: dict[str, torch.Tensor], config: dict):
+    """A K=1 mole adapter as a peft ``LoraConfig`` and a state dict with peft's saved key names."""
+    from peft import LoraConfig
+
+    require_plain_lora(config, "peft")
+    peft_state = {}
+    for name, tensor in state.items():
+        if match := _EXPERT_KEY.fullmatch(name):  # (1, r, in) / (1, out, r) -> (r, in) / (out, r)
+            peft_state[f"{PEFT_PREFIX}{match['layer']}.{match['proj']}.lora_{match['ab']}.weight"] = tensor[0].contiguous()
+        elif match := _ATTN_KEY.fullmatch(name):
+            peft_state[f"{PEFT_PREFIX}{match['module']}.lora_{match['ab']}.weight"] = tensor.contiguous()
+        elif PROJECTOR_PREFIX in name:  # peft saves modules_to_save under the module's own name
+            peft_state[PEFT_PREFIX + name] = tensor.contiguous()
+        else:
+            raise AdapterError(f"tensor {name} has no peft equivalent")
+    attn = "|".join(re.escape(t) for t in config["attn_targets"])
+    mlp = "|".join(re.escape(t) for t in config["mlp_targets"])
+    branches = [f"self_attn\\.({attn})"] if attn else []
+    branches += [f"mlp\\.({mlp})"] if mlp else []
+    lora_config = LoraConfig(
+        r=config["r"],
+        lora_alpha=config["alpha"],
+        lora_dropout=config["dropout"],
+        target_modules=rf".*language_model\.layers\.\d+\.({'|'.join(branches)})",
+        modules_to_save=[PROJECTOR_PREFIX] if any(PROJECTOR_PREFIX in n for n in state) else None,
+        bias="none",
+        base_model_name_or_path=config.get("base_model"),
+        inference_mode=True,
+    )
+    return lora_config, peft_state
+
+
+def export_peft(adapter_dir: str, out_dir: str) -> list[str]:
+    """Write a standard peft adapter directory from a K=1 mole adapter; returns the files written."""
+    from safetensors.torch import save_file
+
+    state, config = load_adapter(adapter_dir)
+    validate_adapter(state, config)
+    lora_config, peft_state = peft_state_and_config(state, config)
+    os.makedirs(out_dir, exist_ok=True)
+    lora_config.save_pretrained(out_dir)
+    save_file(peft_state, os.path.join(out_dir, "adapter_model.safetensors"), metadata={"format": "pt"})
+    return [os.path.join(out_dir, "adapter_config.json"), os.path.join(out_dir, "adapter_model.safetensors")]
+
+
+def export_merged(adapter_dir: str, out_dir: str, base_dir: str | None = None) -> str:
+    """Merge a K=1 adapter into its base and save a Hugging Face LLaVA directory with the processor."""
+    from peft import get_peft_model, set_peft_model_state_dict
+    from transformers import AutoProcessor, LlavaForConditionalGeneration
+
+    from mole.inference import check_base_fits
+
+    state, config = load_adapter(adapter_dir)
+    validate_adapter(state, config)
+    require_plain_lora(config, "merged")
+    base_dir = _base_dir(config, base_dir)
+    check_base_fits(config, base_dir)
+    lora_config, peft_state = peft_state_and_config(state, config)
+    base = LlavaForConditionalGeneration.from_pretrained(base_dir)
+    model = get_peft_model(base, lora_config)
+    loaded = set_peft_model_state_dict(model, peft_state)
+    if loaded.unexpected_keys:
+        raise AdapterError(f"peft did not place tensors {loaded.unexpected_keys[:3]}")
+    merged = model.merge_and_unload()
+    merged.save_pretrained(out_dir)
+    AutoProcessor.from_pretrained(base_dir).save_pretrained(out_dir)
+    return out_dir
+
+
+# -------------------------------------------------------------------------------------- mole
+
+
+def export_mole(source: str, out_dir: str, config_path: str | None = None) -> str:
+    """A validated mole adapter in ``out_dir`` from an adapter directory or a DeepSpeed checkpoint.
+
+    ``source`` may be an adapter directory, a checkpoint tag directory (``checkpoints/step_<N>``),
+    a checkpoints root holding ``latest``, or a run's ``output_dir``. For a checkpoint the adapter
+    config comes from ``config_path`` (a ``mole_config.json`` or a run ``config.yaml``), else from
+    the run's ``config.yaml`` found above the checkpoint.
+    """
+    if os.path.isfile(os.path.join(source, "mole_config.json")) and os.path.isfile(os.path.join(source, "adapter.safetensors")):
+        state, config = load_adapter(source)
+    else:
+        root, tag = find_checkpoint(source)
+        state = consolidate_checkpoint(root, tag)
+        config = checkpoint_adapter_config(config_path or _find_run_config(root))
+    validate_adapter(state, config)
+    save_adapter(out_dir, state, config)
+    return out_dir
+
+
+def find_checkpoint(source: str) -> tuple[str, str]:
+    """(checkpoints root, tag) for a tag directory, a root with ``latest``, or a run's ``output_dir``."""
+    source = os.path.abspath(source.rstrip("/"))
+    if any(name.endswith("model_states.pt") for name in _listdir(source)):
+        return os.path.dirname(source), os.path.basename(source)
+    for root in (source, os.path.join(source, "checkpoints")):
+        latest = os.path.join(root, "latest")
+        if os.path.isfile(latest):
+            with open(latest) as handle:
+                return root, handle.read().strip()
+    raise ExportError(
+        f"{source!r} is neither a mole adapter directory (adapter.safetensors + mole_config.json) nor a DeepSpeed "
+        f"checkpoint (a step_<N> directory with *model_states.pt, or a directory with a 'latest' file)"
+    )
+
+
+def consolidate_checkpoint(root: str, tag: str) -> dict[str, torch.Tensor]:
+    """The trainable weights of a ZeRO checkpoint, in fp32, keyed by LLaVA parameter names.
+
+    Uses DeepSpeed's ``get_fp32_state_dict_from_zero_checkpoint`` (which unpickles DeepSpeed's files:
+    trusted local checkpoints only). The trainer's engine wraps the LLaVA model as
+    ``TrainingModel.llava``, so checkpoint keys carry a ``llava.`` prefix, removed here.
+    """
+    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+
+    state = get_fp32_state_dict_from_zero_checkpoint(root, tag=tag, exclude_frozen_parameters=True)
+    stray = [name for name in state if not name.startswith("llava.")]
+    if stray:
+        raise ExportError(f"checkpoint {root}/{tag} has keys outside the trainer's 'llava.' module: {stray[:3]}")
+    return {name.removeprefix("llava."): tensor.detach().clone().contiguous() for name, tensor in state.items()}
+
+
+def checkpoint_adapter_config(path: str) -> dict:
+    """The adapter config for a checkpoint: a ``mole_config.json``, or built from a run ``config.yaml``."""
+    import json
+
+    if path.endswith(".json"):
+        with open(path) as handle:
+            return json.load(handle)
+    from transformers import AutoConfig
+
+    from mole.config import load_config
+
+    cfg = load_config(path, [])
+    return adapter_config(cfg, AutoConfig.from_pretrained(cfg.model.name_or_path))
+
+
+def _find_run_config(checkpoints_root: str) -> str:
+    """``output_dir/config.yaml`` for ``output_dir/checkpoints`` (or the root itself)."""
+    for directory in (os.path.dirname(checkpoints_root), checkpoints_root):
+        if os.path.isfile(os.path.join(directory, "config.yaml")):
+            return os.path.join(directory, "config.yaml")
+    raise ExportError(f"no config.yaml found next to {checkpoints_root!r}; pass the run's config with --config")
+
+
+def _base_dir(config: dict, base_dir: str | None) -> str:
+    base_dir = base_dir or config.get("base_model")
+    if not base_dir:
+        raise ExportError("the adapter records no base_model; pass --base")
+    return base_dir
+
+
+def _listdir(path: str) -> list[str]:
+    return os.listdir(path) if os.path.isdir(path) else []

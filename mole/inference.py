@@ -1,0 +1,225 @@
+"""Use a trained adapter: rebuild the MoLE LLaVA on its base model, and answer questions with ``generate``.
+
+:func:`load_model` is the one loader that evaluation and export build on. It checks the adapter
+against the base *before* loading the base weights (hidden size, layer count), then after surgery
+requires the adapter to hold exactly the tensors the surgery created, with the same shapes: a
+partial load would silently evaluate a half-adapted model. Weights are read from safetensors only.
+
+Prompts are built exactly as training builds them (:func:`mole.data.conversation.render_conversation`,
+i.e. the model's own chat template, with EOS after earlier answers) plus the template's generation
+prompt, and images go through the same pad-to-square + image-processor path, so a question at
+inference looks token for token like the questions the adapter was trained on.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import torch
+from PIL import Image
+from torch import nn
+from transformers import AutoConfig, AutoProcessor, LlavaForConditionalGeneration
+
+from mole.adapter import AdapterError, load_adapter
+from mole.data.conversation import IMAGE_PLACEHOLDER, Turn, render_conversation, to_chat_messages
+from mole.data.images import image_to_pixels
+from mole.experts import MoleMLP, RoutingContext
+from mole.surgery import apply_mole
+
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def resolve_dtype(dtype: torch.dtype | str) -> torch.dtype:
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    if dtype not in DTYPES:
+        raise ValueError(f"dtype must be one of {', '.join(DTYPES)} or a torch.dtype, got {dtype!r}")
+    return DTYPES[dtype]
+
+
+def load_model(
+    base_dir: str,
+    adapter_dir: str,
+    device: torch.device | str = "cpu",
+    dtype: torch.dtype | str = torch.float32,
+) -> LlavaForConditionalGeneration:
+    """The base LLaVA with the adapter's MoLE layers (K>1) or plain LoRA (K=1) in place, in eval mode.
+
+    Raises :class:`mole.adapter.AdapterError` when the adapter does not fit the base (hidden size,
+    layer count, missing, unexpected or mis-shaped tensors) or has an unknown format version. Every
+    parameter is frozen; the model's routing context is :func:`routing_context`.
+    """
+    dtype = resolve_dtype(dtype)
+    state, config = load_adapter(adapter_dir)
+    check_base_fits(config, base_dir)
+    model = LlavaForConditionalGeneration.from_pretrained(base_dir, dtype=dtype)
+    with torch.random.fork_rng(devices=[]):  # surgery initialises modules we overwrite; keep the caller's RNG
+        apply_mole(
+            model,
+            num_experts=config["num_experts"],
+            routing=config["routing"],
+            r=config["r"],
+            alpha=config["alpha"],
+            dropout=config["dropout"],
+            attn_targets=list(config["attn_targets"]),
+            mlp_targets=list(config["mlp_targets"]),
+            train_projector=config["train_projector"],
+        )
+    _load_adapter_weights(model, state, adapter_dir, dtype)
+    model.requires_grad_(False)
+    model.config.use_cache = True
+    return model.to(device).eval()
+
+
+def check_base_fits(config: dict, base_dir: str) -> None:
+    """The adapter's recorded base shape against ``base_dir/config.json``, before any weight is read."""
+    if not os.path.isfile(os.path.join(base_dir, "config.json")):
+        raise AdapterError(f"base model {base_dir!r} has no config.json; expected a local Hugging Face LLaVA directory")
+    text = AutoConfig.from_pretrained(base_dir).text_config
+    for key in ("hidden_size", "num_hidden_layers"):
+        if config[key] != getattr(text, key):
+            raise AdapterError(
+                f"adapter was trained on a base with {key}={config[key]} (base_model {config.get('base_model')!r}), "
+                f"but {base_dir!r} has {key}={getattr(text, key)}: wrong base model for this adapter"
+            )
+
+
+def _load_adapter_weights(model: nn.Module, state: dict[str, torch.Tensor], adapter_dir: str, dtype: torch.dtype) -> None:
+    """Copy the adapter into exactly the parameters surgery made trainable; anything else is an error."""
+    params = {name: param for name, param in model.named_parameters() if param.requires_grad}
+    missing = sorted(set(params) - set(state))
+    unexpected = sorted(set(state) - set(params))
+    if missing or unexpected:
+        raise AdapterError(
+            f"adapter {adapter_dir!r} does not match the model its config describes: "
+            f"{len(missing)} missing tensors {missing[:3]}, {len(unexpected)} unexpected tensors {unexpected[:3]}"
+        )
+    wrong = [f"{n}: adapter {tuple(state[n].shape)} vs model {tuple(p.shape)}" for n, p in params.items() if state[n].shape != p.shape]
+    if wrong:
+        raise AdapterError(f"adapter {adapter_dir!r} has tensors of the wrong shape: {wrong[:3]}")
+    with torch.no_grad():
+        for name, param in params.items():
+            param.data = state[name].to(dtype=dtype).clone()
+
+
+def routing_context(model: nn.Module) -> RoutingContext:
+    """The shared routing context of a MoLE model (its ``stats()`` are the latest forward's, per layer)."""
+    for module in model.modules():
+        if isinstance(module, MoleMLP):
+            return module.context
+    raise ValueError("the model has no MoLE layers: load it with mole.load_model")
+
+
+def mole_layers(model: nn.Module) -> list[MoleMLP]:
+    return [module for module in model.modules() if isinstance(module, MoleMLP)]
+
+
+# ------------------------------------------------------------------------------------- prompts
+
+
+def prompt_text(turns: list[Turn], has_image: bool, tokenizer) -> str:
+    """A conversation ending with a user turn, rendered as in training, plus the generation prompt."""
+    if not turns or turns[-1].role != "user":
+        raise ValueError("a prompt must end with a user turn")
+    text, _ = render_conversation(turns, has_image, tokenizer)
+    messages = to_chat_messages(turns, has_image)
+    plain = tokenizer.apply_chat_template(messages, tokenize=False)
+    with_prompt = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    if not with_prompt.startswith(plain):
+        raise ValueError("the chat template's generation prompt is not a suffix of the conversation")
+    return text + with_prompt[len(plain) :]
+
+
+def question_turns(question: str, has_image: bool) -> list[Turn]:
+    """A single user question, with the image placeholder LLaVA data puts before it."""
+    return [Turn("user", f"{IMAGE_PLACEHOLDER}\n{question}" if has_image else question)]
+
+
+@dataclass
+class Prompt:
+    """One generation request: the conversation so far (ending with the user's question) and its image."""
+
+    turns: list[Turn]
+    image: Image.Image | None = None
+
+
+class PromptEncoder:
+    """Prompts -> a left-padded generation batch (``input_ids``, ``attention_mask``, ``pixel_values``).
+
+    Left padding keeps every prompt's last token in the last column, where ``generate`` appends.
+    """
+
+    def __init__(self, processor, image_aspect: str = "pad"):
+        from mole.data.stream import count_image_tokens
+
+        self.processor, self.tokenizer = processor, processor.tokenizer
+        self.image_aspect = image_aspect
+        self.image_token_id = self.tokenizer.convert_tokens_to_ids(processor.image_token)
+        self.num_image_tokens = count_image_tokens(processor)
+
+    def token_ids(self, prompt: Prompt) -> list[int]:
+        text = prompt_text(prompt.turns, prompt.image is not None, self.tokenizer)
+        ids: list[int] = []
+        for token in self.tokenizer(text, add_special_tokens=True)["input_ids"]:
+            ids += [token] * (self.num_image_tokens if token == self.image_token_id else 1)
+        if ids.count(self.image_token_id) != (self.num_image_tokens if prompt.image is not None else 0):
+            raise ValueError("a prompt needs exactly one image placeholder when it has an image, none otherwise")
+        return ids
+
+    def __call__(self, prompts: list[Prompt]) -> dict:
+        rows = [self.token_ids(prompt) for prompt in prompts]
+        length = max(len(row) for row in rows)
+        input_ids = torch.full((len(rows), length), self.tokenizer.pad_token_id, dtype=torch.long)
+        attention_mask = torch.zeros((len(rows), length), dtype=torch.long)
+        for i, row in enumerate(rows):
+            input_ids[i, length - len(row) :] = torch.tensor(row)
+            attention_mask[i, length - len(row) :] = 1
+        images = [
+            image_to_pixels(prompt.image.convert("RGB"), self.processor.image_processor, self.image_aspect)
+            for prompt in prompts
+            if prompt.image is not None
+        ]
+        pixel_values = torch.stack(images) if images else None
+        return {"input_ids": input_ids, "attention_mask": attention_mask, "pixel_values": pixel_values}
+
+
+@torch.no_grad()
+def generate_answers(
+    model: LlavaForConditionalGeneration,
+    processor,
+    prompts: list[Prompt],
+    max_new_tokens: int = 32,
+    batch_size: int = 8,
+    image_aspect: str = "pad",
+    encoder: PromptEncoder | None = None,
+) -> list[str]:
+    """Greedy answers, ``batch_size`` prompts per ``generate`` call (KV cache on), decoded without specials.
+
+    ``encoder`` (built from ``processor`` and ``image_aspect`` when not given) may be reused across calls.
+    """
+    encoder = encoder or PromptEncoder(processor, image_aspect)
+    device, dtype = model.device, model.dtype
+    answers: list[str] = []
+    for start in range(0, len(prompts), batch_size):
+        batch = encoder(prompts[start : start + batch_size])
+        images = {}  # generate() must not be handed pixel_values=None
+        if batch["pixel_values"] is not None:
+            images["pixel_values"] = batch["pixel_values"].to(device=device, dtype=dtype)
+        out = model.generate(
+            input_ids=batch["input_ids"].to(device),
+            attention_mask=batch["attention_mask"].to(device),
+            **images,
+            max_new_tokens=max_new_tokens,
+            do_sample=False,
+            use_cache=True,
+            pad_token_id=processor.tokenizer.pad_token_id,
+            eos_token_id=processor.tokenizer.eos_token_id,
+        )
+        new_tokens = out[:, batch["input_ids"].shape[1] :]
+        answers += [text.strip() for text in processor.tokenizer.batch_decode(new_tokens, skip_special_tokens=True)]
+    return answers
+
+
+def load_processor(base_dir: str):
+    return AutoProcessor.from_pretrained(base_dir)

@@ -1,0 +1,129 @@
+"""Routing analysis (counts, shares, NMI), heatmaps, and the evaluation CLI on trained tiny adapters."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import math
+import os
+
+import numpy as np
+import pytest
+import torch
+
+from mole.evaluate import expand_eval_shards
+from mole.experts import RoutingStats
+from mole.plots import routing_heatmap_array, routing_heatmap_png
+from mole.routing_analysis import domain_expert_counts, domain_expert_shares, normalized_mutual_information
+from tests.helpers import REPO, python, run_group
+
+
+def cli_env() -> dict:
+    """This checkout's mole first on the path (whichever mole is installed), one thread for the tiny model."""
+    path = os.pathsep.join(p for p in (str(REPO), os.environ.get("PYTHONPATH")) if p)
+    return {**os.environ, "PYTHONPATH": path, "OMP_NUM_THREADS": "1"}
+
+
+def test_nmi_is_one_when_each_domain_has_its_own_expert():
+    assert normalized_mutual_information(torch.diag(torch.tensor([5.0, 7.0, 9.0]))) == pytest.approx(1.0)
+    permuted = torch.tensor([[0.0, 4.0, 0.0], [0.0, 0.0, 3.0], [6.0, 0.0, 0.0]])
+    assert normalized_mutual_information(permuted) == pytest.approx(1.0), "expert labels are arbitrary"
+
+
+def test_nmi_is_zero_when_the_expert_says_nothing_about_the_domain():
+    same_mix = torch.tensor([[2.0, 1.0, 1.0], [4.0, 2.0, 2.0], [6.0, 3.0, 3.0]])
+    assert normalized_mutual_information(same_mix) == pytest.approx(0.0, abs=1e-12)
+    one_expert = torch.tensor([[5.0, 0.0], [3.0, 0.0]])
+    assert normalized_mutual_information(one_expert) == 0.0, "all tokens on one expert: no specialisation"
+    assert normalized_mutual_information(torch.zeros(3, 3)) == 0.0, "no tokens at all"
+
+
+def test_nmi_partial_value_checked_by_hand():
+    # p = [[.5, 0], [.25, .25]]: I = .5 ln(4/3) + .25 ln(2/3) + .25 ln 2; H(D) = ln 2; H(E) = H(.75, .25)
+    mutual = 0.5 * math.log(4 / 3) + 0.25 * math.log(2 / 3) + 0.25 * math.log(2)
+    h_expert = -(0.75 * math.log(0.75) + 0.25 * math.log(0.25))
+    expected = mutual / ((math.log(2) + h_expert) / 2)
+    got = normalized_mutual_information(torch.tensor([[2.0, 0.0], [1.0, 1.0]]))
+    assert got == pytest.approx(expected, rel=1e-9), f"NMI {got}, expected {expected} (about 0.3437)"
+
+
+def test_domain_expert_counts_sum_samples_by_domain_per_layer():
+    layer0 = RoutingStats(prob_sum=torch.zeros(3, 2), count=torch.tensor([[3.0, 1.0], [0.0, 2.0], [1.0, 1.0]]), tokens=torch.tensor([4.0, 2.0, 2.0]))
+    layer1 = RoutingStats(prob_sum=torch.zeros(3, 2), count=torch.tensor([[4.0, 0.0], [2.0, 0.0], [0.0, 2.0]]), tokens=torch.tensor([4.0, 2.0, 2.0]))
+    counts = domain_expert_counts([layer0, layer1], torch.tensor([0, 1, 0]), num_domains=3)
+    expected = torch.tensor([[[4.0, 2.0], [0.0, 2.0], [0.0, 0.0]], [[4.0, 2.0], [2.0, 0.0], [0.0, 0.0]]], dtype=torch.float64)
+    assert torch.equal(counts, expected), f"counts {counts.tolist()}"
+    shares = domain_expert_shares(counts)
+    assert torch.allclose(shares[0, 0], torch.tensor([2 / 3, 1 / 3], dtype=torch.float64)), shares[0, 0]
+    assert torch.equal(shares[:, 2], torch.zeros(2, 2, dtype=torch.float64)), "a domain without tokens has zero shares"
+
+
+def test_routing_heatmap_is_a_png_and_an_rgb_array():
+    shares = torch.tensor([[[0.9, 0.1], [0.2, 0.8]], [[0.5, 0.5], [0.0, 1.0]]])
+    png = routing_heatmap_png(shares, ["a", "b"], "test", nmi=[0.4, 0.3])
+    assert png[:8] == b"\x89PNG\r\n\x1a\n", "not a PNG"
+    image = routing_heatmap_array(shares, ["a", "b"], "test")
+    assert image.dtype == np.uint8 and image.ndim == 3 and image.shape[2] == 3, f"{image.dtype} {image.shape}"
+    assert image.std() > 0, "a blank image"
+    with pytest.raises(ValueError, match="2 domain rows but 3 domain names"):
+        routing_heatmap_png(shares, ["a", "b", "c"], "test")
+
+
+def launch_module(name: str):
+    """A ``launch/`` script as a module, to call its ``main(argv)`` in this process."""
+    spec = importlib.util.spec_from_file_location(f"launch_{name}", REPO / "launch" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def eval_args(adapter, out) -> list[str]:
+    return ["--adapter", str(adapter), "--out", str(out), "--max-samples", "3", "--max-new-tokens", "3"]
+
+
+@pytest.mark.parametrize("run, experts, in_process", [("lora", 1, True), ("scaled", 3, False)])
+def test_eval_cli_prints_per_domain_loss_accuracy_and_nmi(mode_runs, tmp_path, capsys, run, experts, in_process):
+    """The same command on a plain-LoRA and a MoLE adapter (one run in a real process, one via main())."""
+    args = eval_args(mode_runs[run] / "adapter", tmp_path / "eval")
+    if in_process:
+        threads = torch.get_num_threads()
+        torch.set_num_threads(1)
+        try:
+            code = launch_module("eval").main(args)
+        finally:
+            torch.set_num_threads(threads)
+        stdout, stderr = capsys.readouterr()
+    else:
+        proc = run_group([python(), str(REPO / "launch" / "eval.py"), *args], 120, env=cli_env())
+        code, stdout, stderr = proc.returncode, proc.stdout, proc.stderr
+    assert code == 0, stderr[-3000:]
+    rows = {line.split()[0]: line.split() for line in stdout.splitlines() if line.strip()}
+    for domain in ("shapes", "charts", "tissue", "all"):
+        assert domain in rows, f"no table row for {domain}:\n{stdout}"
+        samples, loss, accuracy = int(rows[domain][1]), float(rows[domain][3]), float(rows[domain][4])
+        assert samples == (9 if domain == "all" else 3), f"{domain}: {samples} samples, expected 3 per domain"
+        assert 0 < loss < 20 and 0 <= accuracy <= 1, f"{domain}: loss {loss}, accuracy {accuracy}"
+    assert f"routing: K={experts}, NMI" in stdout, stdout
+    metrics = json.loads((tmp_path / "eval" / "metrics.json").read_text())
+    nmi = metrics["routing"]["nmi_per_layer"]
+    assert len(nmi) == 2 and all(0 <= v <= 1 for v in nmi), f"per-layer NMI {nmi}"
+    shares = torch.tensor(metrics["routing"]["shares"])
+    assert shares.shape == (2, 3, experts), f"shares shape {tuple(shares.shape)}"
+    assert torch.allclose(shares.sum(-1), torch.ones(2, 3, dtype=shares.dtype)), "each domain's shares should sum to 1"
+    predictions = (tmp_path / "eval" / "predictions.jsonl").read_text().splitlines()
+    assert len(predictions) == metrics["overall"]["questions"] >= 9, f"{len(predictions)} predictions"
+    if experts == 1:
+        assert nmi == [0.0, 0.0], "one expert carries no domain information"
+        assert not (tmp_path / "eval" / "routing.png").exists(), "no heatmap for plain LoRA"
+    else:
+        assert (tmp_path / "eval" / "routing.png").read_bytes()[:4] == b"\x89PNG", "routing heatmap missing"
+
+
+def test_eval_shards_expand_globs_and_braces_and_name_a_missing_pattern(tmp_path):
+    for name in ("test-000000.tar", "test-000001.tar"):
+        (tmp_path / name).write_bytes(b"")
+    by_glob = expand_eval_shards("d", str(tmp_path / "test-*.tar"))
+    by_brace = expand_eval_shards("d", str(tmp_path / "test-{000000..000001}.tar"))
+    assert by_glob.urls == by_brace.urls == [str(tmp_path / "test-000000.tar"), str(tmp_path / "test-000001.tar")], by_glob.urls
+    with pytest.raises(FileNotFoundError, match="eval domain 'nowhere'.*matches no file"):
+        expand_eval_shards("nowhere", str(tmp_path / "val-*.tar"))

@@ -1,0 +1,116 @@
+"""Exports: peft (K=1) loads in PeftModel with our logits, merged, and mole from a DeepSpeed checkpoint."""
+
+from __future__ import annotations
+
+import importlib.util
+import io
+import json
+import tarfile
+
+import pytest
+import torch
+from peft import PeftModel
+from PIL import Image
+from safetensors.torch import load_file
+from transformers import LlavaForConditionalGeneration
+
+from mole.adapter import AdapterError, load_adapter
+from mole.export import export_merged, export_mole, export_peft
+from mole.inference import Prompt, PromptEncoder, load_model, load_processor, question_turns
+from tests.helpers import REPO
+
+BASE = REPO / "models" / "tiny-llava"
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def inputs():
+    """A left-padded batch: an image question and a text-only one."""
+    with tarfile.open(REPO / "data_shards" / "charts" / "test-000000.tar") as tar:
+        jpg = next(tar.extractfile(m).read() for m in tar.getmembers() if m.name.endswith(".jpg"))
+    prompts = [
+        Prompt(question_turns("What color is the main object?", True), Image.open(io.BytesIO(jpg)).convert("RGB")),
+        Prompt(question_turns("How many objects are there?", False)),
+    ]
+    return PromptEncoder(load_processor(str(BASE)))(prompts)
+
+
+@pytest.fixture(scope="module")
+def mole_logits(mode_runs, inputs):
+    model = load_model(str(BASE), str(mode_runs["lora"] / "adapter"))
+    with torch.no_grad():
+        return model(**inputs).logits
+
+
+def logits_of(model, inputs):
+    with torch.no_grad():
+        return model.eval()(**inputs).logits
+
+
+def test_peft_export_loads_in_peftmodel_with_our_logits(mode_runs, tmp_path, inputs, mole_logits):
+    export_peft(str(mode_runs["lora"] / "adapter"), str(tmp_path / "peft"))
+    config = json.loads((tmp_path / "peft" / "adapter_config.json").read_text())
+    assert config["peft_type"] == "LORA" and config["modules_to_save"] == ["multi_modal_projector"], config
+    peft_model = PeftModel.from_pretrained(LlavaForConditionalGeneration.from_pretrained(BASE), str(tmp_path / "peft"))
+    real = inputs["attention_mask"].bool()
+    diff = (logits_of(peft_model, inputs) - mole_logits)[real].abs().max().item()
+    assert diff < 1e-4, f"peft logits differ from mole.load_model by {diff}"
+    base_diff = (logits_of(LlavaForConditionalGeneration.from_pretrained(BASE), inputs) - mole_logits)[real].abs().max().item()
+    assert base_diff > 1e-2, f"the adapter barely changes the logits ({base_diff}): is anything loaded?"
+    projector = load_file(str(tmp_path / "peft" / "adapter_model.safetensors"))
+    assert "base_model.model.model.multi_modal_projector.linear_1.weight" in projector, "trained projector not exported"
+
+
+def test_merged_export_is_a_plain_llava_directory_with_our_logits(mode_runs, tmp_path, inputs, mole_logits):
+    export_merged(str(mode_runs["lora"] / "adapter"), str(tmp_path / "merged"))
+    assert (tmp_path / "merged" / "processor_config.json").exists(), "the processor should be saved with the model"
+    merged = LlavaForConditionalGeneration.from_pretrained(tmp_path / "merged")
+    real = inputs["attention_mask"].bool()
+    diff = (logits_of(merged, inputs) - mole_logits)[real].abs().max().item()
+    assert diff < 1e-4, f"merged logits differ from mole.load_model by {diff}"
+    assert not any("lora" in name for name, _ in merged.named_parameters()), "LoRA modules left after merging"
+
+
+def test_peft_export_of_experts_explains_in_one_line_and_points_to_mole_format(mode_runs, tmp_path, capsys):
+    spec = importlib.util.spec_from_file_location("launch_export", REPO / "launch" / "export.py")
+    export_cli = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(export_cli)
+    code = export_cli.main(["--adapter", str(mode_runs["scaled"] / "adapter"), "--format", "peft", "--out", str(tmp_path / "out")])
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert code == 2, f"exit {code}"
+    assert len(lines) == 1 and "--format mole" in lines[0] and "K=3" in lines[0], lines
+    assert not (tmp_path / "out").exists(), "nothing should be written"
+
+
+def test_mole_export_from_deepspeed_checkpoint_equals_the_saved_adapter(mode_runs, tmp_path):
+    """The trainer saves its last checkpoint and the adapter at the same step: consolidating one must give the other."""
+    run = mode_runs["scaled"]
+    checkpoint = next((run / "checkpoints").glob("step_*"))
+    export_mole(str(checkpoint), str(tmp_path / "from_checkpoint"))
+    consolidated, config = load_adapter(str(tmp_path / "from_checkpoint"))
+    saved, saved_config = load_adapter(str(run / "adapter"))
+    assert sorted(consolidated) == sorted(saved), "consolidated tensors are not the adapter's"
+    for name, tensor in saved.items():
+        assert torch.equal(consolidated[name], tensor.float()), f"{name} differs after consolidation"
+    assert config == saved_config, "the config rebuilt from config.yaml differs from the saved mole_config.json"
+    model = load_model(str(BASE), str(tmp_path / "from_checkpoint"))
+    assert model is not None
+
+
+def test_mole_export_refuses_weights_the_config_does_not_describe(mode_runs, tmp_path):
+    import shutil
+
+    adapter = tmp_path / "adapter"
+    shutil.copytree(mode_runs["scaled"] / "adapter", adapter)
+    config = json.loads((adapter / "mole_config.json").read_text())
+    config["num_experts"] = 2
+    (adapter / "mole_config.json").write_text(json.dumps(config))
+    with pytest.raises(AdapterError, match="expected K=2"):
+        export_mole(str(adapter), str(tmp_path / "out"))

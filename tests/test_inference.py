@@ -1,0 +1,202 @@
+"""Loading a trained adapter onto its base, strict mismatch errors, prompts, batched KV-cache generation."""
+
+from __future__ import annotations
+
+import importlib.util
+import io
+import json
+import os
+import shutil
+import tarfile
+
+import pytest
+import torch
+from PIL import Image
+from safetensors.torch import load_file, save_file
+from transformers import LlavaForConditionalGeneration
+
+from mole.adapter import AdapterError
+from mole.data.conversation import parse_conversation
+from mole.data.stream import SampleProcessor
+from mole.experts import MoleMLP
+from mole.inference import Prompt, PromptEncoder, generate_answers, load_model, load_processor, question_turns, routing_context
+from tests.helpers import REPO, python, run_group
+
+BASE = REPO / "models" / "tiny-llava"
+
+
+def cli_env() -> dict:
+    """This checkout's mole first on the path (whichever mole is installed), one thread for the tiny model."""
+    path = os.pathsep.join(p for p in (str(REPO), os.environ.get("PYTHONPATH")) if p)
+    return {**os.environ, "PYTHONPATH": path, "OMP_NUM_THREADS": "1"}
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """Tiny matmuls run far faster on one thread on a busy 2-core machine."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def processor():
+    return load_processor(str(BASE))
+
+
+@pytest.fixture(scope="module")
+def mole_model(mode_runs):
+    return load_model(str(BASE), str(mode_runs["scaled"] / "adapter"))
+
+
+def shard_samples(domain: str, count: int) -> list[dict]:
+    """The first ``count`` samples of a bundled test shard, as member -> bytes dicts."""
+    samples: dict[str, dict] = {}
+    with tarfile.open(REPO / "data_shards" / domain / "test-000000.tar") as tar:
+        for member in tar.getmembers():
+            key, ext = member.name.split(".", 1)
+            samples.setdefault(key, {"__key__": key})[ext] = tar.extractfile(member).read()
+    return list(samples.values())[:count]
+
+
+def prompts_of(raws: list[dict]) -> list[Prompt]:
+    prompts = []
+    for raw in raws:
+        turns, _ = parse_conversation(raw["json"])
+        image = Image.open(io.BytesIO(raw["jpg"])).convert("RGB") if "jpg" in raw else None
+        prompts.append(Prompt(turns[:1], image))
+    return prompts
+
+
+def test_load_model_rebuilds_experts_with_the_saved_weights_in_eval_mode(mode_runs, mole_model):
+    assert isinstance(mole_model, LlavaForConditionalGeneration)
+    assert not mole_model.training, "load_model must return an eval-mode model"
+    layers = [m for m in mole_model.modules() if isinstance(m, MoleMLP)]
+    assert [m.num_experts for m in layers] == [3, 3], "expected two MoLE layers with 3 experts"
+    saved = load_file(str(mode_runs["scaled"] / "adapter" / "adapter.safetensors"))
+    params = dict(mole_model.named_parameters())
+    for name, tensor in saved.items():
+        assert torch.equal(params[name].detach(), tensor), f"{name} differs from the adapter file"
+    assert not any(p.requires_grad for p in mole_model.parameters()), "an inference model should be frozen"
+
+
+def test_plain_lora_adapter_loads_as_single_expert_layers(mode_runs):
+    model = load_model(str(BASE), str(mode_runs["lora"] / "adapter"))
+    layers = [m for m in model.modules() if isinstance(m, MoleMLP)]
+    assert layers and all(m.num_experts == 1 and m.router is None for m in layers), "K=1 should have no router"
+
+
+def broken_copy(source, tmp_path, edit_config=None, edit_state=None):
+    target = tmp_path / "adapter"
+    shutil.copytree(source, target)
+    if edit_config:
+        config = json.loads((target / "mole_config.json").read_text())
+        edit_config(config)
+        (target / "mole_config.json").write_text(json.dumps(config))
+    if edit_state:
+        state = load_file(str(target / "adapter.safetensors"))
+        edit_state(state)
+        save_file(state, str(target / "adapter.safetensors"))
+    return target
+
+
+def _drop_router(state):
+    del state["model.language_model.layers.1.mlp.router.weight"]
+
+
+def _add_extra(state):
+    state["model.language_model.layers.0.mlp.extra"] = torch.zeros(2)
+
+
+def _smaller_rank(state):
+    key = "model.language_model.layers.0.mlp.experts.up_proj.lora_A"
+    state[key] = state[key][:, :8].contiguous()
+
+
+@pytest.mark.parametrize(
+    "edit_config, edit_state, message",
+    [
+        (lambda c: c.update(hidden_size=128), None, "hidden_size=128"),
+        (lambda c: c.update(num_hidden_layers=4), None, "num_hidden_layers=4"),
+        (lambda c: c.update(format_version=99), None, "format_version 99"),
+        (None, _drop_router, "1 missing tensors ['model.language_model.layers.1.mlp.router.weight']"),
+        (None, _add_extra, "1 unexpected tensors ['model.language_model.layers.0.mlp.extra']"),
+        (None, _smaller_rank, "wrong shape"),
+    ],
+    ids=["hidden_size", "layers", "format_version", "missing", "unexpected", "shape"],
+)
+def test_mismatched_adapter_gives_a_clear_error(mode_runs, tmp_path, edit_config, edit_state, message):
+    adapter = broken_copy(mode_runs["scaled"] / "adapter", tmp_path, edit_config, edit_state)
+    with pytest.raises(AdapterError) as error:
+        load_model(str(BASE), str(adapter))
+    assert message in str(error.value), f"error does not say {message!r}: {error.value}"
+
+
+def test_prompt_tokens_are_the_training_tokens_up_to_the_answer(processor):
+    """The question as generation sees it is token for token what training saw before the answer."""
+    training = SampleProcessor(processor, 256, "pad")
+    encoder = PromptEncoder(processor)
+    multi_turn = [raw for raw in shard_samples("shapes", 40) if len(parse_conversation(raw["json"])[0]) > 2]
+    assert multi_turn, "the shapes test shard should hold a multi-turn sample"
+    for raw in [shard_samples("charts", 1)[0], multi_turn[0]]:
+        turns, _ = parse_conversation(raw["json"])
+        example = training(raw)
+        image = Image.open(io.BytesIO(raw["jpg"])).convert("RGB")
+        for end in range(1, len(turns), 2):
+            ids = encoder.token_ids(Prompt(turns[:end], image))
+            assert example["input_ids"][: len(ids)] == ids, f"{raw['__key__']} turn {end}: prompt is not a prefix of the training ids"
+            assert example["labels"][len(ids)] != -100, "the first token after the prompt should be an answer token"
+
+
+def test_batched_left_padded_generation_equals_one_by_one_and_no_cache(mole_model, processor):
+    prompts = prompts_of(shard_samples("tissue", 2)) + [Prompt(question_turns("Is there a blue object?", False))]
+    batched = generate_answers(mole_model, processor, prompts, max_new_tokens=4, batch_size=3)
+    single = [generate_answers(mole_model, processor, [p], max_new_tokens=4)[0] for p in prompts]
+    assert batched == single, f"batched {batched} vs one by one {single}"
+    batch = PromptEncoder(processor)(prompts)
+    cached = mole_model.generate(**batch, max_new_tokens=4, do_sample=False, use_cache=True)
+    uncached = mole_model.generate(**batch, max_new_tokens=4, do_sample=False, use_cache=False)
+    assert torch.equal(cached, uncached), "KV-cache generation differs from recomputing the whole sequence"
+
+
+def test_routing_with_kv_cache_counts_only_real_tokens(mole_model, processor):
+    """Prefill routes each prompt's own tokens (left padding excluded); each decode step one token per row."""
+    prompts = prompts_of(shard_samples("charts", 1)) + [Prompt(question_turns("Is there a blue object?", False))]
+    batch = PromptEncoder(processor)(prompts)
+    lengths = batch["attention_mask"].sum(dim=1).float()
+    assert lengths[0] != lengths[1], "the test needs prompts of different lengths"
+    context, seen = routing_context(mole_model), []
+    handle = mole_model.register_forward_hook(lambda *_: seen.append([s.tokens.clone() for s in context.stats()]))
+    try:
+        mole_model.generate(**batch, max_new_tokens=3, do_sample=False, use_cache=True)
+    finally:
+        handle.remove()
+    assert len(seen) == 3, f"{len(seen)} forwards for 3 new tokens"
+    for layer_tokens in seen[0]:
+        assert torch.equal(layer_tokens, lengths), f"prefill routed {layer_tokens.tolist()} tokens, prompts have {lengths.tolist()}"
+    for step in seen[1:]:
+        for layer_tokens in step:
+            assert torch.equal(layer_tokens, torch.ones(2)), f"a decode step routed {layer_tokens.tolist()} tokens"
+
+
+def test_infer_cli_answers_one_question_and_a_jsonl_batch(mode_runs, tmp_path, capsys):
+    """The single question in a real process, the JSONL batch through main() in this one."""
+    raw = shard_samples("shapes", 1)[0]
+    (tmp_path / "q.jpg").write_bytes(raw["jpg"])
+    (tmp_path / "questions.jsonl").write_text(
+        json.dumps({"image": "q.jpg", "prompt": "What color is the main object?"}) + "\n" + json.dumps({"prompt": "How many objects are there?"}) + "\n"
+    )
+    args = ["--adapter", str(mode_runs["scaled"] / "adapter"), "--base", str(BASE), "--max-new-tokens", "4"]
+    single = run_group([python(), str(REPO / "launch" / "infer.py"), *args, "--image", str(tmp_path / "q.jpg"),
+                        "--prompt", "What color is the main object?"], 120, env=cli_env())
+    assert single.returncode == 0, single.stderr[-2000:]
+    answer = single.stdout.strip().splitlines()[-1] if single.stdout.strip() else ""
+    spec = importlib.util.spec_from_file_location("launch_infer", REPO / "launch" / "infer.py")
+    infer = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(infer)
+    assert infer.main([*args, "--jsonl", str(tmp_path / "questions.jsonl"), "--out", str(tmp_path / "answers.jsonl")]) == 0, capsys.readouterr().err
+    answers = [json.loads(line) for line in (tmp_path / "answers.jsonl").read_text().splitlines()]
+    assert [a["prompt"] for a in answers] == ["What color is the main object?", "How many objects are there?"], answers
+    assert all(isinstance(a["answer"], str) for a in answers), answers
+    assert answers[0]["answer"] == answer, f"the same question answered differently: {answers[0]['answer']!r} vs {answer!r}"

@@ -1,0 +1,106 @@
+"""launch/make_shards.py on a small LLaVA-format JSON and image folder written by the test."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+from PIL import Image
+from transformers import AutoProcessor
+
+from mole.data.errors import BadSample
+from mole.data.shards import expand_shards, read_shard
+from mole.data.stream import SampleProcessor
+from tests.helpers import REPO
+
+
+def turns(*pairs) -> list[dict]:
+    out = []
+    for question, answer in pairs:
+        out += [{"from": "human", "value": question}, {"from": "gpt", "value": answer}]
+    return out
+
+
+@pytest.fixture(scope="module")
+def llava_json(tmp_path_factory):
+    """Entries like llava_v1_5_mix665k.json: sources coco/gqa/ocr_vqa, text-only ones, int and str ids, bad ones."""
+    root = tmp_path_factory.mktemp("llava")
+    images = root / "images"
+    for rel, fmt in [("coco/train2017/a.jpg", "JPEG"), ("coco/train2017/b.jpg", "JPEG"), ("gqa/images/c.png", "PNG")]:
+        (images / rel).parent.mkdir(parents=True, exist_ok=True)
+        Image.new("RGB", (48, 32), (10, 200, 30)).save(images / rel, format=fmt)
+    (images / "vg").mkdir()
+    (images / "vg" / "broken.jpg").write_bytes(b"not an image")
+    (images / "vg" / "anim.gif").write_bytes(b"GIF89a")
+    entries = [
+        {"id": "000000033471", "image": "coco/train2017/a.jpg",
+         "conversations": turns(("<image>\nWhat is this?", "A field."), ("Is it green?", "Yes."))},
+        {"id": 17, "image": "coco/train2017/b.jpg", "conversations": turns(("What color?\n<image>", "Green."))},
+        {"id": "gqa_1", "image": "gqa/images/c.png", "conversations": turns(("<image>\nAny animals?", "No."))},
+        {"id": "sharegpt_1", "conversations": turns(("Say hi in French.", "Bonjour."), ("And in German?", "Hallo."))},
+        {"id": 99, "conversations": turns(("2+2?", "4"))},
+        # bad ones: reason expected in skipped.jsonl
+        {"id": "missing", "image": "ocr_vqa/images/nope.jpg", "conversations": turns(("<image>\nTitle?", "X"))},
+        {"id": "broken", "image": "vg/broken.jpg", "conversations": turns(("<image>\nWhat?", "Y"))},
+        {"id": "gif", "image": "vg/anim.gif", "conversations": turns(("<image>\nWhat?", "Y"))},
+        {"id": "escape", "image": "../outside.jpg", "conversations": turns(("<image>\nWhat?", "Y"))},
+        {"id": "no_image", "conversations": turns(("<image>\nWhat is shown?", "Z"))},
+        {"id": "no_answer", "conversations": [{"from": "human", "value": "hello"}]},
+        {"id": "no_conversations"},
+        ["not", "an", "entry"],
+    ]
+    path = root / "llava.json"
+    path.write_text(json.dumps(entries))
+    return path, images
+
+
+EXPECTED_SKIPS = {"image_missing_file": 1, "broken_image": 1, "unsupported_image_type": 1, "bad_image_path": 1,
+                  "image_missing": 1, "no_answer": 1, "no_conversations": 1, "wrong_type": 1}
+
+
+def make_shards(*args) -> subprocess.CompletedProcess:
+    env = {**os.environ, "PYTHONPATH": str(REPO)}  # this checkout's mole, whatever is pip-installed
+    proc = subprocess.run([sys.executable, str(REPO / "launch" / "make_shards.py"), *map(str, args)],
+                          capture_output=True, text=True, env=env, cwd=REPO, timeout=120)
+    assert proc.returncode == 0, f"make_shards failed:\n{proc.stdout}\n{proc.stderr}"
+    return proc
+
+
+def test_make_shards_splits_by_source_skips_bad_entries_and_the_loader_reads_every_sample(llava_json, tmp_path):
+    json_path, images = llava_json
+    out = tmp_path / "shards"
+    proc = make_shards("--json", json_path, "--images", images, "--out", out, "--split-by", "source", "--max-count", 1)
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert {name: s["samples"] for name, s in manifest["sources"].items()} == {"coco": 2, "gqa": 1, "text": 2}, manifest
+    assert manifest["sources"]["coco"]["shards"] == 2, "--max-count 1 must give one shard per sample"
+    assert manifest["skipped_by_reason"] == EXPECTED_SKIPS, manifest["skipped_by_reason"]
+    skipped = [json.loads(line) for line in (out / "skipped.jsonl").read_text().splitlines()]
+    assert {r["id"] for r in skipped if r["id"] is not None} >= {"missing", "broken", "gif", "escape", "no_image"}, skipped
+    assert "5 of 13 entries written" in proc.stdout, proc.stdout
+
+    processor = AutoProcessor.from_pretrained(REPO / "models" / "tiny-llava")
+    process = SampleProcessor(processor, 256, "pad")
+    ids = {}
+    for name, source in manifest["sources"].items():
+        urls = expand_shards(name, source["pattern"])
+        assert len(urls) == source["shards"] and all(u.startswith(str(out / name)) for u in urls), urls
+        for item in (i for url in urls for i in read_shard(url)):
+            assert not isinstance(item, BadSample), f"{name}: a written sample does not load: {item}"
+            example = process(item)
+            ids[json.loads(item["json"])["id"]] = (name, example["pixel_values"] is not None)
+    assert ids == {"000000033471": ("coco", True), 17: ("coco", True), "gqa_1": ("gqa", True),
+                   "sharegpt_1": ("text", False), 99: ("text", False)}, ids
+
+
+def test_make_shards_without_split_writes_one_shard_set(llava_json, tmp_path):
+    from mole.data.convert import convert
+
+    json_path, images = llava_json
+    manifest = convert(json_path, images, tmp_path / "all", progress=False)
+    assert manifest["sources"] == {"all": {"samples": 5, "shards": 1, "pattern": str(tmp_path / "all" / "shard-{000000..000000}.tar")}}
+    first = (tmp_path / "all" / "shard-000000.tar").read_bytes()
+    convert(json_path, images, tmp_path / "again", progress=False)
+    assert (tmp_path / "again" / "shard-000000.tar").read_bytes() == first, "conversion must be byte-for-byte reproducible"
