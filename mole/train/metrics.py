@@ -172,7 +172,7 @@ class StepMetrics:
         self.routing.zero_()
         if self.writer is not None:
             image = routing_heatmap_array(domain_expert_shares(routing), self.domain_names,
-                                          f"share of each domain's tokens per expert, steps up to {step}",
+                                          f"share of each domain's tokens per expert since the previous image, step {step}",
                                           nmi=layer_nmi(routing))
             self.writer.add_image("moe/routing", image, step, dataformats="HWC")
             self.writer.flush()
