@@ -15,6 +15,12 @@ properties make it safe under ZeRO-3 all the same, and are part of its contract:
   tokens simply runs on an empty slice (its gradient slice is zero, never ``None``).
 * Routing statistics are *overwritten* on each forward, never accumulated, so re-running a forward
   under gradient checkpointing does not count tokens twice.
+
+Sparse compute: tokens are sorted by expert once per layer (a permutation whose backward is a gather),
+then each projection adds its experts' deltas in place onto the frozen output, with the token weights
+and the LoRA scaling applied to the rank-r intermediate. The per-expert matmuls run either as a loop
+over host-side counts (one ``.tolist()`` per layer; CPU and older GPUs) or as ``torch._grouped_mm``
+over device-side offsets (bf16 on Hopper+, no host sync). ``docs/performance.md`` has the numbers.
 """
 
 from __future__ import annotations
@@ -34,12 +40,15 @@ class Routes:
     """How one MoLE forward dispatches tokens, shared by the gate/up/down expert banks.
 
     Sparse modes (``hard``/``scaled``) pass tokens *sorted by expert*: ``counts[e]`` consecutive
-    rows belong to expert ``e``. ``token_weights`` (sorted like the tokens) scales each token's
-    delta (``scaled``); ``None`` adds it unscaled (``hard``, plain LoRA). Dense mode passes tokens in
-    their original order with ``dense_weights`` (tokens, K), the softmax over experts.
+    rows belong to expert ``e`` (on the host), or, on the grouped-GEMM path, ``offsets`` holds the same
+    split on the device (int32 cumulative ends) so the host never waits for the routing.
+    ``token_weights`` (sorted like the tokens) scales each token's delta (``scaled``); ``None`` adds it
+    unscaled (``hard``, plain LoRA). Dense mode passes tokens in their original order with
+    ``dense_weights`` (tokens, K), the softmax over experts.
     """
 
     counts: list[int] | None = None
+    offsets: torch.Tensor | None = None  # (K,) int32
     token_weights: torch.Tensor | None = None  # (tokens,)
     dense_weights: torch.Tensor | None = None  # (tokens, K)
 
@@ -84,7 +93,9 @@ class LoraExperts(nn.Module):
     """K LoRA adapters (A: in -> r, B: r -> out) for one frozen linear projection.
 
     Initialised as peft initialises LoRA (A Kaiming-uniform, B zero), so training starts at the
-    base model. Returns only the LoRA *delta*; the caller adds the frozen projection's output.
+    base model. Called with the frozen projection's output ``base``, it returns ``base`` plus the LoRA
+    delta, added *in place* (``base`` must not be needed by anything else: a linear layer's output is
+    not); without ``base`` it returns the delta alone.
     """
 
     def __init__(self, in_features: int, out_features: int, num_experts: int, r: int, alpha: float, dropout: float):
@@ -96,17 +107,17 @@ class LoraExperts(nn.Module):
             nn.init.kaiming_uniform_(self.lora_A.data[expert], a=math.sqrt(5))
         self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
 
-    def forward(self, x: torch.Tensor, routes: Routes) -> torch.Tensor:  # x: (tokens, in)
-        x = self.dropout(x)
+    def forward(self, x: torch.Tensor, routes: Routes, base: torch.Tensor | None = None) -> torch.Tensor:
+        x = self.dropout(x)  # (tokens, in)
         if routes.dense_weights is not None:
-            return self._dense(x, routes.dense_weights)
-        pieces = x.split(routes.counts)
-        delta = torch.cat(
-            [(piece @ self.lora_A[e].t()) @ self.lora_B[e].t() for e, piece in enumerate(pieces)]
-        )  # (tokens, out)
-        if routes.token_weights is not None:
-            delta = delta * routes.token_weights.unsqueeze(-1)
-        return delta * self.scaling
+            delta = self._dense(x, routes.dense_weights)
+            return delta if base is None else base + delta
+        if base is None:
+            base = x.new_zeros(x.shape[0], self.lora_B.shape[1])
+        if routes.offsets is not None:
+            lora_a, lora_b = _aligned(self.lora_A), _aligned(self.lora_B)
+            return _GroupedLora.apply(_aligned(x), base, lora_a, lora_b, routes.token_weights, routes.offsets, self.scaling)
+        return _SortedLora.apply(x, base, self.lora_A, self.lora_B, routes.token_weights, routes.counts, self.scaling)
 
     def _dense(self, x: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
         """sum_e w_e * B_e A_e x, as two matmuls: every expert on every token (K x the LoRA cost)."""
@@ -114,6 +125,131 @@ class LoraExperts(nn.Module):
         xa = torch.einsum("ti,kri->tkr", x, self.lora_A) * weights.unsqueeze(-1)  # (tokens, K, r)
         b_stacked = self.lora_B.permute(0, 2, 1).reshape(num_experts * r, out_features)  # (K*r, out)
         return (xa.reshape(x.shape[0], num_experts * r) @ b_stacked) * self.scaling
+
+
+class _SortedLora(torch.autograd.Function):
+    """``base + scaling * w_t * B_e A_e x_t`` for tokens sorted by expert, with hand-written backward.
+
+    Expert ``e`` owns rows ``[start_e, start_e + counts[e])``. Every matmul writes its result straight
+    into its rows of one preallocated tensor (``torch.mm(out=...)`` / ``addmm_``), and the token
+    weights and scaling are applied to the rank-r intermediate, not to the (tokens, out) delta, so no
+    pass over a (tokens, out) tensor is spent on concatenation, scaling or the residual add, and the
+    stacked weights' gradients are written per expert with no zero-filled (K, ...) intermediates.
+    An expert with no tokens gets an exact zero gradient (a matmul over an empty slice).
+    """
+
+    @staticmethod
+    def forward(ctx, x, base, lora_a, lora_b, token_weights, counts, scaling):
+        # x: (tokens, in) sorted by expert; base: (tokens, out); lora_a: (K, r, in); lora_b: (K, out, r)
+        slices = _slices(counts)
+        h = x.new_empty(x.shape[0], lora_a.shape[1])  # (tokens, r)
+        for e, rows in enumerate(slices):
+            torch.mm(x[rows], lora_a[e].t(), out=h[rows])
+        scale = scaling if token_weights is None else (token_weights * scaling).unsqueeze(-1)  # (tokens, 1)
+        hs = h * scale
+        for e, rows in enumerate(slices):
+            base[rows].addmm_(hs[rows], lora_b[e].t())
+        ctx.mark_dirty(base)
+        ctx.slices, ctx.scaling, ctx.weighted = slices, scaling, token_weights is not None
+        ctx.save_for_backward(x, h, hs, lora_a, lora_b, scale if ctx.weighted else None)
+        return base
+
+    @staticmethod
+    def backward(ctx, grad):  # grad: (tokens, out)
+        x, h, hs, lora_a, lora_b, scale = ctx.saved_tensors
+        grad = grad.contiguous()
+        need_x, _, need_a, need_b, need_w = ctx.needs_input_grad[:5]
+        grad_hs = grad.new_empty(h.shape)  # (tokens, r)
+        grad_b = torch.empty_like(lora_b) if need_b else None
+        for e, rows in enumerate(ctx.slices):
+            torch.mm(grad[rows], lora_b[e], out=grad_hs[rows])
+            if need_b:
+                torch.mm(grad[rows].t(), hs[rows], out=grad_b[e])
+        grad_h = grad_hs * (scale if ctx.weighted else ctx.scaling)
+        grad_w = (grad_hs * h).sum(-1) * ctx.scaling if need_w else None
+        grad_a = torch.empty_like(lora_a) if need_a else None
+        grad_x = torch.empty_like(x) if need_x else None
+        for e, rows in enumerate(ctx.slices):
+            if need_a:
+                torch.mm(grad_h[rows].t(), x[rows], out=grad_a[e])
+            if need_x:
+                torch.mm(grad_h[rows], lora_a[e], out=grad_x[rows])
+        return grad_x, grad, grad_a, grad_b, grad_w, None, None
+
+
+class _GroupedLora(torch.autograd.Function):
+    """:class:`_SortedLora` with each per-expert loop replaced by one ``torch._grouped_mm`` over the
+    device-side ``offsets``: 2 + 4 kernels per projection instead of 2K + 4K, and no host sync.
+
+    A grouped GEMM need not write the weight gradient of a group with no rows, so those experts'
+    gradients are zeroed explicitly (a masked fill, which also clears NaN garbage).
+    """
+
+    @staticmethod
+    def forward(ctx, x, base, lora_a, lora_b, token_weights, offsets, scaling):
+        h = torch._grouped_mm(x, lora_a.transpose(1, 2), offs=offsets)  # (tokens, r)
+        scale = scaling if token_weights is None else (token_weights * scaling).unsqueeze(-1)
+        hs = h * scale
+        base.add_(torch._grouped_mm(hs, lora_b.transpose(1, 2), offs=offsets))
+        ctx.mark_dirty(base)
+        ctx.scaling, ctx.weighted = scaling, token_weights is not None
+        ctx.save_for_backward(x, h, hs, lora_a, lora_b, offsets, scale if ctx.weighted else None)
+        return base
+
+    @staticmethod
+    def backward(ctx, grad):  # grad: (tokens, out)
+        x, h, hs, lora_a, lora_b, offsets, scale = ctx.saved_tensors
+        grad = _aligned(grad.contiguous())
+        need_x, _, need_a, need_b, need_w = ctx.needs_input_grad[:5]
+        empty = torch.diff(offsets, prepend=offsets.new_zeros(1)) == 0  # (K,) experts without tokens
+        grad_hs = torch._grouped_mm(grad, lora_b, offs=offsets)  # (tokens, r)
+        grad_b = torch._grouped_mm(grad.t(), hs, offs=offsets).masked_fill_(empty.view(-1, 1, 1), 0) if need_b else None
+        grad_h = grad_hs * (scale if ctx.weighted else ctx.scaling)
+        grad_w = (grad_hs * h).sum(-1) * ctx.scaling if need_w else None
+        grad_a = torch._grouped_mm(grad_h.t(), x, offs=offsets).masked_fill_(empty.view(-1, 1, 1), 0) if need_a else None
+        grad_x = torch._grouped_mm(grad_h, lora_a, offs=offsets) if need_x else None
+        return grad_x, grad, grad_a, grad_b, grad_w, None, None
+
+
+def _aligned(t: torch.Tensor) -> torch.Tensor:
+    """``t``, or a fresh copy where its data is not 16-byte aligned, as ``torch._grouped_mm`` requires
+    (ZeRO-3 gathers a parameter into a flat buffer at whatever offset it has there)."""
+    return t if t.data_ptr() % 16 == 0 else t.clone()
+
+
+def grouped_mm_supported(x: torch.Tensor, *widths: int) -> bool:
+    """Whether ``torch._grouped_mm`` runs natively here: bf16 on a Hopper-or-newer GPU and every matrix
+    width a multiple of 8 (16-byte rows); misaligned operands are copied (:func:`_aligned`)."""
+    return (
+        hasattr(torch, "_grouped_mm")
+        and x.is_cuda
+        and x.dtype == torch.bfloat16
+        and torch.cuda.get_device_capability(x.device) >= (9, 0)
+        and all(w % 8 == 0 for w in widths)
+    )
+
+
+def _slices(counts: list[int]) -> list[slice]:
+    """Row ranges of consecutive groups of ``counts`` rows."""
+    bounds = [0]
+    for count in counts:
+        bounds.append(bounds[-1] + count)
+    return [slice(lo, hi) for lo, hi in zip(bounds[:-1], bounds[1:])]
+
+
+class _PermuteRows(torch.autograd.Function):
+    """``x[perm]`` for a permutation; its gradient is a gather by the inverse permutation, not a
+    zero-filled scatter-add as plain indexing's backward must assume for arbitrary indices."""
+
+    @staticmethod
+    def forward(ctx, x, perm, inverse):
+        ctx.save_for_backward(inverse)
+        return x.index_select(0, perm)
+
+    @staticmethod
+    def backward(ctx, grad):
+        (inverse,) = ctx.saved_tensors
+        return grad.index_select(0, inverse), None, None
 
 
 class MoleMLP(nn.Module):
@@ -154,25 +290,32 @@ class MoleMLP(nn.Module):
         )
         self.context = context  # not a submodule: shared, holds no parameters
         self.stats: RoutingStats | None = None
+        self.grouped_mm = "auto"
+        """Sparse dispatch: ``auto`` uses ``torch._grouped_mm`` (no host sync) where
+        :func:`grouped_mm_supported`, else a per-expert loop over host-side counts; ``always`` /
+        ``never`` force one (``always`` needs a torch whose ``_grouped_mm`` runs on that device)."""
+        self._widths = sorted({w for bank in self.experts.values() for w in (*bank.lora_A.shape[1:], bank.lora_B.shape[1])})
         context.layers.append(self)
 
     def forward(self, hidden: torch.Tensor) -> torch.Tensor:  # hidden: (batch, seq, hidden)
         batch, seq, width = hidden.shape
         tokens = hidden.reshape(batch * seq, width)
         routes, order = self._route(tokens, batch, seq)
-        if order is not None:
-            tokens = tokens[order]  # grouped by expert: each expert's tokens are one contiguous slice
+        if order is not None:  # group tokens by expert: each expert's tokens become one contiguous slice
+            inverse = torch.empty_like(order)
+            inverse[order] = torch.arange(order.numel(), device=order.device)
+            tokens = _PermuteRows.apply(tokens, order, inverse)
         gate = self._project("gate_proj", tokens, routes)
         up = self._project("up_proj", tokens, routes)
         out = self._project("down_proj", self.act_fn(gate) * up, routes)
         if order is not None:
-            out = out[torch.argsort(order)]  # back to the original token order
+            out = _PermuteRows.apply(out, inverse, order)  # back to the original token order
         return out.reshape(batch, seq, -1)
 
     def _project(self, name: str, x: torch.Tensor, routes: Routes) -> torch.Tensor:
         out = getattr(self, name)(x)
         if name in self.experts:
-            out = out + self.experts[name](x, routes)
+            out = self.experts[name](x, routes, base=out)
         return out
 
     def _route(self, tokens: torch.Tensor, batch: int, seq: int) -> tuple[Routes, torch.Tensor | None]:
@@ -186,9 +329,16 @@ class MoleMLP(nn.Module):
         if self.routing == "dense":
             return Routes(dense_weights=probs.to(tokens.dtype)), None
         order = torch.argsort(top_expert, stable=True)
-        counts = torch.bincount(top_expert, minlength=self.num_experts).tolist()
+        counts = torch.bincount(top_expert, minlength=self.num_experts)  # (K,)
         weights = top_prob[order].to(tokens.dtype) if self.routing == "scaled" else None
-        return Routes(counts=counts, token_weights=weights), order
+        if self._grouped(tokens):
+            return Routes(offsets=counts.cumsum(0).to(torch.int32), token_weights=weights), order
+        return Routes(counts=counts.tolist(), token_weights=weights), order  # .tolist() waits for the device
+
+    def _grouped(self, tokens: torch.Tensor) -> bool:
+        if self.grouped_mm == "auto":
+            return grouped_mm_supported(tokens, *self._widths)
+        return self.grouped_mm == "always"
 
 
 def _routing_stats(probs: torch.Tensor, top_expert: torch.Tensor, mask: torch.Tensor, batch: int) -> RoutingStats:

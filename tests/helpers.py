@@ -17,10 +17,22 @@ TINY_CONFIG = REPO / "launch" / "configs" / "tiny.yaml"
 SHORT_RUN_STEPS = 8  # steps of the shared short training runs
 
 
+USED_PORTS: set[int] = set()  # DeepSpeed leaves /dev/shm buffers named after them; conftest removes those
+
+
 def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
+        port = sock.getsockname()[1]
+    USED_PORTS.add(port)
+    return port
+
+
+def remove_shared_memory_buffers() -> None:
+    """Delete DeepSpeed CPU all-reduce buffers of the ports the tests used (killed runs leave them)."""
+    for port in USED_PORTS:
+        for path in Path("/dev/shm").glob(f"deepspeed_allreduce_buffer_*_{port}_*"):
+            path.unlink(missing_ok=True)
 
 
 def launch_training(output_dir: Path, *overrides: str, ranks: int = 2, timeout: int = 300) -> subprocess.CompletedProcess:

@@ -25,26 +25,46 @@ def synchronize(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
+CLOCKS = {"wall": time.perf_counter, "cpu": time.process_time}
+"""``wall``: elapsed time. ``cpu``: this process's CPU time, for a CPU shared with other jobs: with one
+intra-op thread (``--threads 1``) it counts the work a variant does and not the time other jobs take
+the core away, which on a loaded machine swings wall-clock medians by 2x."""
+
+
 def interleaved(
-    fns: dict[str, Callable[[], object]], repeats: int, warmup: int, device: torch.device
+    fns: dict[str, Callable[[], object]], repeats: int, warmup: int, device: torch.device, clock: str = "wall"
 ) -> dict[str, list[float]]:
     """Seconds per call of each function over ``repeats`` rounds, after ``warmup`` uncounted rounds.
 
     Round ``i`` starts at variant ``i mod len(fns)``, so no variant always runs right after the same
     neighbour (caches, allocator and clock states carry from one call into the next).
     """
+    if clock == "cpu" and device.type != "cpu":
+        raise ValueError("--clock cpu measures host CPU time; use wall on a GPU")
+    now = CLOCKS[clock]
     names = list(fns)
     times: dict[str, list[float]] = {name: [] for name in names}
     for round_index in range(warmup + repeats):
         shift = round_index % len(names)
         for name in names[shift:] + names[:shift]:
             synchronize(device)
-            start = time.perf_counter()
+            start = now()
             fns[name]()
             synchronize(device)
             if round_index >= warmup:
-                times[name].append(time.perf_counter() - start)
+                times[name].append(now() - start)
     return times
+
+
+def add_clock_args(parser) -> None:
+    """``--clock`` and ``--threads``, shared by the benches that time one process."""
+    parser.add_argument("--clock", choices=list(CLOCKS), default="wall", help=CLOCKS.__doc__)
+    parser.add_argument("--threads", type=int, help="torch intra-op threads (default: torch's own)")
+
+
+def apply_threads(threads: int | None) -> None:
+    if threads:
+        torch.set_num_threads(threads)
 
 
 def _quantile(values: list[float], q: float) -> float:
@@ -122,6 +142,7 @@ def print_table(result: dict, baseline: str) -> None:
 def write_profile(path: str, fns: dict, device: torch.device, medians: dict) -> None:
     """One profiled step per variant: the busiest ops by device and by host time, and how much of the
     step the device spent in kernels (device-busy fraction; low means the host is the limit)."""
+    from torch.autograd import DeviceType
     from torch.profiler import ProfilerActivity, profile
 
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
@@ -131,7 +152,7 @@ def write_profile(path: str, fns: dict, device: torch.device, medians: dict) -> 
                 fn()
                 synchronize(device)
             events = prof.key_averages()
-            busy_us = sum(e.self_device_time_total for e in events)
+            busy_us = sum(e.self_device_time_total for e in events if e.device_type == DeviceType.CUDA)  # kernels only
             f.write(f"===== {name}: step median {medians[name] * 1e3:.1f} ms, device busy {busy_us / 1e3:.1f} ms "
                     f"({busy_us / 1e4 / medians[name]:.1f} %)\n")
             if device.type == "cuda":

@@ -22,7 +22,7 @@ from mole.config import Config, save_config
 from mole.data.sample import SampleProcessor
 from mole.data.shards import expand_shards
 from mole.data.stream import Domain, MixedStream, derive_seed, make_loader
-from mole.distributed import DistInfo, init_distributed
+from mole.distributed import DistInfo, init_distributed, release_shared_memory
 from mole.ds_config import build_ds_config, effective_precision
 from mole.model import DTYPES, TrainingModel, build_mole_model
 from mole.surgery import PROJECTOR_PREFIX
@@ -122,6 +122,8 @@ def run(cfg: Config) -> dict:
     metrics.close()
     stop.restore_defaults()
     dist.barrier()
+    if info.device.type == "cpu":
+        release_shared_memory()
     return {**last, "stopped": stopped}
 
 

@@ -1,0 +1,351 @@
+"""``step`` bench: one full ZeRO-3 training step of a LLaVA-shaped model, MoLE (K experts) vs plain LoRA (K=1).
+
+The model is built locally with random weights at a preset size (``tiny`` for smoke tests, ``mid``
+for 2 CPU ranks, ``7b`` for LLaVA-1.5-7B's shapes on a GPU), *partitioned while it is built*
+(``deepspeed.zero.Init``), then given MoLE by :func:`mole.surgery.apply_mole` exactly as training does,
+wrapped in :class:`mole.model.TrainingModel` and a DeepSpeed engine with torch AdamW. Both variants
+live in each rank's process and run interleaved on the same batch: forward, backward, optimizer step.
+
+With ``--ranks 2`` (default on CPU) the bench re-launches itself through the DeepSpeed launcher;
+with ``--ranks 1`` (default on a GPU) it runs in this process. Rank 0 reports.
+
+Model FLOPs of a step (for MFU), per micro-batch, not counting what each implementation skips:
+frozen LLM weights 4 x params x tokens (forward + input gradient), trainable weights 6 x params x tokens
+with only the chosen expert counted (top-1), attention 12 x layers x hidden x seq^2 per sequence
+(QK^T and AV, forward and both input gradients, causal mask not discounted), and the frozen vision
+tower 2 x params x image tokens plus its attention forward (nothing below it trains, so no gradient
+flows into it). MFU = model FLOPs / (step time x the device's peak dense bf16 FLOP/s).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+
+import torch
+
+from mole.bench import interleaved, machine, print_table, summarize, synchronize, write_json, write_profile
+
+PRESETS = {
+    "tiny": dict(hidden=64, intermediate=172, layers=2, heads=4, vocab=512, vision_hidden=32,
+                 vision_intermediate=64, vision_layers=1, vision_heads=2, image_size=28, patch=14, seq=32, batch=1),
+    "mid": dict(hidden=1024, intermediate=2752, layers=8, heads=16, vocab=8192, vision_hidden=256,
+                vision_intermediate=1024, vision_layers=2, vision_heads=4, image_size=112, patch=14, seq=256, batch=2),
+    "7b": dict(hidden=4096, intermediate=11008, layers=32, heads=32, vocab=32064, vision_hidden=1024,
+               vision_intermediate=4096, vision_layers=24, vision_heads=16, image_size=336, patch=14, seq=2048, batch=1),
+}
+PEAK_BF16_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12}
+"""Dense bf16 tensor-core peaks from the vendors' datasheets (SXM parts), matched on the device name."""
+
+
+def parse_args(argv: list[str]) -> argparse.Namespace:
+    cuda = torch.cuda.is_available()
+    p = argparse.ArgumentParser(prog="bench.py step", description=__doc__.splitlines()[0])
+    p.add_argument("--size", choices=list(PRESETS), default="mid")
+    for key in ("layers", "seq", "batch", "hidden", "intermediate", "heads", "vision_layers"):
+        p.add_argument(f"--{key.replace('_', '-')}", type=int, help=f"override the preset's {key}")
+    p.add_argument("--experts", type=int, default=3, help="K of the MoLE variant (the baseline has K=1)")
+    p.add_argument("--routing", default="scaled")
+    p.add_argument("--rank", type=int, default=128, help="LoRA rank r (alpha = 2r) of experts and attention LoRA")
+    p.add_argument("--ranks", type=int, default=1 if cuda else 2, help="data-parallel processes")
+    p.add_argument("--dtype", choices=["fp32", "bf16"], default="bf16" if cuda else "fp32")
+    p.add_argument("--ds-config", default=os.path.join(_repo_root(), "ds_configs", "zero3.json"))
+    p.add_argument("--bucket-size", type=int, help="override the JSON's reduce and prefetch bucket sizes "
+                   "(elements); each engine allocates such buffers, so a small machine needs smaller ones")
+    p.add_argument("--repeats", type=int, default=10)
+    p.add_argument("--warmup", type=int, default=2)
+    p.add_argument("--peak-tflops", type=float, help="device peak for MFU (default: from the GPU's name)")
+    p.add_argument("--profile", help="after timing, profile one more step per variant and write the tables here")
+    p.add_argument("--json", help="write the result here")
+    p.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
+    p.add_argument("--local_rank", type=int, default=0, help=argparse.SUPPRESS)
+    args = p.parse_args(argv)
+    shape = dict(PRESETS[args.size])
+    for key in shape:
+        if getattr(args, key, None) is not None:
+            shape[key] = getattr(args, key)
+    args.shape = shape
+    return args
+
+
+def _repo_root() -> str:
+    return os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+
+def main(argv: list[str]) -> dict:
+    args = parse_args(argv)
+    if args.worker or args.ranks == 1:
+        return run(args)
+    return launch(argv, args)
+
+
+def launch(argv: list[str], args: argparse.Namespace) -> dict:
+    """Re-run this bench as ``args.ranks`` DeepSpeed ranks and return rank 0's result."""
+    with tempfile.TemporaryDirectory() as tmp:
+        out = os.path.join(tmp, "result.json")
+        cmd = [sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", str(args.ranks),
+               "--master_port", str(_free_port()), "--module", "mole.bench.step",
+               *_without_json(argv), "--worker", "--json", out]
+        env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [_repo_root(), os.environ.get("PYTHONPATH")])))
+        proc = subprocess.run(cmd, env=env)
+        if proc.returncode != 0:
+            raise SystemExit(f"step bench ranks failed ({proc.returncode}): {' '.join(cmd)}")
+        with open(out) as f:
+            result = json.load(f)
+    write_json(args.json, result)
+    return result
+
+
+def _without_json(argv: list[str]) -> list[str]:
+    """``argv`` less ``--json OUT`` / ``--json=OUT``: the ranks write to the launcher's temporary file."""
+    kept, skip = [], False
+    for arg in argv:
+        if skip:
+            skip = False
+        elif arg == "--json":
+            skip = True
+        elif not arg.startswith("--json="):
+            kept.append(arg)
+    return kept
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def llava_config(shape: dict):
+    from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig
+
+    vision = CLIPVisionConfig(
+        hidden_size=shape["vision_hidden"], intermediate_size=shape["vision_intermediate"],
+        num_hidden_layers=shape["vision_layers"], num_attention_heads=shape["vision_heads"],
+        image_size=shape["image_size"], patch_size=shape["patch"], projection_dim=shape["vision_hidden"],
+        hidden_act="quick_gelu",
+    )
+    text = LlamaConfig(
+        vocab_size=shape["vocab"], hidden_size=shape["hidden"], intermediate_size=shape["intermediate"],
+        num_hidden_layers=shape["layers"], num_attention_heads=shape["heads"], num_key_value_heads=shape["heads"],
+        max_position_embeddings=max(4096, shape["seq"]), tie_word_embeddings=False,
+        bos_token_id=1, eos_token_id=2, pad_token_id=None,  # no padding_idx row to zero in a partitioned embedding
+    )
+    return LlavaConfig(
+        vision_config=vision, text_config=text, image_token_id=shape["vocab"] - 1,
+        image_seq_length=image_tokens(shape), projector_hidden_act="gelu",
+        vision_feature_layer=-2, vision_feature_select_strategy="default",
+    )
+
+
+def image_tokens(shape: dict) -> int:
+    return (shape["image_size"] // shape["patch"]) ** 2
+
+
+def make_batch(shape: dict, device: torch.device, dtype: torch.dtype, seed: int = 0) -> dict:
+    """One image per sample at the start of the sequence, random text after it, loss on the text."""
+    gen = torch.Generator().manual_seed(seed)
+    batch, seq, n_img = shape["batch"], shape["seq"], image_tokens(shape)
+    if seq <= n_img + 2:
+        raise ValueError(f"seq {seq} leaves no room for text after {n_img} image tokens")
+    ids = torch.randint(3, shape["vocab"] - 2, (batch, seq), generator=gen)
+    ids[:, 0] = 1
+    ids[:, 1 : 1 + n_img] = shape["vocab"] - 1
+    labels = ids.clone()
+    labels[:, : 1 + n_img] = -100
+    pixels = torch.randn(batch, 3, shape["image_size"], shape["image_size"], generator=gen)
+    return {
+        "input_ids": ids.to(device), "attention_mask": torch.ones_like(ids).to(device),
+        "labels": labels.to(device), "pixel_values": pixels.to(device=device, dtype=dtype),
+    }
+
+
+def build_engine(args: argparse.Namespace, num_experts: int, ds_config: dict, dtype: torch.dtype):
+    """A partitioned random LLaVA with MoLE surgery in a DeepSpeed engine, as the trainer builds one."""
+    import deepspeed
+    from transformers import LlavaForConditionalGeneration
+
+    from mole.model import TrainingModel
+    from mole.surgery import PROJECTOR_PREFIX, apply_mole
+
+    torch.manual_seed(0)  # the same frozen weights for every variant
+    # No dtype argument: zero.Init takes it from the config's bf16/fp16 sections (its explicit dtype
+    # argument turns fp32 into bf16 on a CPU accelerator in deepspeed 0.19).
+    with deepspeed.zero.Init(config_dict_or_path=ds_config):
+        llava = LlavaForConditionalGeneration(llava_config(args.shape))
+    llava.config.use_cache = False
+    torch.manual_seed(1)
+    surgery = apply_mole(llava, num_experts=num_experts, routing=args.routing, r=args.rank, alpha=2.0 * args.rank,
+                         dropout=0.05, attn_targets=["q_proj", "k_proj", "v_proj", "o_proj"],
+                         mlp_targets=["gate_proj", "up_proj", "down_proj"], train_projector=True)
+    for module in llava.modules():  # new modules are created in fp32; match the backbone
+        for param in module.parameters(recurse=False):
+            if param.requires_grad and param.dtype != dtype:
+                param.data = param.data.to(dtype)
+    model = TrainingModel(llava, surgery, "switch", 0.01)
+    projector = [p for n, p in model.named_parameters() if p.requires_grad and PROJECTOR_PREFIX in n]
+    adapters = [p for n, p in model.named_parameters() if p.requires_grad and PROJECTOR_PREFIX not in n]
+    optimizer = torch.optim.AdamW([{"params": adapters, "lr": 1e-4}, {"params": projector, "lr": 2e-5}])
+    engine, *_ = deepspeed.initialize(model=model, optimizer=optimizer, config=ds_config)
+    return engine
+
+
+def filled_ds_config(args: argparse.Namespace, world_size: int) -> dict:
+    from mole.config import Config
+    from mole.ds_config import build_ds_config
+
+    cfg = Config()
+    cfg.train.ds_config = args.ds_config
+    cfg.train.micro_batch_size = args.shape["batch"]
+    cfg.train.precision = args.dtype
+    ds = build_ds_config(cfg, world_size)
+    if args.bucket_size:
+        zero = ds["zero_optimization"]
+        for key in ("reduce_bucket_size", "stage3_prefetch_bucket_size", "allgather_bucket_size"):
+            if key in zero:
+                zero[key] = args.bucket_size
+    return ds
+
+
+@dataclass
+class Counts:
+    """Parameter counts that enter the FLOP formula (full sizes, whatever ZeRO-3 holds locally)."""
+
+    llm_frozen: int  # LLM linear weights incl. lm_head (embeddings do no matmul)
+    vision_frozen: int  # vision tower weights
+    projector: int  # trainable projector
+    adapter_active: int  # LoRA parameters one token uses: attention LoRA + one expert per projection
+    router: int
+
+
+def count_for_flops(model: torch.nn.Module, num_experts: int) -> Counts:
+    llm_frozen = vision = projector = active = router = 0
+    for name, param in model.named_parameters():
+        numel = getattr(param, "ds_numel", param.numel())
+        if "vision_tower" in name:
+            vision += numel
+        elif "multi_modal_projector" in name:
+            projector += numel
+        elif ".router." in name:
+            router += numel
+        elif ".experts." in name:
+            active += numel // num_experts
+        elif "lora_" in name:
+            active += numel
+        elif len(getattr(param, "ds_shape", param.shape)) == 2 and "embed_tokens" not in name:
+            llm_frozen += numel
+    return Counts(llm_frozen, vision, projector, active, router)
+
+
+def step_flops(shape: dict, counts: Counts) -> float:
+    """Model FLOPs of one micro-batch step, by the formula in the module docstring."""
+    batch, seq, n_img = shape["batch"], shape["seq"], image_tokens(shape)
+    tokens, img_tokens = batch * seq, batch * (n_img + 1)  # CLIP adds a CLS token
+    llm = 4 * counts.llm_frozen * tokens + 12 * shape["layers"] * shape["hidden"] * seq**2 * batch
+    adapters = 6 * (counts.adapter_active + counts.router) * tokens + 6 * counts.projector * batch * n_img
+    vision = 2 * counts.vision_frozen * img_tokens + 4 * shape["vision_layers"] * shape["vision_hidden"] * (n_img + 1) ** 2 * batch
+    return float(llm + adapters + vision)
+
+
+def peak_flops(args: argparse.Namespace, device: torch.device) -> float | None:
+    if args.peak_tflops:
+        return args.peak_tflops * 1e12
+    if device.type == "cuda":
+        name = torch.cuda.get_device_name(device)
+        for key, value in PEAK_BF16_FLOPS.items():
+            if key in name:
+                return value
+    return None
+
+
+class _PhaseClock:
+    """Laps of one step's phases; the device is synchronised at each lap (ZeRO-3 syncs there anyway)."""
+
+    def __init__(self, device: torch.device):
+        self.device, self.last = device, 0.0
+
+    def start(self) -> None:
+        synchronize(self.device)
+        self.last = time.perf_counter()
+
+    def lap(self, into: list[float]) -> None:
+        synchronize(self.device)
+        now = time.perf_counter()
+        into.append(now - self.last)
+        self.last = now
+
+
+def run(args: argparse.Namespace) -> dict:
+    from mole.distributed import init_distributed
+
+    info = init_distributed()
+    if info.device.type == "cpu":  # ranks share the cores; oversubscribed threads spin against each other
+        torch.set_num_threads(max(1, (os.cpu_count() or 1) // info.world_size))
+    dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[args.dtype]
+    ds_config = filled_ds_config(args, info.world_size)
+    variants = {"lora": 1, "mole": args.experts}
+    engines = {name: build_engine(args, k, ds_config, dtype) for name, k in variants.items()}
+    batch = make_batch(args.shape, info.device, dtype, seed=info.rank)
+
+    phases = {name: {"forward": [], "backward": [], "optimizer": []} for name in engines}
+
+    def step(name):
+        engine, clock = engines[name], _PhaseClock(info.device)
+
+        def go():
+            clock.start()
+            out = engine(**batch)
+            clock.lap(phases[name]["forward"])
+            engine.backward(out["loss"])
+            clock.lap(phases[name]["backward"])
+            engine.step()
+            clock.lap(phases[name]["optimizer"])
+        return go
+
+    fns = {name: step(name) for name in engines}
+    times = interleaved(fns, args.repeats, args.warmup, info.device)
+    synchronize(info.device)
+    result = summarize(times, baseline="lora")
+    skip = args.warmup  # phase laps of the warm-up rounds are dropped like their step times
+    result["phase_medians_s"] = {name: {k: round(statistics.median(v[skip:]), 6) for k, v in p.items()}
+                                 for name, p in phases.items()}
+    if args.profile:  # every rank takes the profiled steps (they hold collectives); rank 0 writes
+        write_profile(args.profile if info.is_main else os.devnull, fns, info.device, result["medians_s"])
+    peak = peak_flops(args, info.device)
+    mfu = {}
+    for name, engine in engines.items():
+        counts = count_for_flops(engine.module, variants[name])
+        flops = step_flops(args.shape, counts)
+        achieved = flops / result["medians_s"][name]
+        mfu[name] = {"model_flops_per_rank": flops, "achieved_tflops_per_rank": round(achieved / 1e12, 3),
+                     "mfu": round(achieved / peak, 4) if peak else None, "param_counts": vars(counts)}
+    result["mfu"] = mfu
+    result["setup"] = {
+        "bench": "step", "what": "forward + backward + AdamW step of a partitioned LLaVA under ZeRO-3, per rank",
+        "size": args.size, "shape": args.shape, "image_tokens": image_tokens(args.shape),
+        "experts": args.experts, "routing": args.routing, "rank": args.rank, "alpha": 2 * args.rank,
+        "ranks": info.world_size, "dtype": args.dtype, "ds_config": os.path.basename(args.ds_config),
+        "bucket_size": args.bucket_size,
+        "peak_flops": peak, "repeats": args.repeats, "warmup": args.warmup, "machine": machine(info.device),
+        "memory_gib": round(torch.cuda.max_memory_allocated(info.device) / 2**30, 2) if info.device.type == "cuda" else None,
+        "flop_formula": "frozen LLM 4*P*T; trainable (active expert only) 6*P*T; attention 12*L*h*s^2 per sequence; "
+                        "frozen vision tower forward only 2*P*T_img + 4*L*h*s_img^2",
+    }
+    if info.is_main:
+        print_table(result, "lora")
+        for name, m in mfu.items():
+            print(f"{name}: {m['achieved_tflops_per_rank']} TFLOP/s per rank, MFU {m['mfu']}")
+        write_json(args.json, result)
+    return result
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])

@@ -1,0 +1,79 @@
+"""Smoke runs of the benches at tiny shapes (seconds), so they keep working; the real numbers come from
+the full commands in docs/performance.md."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+
+import pytest
+
+from mole.bench import summarize
+from tests.helpers import REPO, python
+
+H, I, R, K, T = 32, 48, 4, 3, 16
+
+
+def test_summarize_takes_ratios_of_medians_and_paired_iqr():
+    times = {"lora": [1.0, 2.0, 3.0], "mole": [1.1, 2.2, 3.3], "base": [0.5, 1.0, 4.5]}
+    out = summarize(times, baseline="lora")
+    assert out["ratios"] == {"lora": 1.0, "mole": 1.1, "base": 0.5}, "median / median of the baseline"
+    assert out["paired_ratio_iqr"]["mole"] == [1.1, 1.1], "per-round ratios are all 1.1"
+    assert out["paired_ratio_iqr"]["base"] == [0.5, 1.0], "quartiles of [0.5, 0.5, 1.5]"
+    assert out["rounds"] == 3
+
+
+def test_layer_bench_runs_every_variant_with_the_right_trainable_parameters(tmp_path):
+    from mole.bench import layer
+
+    out = tmp_path / "layer.json"
+    result = layer.main(["--hidden", str(H), "--intermediate", str(I), "--tokens", str(T), "--rank", str(R),
+                         "--repeats", "2", "--warmup", "1", "--json", str(out)])
+    assert json.loads(out.read_text()) == result
+    ran = set(result["ratios"])
+    skipped = set(result["setup"]["notes"])
+    assert ran | skipped == set(layer.CPU_VARIANTS) and skipped <= {"mixlora"}, (ran, skipped)
+    assert result["ratios"]["lora"] == 1.0 and all(t > 0 for t in result["medians_s"].values())
+    params = result["setup"]["trainable_params"]
+    one = 3 * R * (H + I)  # gate, up, down: r * (in + out) each
+    assert params["base"] == 0, "the base MLP must be frozen"
+    assert params["lora"] == one
+    assert params["mole"] == params["dense"] == K * one + K * H + K, "K experts + router with bias"
+    if "mixlora" in ran:
+        assert params["mixlora"] == K * one + K * H, "K experts + router without bias"
+
+
+def test_generate_bench_decodes_the_requested_tokens(tmp_path):
+    from mole.bench import generate
+
+    result = generate.main(["--size", "tiny", "--new-tokens", "3", "--prompt-tokens", "4", "--rank", "4",
+                            "--repeats", "1", "--warmup", "0", "--json", str(tmp_path / "gen.json")])
+    assert result["setup"]["produced_tokens"] == {"lora": 3, "mole": 3}
+    assert set(result["tokens_per_s"]) == {"lora", "mole"} and result["ratios"]["lora"] == 1.0
+
+
+def run_step_bench(tmp_path, *extra: str) -> dict:
+    out = tmp_path / "step.json"
+    cmd = [python(), str(REPO / "launch" / "bench.py"), "step", "--size", "tiny", "--rank", "4",
+           "--repeats", "1", "--warmup", "1", "--json", str(out), *extra]
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK")}
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO), env.get("PYTHONPATH")]))
+    proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=240)
+    assert proc.returncode == 0, f"{' '.join(cmd)}\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
+    return json.loads(out.read_text())
+
+
+def test_step_bench_one_rank_reports_ratio_and_model_flops(tmp_path):
+    result = run_step_bench(tmp_path, "--ranks", "1")
+    assert set(result["ratios"]) == {"lora", "mole"} and result["setup"]["ranks"] == 1
+    counts = result["mfu"]["mole"]["param_counts"]
+    assert counts["router"] > 0 and result["mfu"]["lora"]["param_counts"]["router"] == 0
+    assert counts["adapter_active"] == result["mfu"]["lora"]["param_counts"]["adapter_active"], \
+        "top-1 MoLE and plain LoRA apply the same number of adapter weights per token"
+
+
+@pytest.mark.distributed
+def test_step_bench_launches_two_ranks(tmp_path):
+    result = run_step_bench(tmp_path, "--ranks", "2")
+    assert result["setup"]["ranks"] == 2 and result["ratios"]["lora"] == 1.0
