@@ -1,0 +1,99 @@
+"""The data-conflict experiment (issue 6): single-domain LoRA vs LoRA on the mix vs MoLE, several seeds.
+
+    python launch/experiments/conflict.py                 # the reported experiment -> docs/results/conflict.*
+    python launch/experiments/conflict.py --split val     # what the recipe was chosen on -> runs/conflict/report_val/
+    python launch/experiments/conflict.py --smoke         # seconds: one seed, a few steps (the test suite)
+
+Run from the repository root. Pretrains a small LLaVA base on neutral captions (cached in
+``<work-dir>/base``), trains every adapter with the real trainer (one rank, one fresh process per
+run, ``--workers`` at a time) and evaluates it per domain. See mole/experiments/conflict.py.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import shlex
+import sys
+
+LAUNCH = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+# The base: tiny-llava's tokenizer and processor (56 px, 16 image tokens), larger towers.
+BASE_RECIPE = {"vision_hidden": 64, "vision_layers": 2, "text_hidden": 128, "text_layers": 4, "text_heads": 4}
+SMOKE = {"steps": 6, "seeds": [0], "max_eval_samples": 4, "pretrain_steps": 4, "pretrain_samples": 16, "workers": 0}
+
+
+def parse_args(argv: list[str]) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--config", default="launch/experiments/conflict.yaml", help="trainer recipe of every run")
+    parser.add_argument("--split", default="test", choices=["val", "test"])
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    parser.add_argument("--steps", type=int, default=1200, help="N: steps of the mix runs")
+    parser.add_argument("--variants", nargs="+", help="subset of: single mix mix2x mole mole_hard mole_dense")
+    parser.add_argument("--workers", type=int, default=2, help="runs at a time, each a fresh process with one CPU thread; 0: one after another in this process")
+    parser.add_argument("--pretrain-steps", type=int, default=1000)
+    parser.add_argument("--pretrain-samples", type=int, default=2000, help="caption samples per domain")
+    parser.add_argument("--max-eval-samples", type=int, help="samples per domain evaluated (default: all)")
+    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                        help="extra trainer override for every run (tuning on val)")
+    parser.add_argument("--work-dir", default="runs/conflict", help="base model and runs")
+    parser.add_argument("--out", help="report directory (default: docs/results for test, <work-dir>/report_val for val)")
+    parser.add_argument("--notes", default="launch/experiments/conflict_notes.md",
+                        help="hand-written discussion included in the report when it exists (test split only)")
+    parser.add_argument("--smoke", action="store_true", help="tiny everything, one seed: checks the pipeline only")
+    args = parser.parse_args(argv)
+    if args.smoke:
+        args.steps, args.seeds, args.max_eval_samples = SMOKE["steps"], SMOKE["seeds"], SMOKE["max_eval_samples"]
+        args.pretrain_steps, args.pretrain_samples = SMOKE["pretrain_steps"], SMOKE["pretrain_samples"]
+        args.workers = SMOKE["workers"]  # all runs in this process: no process start-up per run
+    return args
+
+
+def main(argv: list[str]) -> int:
+    args = parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
+    os.environ.setdefault("OMP_NUM_THREADS", "1")  # inherited by the run processes
+    sys.path.insert(0, LAUNCH)  # the drawing functions and the model builder of the bundled data and tiny model
+    import torch
+    from make_synthetic_data import DRAWERS
+    from make_tiny_llava import build_model
+    from transformers import AutoProcessor
+
+    from mole.experiments import conflict, conflict_report
+    from mole.experiments.base_model import PretrainConfig, write_base
+
+    torch.set_num_threads(1)
+    command = "python launch/experiments/conflict.py " + shlex.join(argv)
+    base_dir = os.path.join(args.work_dir, "base" + ("_smoke" if args.smoke else ""))
+    processor = AutoProcessor.from_pretrained(os.path.join(LAUNCH, "..", "models", "tiny-llava"))
+    pretrain_cfg = PretrainConfig(samples_per_domain=args.pretrain_samples, steps=args.pretrain_steps)
+    base = write_base(base_dir, build_model(processor.tokenizer, **BASE_RECIPE, seed=pretrain_cfg.seed), processor,
+                      DRAWERS, pretrain_cfg, BASE_RECIPE)
+
+    cfg = conflict.ExperimentConfig(
+        train_config=args.config, base_model=base_dir, work_dir=os.path.join(args.work_dir, "smoke" if args.smoke else ""),
+        seeds=args.seeds, steps=args.steps, split=args.split, max_eval_samples=args.max_eval_samples,
+        variants=args.variants or list(conflict.VARIANTS), workers=args.workers, extra_overrides=args.overrides,
+    )
+    runs = conflict.run_all(cfg)
+
+    out = args.out or ("docs/results" if args.split == "test" else os.path.join(args.work_dir, "report_val"))
+    setup = conflict.describe_setup(cfg, base, args.config, args.smoke)
+    summary = conflict_report.summarize(runs, setup)
+    details = conflict_report.details(runs)
+    verdicts = conflict_report.claims(summary, runs)
+    notes = None
+    if args.split == "test" and not args.smoke and os.path.isfile(args.notes):
+        with open(args.notes) as handle:
+            notes = handle.read()
+    conflict_report.write_json(os.path.join(out, "conflict.json"), summary)
+    conflict_report.write_json(os.path.join(out, "conflict.runs.json"), {**details, "claims": verdicts})
+    conflict_report.plot_png(summary, details, os.path.join(out, "conflict.png"))
+    with open(os.path.join(out, "conflict.md"), "w") as handle:
+        handle.write(conflict_report.markdown(summary, details, verdicts, command.strip(), "conflict.png", notes))
+    print(f"wrote {out}/conflict.json, conflict.runs.json, conflict.png, conflict.md")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))

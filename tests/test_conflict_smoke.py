@@ -1,0 +1,68 @@
+"""The data-conflict experiment's smoke setting end to end: base pretraining, every variant trained by
+the real trainer (one rank, in one process), evaluated, and the reports written in the promised shape."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+
+import pytest
+
+from tests.helpers import REPO, python, run_group
+
+DOMAINS = ("shapes", "charts", "tissue")
+VARIANTS = ("single", "mix", "mix2x", "mole", "mole_hard", "mole_scaled", "mole_dense")
+
+
+@pytest.fixture(scope="module")
+def smoke_report(tmp_path_factory):
+    work, out = tmp_path_factory.mktemp("conflict_work"), tmp_path_factory.mktemp("conflict_out")
+    cmd = [python(), str(REPO / "launch" / "experiments" / "conflict.py"), "--smoke", "--work-dir", str(work), "--out", str(out)]
+    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
+    proc = run_group(cmd, timeout=300, env=env)
+    assert proc.returncode == 0, f"smoke experiment failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
+    return out
+
+
+def test_conflict_json_has_every_variant_and_domain_with_finite_accuracy(smoke_report):
+    document = json.loads((smoke_report / "conflict.json").read_text())
+    assert set(document) == {"variants", "setup"}, f"top-level keys {sorted(document)}"
+    assert tuple(document["variants"]) == VARIANTS, f"variants {list(document['variants'])}"
+    for variant, domains in document["variants"].items():
+        assert tuple(domains) == DOMAINS, f"{variant}: domains {list(domains)}"
+        for domain, stats in domains.items():
+            assert set(stats) == {"mean", "std", "n"}, f"{variant}/{domain}: keys {sorted(stats)}"
+            assert stats["n"] == 1, f"{variant}/{domain}: smoke runs one seed, n={stats['n']}"
+            assert 0.0 <= stats["mean"] <= 1.0 and math.isfinite(stats["mean"]), f"{variant}/{domain}: mean {stats['mean']}"
+            assert stats["std"] == 0.0, f"{variant}/{domain}: std over one seed must be 0, got {stats['std']}"
+    assert document["variants"]["mole_scaled"] == document["variants"]["mole"], "mole_scaled is the mole runs"
+    setup = document["setup"]
+    assert setup["smoke"] is True and setup["split"] == "test" and setup["seeds"] == [0]
+    assert setup["steps"]["mix2x"] == 2 * setup["steps"]["mix"] == 2 * setup["steps_N"]
+
+
+def test_runs_file_has_finite_losses_and_nmi_in_range(smoke_report):
+    details = json.loads((smoke_report / "conflict.runs.json").read_text())
+    assert len(details["runs"]) == 8, f"3 single + mix, mix2x, 3 MoLE runs expected, got {len(details['runs'])}"
+    for run in details["runs"]:
+        for domain, metrics in run["domains"].items():
+            assert math.isfinite(metrics["loss"]) and metrics["loss"] > 0, f"{run['name']}/{domain}: loss {metrics['loss']}"
+            assert metrics["questions"] >= 4, f"{run['name']}/{domain}: {metrics['questions']} questions"
+        if run["spec"]["variant"].startswith("mole"):
+            assert len(run["nmi_per_layer"]) == 4, f"{run['name']}: one NMI per layer of the base"
+            assert all(0.0 <= v <= 1.0 for v in run["nmi_per_layer"]), f"{run['name']}: NMI {run['nmi_per_layer']}"
+        else:
+            assert run["nmi_per_layer"] is None, f"{run['name']}: K=1 has no routing"
+        max_steps = next(int(o.split("=")[1]) for o in run["spec"]["overrides"] if o.startswith("train.max_steps="))
+        assert run["train"]["steps"] == max_steps, f"{run['name']}: trained {run['train']['steps']} of {max_steps} steps"
+    assert set(details["claims"]) == {"a", "b", "c"}
+
+
+def test_markdown_report_names_its_command_and_plot(smoke_report):
+    text = (smoke_report / "conflict.md").read_text()
+    assert "python launch/experiments/conflict.py --smoke" in text
+    assert "![accuracy and routing NMI](conflict.png)" in text
+    assert (smoke_report / "conflict.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    for claim in ("(a)", "(b)", "(c)"):
+        assert claim in text, f"claim {claim} missing from the report"
