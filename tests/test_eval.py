@@ -2,10 +2,8 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import math
-import os
 
 import numpy as np
 import pytest
@@ -15,13 +13,7 @@ from mole.evaluate import expand_eval_shards
 from mole.experts import RoutingStats
 from mole.plots import routing_heatmap_array, routing_heatmap_png
 from mole.routing_analysis import domain_expert_counts, domain_expert_shares, normalized_mutual_information
-from tests.helpers import REPO, python, run_group
-
-
-def cli_env() -> dict:
-    """This checkout's mole first on the path (whichever mole is installed), one thread for the tiny model."""
-    path = os.pathsep.join(p for p in (str(REPO), os.environ.get("PYTHONPATH")) if p)
-    return {**os.environ, "PYTHONPATH": path, "OMP_NUM_THREADS": "1"}
+from tests.helpers import REPO, cli_env, launch_module, one_torch_thread, python, run_group
 
 
 def test_nmi_is_one_when_each_domain_has_its_own_expert():
@@ -69,14 +61,6 @@ def test_routing_heatmap_is_a_png_and_an_rgb_array():
         routing_heatmap_png(shares, ["a", "b", "c"], "test")
 
 
-def launch_module(name: str):
-    """A ``launch/`` script as a module, to call its ``main(argv)`` in this process."""
-    spec = importlib.util.spec_from_file_location(f"launch_{name}", REPO / "launch" / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
 def eval_args(adapter, out) -> list[str]:
     return ["--adapter", str(adapter), "--out", str(out), "--max-samples", "3", "--max-new-tokens", "3"]
 
@@ -86,12 +70,8 @@ def test_eval_cli_prints_per_domain_loss_accuracy_and_nmi(mode_runs, tmp_path, c
     """The same command on a plain-LoRA and a MoLE adapter (one run in a real process, one via main())."""
     args = eval_args(mode_runs[run] / "adapter", tmp_path / "eval")
     if in_process:
-        threads = torch.get_num_threads()
-        torch.set_num_threads(1)
-        try:
+        with one_torch_thread():
             code = launch_module("eval").main(args)
-        finally:
-            torch.set_num_threads(threads)
         stdout, stderr = capsys.readouterr()
     else:
         proc = run_group([python(), str(REPO / "launch" / "eval.py"), *args], 120, env=cli_env())

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import importlib.util
 import io
 import json
 import tarfile
@@ -17,17 +16,15 @@ from transformers import LlavaForConditionalGeneration
 from mole.adapter import AdapterError, load_adapter
 from mole.export import export_merged, export_mole, export_peft
 from mole.inference import Prompt, PromptEncoder, load_model, load_processor, question_turns
-from tests.helpers import REPO
+from tests.helpers import REPO, launch_module, one_torch_thread
 
 BASE = REPO / "models" / "tiny-llava"
 
 
 @pytest.fixture(scope="module", autouse=True)
 def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+    with one_torch_thread():
+        yield
 
 
 @pytest.fixture(scope="module")
@@ -79,9 +76,7 @@ def test_merged_export_is_a_plain_llava_directory_with_our_logits(mode_runs, tmp
 
 
 def test_peft_export_of_experts_explains_in_one_line_and_points_to_mole_format(mode_runs, tmp_path, capsys):
-    spec = importlib.util.spec_from_file_location("launch_export", REPO / "launch" / "export.py")
-    export_cli = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(export_cli)
+    export_cli = launch_module("export")
     code = export_cli.main(["--adapter", str(mode_runs["scaled"] / "adapter"), "--format", "peft", "--out", str(tmp_path / "out")])
     lines = capsys.readouterr().err.strip().splitlines()
     assert code == 2, f"exit {code}"

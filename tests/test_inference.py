@@ -2,10 +2,8 @@
 
 from __future__ import annotations
 
-import importlib.util
 import io
 import json
-import os
 import shutil
 import tarfile
 
@@ -20,24 +18,15 @@ from mole.data.conversation import parse_conversation
 from mole.data.stream import SampleProcessor
 from mole.experts import MoleMLP
 from mole.inference import Prompt, PromptEncoder, generate_answers, load_model, load_processor, question_turns, routing_context
-from tests.helpers import REPO, python, run_group
+from tests.helpers import REPO, cli_env, launch_module, one_torch_thread, python, run_group
 
 BASE = REPO / "models" / "tiny-llava"
 
 
-def cli_env() -> dict:
-    """This checkout's mole first on the path (whichever mole is installed), one thread for the tiny model."""
-    path = os.pathsep.join(p for p in (str(REPO), os.environ.get("PYTHONPATH")) if p)
-    return {**os.environ, "PYTHONPATH": path, "OMP_NUM_THREADS": "1"}
-
-
 @pytest.fixture(scope="module", autouse=True)
 def one_thread():
-    """Tiny matmuls run far faster on one thread on a busy 2-core machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+    with one_torch_thread():
+        yield
 
 
 @pytest.fixture(scope="module")
@@ -192,9 +181,7 @@ def test_infer_cli_answers_one_question_and_a_jsonl_batch(mode_runs, tmp_path, c
                         "--prompt", "What color is the main object?"], 120, env=cli_env())
     assert single.returncode == 0, single.stderr[-2000:]
     answer = single.stdout.strip().splitlines()[-1] if single.stdout.strip() else ""
-    spec = importlib.util.spec_from_file_location("launch_infer", REPO / "launch" / "infer.py")
-    infer = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(infer)
+    infer = launch_module("infer")
     assert infer.main([*args, "--jsonl", str(tmp_path / "questions.jsonl"), "--out", str(tmp_path / "answers.jsonl")]) == 0, capsys.readouterr().err
     answers = [json.loads(line) for line in (tmp_path / "answers.jsonl").read_text().splitlines()]
     assert [a["prompt"] for a in answers] == ["What color is the main object?", "How many objects are there?"], answers
