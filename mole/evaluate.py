@@ -18,7 +18,6 @@ used are skipped and counted per domain and reason, as in training.
 
 from __future__ import annotations
 
-import glob
 import itertools
 import os
 from collections import Counter
@@ -34,6 +33,7 @@ from mole.data.collate import collate
 from mole.data.conversation import IGNORE_INDEX, parse_conversation
 from mole.data.errors import BadSample
 from mole.data.images import IMAGE_EXTENSIONS, decode_image
+from mole.data.shards import expand_shards, read_shard
 from mole.data.stream import SampleProcessor
 from mole.inference import Prompt, PromptEncoder, generate_answers, mole_layers, routing_context
 from mole.routing_analysis import domain_expert_counts, domain_expert_shares, layer_nmi
@@ -49,31 +49,19 @@ class EvalDomain:
 
 
 def expand_eval_shards(name: str, pattern: str) -> EvalDomain:
-    """A domain from a glob (``test-*.tar``) or webdataset brace pattern (``test-{000000..000003}.tar``)."""
-    import webdataset as wds
-
-    urls: list[str] = []
-    for expanded in wds.shardlists.expand_urls(pattern):
-        urls += sorted(glob.glob(expanded)) if glob.has_magic(expanded) else [expanded]
-    missing = [url for url in urls if not os.path.exists(url)]
-    if not urls or missing:
-        raise FileNotFoundError(f"eval domain {name!r}: shard pattern {pattern!r} matches no file" + (f" ({missing[:3]} missing)" if missing else ""))
-    return EvalDomain(name, urls)
+    """A domain from a glob (``test-*.tar``) or webdataset brace pattern (``test-{000000..000003}.tar``);
+    a missing shard is an error, not a warning."""
+    return EvalDomain(name, expand_shards(name, pattern, strict=True))
 
 
-def read_raw_samples(domain: EvalDomain, max_samples: int | None) -> Iterator[dict]:
-    """The first ``max_samples`` samples of a domain's shards, in order, as member-name -> bytes dicts.
+def read_raw_samples(domain: EvalDomain, max_samples: int | None) -> Iterator[dict | BadSample]:
+    """The first ``max_samples`` samples of a domain's shards, in order, as member-name -> bytes dicts,
+    with shard damage as :class:`BadSample` values in their place (counted like bad samples).
 
-    Only the conversation JSON and the image members are kept; nothing is decoded or unpickled here.
+    Only the conversation JSON and the image members are read; nothing is decoded or unpickled here.
     """
-    import webdataset as wds
-
-    wanted = ("json", *IMAGE_EXTENSIONS)
-    pipeline = wds.DataPipeline(wds.SimpleShardList(domain.urls), wds.tarfile_to_samples())
-    for index, raw in enumerate(pipeline):
-        if max_samples is not None and index >= max_samples:
-            return
-        yield {k: v for k, v in raw.items() if k in wanted or k == "__key__"}
+    samples = (sample for url in domain.urls for sample in read_shard(url))
+    yield from itertools.islice(samples, max_samples)
 
 
 @dataclass
@@ -133,6 +121,8 @@ def evaluate(
                 if index % world_size != rank:
                     continue
                 try:
+                    if isinstance(raw, BadSample):
+                        raise raw
                     yield _prepare(raw, d, sample_processor)
                 except BadSample as bad:
                     skipped[f"{domain.name}/{bad.reason}"] += 1

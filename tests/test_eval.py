@@ -105,5 +105,25 @@ def test_eval_shards_expand_globs_and_braces_and_name_a_missing_pattern(tmp_path
     by_glob = expand_eval_shards("d", str(tmp_path / "test-*.tar"))
     by_brace = expand_eval_shards("d", str(tmp_path / "test-{000000..000001}.tar"))
     assert by_glob.urls == by_brace.urls == [str(tmp_path / "test-000000.tar"), str(tmp_path / "test-000001.tar")], by_glob.urls
-    with pytest.raises(FileNotFoundError, match="eval domain 'nowhere'.*matches no file"):
+    with pytest.raises(FileNotFoundError, match="domain 'nowhere'.*matches no file"):
         expand_eval_shards("nowhere", str(tmp_path / "val-*.tar"))
+    with pytest.raises(FileNotFoundError, match=r"domain 'part'.*1 missing, e.g. .*test-000002.tar"):
+        expand_eval_shards("part", str(tmp_path / "test-{000000..000002}.tar"))
+
+
+def test_eval_counts_a_torn_shard_and_scores_the_samples_before_the_damage(mode_runs, tmp_path, capsys):
+    whole = REPO / "data_shards" / "shapes" / "test-000000.tar"
+    data = whole.read_bytes()
+    torn = tmp_path / "torn" / "test-000000.tar"
+    torn.parent.mkdir()
+    torn.write_bytes(data[: len(data) // 3])  # cut mid-archive: no end-of-archive marker
+    out = tmp_path / "eval"
+    args = ["--adapter", str(mode_runs["lora"] / "adapter"), "--out", str(out), "--max-new-tokens", "2",
+            "--shards", f"torn={torn}"]
+    with one_torch_thread():
+        code = launch_module("eval").main(args)
+    _, stderr = capsys.readouterr()
+    assert code == 0, stderr[-3000:]
+    torn_metrics = json.loads((out / "metrics.json").read_text())["domains"]["torn"]
+    assert torn_metrics["skipped"] == {"corrupt_tar": 1}, torn_metrics["skipped"]
+    assert torn_metrics["samples"] >= 1, "the samples before the damage are still scored"

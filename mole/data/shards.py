@@ -46,11 +46,13 @@ def is_local(url: str) -> bool:
     return "://" not in url and not url.startswith("pipe:")
 
 
-def expand_shards(name: str, shards: str | list[str]) -> list[str]:
+def expand_shards(name: str, shards: str | list[str], *, strict: bool = False) -> list[str]:
     """Shard URLs of a domain: brace patterns expanded, local globs (``*``, ``?``, ``[]``) matched.
 
     A local pattern that matches no file is an error naming the domain and the pattern; a brace
-    pattern that matches only some files warns about the missing ones. URLs pass through unchecked.
+    pattern that matches only some files warns about the missing ones, or with ``strict`` is an
+    error naming them (evaluation: a score over part of a test set would pass for one over all of
+    it). URLs pass through unchecked.
     """
     patterns = [shards] if isinstance(shards, str) else list(shards)
     urls: list[str] = []
@@ -60,6 +62,9 @@ def expand_shards(name: str, shards: str | list[str]) -> list[str]:
         missing = [url for url in local if not os.path.isfile(url)]
         if not expanded or (local and len(missing) == len(local)):
             raise FileNotFoundError(f"data domain {name!r}: shard pattern {pattern!r} matches no file")
+        if strict and missing:
+            raise FileNotFoundError(f"data domain {name!r}: shard pattern {pattern!r}: {len(missing)} missing, "
+                                    f"e.g. {', '.join(missing[:3])}")
         for url in missing:
             log.warning("data domain %r: shard %s does not exist, skipping it", name, url)
         urls += [url for url in expanded if url not in missing]
