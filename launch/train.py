@@ -5,9 +5,13 @@ import sys
 
 from mole.config import ConfigError, parse_cli
 from mole.ds_config import build_ds_config
+from mole.train.signals import StopRequest
 
 
 def main() -> int:
+    # First, before the slow imports: SLURM's warning signal can come while torch and DeepSpeed load,
+    # and an uncaught SIGUSR1 kills the rank; caught here, it stops the run after its first step.
+    stop = StopRequest()
     try:
         cfg = parse_cli(sys.argv[1:])
         build_ds_config(cfg, int(os.environ.get("WORLD_SIZE", "1")))  # its errors too, before any load
@@ -18,7 +22,7 @@ def main() -> int:
     from mole.train.loop import run  # heavy imports only after the config is known to be valid
 
     try:
-        run(cfg)
+        run(cfg, stop)
     except (CheckpointError, FloatingPointError, FileNotFoundError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 1

@@ -166,6 +166,46 @@ def test_a_signal_on_one_rank_checkpoints_all_ranks_at_the_same_step_and_exits_c
     assert last[0] < 500
 
 
+def catches(pid: int, sig: signal.Signals) -> bool:
+    """Whether process ``pid`` has a handler installed for ``sig`` (the SigCgt mask in /proc)."""
+    status = Path(f"/proc/{pid}/status").read_text()
+    caught = int(next(line.split()[1] for line in status.splitlines() if line.startswith("SigCgt:")), 16)
+    return bool(caught >> (sig - 1) & 1)
+
+
+def has_loaded_torch(pid: int) -> bool:
+    return "libtorch" in Path(f"/proc/{pid}/maps").read_text()
+
+
+@pytest.mark.distributed
+def test_a_signal_during_start_up_is_honoured_after_the_first_step(tmp_path):
+    """The rank catches SIGUSR1 before its slow imports start (checked when torch first shows up in
+    its memory map), and a SIGUSR1 sent then neither kills it nor is lost: both ranks take one step,
+    checkpoint it and exit 0."""
+    proc = start(training_command(tmp_path, "train.max_steps=500", "train.save_every=0", "train.eval_every=0"),
+                 tmp_path / "run.log")
+    seen: dict[str, bool] = {}
+
+    def rank1_is_loading_torch() -> bool:
+        try:
+            ranks = [p for p in psutil.Process(proc.pid).children(recursive=True) if "--local_rank=1" in p.cmdline()]
+            if len(ranks) != 1 or not has_loaded_torch(ranks[0].pid):
+                return False
+            seen["catches"] = catches(ranks[0].pid, signal.SIGUSR1)
+            ranks[0].send_signal(signal.SIGUSR1)
+            return True
+        except (psutil.Error, OSError):
+            return False  # a process that ended or was still starting between listing and reading
+
+    wait_until(rank1_is_loading_torch, proc, 120, "rank 1 loading torch")
+    rc = finish(proc, tmp_path / "run.log")
+    assert seen["catches"], "rank 1 was importing torch without a SIGUSR1 handler: a warning signal then kills it"
+    assert rc == 0, (tmp_path / "run.log").read_text()[-3000:]
+    assert [step_records(tmp_path, rank)[-1]["step"] for rank in (0, 1)] == [1, 1]
+    assert (tmp_path / "checkpoints" / "latest").read_text() == "step_1"
+    assert not (tmp_path / "done.json").exists()
+
+
 # ----------------------------------------------------------------- checkpoint discovery (no DeepSpeed)
 
 

@@ -37,16 +37,17 @@ DONE_FILE = "done.json"
 MAX_NONFINITE_IN_A_ROW = 20
 
 
-def run(cfg: Config) -> dict:
+def run(cfg: Config, stop: StopRequest | None = None) -> dict:
     """Train as configured, resuming from ``output_dir`` when it holds a checkpoint.
 
     Returns the last step's reduced metrics. A SIGTERM/SIGUSR1 checkpoints and returns early with
-    ``stopped`` set; a completed run writes ``output_dir/done.json``.
+    ``stopped`` set; a completed run writes ``output_dir/done.json``. ``stop`` is a handler installed
+    earlier by the caller (a signal during start-up then stops the run after its first step).
     """
     info = init_distributed()
     logging.basicConfig(level=logging.INFO if info.is_main else logging.WARNING,
                         format="%(asctime)s %(name)s: %(message)s")
-    stop = StopRequest()
+    stop = stop or StopRequest()
     ds_config = build_ds_config(cfg, info.world_size)
     domains = [Domain(d.name, expand_shards(d.name, d.shards), d.weight) for d in cfg.data.domains]
     resume = resolve_resume(cfg.train.resume, cfg.output_dir, info.world_size)
