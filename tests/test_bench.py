@@ -21,6 +21,8 @@ def test_summarize_takes_ratios_of_medians_and_paired_iqr():
     assert out["ratios"] == {"lora": 1.0, "mole": 1.1, "base": 0.5}, "median / median of the baseline"
     assert out["paired_ratio_iqr"]["mole"] == [1.1, 1.1], "per-round ratios are all 1.1"
     assert out["paired_ratio_iqr"]["base"] == [0.5, 1.0], "quartiles of [0.5, 0.5, 1.5]"
+    assert out["paired_ratio_median"] == {"lora": 1.0, "mole": 1.1, "base": 0.5}, out["paired_ratio_median"]
+    assert out["times_s"]["base"] == [0.5, 1.0, 4.5], "every round's time is kept"
     assert out["rounds"] == 3
 
 

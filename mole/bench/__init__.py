@@ -26,9 +26,11 @@ def synchronize(device: torch.device) -> None:
 
 
 CLOCKS = {"wall": time.perf_counter, "cpu": time.process_time}
-"""``wall``: elapsed time. ``cpu``: this process's CPU time, for a CPU shared with other jobs: with one
-intra-op thread (``--threads 1``) it counts the work a variant does and not the time other jobs take
-the core away, which on a loaded machine swings wall-clock medians by 2x."""
+CLOCK_HELP = (
+    "wall: elapsed time. cpu: this process's CPU time, for a CPU shared with other jobs: with one "
+    "intra-op thread (--threads 1) it counts the work a variant does and not the time other jobs take "
+    "the core away, which on a loaded machine swings wall-clock medians by 2x"
+)
 
 
 def interleaved(
@@ -58,7 +60,7 @@ def interleaved(
 
 def add_clock_args(parser) -> None:
     """``--clock`` and ``--threads``, shared by the benches that time one process."""
-    parser.add_argument("--clock", choices=list(CLOCKS), default="wall", help=CLOCKS.__doc__)
+    parser.add_argument("--clock", choices=list(CLOCKS), default="wall", help=CLOCK_HELP)
     parser.add_argument("--threads", type=int, help="torch intra-op threads (default: torch's own)")
 
 
@@ -80,7 +82,8 @@ def summarize(times: dict[str, list[float]], baseline: str) -> dict:
     ``ratios[v]`` is median(v) / median(baseline), the number the issue's goals are stated in.
     ``paired_ratio_iqr[v]`` is the 25th-75th percentile of v / baseline *within each round*, which
     drift between rounds does not widen: where two variants' intervals overlap, their difference is
-    noise. ``spread_iqr_s`` is each variant's own 25th-75th percentile time.
+    noise; ``paired_ratio_median`` is its median. ``spread_iqr_s`` is each variant's own 25th-75th
+    percentile time, and ``times_s`` keeps every round's time for anyone who wants another statistic.
     """
     base = times[baseline]
     medians = {name: statistics.median(values) for name, values in times.items()}
@@ -92,7 +95,9 @@ def summarize(times: dict[str, list[float]], baseline: str) -> dict:
         "paired_ratio_iqr": {
             name: [round(_quantile(p, 0.25), 4), round(_quantile(p, 0.75), 4)] for name, p in paired.items()
         },
+        "paired_ratio_median": {name: round(statistics.median(p), 4) for name, p in paired.items()},
         "rounds": len(base),
+        "times_s": {name: [round(v, 6) for v in values] for name, values in times.items()},
     }
 
 
@@ -130,13 +135,13 @@ def write_json(path: str | None, result: dict) -> None:
 
 
 def print_table(result: dict, baseline: str) -> None:
-    """One line per variant: median, its IQR, ratio to the baseline and the paired-ratio IQR."""
-    print(f"{'variant':<12} {'median':>10} {'iqr':>21} {'/' + baseline:>8} {'paired iqr':>15}")
+    """One line per variant: median, its IQR, ratio to the baseline, the paired ratios' median and IQR."""
+    print(f"{'variant':<12} {'median':>10} {'iqr':>21} {'/' + baseline:>8} {'paired median [iqr]':>23}")
     for name, median in result["medians_s"].items():
         lo, hi = result["spread_iqr_s"][name]
         plo, phi = result["paired_ratio_iqr"][name]
         print(f"{name:<12} {median * 1e3:>8.2f}ms [{lo * 1e3:>8.2f}, {hi * 1e3:>8.2f}] "
-              f"{result['ratios'][name]:>8.3f} [{plo:.3f}, {phi:.3f}]")
+              f"{result['ratios'][name]:>8.3f} {result['paired_ratio_median'][name]:>7.3f} [{plo:.3f}, {phi:.3f}]")
 
 
 def write_profile(path: str, fns: dict, device: torch.device, medians: dict) -> None:
