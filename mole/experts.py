@@ -29,7 +29,6 @@ import math
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 ROUTING_MODES = ("hard", "scaled", "dense")
@@ -49,6 +48,7 @@ class Routes:
 
     counts: list[int] | None = None
     offsets: torch.Tensor | None = None  # (K,) int32
+    idle: torch.Tensor | None = None  # (K,) bool, with ``offsets``: experts that got no token
     token_weights: torch.Tensor | None = None  # (tokens,)
     dense_weights: torch.Tensor | None = None  # (tokens, K)
 
@@ -116,7 +116,8 @@ class LoraExperts(nn.Module):
             base = x.new_zeros(x.shape[0], self.lora_B.shape[1])
         if routes.offsets is not None:
             lora_a, lora_b = _aligned(self.lora_A), _aligned(self.lora_B)
-            return _GroupedLora.apply(_aligned(x), base, lora_a, lora_b, routes.token_weights, routes.offsets, self.scaling)
+            return _GroupedLora.apply(_aligned(x), base, lora_a, lora_b, routes.token_weights, routes.offsets, routes.idle,
+                                      self.scaling)
         return _SortedLora.apply(x, base, self.lora_A, self.lora_B, routes.token_weights, routes.counts, self.scaling)
 
     def _dense(self, x: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
@@ -182,33 +183,33 @@ class _GroupedLora(torch.autograd.Function):
     device-side ``offsets``: 2 + 4 kernels per projection instead of 2K + 4K, and no host sync.
 
     A grouped GEMM need not write the weight gradient of a group with no rows, so those experts'
-    gradients are zeroed explicitly (a masked fill, which also clears NaN garbage).
+    gradients are zeroed explicitly (a masked fill by ``idle``, which also clears NaN garbage).
     """
 
     @staticmethod
-    def forward(ctx, x, base, lora_a, lora_b, token_weights, offsets, scaling):
+    def forward(ctx, x, base, lora_a, lora_b, token_weights, offsets, idle, scaling):
         h = torch._grouped_mm(x, lora_a.transpose(1, 2), offs=offsets)  # (tokens, r)
         scale = scaling if token_weights is None else (token_weights * scaling).unsqueeze(-1)
         hs = h * scale
         base.add_(torch._grouped_mm(hs, lora_b.transpose(1, 2), offs=offsets))
         ctx.mark_dirty(base)
         ctx.scaling, ctx.weighted = scaling, token_weights is not None
-        ctx.save_for_backward(x, h, hs, lora_a, lora_b, offsets, scale if ctx.weighted else None)
+        ctx.save_for_backward(x, h, hs, lora_a, lora_b, offsets, idle, scale if ctx.weighted else None)
         return base
 
     @staticmethod
     def backward(ctx, grad):  # grad: (tokens, out)
-        x, h, hs, lora_a, lora_b, offsets, scale = ctx.saved_tensors
+        x, h, hs, lora_a, lora_b, offsets, idle, scale = ctx.saved_tensors
         grad = _aligned(grad.contiguous())
         need_x, _, need_a, need_b, need_w = ctx.needs_input_grad[:5]
-        empty = torch.diff(offsets, prepend=offsets.new_zeros(1)) == 0  # (K,) experts without tokens
+        empty = idle.view(-1, 1, 1)
         grad_hs = torch._grouped_mm(grad, lora_b, offs=offsets)  # (tokens, r)
-        grad_b = torch._grouped_mm(grad.t(), hs, offs=offsets).masked_fill_(empty.view(-1, 1, 1), 0) if need_b else None
+        grad_b = torch._grouped_mm(grad.t(), hs, offs=offsets).masked_fill_(empty, 0) if need_b else None
         grad_h = grad_hs * (scale if ctx.weighted else ctx.scaling)
         grad_w = (grad_hs * h).sum(-1) * ctx.scaling if need_w else None
-        grad_a = torch._grouped_mm(grad_h.t(), x, offs=offsets).masked_fill_(empty.view(-1, 1, 1), 0) if need_a else None
+        grad_a = torch._grouped_mm(grad_h.t(), x, offs=offsets).masked_fill_(empty, 0) if need_a else None
         grad_x = torch._grouped_mm(grad_h, lora_a, offs=offsets) if need_x else None
-        return grad_x, grad, grad_a, grad_b, grad_w, None, None
+        return grad_x, grad, grad_a, grad_b, grad_w, None, None, None
 
 
 def _aligned(t: torch.Tensor) -> torch.Tensor:
@@ -325,14 +326,17 @@ class MoleMLP(nn.Module):
             return Routes(counts=[tokens.shape[0]]), None
         probs = self.router(tokens).float().softmax(dim=-1)  # (tokens, K)
         top_prob, top_expert = probs.max(dim=-1)
-        self.stats = _routing_stats(probs, top_expert, self.context.mask_for(batch, seq, tokens.device), batch)
+        # one-hot by scatter: F.one_hot and torch.bincount read their input's range on the host,
+        # which on a GPU waits for the device (twice per layer) and stops the host running ahead
+        chosen = torch.zeros_like(probs).scatter_(1, top_expert.unsqueeze(1), 1.0)  # (tokens, K)
+        self.stats = _routing_stats(probs, chosen, self.context.mask_for(batch, seq, tokens.device), batch)
         if self.routing == "dense":
             return Routes(dense_weights=probs.to(tokens.dtype)), None
         order = torch.argsort(top_expert, stable=True)
-        counts = torch.bincount(top_expert, minlength=self.num_experts)  # (K,)
+        counts = chosen.sum(0, dtype=torch.int32)  # (K,)
         weights = top_prob[order].to(tokens.dtype) if self.routing == "scaled" else None
         if self._grouped(tokens):
-            return Routes(offsets=counts.cumsum(0).to(torch.int32), token_weights=weights), order
+            return Routes(offsets=counts.cumsum(0, dtype=torch.int32), idle=counts == 0, token_weights=weights), order
         return Routes(counts=counts.tolist(), token_weights=weights), order  # .tolist() waits for the device
 
     def _grouped(self, tokens: torch.Tensor) -> bool:
@@ -341,13 +345,12 @@ class MoleMLP(nn.Module):
         return self.grouped_mm == "always"
 
 
-def _routing_stats(probs: torch.Tensor, top_expert: torch.Tensor, mask: torch.Tensor, batch: int) -> RoutingStats:
-    """Sum probabilities and top-1 choices per sample over the non-padding tokens."""
+def _routing_stats(probs: torch.Tensor, chosen: torch.Tensor, mask: torch.Tensor, batch: int) -> RoutingStats:
+    """Sum probabilities and top-1 choices (``chosen``, one-hot) per sample over the non-padding tokens."""
     num_experts = probs.shape[-1]
     keep = mask.reshape(-1, 1).to(probs.dtype)  # (tokens, 1)
-    chosen = F.one_hot(top_expert, num_experts).to(probs.dtype) * keep
     return RoutingStats(
         prob_sum=(probs * keep).reshape(batch, -1, num_experts).sum(dim=1),
-        count=chosen.reshape(batch, -1, num_experts).sum(dim=1).detach(),
+        count=(chosen * keep).reshape(batch, -1, num_experts).sum(dim=1),
         tokens=keep.reshape(batch, -1).sum(dim=1),
     )

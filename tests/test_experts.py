@@ -5,6 +5,7 @@ import copy
 import pytest
 import torch
 from torch import nn
+from torch.utils._python_dispatch import TorchDispatchMode
 from transformers.models.llama.configuration_llama import LlamaConfig
 from transformers.models.llama.modeling_llama import LlamaMLP
 
@@ -198,15 +199,48 @@ def test_sparse_gradients_equal_per_token_reference(routing):
         torch.testing.assert_close(got[name], want[name], rtol=1e-4, atol=1e-5, msg=f"{routing}: d/d{name} differs")
 
 
+def cpu_grouped_mm_or_skip() -> None:
+    try:
+        torch._grouped_mm(torch.randn(4, 8), torch.randn(2, 8, 8), offs=torch.tensor([1, 4], dtype=torch.int32))
+    except (AttributeError, TypeError, RuntimeError, NotImplementedError) as e:
+        pytest.skip(f"no CPU torch._grouped_mm here: {e}")
+
+
+class HostReads(TorchDispatchMode):
+    """Counts the ops that copy a device value to the host (on a GPU each waits for the device)."""
+
+    SYNCING = ("_local_scalar_dense", "nonzero", "masked_select", "unique", "_unique2", "equal", "is_nonzero")
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.seen: list[str] = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if func.overloadpacket.__name__ in self.SYNCING:
+            self.seen.append(func.overloadpacket.__name__)
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.mark.parametrize("routing", ["hard", "scaled"])
+def test_grouped_path_never_reads_the_device_from_the_host(routing):
+    """The grouped path exists to keep a GPU's host running ahead of the device: no op in its forward
+    or backward may bring a value back to the host (``F.one_hot`` and ``torch.bincount`` both do)."""
+    cpu_grouped_mm_or_skip()
+    mlp, context = make_mlp(routing=routing)
+    mlp.grouped_mm = "always"
+    context.token_mask = torch.ones(2, 9, dtype=torch.bool)
+    x = torch.randn(2, 9, HIDDEN, requires_grad=True)
+    with HostReads() as reads:
+        mlp(x).sum().backward()
+    assert reads.seen == [], f"host reads: {reads.seen}"
+    assert x.grad is not None and all(bank.lora_A.grad is not None for bank in mlp.experts.values()), "backward ran"
+
+
 def test_grouped_mm_path_equals_per_expert_loop():
     """The grouped-GEMM dispatch (no host sync; a GPU's default) computes what the per-expert loop does,
     including an exact zero gradient for an expert without tokens. Runs where torch has a CPU
     ``_grouped_mm`` (torch >= 2.9)."""
-    torch_grouped = getattr(torch, "_grouped_mm", None)
-    try:
-        torch_grouped(torch.randn(4, 8), torch.randn(2, 8, 8), offs=torch.tensor([1, 4], dtype=torch.int32))
-    except (TypeError, RuntimeError, NotImplementedError) as e:
-        pytest.skip(f"no CPU torch._grouped_mm here: {e}")
+    cpu_grouped_mm_or_skip()
     loop, _ = make_mlp(routing="scaled")
     with torch.no_grad():
         loop.router.bias.copy_(torch.tensor([0.0, -50.0, 0.0]))  # expert 1 gets no token
