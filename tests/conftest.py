@@ -7,6 +7,13 @@ import pytest
 from tests.helpers import SHORT_RUN_STEPS as STEPS
 from tests.helpers import launch_training, remove_shared_memory_buffers
 
+
+def pytest_collection_modifyitems(items):
+    """A test that uses the 2-rank runs is as slow as one that launches them: mark it the same."""
+    for item in items:
+        if "mode_runs" in getattr(item, "fixturenames", ()):
+            item.add_marker(pytest.mark.distributed)
+
 @pytest.fixture(scope="session")
 def mode_runs(tmp_path_factory):
     """Short 2-rank runs of tiny.yaml (ZeRO-3, every tensor partitioned): one per routing mode and plain LoRA.
