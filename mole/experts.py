@@ -77,16 +77,16 @@ class RoutingContext:
         self.token_mask: torch.Tensor | None = None  # (batch, seq) bool, True = real token
         self.layers: list[MoleMLP] = []
 
-    def mask_for(self, batch: int, seq: int, device: torch.device) -> torch.Tensor:
-        """The (batch, seq) mask of the tokens in this forward; with a KV cache only the newest columns."""
-        mask = self.token_mask
-        if mask is None or mask.shape[0] != batch or mask.shape[1] < seq:
-            return torch.ones(batch, seq, dtype=torch.bool, device=device)
-        return mask[:, -seq:].to(device=device, dtype=torch.bool)
-
     def stats(self) -> list[RoutingStats]:
         """Routing statistics of every routed layer from the latest forward, in layer order."""
         return [layer.stats for layer in self.layers if layer.stats is not None]
+
+
+def _tokens_mask(mask: torch.Tensor | None, batch: int, seq: int, device: torch.device) -> torch.Tensor:
+    """The (batch, seq) mask of a forward's tokens from the batch's mask; with a KV cache the newest columns."""
+    if mask is None or mask.shape[0] != batch or mask.shape[1] < seq:
+        return torch.ones(batch, seq, dtype=torch.bool, device=device)
+    return mask[:, -seq:].to(device=device, dtype=torch.bool)
 
 
 class LoraExperts(nn.Module):
@@ -114,11 +114,16 @@ class LoraExperts(nn.Module):
             return delta if base is None else base + delta
         if base is None:
             base = x.new_zeros(x.shape[0], self.lora_B.shape[1])
+        # without autograd (generation, evaluation) the functions' forward math runs directly: the
+        # autograd.Function machinery is host time a decode step spends per projection
+        direct = not torch.is_grad_enabled()
         if routes.offsets is not None:
-            lora_a, lora_b = _aligned(self.lora_A), _aligned(self.lora_B)
-            return _GroupedLora.apply(_aligned(x), base, lora_a, lora_b, routes.token_weights, routes.offsets, routes.idle,
-                                      self.scaling)
-        return _SortedLora.apply(x, base, self.lora_A, self.lora_B, routes.token_weights, routes.counts, self.scaling)
+            args = (_aligned(x), base, _aligned(self.lora_A), _aligned(self.lora_B), routes.token_weights, routes.offsets)
+            return _grouped_lora(*args, self.scaling)[0] if direct else _GroupedLora.apply(*args, routes.idle, self.scaling)
+        args = (x, base, self.lora_A, self.lora_B, routes.token_weights)
+        if direct:
+            return _sorted_lora(*args, _slices(routes.counts), self.scaling)[0]
+        return _SortedLora.apply(*args, routes.counts, self.scaling)
 
     def _dense(self, x: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
         """sum_e w_e * B_e A_e x, as two matmuls: every expert on every token (K x the LoRA cost)."""
@@ -126,6 +131,30 @@ class LoraExperts(nn.Module):
         xa = torch.einsum("ti,kri->tkr", x, self.lora_A) * weights.unsqueeze(-1)  # (tokens, K, r)
         b_stacked = self.lora_B.permute(0, 2, 1).reshape(num_experts * r, out_features)  # (K*r, out)
         return (xa.reshape(x.shape[0], num_experts * r) @ b_stacked) * self.scaling
+
+
+def _sorted_lora(x, base, lora_a, lora_b, token_weights, slices, scaling):
+    """``base += scaling * w_t * B_e A_e x_t`` row slice by row slice (the forward of :class:`_SortedLora`);
+    also returns the rank-r intermediates ``h`` and ``hs = h * scale`` and the per-token ``scale``."""
+    # x: (tokens, in) sorted by expert; base: (tokens, out); lora_a: (K, r, in); lora_b: (K, out, r)
+    used = [(e, rows) for e, rows in enumerate(slices) if rows.stop > rows.start]  # a decoded token uses one
+    h = x.new_empty(x.shape[0], lora_a.shape[1])  # (tokens, r)
+    for e, rows in used:
+        torch.mm(x[rows], lora_a[e].t(), out=h[rows])
+    scale = scaling if token_weights is None else (token_weights * scaling).unsqueeze(-1)  # (tokens, 1)
+    hs = h * scale
+    for e, rows in used:
+        base[rows].addmm_(hs[rows], lora_b[e].t())
+    return base, h, hs, scale
+
+
+def _grouped_lora(x, base, lora_a, lora_b, token_weights, offsets, scaling):
+    """:func:`_sorted_lora` as two grouped GEMMs over the device-side ``offsets`` (forward of :class:`_GroupedLora`)."""
+    h = torch._grouped_mm(x, lora_a.transpose(1, 2), offs=offsets)  # (tokens, r)
+    scale = scaling if token_weights is None else (token_weights * scaling).unsqueeze(-1)
+    hs = h * scale
+    base.add_(torch._grouped_mm(hs, lora_b.transpose(1, 2), offs=offsets))
+    return base, h, hs, scale
 
 
 class _SortedLora(torch.autograd.Function):
@@ -141,15 +170,8 @@ class _SortedLora(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, base, lora_a, lora_b, token_weights, counts, scaling):
-        # x: (tokens, in) sorted by expert; base: (tokens, out); lora_a: (K, r, in); lora_b: (K, out, r)
         slices = _slices(counts)
-        h = x.new_empty(x.shape[0], lora_a.shape[1])  # (tokens, r)
-        for e, rows in enumerate(slices):
-            torch.mm(x[rows], lora_a[e].t(), out=h[rows])
-        scale = scaling if token_weights is None else (token_weights * scaling).unsqueeze(-1)  # (tokens, 1)
-        hs = h * scale
-        for e, rows in enumerate(slices):
-            base[rows].addmm_(hs[rows], lora_b[e].t())
+        base, h, hs, scale = _sorted_lora(x, base, lora_a, lora_b, token_weights, slices, scaling)
         ctx.mark_dirty(base)
         ctx.slices, ctx.scaling, ctx.weighted = slices, scaling, token_weights is not None
         ctx.save_for_backward(x, h, hs, lora_a, lora_b, scale if ctx.weighted else None)
@@ -188,10 +210,7 @@ class _GroupedLora(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, base, lora_a, lora_b, token_weights, offsets, idle, scaling):
-        h = torch._grouped_mm(x, lora_a.transpose(1, 2), offs=offsets)  # (tokens, r)
-        scale = scaling if token_weights is None else (token_weights * scaling).unsqueeze(-1)
-        hs = h * scale
-        base.add_(torch._grouped_mm(hs, lora_b.transpose(1, 2), offs=offsets))
+        base, h, hs, scale = _grouped_lora(x, base, lora_a, lora_b, token_weights, offsets, scaling)
         ctx.mark_dirty(base)
         ctx.scaling, ctx.weighted = scaling, token_weights is not None
         ctx.save_for_backward(x, h, hs, lora_a, lora_b, offsets, idle, scale if ctx.weighted else None)
@@ -290,13 +309,27 @@ class MoleMLP(nn.Module):
             }
         )
         self.context = context  # not a submodule: shared, holds no parameters
-        self.stats: RoutingStats | None = None
+        self._stats: RoutingStats | None = None
+        self._routing: tuple | None = None  # what the statistics are computed from, until asked
         self.grouped_mm = "auto"
         """Sparse dispatch: ``auto`` uses ``torch._grouped_mm`` (no host sync) where
         :func:`grouped_mm_supported`, else a per-expert loop over host-side counts; ``always`` /
         ``never`` force one (``always`` needs a torch whose ``_grouped_mm`` runs on that device)."""
         self._widths = sorted({w for bank in self.experts.values() for w in (*bank.lora_A.shape[1:], bank.lora_B.shape[1])})
         context.layers.append(self)
+
+    @property
+    def stats(self) -> RoutingStats | None:
+        """This layer's routing statistics from its latest forward (``None`` without a router).
+
+        Computed on first access: training asks every step (the balance loss), generation never does,
+        and a decode step then saves the host the ops that would compute them in every layer.
+        """
+        if self._stats is None and self._routing is not None:
+            probs, chosen, mask, batch, seq = self._routing
+            self._stats = _routing_stats(probs, chosen, _tokens_mask(mask, batch, seq, probs.device), batch)
+            self._routing = None
+        return self._stats
 
     def forward(self, hidden: torch.Tensor) -> torch.Tensor:  # hidden: (batch, seq, hidden)
         batch, seq, width = hidden.shape
@@ -322,19 +355,19 @@ class MoleMLP(nn.Module):
     def _route(self, tokens: torch.Tensor, batch: int, seq: int) -> tuple[Routes, torch.Tensor | None]:
         """Pick each token's expert, record the statistics, and say how to dispatch."""
         if self.router is None:
-            self.stats = None
             return Routes(counts=[tokens.shape[0]]), None
         probs = self.router(tokens).float().softmax(dim=-1)  # (tokens, K)
         top_prob, top_expert = probs.max(dim=-1)
         # one-hot by scatter: F.one_hot and torch.bincount read their input's range on the host,
         # which on a GPU waits for the device (twice per layer) and stops the host running ahead
         chosen = torch.zeros_like(probs).scatter_(1, top_expert.unsqueeze(1), 1.0)  # (tokens, K)
-        self.stats = _routing_stats(probs, chosen, self.context.mask_for(batch, seq, tokens.device), batch)
+        self._stats, self._routing = None, (probs, chosen, self.context.token_mask, batch, seq)
         if self.routing == "dense":
             return Routes(dense_weights=probs.to(tokens.dtype)), None
-        order = torch.argsort(top_expert, stable=True)
+        # one token (a decode step of one sequence) is sorted already: no permutation to make or undo
+        order = torch.argsort(top_expert, stable=True) if tokens.shape[0] > 1 else None
         counts = chosen.sum(0, dtype=torch.int32)  # (K,)
-        weights = top_prob[order].to(tokens.dtype) if self.routing == "scaled" else None
+        weights = (top_prob if order is None else top_prob[order]).to(tokens.dtype) if self.routing == "scaled" else None
         if self._grouped(tokens):
             return Routes(offsets=counts.cumsum(0, dtype=torch.int32), idle=counts == 0, token_weights=weights), order
         return Routes(counts=counts.tolist(), token_weights=weights), order  # .tolist() waits for the device
