@@ -174,7 +174,8 @@ def build_engine(args: argparse.Namespace, num_experts: int, ds_config: dict, dt
     from transformers import LlavaForConditionalGeneration
 
     from mole.model import TrainingModel
-    from mole.surgery import PROJECTOR_PREFIX, apply_mole
+    from mole.surgery import apply_mole
+    from mole.train.optim import build_optimizer, param_groups
 
     torch.manual_seed(0)  # the same frozen weights for every variant
     # No dtype argument: zero.Init takes it from the config's bf16/fp16 sections (its explicit dtype
@@ -191,9 +192,7 @@ def build_engine(args: argparse.Namespace, num_experts: int, ds_config: dict, dt
             if param.requires_grad and param.dtype != dtype:
                 param.data = param.data.to(dtype)
     model = TrainingModel(llava, surgery, "switch", 0.01)
-    projector = [p for n, p in model.named_parameters() if p.requires_grad and PROJECTOR_PREFIX in n]
-    adapters = [p for n, p in model.named_parameters() if p.requires_grad and PROJECTOR_PREFIX not in n]
-    optimizer = torch.optim.AdamW([{"params": adapters, "lr": 1e-4}, {"params": projector, "lr": 2e-5}])
+    optimizer = build_optimizer(param_groups(model, 1e-4, 2e-5), "adamw", 1e-4, weight_decay=0.01)  # as training builds it
     engine, *_ = deepspeed.initialize(model=model, optimizer=optimizer, config=ds_config)
     return engine
 

@@ -25,10 +25,10 @@ from mole.data.stream import Domain, MixedStream, derive_seed, make_loader
 from mole.distributed import DistInfo, init_distributed, release_shared_memory
 from mole.ds_config import build_ds_config, effective_precision
 from mole.model import DTYPES, TrainingModel, build_mole_model
-from mole.surgery import PROJECTOR_PREFIX
 from mole.train.checkpoint import Checkpoints, resolve_resume, restore_rng
 from mole.train.evaluation import heldout_batches, heldout_loss
 from mole.train.metrics import StepMetrics, count_parameters
+from mole.train.optim import build_optimizer, param_groups
 from mole.train.signals import StopRequest
 
 log = logging.getLogger("mole.train")
@@ -167,15 +167,8 @@ def _make_engine(model: TrainingModel, cfg: Config, ds_config: dict):
     """DeepSpeed engine over a torch optimizer (nothing JIT-compiled) with warmup + cosine LR."""
     import deepspeed
 
-    projector = [p for n, p in model.named_parameters() if p.requires_grad and PROJECTOR_PREFIX in n]
-    adapters = [p for n, p in model.named_parameters() if p.requires_grad and PROJECTOR_PREFIX not in n]
-    groups = [{"params": adapters, "lr": cfg.train.lr}]
-    if projector:
-        groups.append({"params": projector, "lr": cfg.train.projector_lr})
-    if cfg.train.optimizer == "sgd":
-        optimizer = torch.optim.SGD(groups, lr=cfg.train.lr, weight_decay=cfg.train.weight_decay)
-    else:
-        optimizer = torch.optim.AdamW(groups, lr=cfg.train.lr, weight_decay=cfg.train.weight_decay)
+    groups = param_groups(model, cfg.train.lr, cfg.train.projector_lr)
+    optimizer = build_optimizer(groups, cfg.train.optimizer, cfg.train.lr, cfg.train.weight_decay)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_cosine(cfg.train.warmup_steps, cfg.train.max_steps))
     engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=scheduler, config=ds_config)
     return engine

@@ -1,0 +1,47 @@
+"""The optimizer builder: the fused AdamW it picks updates exactly as torch's reference AdamW does."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+from mole.surgery import PROJECTOR_PREFIX
+from mole.train.optim import build_optimizer, param_groups
+
+
+def test_fused_adamw_takes_the_same_steps_as_the_reference_implementation():
+    torch.manual_seed(0)
+    start = torch.randn(1000)
+    grads = [torch.randn(1000) for _ in range(5)]
+    finals = []
+    for fused in (True, False):
+        param = nn.Parameter(start.clone())
+        if fused:
+            optimizer = build_optimizer([{"params": [param], "lr": 1e-2}], "adamw", 1e-2, weight_decay=0.1)
+            assert optimizer.param_groups[0]["fused"], "the CPU has a fused AdamW: it should be used"
+        else:
+            optimizer = torch.optim.AdamW([param], lr=1e-2, weight_decay=0.1, foreach=False)
+        for grad in grads:
+            param.grad = grad.clone()
+            optimizer.step()
+        finals.append(param.detach())
+    assert not torch.equal(finals[1], start), "the steps moved nothing: the comparison would prove nothing"
+    torch.testing.assert_close(finals[0], finals[1], rtol=1e-6, atol=1e-7)
+
+
+def test_param_groups_give_the_projector_its_own_learning_rate():
+    model = nn.Module()
+    model.adapter = nn.Linear(2, 2)
+    model.frozen = nn.Linear(2, 2).requires_grad_(False)
+    projector = nn.Linear(2, 2)
+    model.add_module(PROJECTOR_PREFIX, projector)
+    groups = param_groups(model, lr=1e-4, projector_lr=2e-5)
+    assert [g["lr"] for g in groups] == [1e-4, 2e-5]
+    assert {id(p) for p in groups[0]["params"]} == {id(p) for p in model.adapter.parameters()}
+    assert {id(p) for p in groups[1]["params"]} == {id(p) for p in projector.parameters()}
+
+
+def test_an_unknown_optimizer_is_refused_by_name():
+    with pytest.raises(ValueError, match="adamw or sgd, got 'lion'"):
+        build_optimizer([{"params": [nn.Parameter(torch.zeros(1))], "lr": 1.0}], "lion", 1.0, 0.0)
