@@ -350,3 +350,21 @@ def test_filled_bundled_ds_configs_are_accepted_by_deepspeed(workdir: Path, name
     assert parsed.zero_optimization_stage == stage, parsed.zero_optimization_stage
     assert parsed.train_batch_size == 8 and parsed.gradient_accumulation_steps == 2, parsed.train_batch_size
     assert parsed.bfloat16_config.enabled and not parsed.float16_config.enabled, "precision not carried over"
+
+
+def test_bundled_zero3_configs_name_the_mole_mlp_as_a_leaf_module() -> None:
+    """DeepSpeed skips a leaf class it cannot find without a word, so a renamed MoleMLP would silently
+    bring back ZeRO-3's per-submodule hooks: every class the bundled JSONs name must resolve."""
+    import importlib
+
+    from mole.experts import MoleMLP
+
+    for path in sorted((Path(__file__).parent.parent / "ds_configs").glob("*.json")):
+        zero = json.loads(path.read_text())["zero_optimization"]
+        if zero["stage"] != 3:
+            continue
+        classes = zero["leaf_module"]["classes"]
+        assert classes, f"{path.name}: no leaf module classes"
+        for qualified in classes:
+            module, _, name = qualified.rpartition(".")
+            assert getattr(importlib.import_module(module), name) is MoleMLP, f"{path.name}: {qualified}"

@@ -87,6 +87,8 @@ def test_zero3_partitions_the_model(equivalence_runs):
     start = read_rank_log(equivalence_runs["zero3"], 0)[0]
     counts = start["parameters"]
     assert counts["partitioned"] == counts["tensors"], f"ZeRO-3 kept some tensors whole: {counts}"
+    layers = json.loads((REPO / "models" / "tiny-llava" / "config.json").read_text())["text_config"]["num_hidden_layers"]
+    assert counts["zero3_leaf_modules"] == layers, f"every MoLE MLP should be a ZeRO-3 leaf module: {counts}"
 
 
 def test_ranks_saw_text_only_and_image_batches_at_the_same_step(equivalence_runs):

@@ -72,9 +72,10 @@ def run(cfg: Config, stop: StopRequest | None = None) -> dict:
         log.info("resumed from %s/%s at step %d", resume.path, resume.tag, start_step)
 
     counts = count_parameters(model)
-    log.info("parameters: %s trainable of %s total (%.3f%%); %d of %d tensors partitioned by ZeRO-3; precision %s",
-             f"{counts['trainable']:,}", f"{counts['total']:,}", 100 * counts["trainable"] / counts["total"],
-             counts["partitioned"], counts["tensors"], precision)
+    log.info("parameters: %s trainable of %s total (%.3f%%); %d of %d tensors partitioned by ZeRO-3, %d ZeRO-3 "
+             "leaf modules; precision %s", f"{counts['trainable']:,}", f"{counts['total']:,}",
+             100 * counts["trainable"] / counts["total"], counts["partitioned"], counts["tensors"],
+             counts["zero3_leaf_modules"], precision)
     process = SampleProcessor(processor, cfg.data.max_length, cfg.data.image_aspect,
                               image_backend=cfg.data.image_backend, max_image_pixels=cfg.data.max_image_pixels)
     stream = MixedStream(domains, process, batch_size=cfg.train.micro_batch_size,

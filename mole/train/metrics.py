@@ -22,7 +22,8 @@ from mole.routing_analysis import domain_expert_counts, domain_expert_shares, la
 
 
 def count_parameters(model: torch.nn.Module) -> dict:
-    """Trainable / total parameter counts, using ZeRO-3's full sizes for partitioned tensors."""
+    """Trainable / total parameter counts, using ZeRO-3's full sizes for partitioned tensors, and how
+    many modules ZeRO-3 treats as leaves (gathered whole on entry, no hooks on their submodules)."""
     total = trainable = partitioned = tensors = 0
     for param in model.parameters():
         tensors += 1
@@ -31,7 +32,9 @@ def count_parameters(model: torch.nn.Module) -> dict:
         trainable += numel if param.requires_grad else 0
         if hasattr(param, "ds_numel") and not param.ds_persist:  # only a shard is held between uses
             partitioned += 1
-    return {"total": total, "trainable": trainable, "tensors": tensors, "partitioned": partitioned}
+    leaves = sum(bool(getattr(module, "_z3_leaf", False)) for module in model.modules())
+    return {"total": total, "trainable": trainable, "tensors": tensors, "partitioned": partitioned,
+            "zero3_leaf_modules": leaves}
 
 
 def truncate_jsonl(path: str, after_step: int) -> None:
