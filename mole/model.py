@@ -83,6 +83,12 @@ class TrainingModel(nn.Module):
     def forward(self, input_ids, attention_mask, labels, pixel_values=None):
         llava = self.llava
         embeds = llava.get_input_embeddings()(input_ids)
+        if torch.is_grad_enabled():
+            # ZeRO-3 reduces a leaf module's gradients (each MoLE MLP is one) from a full backward hook,
+            # which fires before the module's own backward when none of its inputs requires a gradient:
+            # with nothing trainable below the first MLP (no attention LoRA, frozen projector) it would
+            # reduce zeros. Its input carries a gradient anyway whenever the projector trains.
+            embeds.requires_grad_(True)
         text_only = pixel_values is None
         if text_only:
             pixel_values = torch.zeros(self.dummy_image_shape, dtype=embeds.dtype, device=embeds.device)

@@ -114,3 +114,19 @@ def test_zero3_equals_zero2_on_the_same_data(equivalence_runs):
         moved += "lora_B" in key and w3[key].abs().sum() > 0
     assert moved > 0, "training did not move the LoRA B matrices: nothing was compared"
     assert base  # the base checkpoint stays untouched and loadable
+
+
+@pytest.mark.distributed
+def test_first_mole_mlp_trains_when_nothing_below_it_does(tmp_path):
+    """No attention LoRA and a frozen projector: the first MoLE MLP's input carries no gradient of its
+    own. ZeRO-3 (each MLP a leaf module) must still give that layer's experts the gradients ZeRO-2 gives."""
+    common = ["train.max_steps=3", "train.optimizer=sgd", "train.lr=0.05", "train.warmup_steps=0", "lora.dropout=0.0",
+              "train.eval_every=0", "train.log_routing_every=0", "lora.attn_targets=[]", "train.train_projector=false"]
+    weights = {}
+    for name in ("zero3_partition_all", "zero2"):
+        launch_training(tmp_path / name, f"train.ds_config={REPO / 'ds_configs' / f'{name}.json'}", *common)
+        weights[name] = load_file(tmp_path / name / "adapter" / "adapter.safetensors")
+    first = [key for key in weights["zero2"] if ".layers.0." in key and "lora_B" in key]
+    assert first and all(weights["zero2"][key].abs().sum() > 0 for key in first), "layer 0's experts did not train"
+    for key, value in weights["zero2"].items():
+        torch.testing.assert_close(weights["zero3_partition_all"][key], value, rtol=1e-4, atol=1e-6, msg=f"{key}: ZeRO-3 != ZeRO-2")
