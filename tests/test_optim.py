@@ -45,3 +45,17 @@ def test_param_groups_give_the_projector_its_own_learning_rate():
 def test_an_unknown_optimizer_is_refused_by_name():
     with pytest.raises(ValueError, match="adamw or sgd, got 'lion'"):
         build_optimizer([{"params": [nn.Parameter(torch.zeros(1))], "lr": 1.0}], "lion", 1.0, 0.0)
+
+
+def test_fused_is_asked_up_front_and_survives_loading_an_unfused_state():
+    from mole.train.optim import fused_kept, fused_supported
+
+    assert not fused_supported([torch.zeros(2, dtype=torch.int64)]), "integer tensors have no fused AdamW"
+    assert not fused_supported([]), "no parameters, nothing to fuse"
+    params = [nn.Parameter(torch.zeros(3))]
+    optimizer = build_optimizer([{"params": params, "lr": 0.1}], "adamw", 0.1, 0.0)
+    unfused = torch.optim.AdamW([nn.Parameter(torch.zeros(3))], lr=0.1).state_dict()
+    with fused_kept(optimizer):
+        optimizer.load_state_dict(unfused)
+        assert not optimizer.param_groups[0]["fused"], "precondition: loading the state switched fused off"
+    assert optimizer.param_groups[0]["fused"], "fused_kept must restore the fused choice after loading"

@@ -28,7 +28,7 @@ from mole.model import DTYPES, TrainingModel, build_mole_model
 from mole.train.checkpoint import Checkpoints, resolve_resume, restore_rng
 from mole.train.evaluation import heldout_batches, heldout_loss
 from mole.train.metrics import StepMetrics, count_parameters
-from mole.train.optim import build_optimizer, param_groups
+from mole.train.optim import build_optimizer, fused_kept, param_groups
 from mole.train.signals import StopRequest
 
 log = logging.getLogger("mole.train")
@@ -66,8 +66,9 @@ def run(cfg: Config, stop: StopRequest | None = None) -> dict:
     start_step = 0
     torch.manual_seed(derive_seed(cfg.train.seed, "dropout", info.rank) % 2**63)
     if resume is not None:
-        engine.load_checkpoint(resume.path, tag=resume.tag, load_module_strict=False,
-                               load_optimizer_states=True, load_lr_scheduler_states=True)
+        with fused_kept(engine.optimizer):
+            engine.load_checkpoint(resume.path, tag=resume.tag, load_module_strict=False,
+                                   load_optimizer_states=True, load_lr_scheduler_states=True)
         start_step = restore_rng(os.path.join(resume.path, resume.tag), info.rank)
         log.info("resumed from %s/%s at step %d", resume.path, resume.tag, start_step)
 
@@ -146,6 +147,7 @@ def _train_step(engine, batches, metrics: StepMetrics, surgery, cfg: Config, inf
         engine.backward(out["loss"])
         engine.step()
         metrics.add_micro_batch(batch, out, surgery.context.stats())
+        surgery.context.clear()  # a recompute's routing graph (gradient checkpointing) would live until the next forward
         done += 1
         skipped_in_a_row = 0
 
