@@ -81,6 +81,11 @@ class RoutingContext:
         """Routing statistics of every routed layer from the latest forward, in layer order."""
         return [layer.stats for layer in self.layers if layer.stats is not None]
 
+    def clear(self) -> None:
+        """Drop every layer's routing state (and the autograd graph it may still reference)."""
+        for layer in self.layers:
+            layer._stats = layer._routing = None
+
 
 def _tokens_mask(mask: torch.Tensor | None, batch: int, seq: int, device: torch.device) -> torch.Tensor:
     """The (batch, seq) mask of a forward's tokens from the batch's mask; with a KV cache the newest columns."""
@@ -358,8 +363,9 @@ class MoleMLP(nn.Module):
             return Routes(counts=[tokens.shape[0]]), None
         probs = self.router(tokens).float().softmax(dim=-1)  # (tokens, K)
         top_prob, top_expert = probs.max(dim=-1)
-        # one-hot by scatter: F.one_hot and torch.bincount read their input's range on the host,
-        # which on a GPU waits for the device (twice per layer) and stops the host running ahead
+        # one-hot by scatter and counts by a sum: torch.bincount reads its input's min and max back to
+        # the host (on a GPU, two waits for the device per layer, and the host can no longer run
+        # ahead), and F.one_hot checks its input's range on the host on a CPU
         chosen = torch.zeros_like(probs).scatter_(1, top_expert.unsqueeze(1), 1.0)  # (tokens, K)
         self._stats, self._routing = None, (probs, chosen, self.context.token_mask, batch, seq)
         if self.routing == "dense":

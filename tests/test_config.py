@@ -353,8 +353,9 @@ def test_filled_bundled_ds_configs_are_accepted_by_deepspeed(workdir: Path, name
 
 
 def test_bundled_zero3_configs_name_the_mole_mlp_as_a_leaf_module() -> None:
-    """DeepSpeed skips a leaf class it cannot find without a word, so a renamed MoleMLP would silently
-    bring back ZeRO-3's per-submodule hooks: every class the bundled JSONs name must resolve."""
+    """DeepSpeed skips a leaf class it cannot find with only a logged warning, so a renamed MoleMLP
+    would quietly bring back ZeRO-3's per-submodule hooks: every class the bundled JSONs name must
+    resolve."""
     import importlib
 
     from mole.experts import MoleMLP
