@@ -175,6 +175,7 @@ def main(argv: list[str]) -> dict:
     def step(module: nn.Module):
         def run():
             out = module(x)
+            getattr(module, "stats", None)  # MoLE computes its routing statistics when read; training reads them every step
             out.backward(grad_out)
             x.grad = None
             for param in module.parameters():
