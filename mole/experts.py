@@ -38,15 +38,15 @@ ROUTING_MODES = ("hard", "scaled", "dense")
 class Routes:
     """How one MoLE forward dispatches tokens, shared by the gate/up/down expert banks.
 
-    Sparse modes (``hard``/``scaled``) pass tokens *sorted by expert*: ``counts[e]`` consecutive
-    rows belong to expert ``e`` (on the host), or, on the grouped-GEMM path, ``offsets`` holds the same
+    Sparse modes (``hard``/``scaled``) pass tokens *sorted by expert*: rows ``slices[e]`` belong to
+    expert ``e`` (split on the host, once per layer for all three projections), or, on the grouped-GEMM path, ``offsets`` holds the same
     split on the device (int32 cumulative ends) so the host never waits for the routing.
     ``token_weights`` (sorted like the tokens) scales each token's delta (``scaled``); ``None`` adds it
     unscaled (``hard``, plain LoRA). Dense mode passes tokens in their original order with
     ``dense_weights`` (tokens, K), the softmax over experts.
     """
 
-    counts: list[int] | None = None
+    slices: list[slice] | None = None
     offsets: torch.Tensor | None = None  # (K,) int32
     idle: torch.Tensor | None = None  # (K,) bool, with ``offsets``: experts that got no token
     token_weights: torch.Tensor | None = None  # (tokens,)
@@ -84,7 +84,7 @@ class RoutingContext:
     def clear(self) -> None:
         """Drop every layer's routing state (and the autograd graph it may still reference)."""
         for layer in self.layers:
-            layer._stats = layer._routing = None
+            layer.clear_routing()
 
 
 def _tokens_mask(mask: torch.Tensor | None, batch: int, seq: int, device: torch.device) -> torch.Tensor:
@@ -127,8 +127,8 @@ class LoraExperts(nn.Module):
             return _grouped_lora(*args, self.scaling)[0] if direct else _GroupedLora.apply(*args, routes.idle, self.scaling)
         args = (x, base, self.lora_A, self.lora_B, routes.token_weights)
         if direct:
-            return _sorted_lora(*args, _slices(routes.counts), self.scaling)[0]
-        return _SortedLora.apply(*args, routes.counts, self.scaling)
+            return _sorted_lora(*args, routes.slices, self.scaling)[0]
+        return _SortedLora.apply(*args, routes.slices, self.scaling)
 
     def _dense(self, x: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
         """sum_e w_e * B_e A_e x, as two matmuls: every expert on every token (K x the LoRA cost)."""
@@ -165,7 +165,7 @@ def _grouped_lora(x, base, lora_a, lora_b, token_weights, offsets, scaling):
 class _SortedLora(torch.autograd.Function):
     """``base + scaling * w_t * B_e A_e x_t`` for tokens sorted by expert, with hand-written backward.
 
-    Expert ``e`` owns rows ``[start_e, start_e + counts[e])``. Every matmul writes its result straight
+    Expert ``e`` owns rows ``slices[e]``. Every matmul writes its result straight
     into its rows of one preallocated tensor (``torch.mm(out=...)`` / ``addmm_``), and the token
     weights and scaling are applied to the rank-r intermediate, not to the (tokens, out) delta, so no
     pass over a (tokens, out) tensor is spent on concatenation, scaling or the residual add, and the
@@ -174,8 +174,7 @@ class _SortedLora(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, x, base, lora_a, lora_b, token_weights, counts, scaling):
-        slices = _slices(counts)
+    def forward(ctx, x, base, lora_a, lora_b, token_weights, slices, scaling):
         base, h, hs, scale = _sorted_lora(x, base, lora_a, lora_b, token_weights, slices, scaling)
         ctx.mark_dirty(base)
         ctx.slices, ctx.scaling, ctx.weighted = slices, scaling, token_weights is not None
@@ -336,6 +335,10 @@ class MoleMLP(nn.Module):
             self._routing = None
         return self._stats
 
+    def clear_routing(self) -> None:
+        """Forget the latest forward's routing (statistics and what they would be computed from)."""
+        self._stats = self._routing = None
+
     def forward(self, hidden: torch.Tensor) -> torch.Tensor:  # hidden: (batch, seq, hidden)
         batch, seq, width = hidden.shape
         tokens = hidden.reshape(batch * seq, width)
@@ -360,7 +363,7 @@ class MoleMLP(nn.Module):
     def _route(self, tokens: torch.Tensor, batch: int, seq: int) -> tuple[Routes, torch.Tensor | None]:
         """Pick each token's expert, record the statistics, and say how to dispatch."""
         if self.router is None:
-            return Routes(counts=[tokens.shape[0]]), None
+            return Routes(slices=[slice(0, tokens.shape[0])]), None
         probs = self.router(tokens).float().softmax(dim=-1)  # (tokens, K)
         top_prob, top_expert = probs.max(dim=-1)
         # one-hot by scatter and counts by a sum: torch.bincount reads its input's min and max back to
@@ -376,7 +379,7 @@ class MoleMLP(nn.Module):
         weights = (top_prob if order is None else top_prob[order]).to(tokens.dtype) if self.routing == "scaled" else None
         if self._grouped(tokens):
             return Routes(offsets=counts.cumsum(0, dtype=torch.int32), idle=counts == 0, token_weights=weights), order
-        return Routes(counts=counts.tolist(), token_weights=weights), order  # .tolist() waits for the device
+        return Routes(slices=_slices(counts.tolist()), token_weights=weights), order  # .tolist() waits for the device
 
     def _grouped(self, tokens: torch.Tensor) -> bool:
         if self.grouped_mm == "auto":

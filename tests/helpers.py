@@ -12,10 +12,14 @@ import socket
 import subprocess
 import sys
 import tarfile
+from collections import Counter
 from pathlib import Path
+
+import pytest
 
 REPO = Path(__file__).resolve().parents[1]
 TINY_CONFIG = REPO / "launch" / "configs" / "tiny.yaml"
+TINY_MODEL = REPO / "models" / "tiny-llava"
 SHORT_RUN_STEPS = 8  # steps of the shared short training runs
 
 
@@ -73,6 +77,15 @@ def step_records(output_dir: Path, rank: int) -> list[dict]:
     return [r for r in read_rank_log(output_dir, rank) if "step" in r and "event" not in r]
 
 
+def summed_over_ranks(output_dir: Path, key: str, ranks: tuple[int, ...] = (0, 1)) -> Counter:
+    """A per-step counter field (``skipped``, ``domains``) summed over every step of the given ranks."""
+    total: Counter = Counter()
+    for rank in ranks:
+        for record in step_records(output_dir, rank):
+            total.update(record[key])
+    return total
+
+
 def write_shard(path: Path, samples: list[dict]) -> Path:
     """A tar shard from ``{"__key__": str, "<ext>": bytes | dict}`` samples (dicts become JSON)."""
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -126,3 +139,10 @@ def one_torch_thread():
     finally:
         torch.set_num_threads(threads)
 
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread_for_the_module():
+    """Imported into a test module, runs all of its tests on one torch thread (see one_torch_thread)."""
+    with one_torch_thread():
+        yield

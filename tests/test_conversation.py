@@ -7,12 +7,12 @@ from transformers import AutoProcessor
 
 from mole.data.conversation import IGNORE_INDEX, parse_conversation, tokenize_conversation
 from mole.data.errors import BadSample
-from tests.helpers import REPO
+from tests.helpers import TINY_MODEL
 
 
 @pytest.fixture(scope="module")
 def processor():
-    return AutoProcessor.from_pretrained(REPO / "models" / "tiny-llava")
+    return AutoProcessor.from_pretrained(TINY_MODEL)
 
 
 def encode(processor, record, max_length=512):

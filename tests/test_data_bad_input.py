@@ -16,7 +16,7 @@ from mole.data import shards
 from mole.data.errors import BadSample
 from mole.data.shards import expand_shards, read_shard
 from mole.data.stream import MAX_CONSECUTIVE_SKIPS, Domain, MixedStream, SampleProcessor, skip_metrics
-from tests.helpers import REPO, text_sample, write_shard
+from tests.helpers import TINY_MODEL, text_sample, write_shard
 
 MAX_LENGTH = 64
 PIXEL_CAP = 1_000_000
@@ -24,7 +24,7 @@ PIXEL_CAP = 1_000_000
 
 @pytest.fixture(scope="module")
 def processor():
-    return AutoProcessor.from_pretrained(REPO / "models" / "tiny-llava")
+    return AutoProcessor.from_pretrained(TINY_MODEL)
 
 
 @pytest.fixture(scope="module")

@@ -6,12 +6,11 @@ from __future__ import annotations
 
 import io
 import math
-from collections import Counter
 
 import pytest
 from PIL import Image
 
-from tests.helpers import REPO, launch_training, step_records, text_sample, write_shard
+from tests.helpers import REPO, launch_training, step_records, summed_over_ranks, text_sample, write_shard
 
 pytestmark = pytest.mark.distributed
 
@@ -79,10 +78,7 @@ def test_every_rank_finishes_every_step_despite_bad_data(messy_run):
 
 def test_skips_are_counted_per_domain_and_reason_in_the_rank_logs(messy_run):
     out, proc = messy_run
-    skipped = Counter()
-    for rank in (0, 1):
-        for record in step_records(out, rank):
-            skipped.update(record["skipped"])
+    skipped = summed_over_ranks(out, "skipped")
     reasons = {key.split("/", 1)[1] for key in skipped if key.startswith("messy/")}
     assert reasons >= EXPECTED_REASONS, f"missing skip reasons {EXPECTED_REASONS - reasons}; got {dict(skipped)}"
     assert not [key for key in skipped if not key.startswith("messy/")], f"good domains reported skips: {dict(skipped)}"
@@ -92,8 +88,5 @@ def test_skips_are_counted_per_domain_and_reason_in_the_rank_logs(messy_run):
 
 def test_text_only_and_partly_bad_domains_train_alongside_the_image_domain(messy_run):
     out, _ = messy_run
-    domains = Counter()
-    for rank in (0, 1):
-        for record in step_records(out, rank):
-            domains.update(record["domains"])
+    domains = summed_over_ranks(out, "domains")
     assert set(domains) == {"shapes", "text", "messy"} and min(domains.values()) >= 3, f"samples per domain: {dict(domains)}"

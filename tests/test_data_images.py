@@ -20,18 +20,18 @@ from mole.data.images import (
     make_pixel_transform,
     max_level_difference,
 )
-from tests.helpers import REPO
+from tests.helpers import TINY_MODEL
 
 
 @pytest.fixture(scope="module")
 def llava15_image_processor():
     """llava-1.5-7b-hf's image processor: shortest edge 336, centre crop 336, bicubic, CLIP mean/std."""
-    return data_bench.llava15_processor(str(REPO / "models" / "tiny-llava")).image_processor
+    return data_bench.llava15_processor(str(TINY_MODEL)).image_processor
 
 
 @pytest.fixture(scope="module")
 def tiny_image_processor():
-    return AutoProcessor.from_pretrained(REPO / "models" / "tiny-llava").image_processor
+    return AutoProcessor.from_pretrained(TINY_MODEL).image_processor
 
 
 @pytest.fixture(scope="module")

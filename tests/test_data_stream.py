@@ -11,14 +11,14 @@ from transformers import AutoProcessor
 
 from mole.data.conversation import IGNORE_INDEX
 from mole.data.stream import Domain, MixedStream, SampleProcessor, make_loader
-from tests.helpers import REPO, text_sample, write_shard
+from tests.helpers import REPO, TINY_MODEL, text_sample, write_shard
 
 SHARD_SAMPLES = 3  # tiny shards: many shard draws per consumer, so every shard shows up
 
 
 @pytest.fixture(scope="module")
 def processor():
-    return AutoProcessor.from_pretrained(REPO / "models" / "tiny-llava")
+    return AutoProcessor.from_pretrained(TINY_MODEL)
 
 
 @pytest.fixture(scope="module")

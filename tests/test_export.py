@@ -16,16 +16,8 @@ from transformers import LlavaForConditionalGeneration
 from mole.adapter import AdapterError, load_adapter
 from mole.export import export_merged, export_mole, export_peft
 from mole.inference import Prompt, PromptEncoder, load_model, load_processor, question_turns
-from tests.helpers import REPO, launch_module, one_torch_thread
-
-BASE = REPO / "models" / "tiny-llava"
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    with one_torch_thread():
-        yield
-
+from tests.helpers import REPO, TINY_MODEL, launch_module
+from tests.helpers import one_thread_for_the_module  # noqa: F401  (autouse fixture)
 
 @pytest.fixture(scope="module")
 def inputs():
@@ -36,12 +28,12 @@ def inputs():
         Prompt(question_turns("What color is the main object?", True), Image.open(io.BytesIO(jpg)).convert("RGB")),
         Prompt(question_turns("How many objects are there?", False)),
     ]
-    return PromptEncoder(load_processor(str(BASE)))(prompts)
+    return PromptEncoder(load_processor(str(TINY_MODEL)))(prompts)
 
 
 @pytest.fixture(scope="module")
 def mole_logits(mode_runs, inputs):
-    model = load_model(str(BASE), str(mode_runs["lora"] / "adapter"))
+    model = load_model(str(TINY_MODEL), str(mode_runs["lora"] / "adapter"))
     with torch.no_grad():
         return model(**inputs).logits
 
@@ -55,11 +47,11 @@ def test_peft_export_loads_in_peftmodel_with_our_logits(mode_runs, tmp_path, inp
     export_peft(str(mode_runs["lora"] / "adapter"), str(tmp_path / "peft"))
     config = json.loads((tmp_path / "peft" / "adapter_config.json").read_text())
     assert config["peft_type"] == "LORA" and config["modules_to_save"] == ["multi_modal_projector"], config
-    peft_model = PeftModel.from_pretrained(LlavaForConditionalGeneration.from_pretrained(BASE), str(tmp_path / "peft"))
+    peft_model = PeftModel.from_pretrained(LlavaForConditionalGeneration.from_pretrained(TINY_MODEL), str(tmp_path / "peft"))
     real = inputs["attention_mask"].bool()
     diff = (logits_of(peft_model, inputs) - mole_logits)[real].abs().max().item()
     assert diff < 1e-4, f"peft logits differ from mole.load_model by {diff}"
-    base_diff = (logits_of(LlavaForConditionalGeneration.from_pretrained(BASE), inputs) - mole_logits)[real].abs().max().item()
+    base_diff = (logits_of(LlavaForConditionalGeneration.from_pretrained(TINY_MODEL), inputs) - mole_logits)[real].abs().max().item()
     assert base_diff > 1e-2, f"the adapter barely changes the logits ({base_diff}): is anything loaded?"
     projector = load_file(str(tmp_path / "peft" / "adapter_model.safetensors"))
     assert "base_model.model.model.multi_modal_projector.linear_1.weight" in projector, "trained projector not exported"
@@ -95,7 +87,7 @@ def test_mole_export_from_deepspeed_checkpoint_equals_the_saved_adapter(mode_run
     for name, tensor in saved.items():
         assert torch.equal(consolidated[name], tensor.float()), f"{name} differs after consolidation"
     assert config == saved_config, "the config rebuilt from config.yaml differs from the saved mole_config.json"
-    model = load_model(str(BASE), str(tmp_path / "from_checkpoint"))
+    model = load_model(str(TINY_MODEL), str(tmp_path / "from_checkpoint"))
     assert model is not None
 
 

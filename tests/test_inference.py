@@ -18,25 +18,17 @@ from mole.data.conversation import parse_conversation
 from mole.data.stream import SampleProcessor
 from mole.experts import MoleMLP
 from mole.inference import Prompt, PromptEncoder, generate_answers, load_model, load_processor, question_turns, routing_context
-from tests.helpers import REPO, cli_env, launch_module, one_torch_thread, python, run_group
-
-BASE = REPO / "models" / "tiny-llava"
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    with one_torch_thread():
-        yield
-
+from tests.helpers import REPO, TINY_MODEL, cli_env, launch_module, python, run_group
+from tests.helpers import one_thread_for_the_module  # noqa: F401  (autouse fixture)
 
 @pytest.fixture(scope="module")
 def processor():
-    return load_processor(str(BASE))
+    return load_processor(str(TINY_MODEL))
 
 
 @pytest.fixture(scope="module")
 def mole_model(mode_runs):
-    return load_model(str(BASE), str(mode_runs["scaled"] / "adapter"))
+    return load_model(str(TINY_MODEL), str(mode_runs["scaled"] / "adapter"))
 
 
 def shard_samples(domain: str, count: int) -> list[dict]:
@@ -71,7 +63,7 @@ def test_load_model_rebuilds_experts_with_the_saved_weights_in_eval_mode(mode_ru
 
 
 def test_plain_lora_adapter_loads_as_single_expert_layers(mode_runs):
-    model = load_model(str(BASE), str(mode_runs["lora"] / "adapter"))
+    model = load_model(str(TINY_MODEL), str(mode_runs["lora"] / "adapter"))
     layers = [m for m in model.modules() if isinstance(m, MoleMLP)]
     assert layers and all(m.num_experts == 1 and m.router is None for m in layers), "K=1 should have no router"
 
@@ -118,7 +110,7 @@ def _smaller_rank(state):
 def test_mismatched_adapter_gives_a_clear_error(mode_runs, tmp_path, edit_config, edit_state, message):
     adapter = broken_copy(mode_runs["scaled"] / "adapter", tmp_path, edit_config, edit_state)
     with pytest.raises(AdapterError) as error:
-        load_model(str(BASE), str(adapter))
+        load_model(str(TINY_MODEL), str(adapter))
     assert message in str(error.value), f"error does not say {message!r}: {error.value}"
 
 
@@ -176,7 +168,7 @@ def test_infer_cli_answers_one_question_and_a_jsonl_batch(mode_runs, tmp_path, c
     (tmp_path / "questions.jsonl").write_text(
         json.dumps({"image": "q.jpg", "prompt": "What color is the main object?"}) + "\n" + json.dumps({"prompt": "How many objects are there?"}) + "\n"
     )
-    args = ["--adapter", str(mode_runs["scaled"] / "adapter"), "--base", str(BASE), "--max-new-tokens", "4"]
+    args = ["--adapter", str(mode_runs["scaled"] / "adapter"), "--base", str(TINY_MODEL), "--max-new-tokens", "4"]
     single = run_group([python(), str(REPO / "launch" / "infer.py"), *args, "--image", str(tmp_path / "q.jpg"),
                         "--prompt", "What color is the main object?"], 120, env=cli_env())
     assert single.returncode == 0, single.stderr[-2000:]

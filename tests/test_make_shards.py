@@ -14,7 +14,7 @@ from transformers import AutoProcessor
 from mole.data.errors import BadSample
 from mole.data.shards import expand_shards, read_shard
 from mole.data.stream import SampleProcessor
-from tests.helpers import REPO
+from tests.helpers import REPO, TINY_MODEL
 
 
 def turns(*pairs) -> list[dict]:
@@ -81,7 +81,7 @@ def test_make_shards_splits_by_source_skips_bad_entries_and_the_loader_reads_eve
     assert {r["id"] for r in skipped if r["id"] is not None} >= {"missing", "broken", "gif", "escape", "no_image"}, skipped
     assert "5 of 13 entries written" in proc.stdout, proc.stdout
 
-    processor = AutoProcessor.from_pretrained(REPO / "models" / "tiny-llava")
+    processor = AutoProcessor.from_pretrained(TINY_MODEL)
     process = SampleProcessor(processor, 256, "pad")
     ids = {}
     for name, source in manifest["sources"].items():

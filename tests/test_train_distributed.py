@@ -11,7 +11,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from tests.helpers import REPO, SHORT_RUN_STEPS as STEPS, launch_training, read_rank_log, step_records, text_sample, write_shard
+from tests.helpers import REPO, TINY_MODEL, SHORT_RUN_STEPS as STEPS, launch_training, read_rank_log, step_records, text_sample, write_shard
 
 pytestmark = pytest.mark.distributed
 
@@ -87,7 +87,7 @@ def test_zero3_partitions_the_model(equivalence_runs):
     start = read_rank_log(equivalence_runs["zero3"], 0)[0]
     counts = start["parameters"]
     assert counts["partitioned"] == counts["tensors"], f"ZeRO-3 kept some tensors whole: {counts}"
-    layers = json.loads((REPO / "models" / "tiny-llava" / "config.json").read_text())["text_config"]["num_hidden_layers"]
+    layers = json.loads((TINY_MODEL / "config.json").read_text())["text_config"]["num_hidden_layers"]
     assert counts["zero3_leaf_modules"] == layers, f"every MoLE MLP should be a ZeRO-3 leaf module: {counts}"
 
 
@@ -107,7 +107,7 @@ def test_zero3_equals_zero2_on_the_same_data(equivalence_runs):
     w3 = load_file(z3 / "adapter" / "adapter.safetensors")
     w2 = load_file(z2 / "adapter" / "adapter.safetensors")
     assert w3.keys() == w2.keys()
-    base = load_file(REPO / "models" / "tiny-llava" / "model.safetensors")
+    base = load_file(TINY_MODEL / "model.safetensors")
     moved = 0
     for key in w3:
         torch.testing.assert_close(w3[key], w2[key], rtol=1e-4, atol=1e-6, msg=f"{key} differs between ZeRO-3 and ZeRO-2")

@@ -14,7 +14,7 @@ import psutil
 import pytest
 
 from mole.train.checkpoint import COMPLETE, CheckpointError, find_resumable, resolve_resume
-from tests.helpers import REPO, TINY_CONFIG, free_port, python, read_rank_log, step_records
+from tests.helpers import REPO, TINY_CONFIG, TINY_MODEL, free_port, python, read_rank_log, step_records
 
 STEPS, SAVE_EVERY = 12, 4
 DOMAINS = ("shapes", "charts", "tissue")
@@ -134,7 +134,7 @@ def test_checkpoints_hold_only_the_adapter_and_its_optimizer_state(killed_then_r
     assert kept == ["step_12", "step_8"], f"keep_checkpoints=2 should keep the newest two: {kept}"
     adapter = (out / "adapter" / "adapter.safetensors").stat().st_size
     checkpoint = sum(f.stat().st_size for f in (out / "checkpoints" / "step_12").iterdir())
-    base = (REPO / "models" / "tiny-llava" / "model.safetensors").stat().st_size
+    base = (TINY_MODEL / "model.safetensors").stat().st_size
     # fp32 weights + two Adam moments = 3x the adapter, plus DeepSpeed's bookkeeping; a frozen
     # backbone in it would add the base model's size
     assert checkpoint < 4 * adapter, f"checkpoint {checkpoint} B vs adapter {adapter} B (base {base} B)"
