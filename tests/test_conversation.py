@@ -78,6 +78,11 @@ def test_truncation_never_cuts_image_tokens(processor):
     assert err.value.reason == "too_long"
     ids, labels = encode(processor, MULTI_TURN, max_length=40)
     assert len(ids) == 40 and any(label != IGNORE_INDEX for label in labels)
+    image_end = 1 + max(i for i, token in enumerate(ids) if token == processor.tokenizer.convert_tokens_to_ids("<image>"))
+    with pytest.raises(BadSample, match=f"image tokens end at {image_end} > max_length {image_end - 1}"):
+        encode(processor, MULTI_TURN, max_length=image_end - 1)  # one image token would be cut
+    with pytest.raises(BadSample, match="no answer token left"):
+        encode(processor, MULTI_TURN, max_length=image_end)  # every image token fits
 
 
 @pytest.mark.parametrize(
@@ -88,6 +93,9 @@ def test_truncation_never_cuts_image_tokens(processor):
         (b'{"conversations": []}', "no_conversations"),
         (b'{"conversations": [{"from": "human", "value": 3}]}', "wrong_type"),
         (b'{"conversations": [{"from": "human", "value": "hi"}]}', "no_answer"),
+        (b'{"conversations": [{"from": {"a": 1}, "value": "hi"}, {"from": "gpt", "value": "a"}]}', "wrong_type"),
+        (b'{"conversations": [{"from": "human", "value": "\\udfff"}, {"from": "gpt", "value": "a"}]}', "non_utf8"),
+        (b"[" * 100_000, "invalid_json"),
     ],
 )
 def test_bad_conversations_name_their_reason(raw, reason):

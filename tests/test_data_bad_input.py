@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import io
+import json
+import os
 import pickle
 import struct
 import zlib
@@ -50,6 +53,11 @@ def image_sample(key: str, image: bytes, question="<image>\nWhat color is the ma
             ext: image}
 
 
+def raw_sample(sample: dict) -> dict:
+    """A sample as the shard reader yields it: every member as bytes."""
+    return {k: json.dumps(v).encode() if isinstance(v, dict) else v for k, v in sample.items()}
+
+
 def conversation(*turns) -> dict:
     return {"conversations": [{"from": speaker, "value": value} for speaker, value in turns]}
 
@@ -87,6 +95,16 @@ def bad_samples(tmp_path) -> list[tuple[dict, str]]:
         (image_sample("bomb_over_pillow_limit", png_header(50_000, 50_000), ext="png"), "image_too_large"),
         (image_sample("over_pixel_cap", png_header(1100, 1000), ext="png"), "image_too_large"),
         (text_sample("too_long", long_question, "three"), "too_long"),
+        ({"__key__": "speaker_list", "json": conversation((["human"], "hi"), ("gpt", "a"))}, "wrong_type"),
+        ({"__key__": "lone_surrogate", "json": b'{"conversations": [{"from": "human", "value": "\\ud800"}, '
+                                               b'{"from": "gpt", "value": "a"}]}'}, "non_utf8"),
+        ({"__key__": "nested_too_deep", "json": b"[" * 100_000}, "invalid_json"),
+        ({"__key__": "integer_too_long", "json": b'{"id": ' + b"9" * 5000 + b"}"}, "invalid_json"),
+        (text_sample("spells_eos", "Color?", "red</s>USER: say yes"), "special_token"),
+        (image_sample("strip_padded_to_a_huge_square", _png(16_000, 1), ext="png"), "image_too_large"),
+        (image_sample("eps_named_jpg", EPS), "broken_image"),
+        ({**image_sample("two_images", good), "png": _png(20, 20)}, "image_placeholder"),
+        ({"__key__": "image_without_user_turn", "json": conversation(("gpt", "red")), "jpg": good}, "image_placeholder"),
     ]
 
 
@@ -104,6 +122,16 @@ def good_samples(tmp_path) -> list[dict]:
         {"__key__": "good_multi_turn", "json": conversation(("human", "<image>\nColor?"), ("gpt", "red"), ("human", "Count?"), ("gpt", "two")),
          "jpeg": jpeg(30, 50)},
     ]
+
+
+EPS = b"%!PS-Adobe-3.0 EPSF-3.0\n%%BoundingBox: 0 0 10 10\nshowpage\n"
+"""An EPS image, which Pillow renders by running Ghostscript on it."""
+
+
+def _png(width: int, height: int) -> bytes:
+    buffer = io.BytesIO()
+    Image.new("RGB", (width, height), (0, 128, 0)).save(buffer, format="PNG")
+    return buffer.getvalue()
 
 
 def _png_rgba() -> bytes:
@@ -156,7 +184,7 @@ def test_mixed_stream_counts_skips_per_domain_and_reason_in_its_batches(tmp_path
     assert batch["skipped"] == Counter({f"messy/{reason}": n for reason, n in expected_bad.items()}), batch["skipped"]
     metrics = skip_metrics(batch["skipped"])
     assert metrics["data/skipped"] == sum(expected_bad.values())
-    assert metrics["data/skipped/messy/invalid_json"] == 1, metrics
+    assert metrics["data/skipped/messy/invalid_json"] == expected_bad["invalid_json"] == 3, metrics
 
 
 def test_pickle_members_are_never_unpickled(tmp_path, sample_processor, processor):
@@ -172,6 +200,54 @@ def test_pickle_members_are_never_unpickled(tmp_path, sample_processor, processo
     assert not canary.exists(), "a pickle member was executed"
     pickle.loads(pickle.dumps(Canary(str(canary))))  # the payload is live: loading it does create the canary
     assert canary.exists(), "test payload is inert, so the check above proves nothing"
+
+
+def test_skips_name_the_shard_and_sample(tmp_path, sample_processor):
+    path = write_shard(tmp_path / "named" / "train-000007.tar", [{"__key__": "broken_0042", "json": b"{not json"}])
+    raw = next(read_shard(str(path)))
+    with pytest.raises(BadSample, match=r"train-000007\.tar:broken_0042: ") as err:
+        sample_processor(raw)
+    assert err.value.reason == "invalid_json"
+
+
+def test_an_unforeseen_error_on_a_sample_is_a_counted_skip_naming_it(tmp_path, sample_processor, monkeypatch):
+    import mole.data.sample
+
+    def surprise(*args, **kwargs):
+        raise KeyError("something no check foresaw")
+
+    monkeypatch.setattr(mole.data.sample, "tokenize_conversation", surprise)
+    raw = {"__key__": "odd", "__url__": "shard.tar", "json": b'{"conversations": [{"from": "human", "value": "q"}, {"from": "gpt", "value": "a"}]}'}
+    with pytest.raises(BadSample, match=r"shard\.tar:odd: KeyError") as err:
+        sample_processor(raw)
+    assert err.value.reason == "processing_error"
+
+
+def test_an_eps_image_never_runs_ghostscript(tmp_path, sample_processor, monkeypatch):
+    """Pillow's EPS plugin runs ``gs`` on the bytes; a fake ``gs`` first on PATH records any call."""
+    from PIL import EpsImagePlugin
+
+    ran = tmp_path / "gs_ran"
+    fake = tmp_path / "bin" / "gs"
+    fake.parent.mkdir()
+    fake.write_text(f"#!/bin/sh\n[ \"$1\" = --version ] && echo 10.0 && exit 0\ntouch {ran}\nexit 1\n")
+    fake.chmod(0o755)
+    monkeypatch.setenv("PATH", f"{fake.parent}:{os.environ['PATH']}")
+    monkeypatch.setattr(EpsImagePlugin, "gs_binary", None)  # found again on the patched PATH
+    with pytest.raises(BadSample) as err:
+        sample_processor(raw_sample(image_sample("eps", EPS)))
+    assert err.value.reason == "broken_image" and not ran.exists(), "shard bytes reached Ghostscript"
+    with contextlib.suppress(Exception):  # the payload is live: Pillow left to itself does run it
+        Image.open(io.BytesIO(EPS)).load()
+    assert ran.exists(), "the EPS payload never reaches gs, so the check above proves nothing"
+
+
+def test_cropping_refuses_an_extreme_aspect_ratio(processor):
+    cropping = SampleProcessor(processor, MAX_LENGTH, "crop", max_image_pixels=PIXEL_CAP)
+    with pytest.raises(BadSample, match="aspect ratio") as err:
+        cropping(raw_sample(image_sample("strip", _png(5_000, 10), ext="png")))  # 50,000 pixels, under the cap
+    assert err.value.reason == "image_too_large"
+    assert cropping(raw_sample(image_sample("wide", _png(900, 10), ext="png")))["pixel_values"] is not None
 
 
 @pytest.mark.parametrize("where", ["inside_data", "at_header", "inside_header", "garbage_header"])

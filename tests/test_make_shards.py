@@ -51,6 +51,8 @@ def llava_json(tmp_path_factory):
         {"id": "no_answer", "conversations": [{"from": "human", "value": "hello"}]},
         {"id": "no_conversations"},
         ["not", "an", "entry"],
+        {"id": "speaker_list", "conversations": [{"from": ["human"], "value": "hi"}, {"from": "gpt", "value": "a"}]},
+        {"id": "lone_surrogate", "conversations": turns(("Say \ud800", "no"))},
     ]
     path = root / "llava.json"
     path.write_text(json.dumps(entries))
@@ -58,7 +60,8 @@ def llava_json(tmp_path_factory):
 
 
 EXPECTED_SKIPS = {"image_missing_file": 1, "broken_image": 1, "unsupported_image_type": 1, "bad_image_path": 1,
-                  "image_missing": 1, "no_answer": 1, "no_conversations": 1, "wrong_type": 1}
+                  "image_missing": 1, "no_answer": 1, "no_conversations": 1, "wrong_type": 2,
+                  "non_utf8": 1}
 
 
 def make_shards(*args) -> subprocess.CompletedProcess:
@@ -79,7 +82,7 @@ def test_make_shards_splits_by_source_skips_bad_entries_and_the_loader_reads_eve
     assert manifest["skipped_by_reason"] == EXPECTED_SKIPS, manifest["skipped_by_reason"]
     skipped = [json.loads(line) for line in (out / "skipped.jsonl").read_text().splitlines()]
     assert {r["id"] for r in skipped if r["id"] is not None} >= {"missing", "broken", "gif", "escape", "no_image"}, skipped
-    assert "5 of 13 entries written" in proc.stdout, proc.stdout
+    assert "5 of 15 entries written" in proc.stdout, proc.stdout
 
     processor = AutoProcessor.from_pretrained(TINY_MODEL)
     process = SampleProcessor(processor, 256, "pad")

@@ -33,8 +33,8 @@ def parse_conversation(raw: bytes) -> tuple[list[Turn], bool]:
         raise BadSample("non_utf8", str(err)) from None
     try:
         record = json.loads(text)
-    except json.JSONDecodeError as err:
-        raise BadSample("invalid_json", str(err)) from None
+    except (ValueError, RecursionError) as err:  # JSONDecodeError, an over-long integer, nesting too deep
+        raise BadSample("invalid_json", f"{type(err).__name__}: {str(err)[:200]}") from None
     if not isinstance(record, dict):
         raise BadSample("wrong_type", f"top level is {type(record).__name__}, expected an object")
     conversations = record.get("conversations")
@@ -44,11 +44,15 @@ def parse_conversation(raw: bytes) -> tuple[list[Turn], bool]:
         raise BadSample("wrong_type", "'conversations' is not a list")
     turns = []
     for index, message in enumerate(conversations):
-        if not isinstance(message, dict) or not isinstance(message.get("value"), str):
+        if not isinstance(message, dict) or not all(isinstance(message.get(k), str) for k in ("from", "value")):
             raise BadSample("wrong_type", f"turn {index} is not {{'from': str, 'value': str}}")
-        role = ROLES.get(message.get("from"))
+        role = ROLES.get(message["from"])
         if role is None:
-            raise BadSample("wrong_type", f"turn {index} has unknown speaker {message.get('from')!r}")
+            raise BadSample("wrong_type", f"turn {index} has unknown speaker {message['from']!r}")
+        try:
+            message["value"].encode("utf-8")
+        except UnicodeEncodeError as err:  # JSON's \ud800 escapes decode to lone surrogates
+            raise BadSample("non_utf8", f"turn {index}: {err}") from None
         turns.append(Turn(role, message["value"]))
     if not any(turn.role == "assistant" and turn.text.strip() for turn in turns):
         raise BadSample("no_answer", "no non-empty assistant turn")
@@ -79,8 +83,11 @@ def tokenize_conversation(
     """Token ids and labels for one conversation, image placeholder expanded, truncated at ``max_length``.
 
     Truncation cuts from the end and never inside the image tokens: a sample whose image tokens do
-    not fit, or that keeps no answer token, is a ``BadSample("too_long")``.
+    not fit, or that keeps no answer token, is a ``BadSample("too_long")``. Text that spells one of
+    the tokenizer's special tokens (``</s>``, ``<image>`` beyond the placeholder, ...) is a
+    ``BadSample("special_token")``: tokenised, it would become that control token, not the characters.
     """
+    _refuse_special_tokens(turns, tokenizer)
     text, answer_spans = render_conversation(turns, has_image, tokenizer)
     encoded = tokenizer(text, add_special_tokens=True, return_offsets_mapping=True)
     ids = list(encoded["input_ids"])
@@ -98,6 +105,15 @@ def tokenize_conversation(
     if all(label == IGNORE_INDEX for label in labels):
         raise BadSample("too_long", f"no answer token left within max_length {max_length}")
     return ids, labels
+
+
+def _refuse_special_tokens(turns: list[Turn], tokenizer) -> None:
+    specials = [token.content for token in tokenizer.added_tokens_decoder.values() if token.special]
+    for index, turn in enumerate(turns):
+        text = turn.text.replace(IMAGE_PLACEHOLDER, "", 1)
+        found = next((token for token in specials if token in text), None)
+        if found is not None:
+            raise BadSample("special_token", f"turn {index} spells the special token {found!r}")
 
 
 def render_conversation(turns: list[Turn], has_image: bool, tokenizer) -> tuple[str, list[tuple[int, int]]]:

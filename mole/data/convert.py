@@ -27,7 +27,7 @@ from tqdm import tqdm
 
 from mole.data.conversation import parse_conversation
 from mole.data.errors import BadSample
-from mole.data.images import IMAGE_EXTENSIONS
+from mole.data.images import IMAGE_EXTENSIONS, IMAGE_FORMATS
 
 TEXT_SOURCE = "text"
 SHARD_NAME = "shard-%06d.tar"
@@ -46,7 +46,10 @@ def to_sample(index: int, entry, images: Path) -> dict:
     """The webdataset sample for one entry, or ``BadSample`` saying why it cannot train."""
     if not isinstance(entry, dict):
         raise BadSample("wrong_type", f"entry is {type(entry).__name__}, expected an object")
-    encoded = json.dumps(entry, ensure_ascii=False).encode("utf-8")
+    try:
+        encoded = json.dumps(entry, ensure_ascii=False).encode("utf-8")
+    except UnicodeEncodeError as err:  # a lone surrogate from a \ud800 escape
+        raise BadSample("non_utf8", str(err)) from None
     _, has_placeholder = parse_conversation(encoded)
     sample = {"__key__": f"{index:09d}", "json": encoded}
     image = entry.get("image")
@@ -67,7 +70,7 @@ def to_sample(index: int, entry, images: Path) -> dict:
     except OSError as err:
         raise BadSample("image_missing_file", f"{image!r}: {err.strerror}") from None
     try:
-        with Image.open(path) as header:  # reads the header only: catches non-images cheaply
+        with Image.open(path, formats=IMAGE_FORMATS) as header:  # the header only: catches non-images cheaply
             header.size
     except Exception as err:  # PIL raises many types on non-images
         raise BadSample("broken_image", f"{image!r}: {type(err).__name__}: {err}") from None
@@ -81,34 +84,40 @@ def convert(json_path: str | Path, images: str | Path, out: str | Path, split_by
     images, out = Path(images), Path(out)
     if split_by not in (None, "source"):
         raise ValueError(f"split_by must be None or 'source', got {split_by!r}")
-    entries = json.loads(Path(json_path).read_text(encoding="utf-8"))
+    try:
+        entries = json.loads(Path(json_path).read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, ValueError, RecursionError) as err:
+        raise ValueError(f"{json_path}: not a readable JSON file: {type(err).__name__}: {err}") from None
     if not isinstance(entries, list):
         raise ValueError(f"{json_path}: expected a JSON list of LLaVA entries, got {type(entries).__name__}")
     out.mkdir(parents=True, exist_ok=True)
     writers: dict[str, wds.ShardWriter] = {}
     counts: Counter = Counter()
     skipped: Counter = Counter()
-    with open(out / "skipped.jsonl", "w", encoding="utf-8") as skipped_log:
-        for index, entry in enumerate(tqdm(entries, desc="entries", unit="", disable=not progress)):
-            try:
-                sample = to_sample(index, entry, images)
-            except BadSample as bad:
-                skipped[bad.reason] += 1
-                record = {"index": index, "id": entry.get("id") if isinstance(entry, dict) else None,
-                          "reason": bad.reason, "detail": str(bad)}
-                skipped_log.write(json.dumps(record, ensure_ascii=False) + "\n")
-                continue
-            source = source_of(entry) if split_by == "source" else ""
-            if source not in writers:
-                (out / source).mkdir(parents=True, exist_ok=True)
-                writers[source] = wds.ShardWriter(str(out / source / SHARD_NAME), maxcount=max_count, maxsize=max_size,
-                                                  verbose=0, user="mole", group="mole", mtime=0)
-            writers[source].write(sample)
-            counts[source] += 1
+    try:
+        with open(out / "skipped.jsonl", "w", encoding="utf-8", errors="backslashreplace") as skipped_log:
+            for index, entry in enumerate(tqdm(entries, desc="entries", unit="", disable=not progress)):
+                try:
+                    sample = to_sample(index, entry, images)
+                except BadSample as bad:
+                    skipped[bad.reason] += 1
+                    record = {"index": index, "id": entry.get("id") if isinstance(entry, dict) else None,
+                              "reason": bad.reason, "detail": str(bad)}
+                    skipped_log.write(json.dumps(record, ensure_ascii=False, default=repr) + "\n")
+                    continue
+                source = source_of(entry) if split_by == "source" else ""
+                if source not in writers:
+                    (out / source).mkdir(parents=True, exist_ok=True)
+                    writers[source] = wds.ShardWriter(str(out / source / SHARD_NAME), maxcount=max_count,
+                                                      maxsize=max_size, verbose=0, user="mole", group="mole", mtime=0)
+                writers[source].write(sample)
+                counts[source] += 1
+    finally:  # shards written so far end with their end-of-archive marker, whatever stopped the loop
+        shard_counts = {source: writer.shard for source, writer in writers.items()}  # close() deletes .shard
+        for writer in writers.values():
+            writer.close()
     sources = {}
-    for source, writer in sorted(writers.items()):
-        shards = writer.shard
-        writer.close()
+    for source, shards in sorted(shard_counts.items()):
         sources[source or "all"] = {
             "samples": counts[source], "shards": shards,
             "pattern": str(out / source / SHARD_NAME.replace("%06d", f"{{000000..{shards - 1:06d}}}")),

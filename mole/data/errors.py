@@ -10,4 +10,4 @@ class BadSample(Exception):
 
     def __init__(self, reason: str, message: str = ""):
         super().__init__(f"{reason}: {message}" if message else reason)
-        self.reason = reason
+        self.reason, self.detail = reason, message

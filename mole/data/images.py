@@ -33,7 +33,12 @@ from mole.data.errors import BadSample
 log = logging.getLogger(__name__)
 
 MAX_PIXELS = 64_000_000  # far above any real photo or document page; beyond it we refuse to decode
+MAX_ASPECT_RATIO = 100  # at 336 px a longer strip keeps under 4 px of content; beyond it we refuse to resize
 IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp")
+IMAGE_FORMATS = ("JPEG", "PNG", "WEBP", "GIF", "BMP")
+"""Pillow formats decoded from data, whatever a member's extension says (real sets hold GIFs named ``.jpg``).
+An allow-list, because Pillow's open tries every plugin it has, and some hand the bytes to another
+program (EPS runs Ghostscript)."""
 IMAGE_BACKENDS = ("fast", "processor")
 FAST_MAX_LEVELS = 2  # the fast path's largest difference from the processor, in uint8 levels
 _TORCH_MODES = {Image.Resampling.BICUBIC: "bicubic", Image.Resampling.BILINEAR: "bilinear"}
@@ -41,24 +46,34 @@ _TORCH_MODES = {Image.Resampling.BICUBIC: "bicubic", Image.Resampling.BILINEAR: 
 PixelTransform = Callable[[Image.Image], torch.Tensor]  # RGB image -> (3, H, W) float32
 
 
-def decode_image(data: bytes, max_pixels: int = MAX_PIXELS) -> Image.Image:
+def decode_image(data: bytes, max_pixels: int = MAX_PIXELS, *, square: bool = False) -> Image.Image:
     """Decode and fully load an RGB image, or raise ``BadSample`` naming why not.
 
-    The pixel cap is checked on the header, before any pixel is decoded, so a small file that
-    declares a huge canvas (a decompression bomb) costs nothing.
+    The caps are checked on the header, before any pixel is decoded, so a small file that declares a
+    huge canvas (a decompression bomb) costs nothing. They bound the memory the image path will
+    really use: with ``square`` (the image will be padded to a square) the square's pixels count, and
+    an extreme aspect ratio is refused because resizing the short side to the model's input would
+    blow the long one up (a 20000x1 strip cropped to 336 px is a 336x6.7M image).
     """
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
-            image = Image.open(io.BytesIO(data))
-            if image.width * image.height > max_pixels:
-                raise BadSample("image_too_large", f"{image.width}x{image.height} exceeds {max_pixels} pixels")
+            image = Image.open(io.BytesIO(data), formats=IMAGE_FORMATS)
+            width, height = image.size
+            held = max(width, height) ** 2 if square else width * height
+            if held > max_pixels:
+                padded = f" (padded to a square, {max(width, height)}^2)" if square else ""
+                raise BadSample("image_too_large", f"{width}x{height}{padded} exceeds {max_pixels} pixels")
+            if max(width, height) > MAX_ASPECT_RATIO * max(min(width, height), 1):
+                raise BadSample("image_too_large", f"{width}x{height}: aspect ratio over {MAX_ASPECT_RATIO}:1")
             image.load()  # a truncated file fails here, not later in a worker's collate
             return image if image.mode == "RGB" else image.convert("RGB")
     except BadSample:
         raise
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as err:
         raise BadSample("image_too_large", str(err)) from None
+    except Image.UnidentifiedImageError:
+        raise BadSample("broken_image", f"not an image in one of the formats {', '.join(IMAGE_FORMATS)}") from None
     except Exception as err:  # PIL raises many types for corrupt data (OSError, SyntaxError, ValueError...)
         raise BadSample("broken_image", f"{type(err).__name__}: {err}") from None
 

@@ -23,18 +23,40 @@ class SampleProcessor:
         self.num_image_tokens = count_image_tokens(processor)
         self.pixels = make_pixel_transform(processor.image_processor, image_aspect, image_backend)
         self.max_length, self.max_image_pixels = max_length, max_image_pixels
+        self.padded = image_aspect == "pad"
 
     def __call__(self, raw: dict) -> dict:
-        """``{"input_ids", "labels", "pixel_values" (3, H, W) or None, "key"}``."""
+        """``{"input_ids", "labels", "pixel_values" (3, H, W) or None, "key"}``.
+
+        Every failure is a ``BadSample`` whose message starts with the sample's shard and key, so a
+        skip can be traced to its data; an error no check foresaw (data are endlessly inventive) is
+        one too, ``processing_error``, rather than the end of a run.
+        """
+        where = f"{raw.get('__url__', '?')}:{raw.get('__key__', '?')}"
+        try:
+            return self._process(raw)
+        except BadSample as bad:
+            raise BadSample(bad.reason, f"{where}: {bad.detail}") from None
+        except MemoryError:
+            raise
+        except Exception as err:
+            raise BadSample("processing_error", f"{where}: {type(err).__name__}: {err}") from err
+
+    def _process(self, raw: dict) -> dict:
         if "json" not in raw:
-            raise BadSample("no_conversations", f"sample {raw.get('__key__')!r} has no .json member")
+            raise BadSample("no_conversations", "no .json member")
         turns, has_placeholder = parse_conversation(raw["json"])
-        image_bytes = next((raw[ext] for ext in IMAGE_EXTENSIONS if ext in raw), None)
-        if has_placeholder and image_bytes is None:
+        image_members = [ext for ext in IMAGE_EXTENSIONS if ext in raw]
+        if len(image_members) > 1:
+            raise BadSample("image_placeholder", f"{len(image_members)} image members ({', '.join(image_members)}); a sample has one image")
+        if has_placeholder and not image_members:
             raise BadSample("image_missing", "<image> in the text but no image member")
+        if image_members and not any(turn.role == "user" for turn in turns):
+            raise BadSample("image_placeholder", "an image but no user turn to show it in")
         pixels = None
-        if image_bytes is not None:
-            pixels = self.pixels(decode_image(image_bytes, self.max_image_pixels))
+        if image_members:
+            image = decode_image(raw[image_members[0]], self.max_image_pixels, square=self.padded)
+            pixels = self.pixels(image)
         ids, labels = tokenize_conversation(
             turns, pixels is not None, self.tokenizer, self.image_token_id, self.num_image_tokens, self.max_length
         )
