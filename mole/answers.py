@@ -1,7 +1,7 @@
 """Answer normalisation and matching in the style of the VQAv2 evaluation.
 
 VQAv2 (Antol et al. 2015; the official ``vqaEval.py``) compares answers after: lower-casing,
-punctuation handling (a period between digits stays, ``,`` between digits is a thousands separator
+punctuation handling (a period before a digit stays, ``,`` between digits is a thousands separator
 and goes, other punctuation becomes a space or disappears), number words to digits, dropping the
 articles ``a``/``an``/``the`` and restoring common contractions written without an apostrophe.
 VQAv2 scores against ten human answers; our data have one reference answer, so accuracy here is
@@ -23,8 +23,8 @@ CONTRACTIONS = {
     "shouldnt": "shouldn't", "wasnt": "wasn't", "werent": "weren't", "wont": "won't", "wouldnt": "wouldn't",
     "youre": "you're", "theyre": "they're", "whats": "what's", "thats": "that's", "its": "it's",
 }
-PUNCTUATION = set(";/[]\"{}()=+\\_-><@`,?!*#%^&$:~|'")
-_PERIOD = re.compile(r"(?<!\d)\.(?!\d)")  # a period not inside a number such as 3.5
+PUNCTUATION = set(";/[]\"{}()=+\\_-><@`,?!*#%^&$:~|")  # not the apostrophe: "don't" must stay one word
+_PERIOD = re.compile(r"\.(?!\d)")  # a period not before a digit (3.5 keeps it, "3." loses it), as vqaEval.py
 _THOUSANDS = re.compile(r"(?<=\d),(?=\d)")  # 1,000 -> 1000
 
 

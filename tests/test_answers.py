@@ -17,6 +17,11 @@ from mole.answers import answers_match, exact_match, normalize_answer
         ("stain: red", "stain red"),  # punctuation becomes a space
         ("x-ray", "x ray"),
         ("dont", "don't"),  # contraction restored
+        ("don't", "don't"),  # and an apostrophe kept
+        ("It's red", "it's red"),
+        ("3.", "3"),  # a final period after a number goes
+        ("There are 3.", "there are 3"),
+        ("1,000.", "1000"),
         ("none", "0"),
         ("R\n", "r"),
         ("count: two", "count 2"),
