@@ -18,14 +18,18 @@ def main() -> int:
     except ConfigError as err:
         print(f"config error: {err}", file=sys.stderr)
         return 2
+    from mole.surgery import SurgeryError
     from mole.train.checkpoint import CheckpointError
     from mole.train.loop import run  # heavy imports only after the config is known to be valid
 
     try:
         run(cfg, stop)
-    except (CheckpointError, FloatingPointError, FileNotFoundError) as err:
+    except (CheckpointError, FloatingPointError, FileNotFoundError, SurgeryError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 1
+    except ConfigError as err:  # what only the rank can check (fp16 without a GPU)
+        print(f"config error: {err}", file=sys.stderr)
+        return 2
     return 0
 
 

@@ -19,6 +19,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import json
+import math
 import os
 import re
 import types
@@ -32,6 +33,7 @@ ROUTINGS = ("hard", "scaled", "dense")
 AUX_LOSSES = ("switch", "per_sample")
 OPTIMIZERS = ("adamw", "sgd")
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
+RESUME_WORDS = ("auto", "never")
 NONFINITE_POLICIES = ("stop", "skip")
 IMAGE_ASPECTS = ("pad", "crop")
 BUNDLED_DOMAINS = ("shapes", "charts", "tissue")
@@ -374,8 +376,10 @@ def _resolve_paths(cfg: Config, cwd: str) -> None:
     """Make every local path absolute (brace patterns stay patterns); URLs are left alone."""
     cfg.model.name_or_path = _absolute(cfg.model.name_or_path, cwd)
     cfg.train.ds_config = _absolute(cfg.train.ds_config, cwd)
+    if not cfg.output_dir.strip():  # "" would resolve to the working directory itself
+        raise ConfigError("output_dir: must name a directory", "output_dir")
     cfg.output_dir = _absolute(cfg.output_dir, cwd)
-    if cfg.train.resume not in ("auto", "never"):
+    if cfg.train.resume.lower() not in RESUME_WORDS:  # "Auto" stays, for validation to name it
         cfg.train.resume = _absolute(cfg.train.resume, cwd)
     for d in cfg.data.domains:
         d.shards = _absolute_patterns(d.shards, cwd)
@@ -493,9 +497,9 @@ def validate(cfg: Config) -> None:
     _require(m.num_experts >= 1, "mole.num_experts", f"must be >= 1, got {m.num_experts}")
     _choice(m.routing, ROUTINGS, "mole.routing")
     _choice(m.aux_loss, AUX_LOSSES, "mole.aux_loss")
-    _require(m.aux_weight >= 0, "mole.aux_weight", f"must be >= 0, got {m.aux_weight}")
+    _require(math.isfinite(m.aux_weight) and m.aux_weight >= 0, "mole.aux_weight", f"must be finite and >= 0, got {m.aux_weight}")
     _require(lo.r >= 1, "lora.r", f"must be >= 1, got {lo.r}")
-    _require(lo.alpha > 0, "lora.alpha", f"must be > 0, got {lo.alpha}")
+    _require(math.isfinite(lo.alpha) and lo.alpha > 0, "lora.alpha", f"must be finite and > 0, got {lo.alpha}")
     _require(0 <= lo.dropout < 1, "lora.dropout", f"must be in [0, 1), got {lo.dropout}")
 
     _require(len(d.domains) > 0, "data.domains", "must name at least one domain")
@@ -506,7 +510,7 @@ def validate(cfg: Config) -> None:
         _require(dom.name not in seen, f"{key}.name", f"duplicate domain name {dom.name!r}")
         seen.add(dom.name)
         _require(bool(dom.shards), f"{key}.shards", "must name at least one shard pattern")
-        _require(dom.weight > 0, f"{key}.weight", f"must be > 0, got {dom.weight}")
+        _require(math.isfinite(dom.weight) and dom.weight > 0, f"{key}.weight", f"must be finite and > 0, got {dom.weight}")
     _require(d.max_length >= 16, "data.max_length", f"must be >= 16, got {d.max_length}")
     _require(d.num_workers >= 0, "data.num_workers", f"must be >= 0, got {d.num_workers}")
     _choice(d.image_aspect, IMAGE_ASPECTS, "data.image_aspect")
@@ -517,17 +521,20 @@ def validate(cfg: Config) -> None:
     for name in ("max_steps", "micro_batch_size", "grad_accum", "log_every"):
         value = getattr(t, name)
         _require(value >= 1, f"train.{name}", f"must be >= 1, got {value}")
-    _require(t.lr > 0, "train.lr", f"must be > 0, got {t.lr}")
+    _require(math.isfinite(t.lr) and t.lr > 0, "train.lr", f"must be finite and > 0, got {t.lr}")
     for name in ("projector_lr", "warmup_steps", "grad_clip", "weight_decay", "save_every", "eval_every",
                  "log_routing_every"):
         value = getattr(t, name)
-        _require(value >= 0, f"train.{name}", f"must be >= 0, got {value}")
+        _require(math.isfinite(value) and value >= 0, f"train.{name}", f"must be finite and >= 0, got {value}")
     _choice(t.optimizer, OPTIMIZERS, "train.optimizer")
     _choice(t.precision, PRECISIONS, "train.precision")
     _choice(t.on_nonfinite, NONFINITE_POLICIES, "train.on_nonfinite")
     _require(t.keep_checkpoints >= 1, "train.keep_checkpoints", f"must be >= 1, got {t.keep_checkpoints}")
     _require(t.eval_batches >= 1, "train.eval_batches", f"must be >= 1, got {t.eval_batches}")
     _require(bool(t.resume), "train.resume", "must be auto, never or a checkpoint directory")
+    _require(t.resume.lower() not in RESUME_WORDS or t.resume in RESUME_WORDS, "train.resume",
+             f"{t.resume!r} is not a checkpoint directory; did you mean '{t.resume.lower()}'?")
+    _require(bool(cfg.output_dir.strip()), "output_dir", "must name a directory")
 
     path = cfg.model.name_or_path
     _require(

@@ -86,8 +86,9 @@ def _add_attention_lora(model: nn.Module, targets: list[str], r: int, alpha: flo
 
     pattern = ATTENTION_PATTERN.format(targets="|".join(re.escape(t) for t in targets))
     matched = [name for name, _ in model.named_modules() if re.fullmatch(pattern, name)]
-    if not matched:
-        raise SurgeryError(f"lora.attn_targets {targets} match no module of the LLM's attention ({pattern!r})")
+    unmatched = [t for t in targets if not any(name.endswith(f".{t}") for name in matched)]
+    if unmatched:
+        raise SurgeryError(f"lora.attn_targets {unmatched} match no module of the LLM's attention ({pattern!r})")
     config = LoraConfig(r=r, lora_alpha=alpha, lora_dropout=dropout, target_modules=pattern, bias="none")
     inject_adapter_in_model(config, model)
     return matched

@@ -92,3 +92,11 @@ def test_nonfinite_loss_stops_the_run_naming_the_step(tmp_path):
     )
     assert proc.returncode != 0
     assert "non-finite loss" in proc.stderr and "at step" in proc.stderr, proc.stderr[-1500:]
+
+
+def test_a_lora_target_that_matches_nothing_is_an_error_naming_it():
+    from mole.surgery import SurgeryError
+
+    cfg = load_config(str(TINY_CONFIG), ["lora.attn_targets=[q_proj,v_prj]"])
+    with pytest.raises(SurgeryError, match=r"\['v_prj'\] match no module"):
+        build_mole_model(cfg, torch.float32)

@@ -48,14 +48,46 @@ def test_an_unknown_optimizer_is_refused_by_name():
 
 
 def test_fused_is_asked_up_front_and_survives_loading_an_unfused_state():
-    from mole.train.optim import fused_kept, fused_supported
+    from mole.train.optim import fused_supported, run_settings_kept
 
     assert not fused_supported([torch.zeros(2, dtype=torch.int64)]), "integer tensors have no fused AdamW"
     assert not fused_supported([]), "no parameters, nothing to fuse"
     params = [nn.Parameter(torch.zeros(3))]
     optimizer = build_optimizer([{"params": params, "lr": 0.1}], "adamw", 0.1, 0.0)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
     unfused = torch.optim.AdamW([nn.Parameter(torch.zeros(3))], lr=0.1).state_dict()
-    with fused_kept(optimizer):
+    with run_settings_kept(scheduler):
         optimizer.load_state_dict(unfused)
         assert not optimizer.param_groups[0]["fused"], "precondition: loading the state switched fused off"
-    assert optimizer.param_groups[0]["fused"], "fused_kept must restore the fused choice after loading"
+    assert optimizer.param_groups[0]["fused"], "run_settings_kept must restore the fused choice after loading"
+
+
+def test_a_resumed_schedule_takes_this_runs_rates_and_length_at_the_saved_step():
+    """A 10-step run saved at step 10 (LR decayed to 0), resumed as a 20-step run with other rates."""
+    from mole.train.loop import warmup_cosine
+    from mole.train.optim import run_settings_kept
+
+    def make(lr: float, projector_lr: float, weight_decay: float, total: int):
+        groups = [{"params": [nn.Parameter(torch.ones(3))], "lr": lr}, {"params": [nn.Parameter(torch.ones(2))], "lr": projector_lr}]
+        optimizer = build_optimizer(groups, "adamw", lr, weight_decay)
+        return optimizer, torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_cosine(2, total))
+
+    old_optimizer, old_scheduler = make(1e-3, 1e-4, 0.0, total=10)
+    for _ in range(10):
+        for group in old_optimizer.param_groups:
+            group["params"][0].grad = torch.ones_like(group["params"][0])
+        old_optimizer.step()
+        old_scheduler.step()
+    assert old_optimizer.param_groups[0]["lr"] == 0.0, "precondition: the old schedule ended at 0"
+    optimizer, scheduler = make(5e-4, 2e-5, 0.1, total=20)
+    with run_settings_kept(scheduler):
+        optimizer.load_state_dict(old_optimizer.state_dict())
+        scheduler.load_state_dict(old_scheduler.state_dict())
+    factor = warmup_cosine(2, 20)(10)
+    assert scheduler.last_epoch == 10, "the step count comes from the checkpoint"
+    assert [g["lr"] for g in optimizer.param_groups] == pytest.approx([5e-4 * factor, 2e-5 * factor])
+    assert scheduler.get_last_lr() == pytest.approx([5e-4 * factor, 2e-5 * factor])
+    assert [g["weight_decay"] for g in optimizer.param_groups] == [0.1, 0.1], "this run's weight decay"
+    assert optimizer.state, "the optimizer state comes from the checkpoint"
+    scheduler.step()
+    assert optimizer.param_groups[0]["lr"] == pytest.approx(5e-4 * warmup_cosine(2, 20)(11))

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import shutil
 import signal
 import subprocess
 import time
@@ -140,15 +141,25 @@ def test_checkpoints_hold_only_the_adapter_and_its_optimizer_state(killed_then_r
     assert checkpoint < 4 * adapter, f"checkpoint {checkpoint} B vs adapter {adapter} B (base {base} B)"
 
 
+RESUMED_LR = 5e-4
+
+
 @pytest.fixture(scope="session")
-def signalled(tmp_path_factory):
-    """A long run where only rank 1 gets SIGUSR1: every rank must save at the same step and exit 0."""
-    out = tmp_path_factory.mktemp("signalled")
-    proc = start(training_command(out, "train.max_steps=500", "train.save_every=0", "train.eval_every=0"), out / "run.log")
+def signalled(killed_then_resumed, tmp_path_factory):
+    """The finished 12-step run, continued as a 500-step run at another LR, where only rank 1 gets
+    SIGUSR1 a few steps in: every rank must save at the same step and exit 0, and the earlier run's
+    ``done.json`` must not make the stopped run look finished (SLURM would not requeue it)."""
+    finished, _ = killed_then_resumed
+    out = tmp_path_factory.mktemp("signalled") / "run"
+    shutil.copytree(finished, out)
+    assert (out / "done.json").exists(), "precondition: the run being continued had finished"
+    cmd = training_command(out, "train.max_steps=500", "train.save_every=0", "train.eval_every=0",
+                           "train.micro_batch_size=8", f"train.lr={RESUMED_LR}")
+    proc = start(cmd, out / "run.log")
     rank_log = out / "logs" / "rank1.jsonl"
-    wait_until(lambda: rank_log.exists() and len(step_records(out, 1)) >= 3, proc, 300, "three steps")
+    wait_until(lambda: len(step_records(out, 1)) >= STEPS + 3, proc, 300, "three more steps")
     rank1 = [p for p in psutil.Process(proc.pid).children(recursive=True) if "--local_rank=1" in " ".join(p.cmdline())]
-    assert len(rank1) == 1, "could not find the rank-1 process"
+    assert len(rank1) == 1 and rank_log.exists(), "could not find the rank-1 process"
     rank1[0].send_signal(signal.SIGUSR1)
     rc = finish(proc, out / "run.log")
     return out, rc
@@ -163,7 +174,22 @@ def test_a_signal_on_one_rank_checkpoints_all_ranks_at_the_same_step_and_exits_c
     assert last[0] == last[1], f"ranks stopped at different steps: {last}"
     assert (out / "checkpoints" / "latest").read_text() == f"step_{last[0]}"
     assert find_resumable(str(out / "checkpoints")).step == last[0]
-    assert last[0] < 500
+    assert STEPS + 3 <= last[0] < 500
+
+
+@pytest.mark.distributed
+def test_a_resumed_run_follows_its_own_learning_rate_schedule(signalled):
+    """The checkpoint's schedule ended at LR 0 (step 12 of 12); this run's is 500 steps at another LR."""
+    from mole.config import load_config
+    from mole.train.loop import warmup_cosine
+
+    out, _ = signalled
+    warmup = load_config(str(TINY_CONFIG), []).train.warmup_steps
+    logged = {r["step"]: r["train/lr"] for r in map(json.loads, (out / "metrics.jsonl").read_text().splitlines())
+              if "train/lr" in r}
+    for step in (STEPS + 1, STEPS + 2):
+        expected = RESUMED_LR * warmup_cosine(warmup, 500)(step - 1)
+        assert logged[step] == pytest.approx(expected, rel=1e-6), f"step {step}: lr {logged[step]}, expected {expected}"
 
 
 def catches(pid: int, sig: signal.Signals) -> bool:
@@ -249,7 +275,46 @@ def test_resume_never_refuses_to_start_over_existing_checkpoints(tmp_path):
 
 
 def test_resume_from_an_explicit_checkpoint_directory(tmp_path):
+    source = tmp_path / "source_run" / "checkpoints"
+    fake_checkpoint(source, 4)
+    fake_checkpoint(source, 8)
+    found = resolve_resume(str(source / "step_4"), str(tmp_path / "new_run"), world_size=2)
+    assert (found.path, found.tag, found.step) == (str(source), "step_4", 4)
+
+
+def test_an_explicit_resume_gives_way_to_the_runs_own_newer_checkpoints_at_a_restart(tmp_path):
+    """Requeued, the same command must continue the run, not go back to where it began."""
+    source = tmp_path / "source_run" / "checkpoints"
+    fake_checkpoint(source, 4)
+    own = tmp_path / "run" / "checkpoints"
+    fake_checkpoint(own, 6)
+    found = resolve_resume(str(source / "step_4"), str(tmp_path / "run"), world_size=2)
+    assert (found.path, found.step) == (str(own), 6)
+    fake_checkpoint(own, 10)  # a start inside the run's own directory, since pruned away
+    found = resolve_resume(str(own / "step_2"), str(tmp_path / "run"), world_size=2)
+    assert (found.path, found.step) == (str(own), 10)
+    with pytest.raises(CheckpointError, match="no complete checkpoint there"):
+        resolve_resume(str(source / "step_2"), str(tmp_path / "fresh_run"), world_size=2)
+
+
+def test_resuming_under_a_config_of_other_shapes_names_the_keys_before_anything_loads(tmp_path):
+    from mole.config import load_config, save_config
+    from mole.train.checkpoint import check_resumable_config
+
+    save_config(load_config(str(TINY_CONFIG), [f"output_dir={tmp_path}"]), str(tmp_path / "config.yaml"))
     fake_checkpoint(tmp_path / "checkpoints", 4)
-    fake_checkpoint(tmp_path / "checkpoints", 8)
-    found = resolve_resume(str(tmp_path / "checkpoints" / "step_4"), str(tmp_path), world_size=2)
-    assert (found.tag, found.step) == ("step_4", 4)
+    found = resolve_resume("auto", str(tmp_path), world_size=2)
+    same_shapes = load_config(str(TINY_CONFIG), [f"output_dir={tmp_path}", "train.lr=1e-5", "mole.routing=hard"])
+    check_resumable_config(found, same_shapes)
+    other = load_config(str(TINY_CONFIG), [f"output_dir={tmp_path}", "lora.r=8", "train.optimizer=sgd"])
+    with pytest.raises(CheckpointError, match=r"lora\.r: 16 in the checkpoint's run, 8 now; train\.optimizer: 'adamw'"):
+        check_resumable_config(found, other)
+
+
+def test_a_torn_last_line_in_a_metrics_log_does_not_stop_a_resume(tmp_path):
+    from mole.train.metrics import truncate_jsonl
+
+    log = tmp_path / "metrics.jsonl"
+    log.write_text('{"step": 1, "loss": 2.0}\n{"step": 2, "loss": 1.9}\n{"step": 3, "loss": 1.8}\n{"step": 4, "lo')
+    truncate_jsonl(str(log), after_step=2)
+    assert [json.loads(line)["step"] for line in log.read_text().splitlines()] == [1, 2]

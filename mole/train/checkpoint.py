@@ -30,6 +30,9 @@ from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
+import yaml
+
+from mole.config import config_to_dict
 
 log = logging.getLogger(__name__)
 
@@ -116,7 +119,13 @@ def verified(root: str, tag: str) -> Resumable | None:
 
 
 def resolve_resume(setting: str, output_dir: str, world_size: int) -> Resumable | None:
-    """What ``train.resume`` (auto | never | a checkpoint path) means for this run."""
+    """What ``train.resume`` (auto | never | a checkpoint path) means for this run.
+
+    An explicit path starts the run from that checkpoint; once ``output_dir`` holds a newer complete
+    checkpoint of its own, that one is resumed instead, so a restart of the same command (a SLURM
+    requeue) continues the run rather than going back to where it began, even after the starting
+    checkpoint was pruned.
+    """
     root = os.path.join(output_dir, "checkpoints")
     if setting == "never":
         if find_resumable(root) is not None:
@@ -124,14 +133,18 @@ def resolve_resume(setting: str, output_dir: str, world_size: int) -> Resumable 
                 f"train.resume=never but {root} holds checkpoints; use another output_dir or remove them"
             )
         return None
+    own = find_resumable(root)
     if setting == "auto":
-        found = find_resumable(root)
+        found = own
     else:
         path = setting.rstrip("/")
         if TAG.fullmatch(os.path.basename(path)):  # a step_<N> directory: exactly that one
             found = verified(os.path.dirname(path), os.path.basename(path))
         else:
             found = find_resumable(path)
+        if own is not None and (found is None or own.step > found.step):
+            log.info("train.resume=%s: continuing from this run's newer checkpoint %s/%s", setting, own.path, own.tag)
+            found = own
         if found is None:
             raise CheckpointError(f"train.resume={setting}: no complete checkpoint there")
     if found is not None and found.world_size != world_size:
@@ -141,6 +154,35 @@ def resolve_resume(setting: str, output_dir: str, world_size: int) -> Resumable 
             f"convert it with DeepSpeed's universal checkpoint (deepspeed.checkpoint.ds_to_universal) first"
         )
     return found
+
+
+STRUCTURAL_KEYS = ("mole.num_experts", "lora.r", "lora.attn_targets", "lora.mlp_targets", "train.train_projector",
+                   "train.optimizer")
+"""Settings a checkpoint's tensors and optimizer state are shaped by: a resumed run must keep them."""
+
+
+def check_resumable_config(resume: Resumable, cfg) -> None:
+    """Refuse to resume ``resume`` under a config whose adapter or optimizer it cannot load, naming the
+    keys, instead of DeepSpeed failing on a tensor size after the model has loaded. The checkpoint's
+    settings are read from its run's ``config.yaml`` (``<output_dir>/checkpoints/..``), if there is one."""
+    saved_path = os.path.join(os.path.dirname(os.path.abspath(resume.path)), "config.yaml")
+    try:
+        with open(saved_path) as handle:
+            saved = yaml.safe_load(handle)
+    except OSError:
+        return
+    current = config_to_dict(cfg)
+    changed = []
+    for key in STRUCTURAL_KEYS:
+        section, name = key.split(".")
+        before = (saved.get(section) or {}).get(name) if isinstance(saved, dict) else None
+        if before is not None and before != current[section][name]:
+            changed.append(f"{key}: {before!r} in the checkpoint's run, {current[section][name]!r} now")
+    if changed:
+        raise CheckpointError(
+            f"cannot resume {resume.path}/{resume.tag} (its run's config: {saved_path}) with this config: "
+            + "; ".join(changed) + ". Keep these settings, or start from scratch in another output_dir"
+        )
 
 
 def capture_rng(step: int) -> dict:

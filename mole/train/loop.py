@@ -7,6 +7,7 @@ metrics all-reduce, checkpoint barriers, evaluation) happens at steps every rank
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import math
@@ -18,17 +19,17 @@ import torch.distributed as dist
 from tqdm import tqdm
 
 from mole.adapter import adapter_config, gather_trainable_state, save_adapter
-from mole.config import Config, save_config
+from mole.config import Config, ConfigError, save_config
 from mole.data.sample import SampleProcessor
 from mole.data.shards import expand_shards
 from mole.data.stream import Domain, MixedStream, derive_seed, make_loader
 from mole.distributed import DistInfo, init_distributed, release_shared_memory
 from mole.ds_config import build_ds_config, effective_precision
 from mole.model import DTYPES, TrainingModel, build_mole_model
-from mole.train.checkpoint import Checkpoints, resolve_resume, restore_rng
+from mole.train.checkpoint import Checkpoints, check_resumable_config, resolve_resume, restore_rng
 from mole.train.evaluation import heldout_batches, heldout_loss
 from mole.train.metrics import StepMetrics, count_parameters
-from mole.train.optim import build_optimizer, fused_kept, param_groups
+from mole.train.optim import build_optimizer, param_groups, run_settings_kept
 from mole.train.signals import StopRequest
 
 log = logging.getLogger("mole.train")
@@ -48,12 +49,27 @@ def run(cfg: Config, stop: StopRequest | None = None) -> dict:
     logging.basicConfig(level=logging.INFO if info.is_main else logging.WARNING,
                         format="%(asctime)s %(name)s: %(message)s")
     stop = stop or StopRequest()
+    if effective_precision(cfg.train.precision) == "fp16" and info.device.type == "cpu":
+        raise ConfigError("train.precision: fp16 needs a GPU (DeepSpeed's CPU accelerator has none); use auto, "
+                          "fp32 or bf16", "train.precision")
     ds_config = build_ds_config(cfg, info.world_size)
     domains = [Domain(d.name, expand_shards(d.name, d.shards), d.weight) for d in cfg.data.domains]
     resume = resolve_resume(cfg.train.resume, cfg.output_dir, info.world_size)
+    if resume is not None:
+        check_resumable_config(resume, cfg)  # before config.yaml is replaced by one the checkpoint cannot load
     if info.is_main:
         os.makedirs(cfg.output_dir, exist_ok=True)
         save_config(cfg, os.path.join(cfg.output_dir, "config.yaml"))
+        with contextlib.suppress(FileNotFoundError):  # an earlier, shorter run's: this one is not done yet
+            os.remove(os.path.join(cfg.output_dir, DONE_FILE))
+    try:
+        return _train(cfg, stop, info, ds_config, domains, resume)
+    finally:
+        if info.device.type == "cpu":
+            release_shared_memory()  # failed runs too: the buffers outlive the processes
+
+
+def _train(cfg: Config, stop: StopRequest, info: DistInfo, ds_config: dict, domains: list[Domain], resume) -> dict:
 
     precision = effective_precision(cfg.train.precision)
     llava, surgery, processor = build_mole_model(cfg, DTYPES[precision], ds_config)
@@ -66,7 +82,7 @@ def run(cfg: Config, stop: StopRequest | None = None) -> dict:
     start_step = 0
     torch.manual_seed(derive_seed(cfg.train.seed, "dropout", info.rank) % 2**63)
     if resume is not None:
-        with fused_kept(engine.optimizer):
+        with run_settings_kept(engine.lr_scheduler):
             engine.load_checkpoint(resume.path, tag=resume.tag, load_module_strict=False,
                                    load_optimizer_states=True, load_lr_scheduler_states=True)
         start_step = restore_rng(os.path.join(resume.path, resume.tag), info.rank)
@@ -125,8 +141,6 @@ def run(cfg: Config, stop: StopRequest | None = None) -> dict:
     metrics.close()
     stop.restore_defaults()
     dist.barrier()
-    if info.device.type == "cpu":
-        release_shared_memory()
     return {**last, "stopped": stopped}
 
 

@@ -10,6 +10,7 @@ issues the same collective whatever it saw. Rank 0 writes ``output_dir/tensorboa
 from __future__ import annotations
 
 import json
+import logging
 import os
 from collections import Counter
 
@@ -19,6 +20,8 @@ import torch.distributed as dist
 from mole.experts import RoutingStats
 from mole.plots import routing_heatmap_array
 from mole.routing_analysis import domain_expert_counts, domain_expert_shares, layer_nmi
+
+log = logging.getLogger(__name__)
 
 
 def count_parameters(model: torch.nn.Module) -> dict:
@@ -41,10 +44,22 @@ def truncate_jsonl(path: str, after_step: int) -> None:
     """Drop records past ``after_step``: a resumed run re-logs the steps after its checkpoint."""
     if not os.path.exists(path):
         return
+    keep, torn = [], 0
     with open(path) as handle:
-        keep = [line for line in handle if json.loads(line).get("step", 0) <= after_step]
-    with open(path, "w") as handle:
+        for line in handle:
+            try:
+                record = json.loads(line)
+            except ValueError:  # a line cut short by a crash or a full disk
+                torn += 1
+                continue
+            if record.get("step", 0) <= after_step:
+                keep.append(line if line.endswith("\n") else line + "\n")
+    if torn:
+        log.warning("%s: dropped %d unreadable line(s) left by an interrupted run", path, torn)
+    tmp = f"{path}.tmp"
+    with open(tmp, "w") as handle:
         handle.writelines(keep)
+    os.replace(tmp, path)
 
 
 class StepMetrics:

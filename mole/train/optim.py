@@ -49,11 +49,22 @@ def fused_supported(params: list[torch.Tensor]) -> bool:
 
 
 @contextmanager
-def fused_kept(optimizer):
-    """Loading a checkpoint replaces each param group's settings with the saved ones, so one written
-    without the fused kernel would switch it off without a word: keep the choice made here."""
-    flags = [group.get("fused") for group in optimizer.param_groups]
+def run_settings_kept(scheduler):
+    """Keep this run's optimizer settings and LR schedule over a loaded checkpoint's.
+
+    Loading a checkpoint replaces each param group's settings (``lr``, ``weight_decay``, ``fused``...)
+    and the schedule's base rates with the saved ones, so a resumed run would silently ignore a
+    changed ``train.lr``, ``projector_lr`` or ``weight_decay``, start a longer run at the old
+    schedule's final LR, and lose the fused kernel if the checkpoint was written without it. From the
+    checkpoint only the optimizer state and the step count are taken; the LR is the one this run's
+    schedule gives at that step.
+    """
+    optimizer = scheduler.optimizer
+    settings = [{key: value for key, value in group.items() if key != "params"} for group in optimizer.param_groups]
+    base_lrs = list(scheduler.base_lrs)
     yield
-    for group, flag in zip(optimizer.param_groups, flags):
-        if "fused" in group:
-            group["fused"] = flag
+    scheduler.base_lrs = base_lrs
+    for group, kept, base, factor in zip(optimizer.param_groups, settings, base_lrs, scheduler.lr_lambdas):
+        group.update(kept)
+        group["lr"] = base * factor(scheduler.last_epoch)
+    scheduler._last_lr = [group["lr"] for group in optimizer.param_groups]
