@@ -7,6 +7,7 @@ loudly when a target pattern matches nothing, rather than training an unadapted 
 
 from __future__ import annotations
 
+import inspect
 import re
 from dataclasses import dataclass, field
 
@@ -98,7 +99,11 @@ def _remember_padding_mask(context: RoutingContext):
     """A pre-forward hook: the decoder calls ``mlp(x)`` with no mask, so hand it over via the context."""
 
     def hook(module, args, kwargs):
-        context.token_mask = kwargs.get("attention_mask")
+        mask = kwargs.get("attention_mask")
+        if mask is None and args:  # passed by position: bind it as the forward's signature says
+            bound = inspect.signature(module.forward).bind_partial(*args, **kwargs)
+            mask = bound.arguments.get("attention_mask")
+        context.token_mask = mask
         return None
 
     return hook

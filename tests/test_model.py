@@ -100,3 +100,15 @@ def test_a_lora_target_that_matches_nothing_is_an_error_naming_it():
     cfg = load_config(str(TINY_CONFIG), ["lora.attn_targets=[q_proj,v_prj]"])
     with pytest.raises(SurgeryError, match=r"\['v_prj'\] match no module"):
         build_mole_model(cfg, torch.float32)
+
+
+def test_the_padding_mask_reaches_the_routers_when_passed_by_position(tiny):
+    model, processor = tiny
+    samples = [text_sample("short", "Count?", "two"), text_sample("long", "How many objects are there here?", "three")]
+    batch = batch_of(processor, [{**s, "json": json.dumps(s["json"]).encode()} for s in samples])
+    assert (batch["attention_mask"] == 0).any(), "precondition: the batch has padding"
+    context = model.context
+    with torch.no_grad():
+        model.llava(batch["input_ids"], None, batch["attention_mask"])
+    tokens = [stats.tokens.sum().item() for stats in context.stats()]
+    assert tokens and all(t == batch["attention_mask"].sum().item() for t in tokens), tokens

@@ -15,7 +15,8 @@ import psutil
 import pytest
 
 from mole.train.checkpoint import COMPLETE, CheckpointError, find_resumable, resolve_resume
-from tests.helpers import REPO, TINY_CONFIG, TINY_MODEL, free_port, python, read_rank_log, step_records
+from tests.helpers import (REPO, TINY_CONFIG, TINY_MODEL, free_port, python, read_rank_log, step_records, text_sample,
+                           write_shard)
 
 STEPS, SAVE_EVERY = 12, 4
 DOMAINS = ("shapes", "charts", "tissue")
@@ -190,6 +191,19 @@ def test_a_resumed_run_follows_its_own_learning_rate_schedule(signalled):
     for step in (STEPS + 1, STEPS + 2):
         expected = RESUMED_LR * warmup_cosine(warmup, 500)(step - 1)
         assert logged[step] == pytest.approx(expected, rel=1e-6), f"step {step}: lr {logged[step]}, expected {expected}"
+
+
+@pytest.mark.distributed
+def test_too_few_held_out_samples_for_the_ranks_fail_at_start_naming_the_domain(tmp_path):
+    val = write_shard(tmp_path / "val.tar", [text_sample("only", "How many sides does a square have?", "four")])
+    domains = (f"data.domains=[{{name: shapes, shards: '{REPO}/data_shards/shapes/train-000000.tar', "
+               f"val_shards: '{val}'}}]")
+    log = tmp_path / "run.log"
+    proc = start(training_command(tmp_path / "run", domains, "train.eval_every=1", "train.max_steps=2"), log)
+    assert finish(proc, log) != 0
+    text = log.read_text()
+    assert "data.domains[0].val_shards: domain 'shapes' has fewer usable held-out samples than the 2 ranks" in text, text[-3000:]
+    assert not list((tmp_path / "run").glob("logs/*.jsonl")) or not step_records(tmp_path / "run", 0), "it trained first"
 
 
 def catches(pid: int, sig: signal.Signals) -> bool:

@@ -221,6 +221,16 @@ def _heldout_sets(cfg: Config, process: SampleProcessor, pad_token_id: int, info
                                             cfg.train.eval_batches, info.rank, info.world_size)
     if not sets:
         log.warning("train.eval_every is set but no domain has val_shards: nothing to evaluate")
+    # every rank must hold a batch of each domain (the forwards are collectives): checked now, on all
+    # ranks alike, rather than at the first evaluation on one of them
+    fewest = torch.tensor([len(batches) for batches in sets.values()], dtype=torch.long)
+    if dist.is_initialized() and len(fewest):
+        dist.all_reduce(fewest, op=dist.ReduceOp.MIN)
+    for (name, _), count in zip(sets.items(), fewest.tolist()):
+        index = next(i for i, d in enumerate(cfg.data.domains) if d.name == name)
+        if count == 0:
+            raise ConfigError(f"data.domains[{index}].val_shards: domain {name!r} has fewer usable held-out samples "
+                              f"than the {info.world_size} ranks that share them", f"data.domains[{index}].val_shards")
     return sets
 
 
