@@ -39,7 +39,10 @@ def read_requests(path: str) -> list[dict]:
         for number, line in enumerate(handle, 1):
             if not line.strip():
                 continue
-            request = json.loads(line)
+            try:
+                request = json.loads(line)
+            except ValueError as err:
+                raise ValueError(f"{path}:{number}: not JSON ({err})") from None
             if not isinstance(request, dict) or not isinstance(request.get("prompt"), str):
                 raise ValueError(f"{path}:{number}: expected an object with a string 'prompt'")
             requests.append(request)

@@ -179,3 +179,14 @@ def test_infer_cli_answers_one_question_and_a_jsonl_batch(mode_runs, tmp_path, c
     assert [a["prompt"] for a in answers] == ["What color is the main object?", "How many objects are there?"], answers
     assert all(isinstance(a["answer"], str) for a in answers), answers
     assert answers[0]["answer"] == answer, f"the same question answered differently: {answers[0]['answer']!r} vs {answer!r}"
+
+
+def test_infer_cli_names_the_line_of_a_broken_jsonl_and_the_missing_image(tmp_path, capsys):
+    infer = launch_module("infer")
+    args = ["--adapter", str(tmp_path / "unused"), "--base", str(TINY_MODEL)]
+    (tmp_path / "q.jsonl").write_text(json.dumps({"prompt": "ok?"}) + "\n{\"prompt\": \"cut\n")
+    assert infer.main([*args, "--jsonl", str(tmp_path / "q.jsonl")]) == 2
+    assert f"{tmp_path / 'q.jsonl'}:2: not JSON" in capsys.readouterr().err
+    (tmp_path / "q.jsonl").write_text(json.dumps({"prompt": "ok?", "image": "nope.jpg"}) + "\n")
+    assert infer.main([*args, "--jsonl", str(tmp_path / "q.jsonl")]) == 2
+    assert "nope.jpg" in capsys.readouterr().err
