@@ -9,9 +9,21 @@ import sys
 BENCHES = ("layer", "step", "generate", "data")
 
 
+def usage() -> str:
+    lines = [f"usage: python launch/bench.py {{{'|'.join(BENCHES)}}} --json OUT [options]", ""]
+    for name in BENCHES:
+        summary = (importlib.import_module(f"mole.bench.{name}").__doc__ or "").strip().splitlines()[0]
+        lines.append(f"  {name:9s} {summary.split(' bench: ', 1)[-1]}")
+    lines.append("\n`python launch/bench.py NAME --help` lists a bench's options; docs/performance.md has the results.")
+    return "\n".join(lines)
+
+
 def main() -> int:
+    if len(sys.argv) >= 2 and sys.argv[1] in ("-h", "--help"):
+        print(usage())
+        return 0
     if len(sys.argv) < 2 or sys.argv[1] not in BENCHES:
-        print(f"usage: python launch/bench.py {{{'|'.join(BENCHES)}}} --json OUT [options]", file=sys.stderr)
+        print(usage(), file=sys.stderr)
         return 2
     module = importlib.import_module(f"mole.bench.{sys.argv[1]}")
     module.main(sys.argv[2:])

@@ -20,7 +20,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--adapter", required=True, help="adapter directory (adapter.safetensors + mole_config.json)")
     parser.add_argument("--base", help="base LLaVA directory (default: the adapter's recorded base_model)")
     parser.add_argument("--split", default="test", help="shard prefix for the default domains (default: test)")
-    parser.add_argument("--data-root", default="data_shards", help="root of the default domains' shards")
+    parser.add_argument("--data-root", default="data_shards", help="root of the default domains' shards, relative to the working directory")
     parser.add_argument("--domains", nargs="+", default=["shapes", "charts", "tissue"], help="default domain names")
     parser.add_argument("--shards", action="append", default=[], metavar="NAME=PATTERN",
                         help="a domain and its shards (glob or brace pattern); replaces the default domains")

@@ -11,7 +11,10 @@ from mole.data.convert import convert, summary
 
 
 def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(
+        description="Convert LLaVA-format JSON + images to webdataset shards: with --split-by source one shard set "
+                    "per image source under OUT/<source>/, else all under OUT/; skipped entries in OUT/skipped.jsonl, "
+                    "counts and shard patterns in OUT/manifest.json")
     parser.add_argument("--json", required=True, help="LLaVA-format JSON: a list of {id, image?, conversations}")
     parser.add_argument("--images", required=True, help="folder the entries' image paths are relative to")
     parser.add_argument("--out", required=True, help="output folder (shards, manifest.json, skipped.jsonl)")

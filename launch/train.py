@@ -3,7 +3,7 @@
 import os
 import sys
 
-from mole.config import ConfigError, parse_cli
+from mole.config import USAGE, ConfigError, parse_cli
 from mole.ds_config import build_ds_config
 from mole.train.signals import StopRequest
 
@@ -12,6 +12,9 @@ def main() -> int:
     # First, before the slow imports: SLURM's warning signal can come while torch and DeepSpeed load,
     # and an uncaught SIGUSR1 kills the rank; caught here, it stops the run after its first step.
     stop = StopRequest()
+    if {"-h", "--help"} & set(sys.argv[1:]):
+        print(USAGE.replace("<entry point>", "deepspeed launch/train.py"))
+        return 0
     try:
         cfg = parse_cli(sys.argv[1:])
         build_ds_config(cfg, int(os.environ.get("WORLD_SIZE", "1")))  # its errors too, before any load

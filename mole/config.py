@@ -116,7 +116,7 @@ class DataConfig:
     """Samples held in each domain's streaming shuffle buffer; 0 disables shuffling."""
     image_backend: str = "fast"
     """fast: resize/crop/normalise on uint8 tensors, within 2 uint8 levels of the processor per pixel and
-    about 3x faster; processor: the model's own image processor (see mole/data/images.py)."""
+    about twice the samples per second of a worker (the image path alone about 3x); processor: the model's own image processor (see mole/data/images.py)."""
     max_image_pixels: int = 64_000_000
     """Images declaring more pixels than this are skipped undecoded (decompression bombs)."""
 

@@ -62,16 +62,18 @@ def share_cpu_cores() -> None:
     torch.set_num_threads(max(1, (os.cpu_count() or 1) // max(1, local_ranks)))
 
 
-def release_shared_memory() -> None:
+def release_shared_memory(every_local_rank: bool = False) -> None:
     """Unlink this rank's DeepSpeed CPU all-reduce buffer in /dev/shm (69 MB per rank and port).
 
     DeepSpeed's CPU backend never removes it, so every finished run would leave its buffers in RAM.
-    Call it once this rank issues no more collectives; the mapping stays valid until exit.
+    Call it once this rank issues no more collectives; the mapping stays valid until exit. A failing
+    rank removes its node's other ranks' buffers too (``every_local_rank``): the launcher kills the
+    others as soon as one fails, before they can remove their own.
     """
-    pattern = f"deepspeed_allreduce_buffer_*_{os.environ.get('MASTER_ADDR')}_{os.environ.get('MASTER_PORT')}_{os.environ.get('LOCAL_RANK', '0')}"
+    local_rank = "*" if every_local_rank else os.environ.get("LOCAL_RANK", "0")
+    pattern = f"deepspeed_allreduce_buffer_*_{os.environ.get('MASTER_ADDR')}_{os.environ.get('MASTER_PORT')}_{local_rank}"
     for path in glob.glob(os.path.join("/dev/shm", pattern)):
         try:
             os.unlink(path)
         except OSError:
             pass
-

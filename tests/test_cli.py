@@ -1,10 +1,11 @@
 """The training entry point refuses bad configs fast, naming the key, before any model loads."""
 
 import time
+from pathlib import Path
 
 import pytest
 
-from tests.helpers import REPO, TINY_CONFIG, python, run_group
+from tests.helpers import REPO, TINY_CONFIG, free_port, python, run_group
 
 
 @pytest.mark.parametrize(
@@ -29,3 +30,21 @@ def test_bad_config_exits_nonzero_fast_naming_the_key(override, key):
 def test_unknown_key_suggests_the_right_one():
     proc = run_group([python(), str(REPO / "launch" / "train.py"), "--config", str(TINY_CONFIG), "trian.max_steps=3"], timeout=60)
     assert "did you mean 'train'" in proc.stderr, proc.stderr[-500:]
+
+
+@pytest.mark.parametrize("script, expected", [("train.py", "deepspeed launch/train.py [--config PATH]"),
+                                              ("bench.py", "layer     one LLaMA MLP block")])
+def test_help_is_an_answer_not_an_error(script, expected):
+    proc = run_group([python(), str(REPO / "launch" / script), "--help"], timeout=60)
+    assert proc.returncode == 0 and expected in proc.stdout, (proc.stdout + proc.stderr)[-800:]
+
+
+@pytest.mark.distributed
+def test_a_run_failing_at_start_leaves_no_shared_memory_behind(tmp_path):
+    port = free_port()
+    proc = run_group([python(), "-m", "deepspeed.launcher.runner", "--num_gpus", "2", "--master_port", str(port),
+                      str(REPO / "launch" / "train.py"), "--config", str(TINY_CONFIG), f"output_dir={tmp_path}",
+                      "data.domains=[{name: a, shards: /nowhere/*.tar}]"], timeout=120)
+    assert proc.returncode != 0 and "'/nowhere/*.tar' matches no file" in proc.stdout + proc.stderr
+    left = list(Path("/dev/shm").glob(f"deepspeed_allreduce_buffer_*_{port}_*"))
+    assert not left, f"a failed start left DeepSpeed's buffers in RAM: {left}"

@@ -46,9 +46,19 @@ def run(cfg: Config, stop: StopRequest | None = None) -> dict:
     earlier by the caller (a signal during start-up then stops the run after its first step).
     """
     info = init_distributed()
+    failed = True
+    try:
+        result = _start_and_train(cfg, stop or StopRequest(), info)
+        failed = False
+        return result
+    finally:
+        if info.device.type == "cpu":
+            release_shared_memory(every_local_rank=failed)  # failed runs too: the buffers outlive the processes
+
+
+def _start_and_train(cfg: Config, stop: StopRequest, info: DistInfo) -> dict:
     logging.basicConfig(level=logging.INFO if info.is_main else logging.WARNING,
                         format="%(asctime)s %(name)s: %(message)s")
-    stop = stop or StopRequest()
     if effective_precision(cfg.train.precision) == "fp16" and info.device.type == "cpu":
         raise ConfigError("train.precision: fp16 needs a GPU (DeepSpeed's CPU accelerator has none); use auto, "
                           "fp32 or bf16", "train.precision")
@@ -62,14 +72,6 @@ def run(cfg: Config, stop: StopRequest | None = None) -> dict:
         save_config(cfg, os.path.join(cfg.output_dir, "config.yaml"))
         with contextlib.suppress(FileNotFoundError):  # an earlier, shorter run's: this one is not done yet
             os.remove(os.path.join(cfg.output_dir, DONE_FILE))
-    try:
-        return _train(cfg, stop, info, ds_config, domains, resume)
-    finally:
-        if info.device.type == "cpu":
-            release_shared_memory()  # failed runs too: the buffers outlive the processes
-
-
-def _train(cfg: Config, stop: StopRequest, info: DistInfo, ds_config: dict, domains: list[Domain], resume) -> dict:
 
     precision = effective_precision(cfg.train.precision)
     llava, surgery, processor = build_mole_model(cfg, DTYPES[precision], ds_config)
