@@ -36,8 +36,9 @@ def normalize_answer(answer: str) -> str:
     text = _PERIOD.sub("", text)
     words = []
     for word in text.split():
+        word = word.strip("'")  # quote marks around a word, not an apostrophe inside one
         word = NUMBER_WORDS.get(word, word)
-        if word in ARTICLES:
+        if not word or word in ARTICLES:
             continue
         words.append(CONTRACTIONS.get(word, word))
     return " ".join(words)

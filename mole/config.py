@@ -118,7 +118,8 @@ class DataConfig:
     """fast: resize/crop/normalise on uint8 tensors, within 2 uint8 levels of the processor per pixel and
     about twice the samples per second of a worker (the image path alone about 3x); processor: the model's own image processor (see mole/data/images.py)."""
     max_image_pixels: int = 64_000_000
-    """Images declaring more pixels than this are skipped undecoded (decompression bombs)."""
+    """Images declaring more pixels than this are skipped undecoded (decompression bombs); with
+    image_aspect pad, the square an image is padded to counts."""
 
 
 @dataclass
@@ -276,8 +277,10 @@ def config_to_dict(cfg: Config) -> dict:
 def save_config(cfg: Config, path: str) -> None:
     """Write the resolved config as YAML; loading it back yields an equal Config."""
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    with open(path, "w") as f:
+    tmp = f"{path}.tmp.{os.getpid()}"
+    with open(tmp, "w") as f:  # then renamed: a killed writer never leaves half a config behind
         yaml.safe_dump(config_to_dict(cfg), f, sort_keys=False)
+    os.replace(tmp, path)
 
 
 # ---------------------------------------------------------------------------- YAML + overrides

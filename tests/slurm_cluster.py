@@ -18,6 +18,7 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import os
+import random
 import shutil
 import signal
 import subprocess
@@ -91,6 +92,7 @@ def _write_slurm_conf(root: Path) -> None:
     (root / "state").mkdir()
     (root / "slurm.conf").write_text(f"""\
 ClusterName=moletest
+FirstJobId={random.randrange(1, 1_000_000)}
 SlurmctldHost={host}(127.0.0.1)
 SlurmctldPort={free_port()}
 SlurmdPort={free_port()}

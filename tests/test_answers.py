@@ -19,6 +19,7 @@ from mole.answers import answers_match, exact_match, normalize_answer
         ("dont", "don't"),  # contraction restored
         ("don't", "don't"),  # and an apostrophe kept
         ("It's red", "it's red"),
+        ("'yes'", "yes"),  # quote marks go
         ("3.", "3"),  # a final period after a number goes
         ("There are 3.", "there are 3"),
         ("1,000.", "1000"),

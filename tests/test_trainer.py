@@ -296,17 +296,28 @@ def test_resume_from_an_explicit_checkpoint_directory(tmp_path):
     assert (found.path, found.tag, found.step) == (str(source), "step_4", 4)
 
 
-def test_an_explicit_resume_gives_way_to_the_runs_own_newer_checkpoints_at_a_restart(tmp_path):
-    """Requeued, the same command must continue the run, not go back to where it began."""
+def test_an_explicit_resume_gives_way_to_the_runs_own_checkpoints_only_when_restarted(tmp_path):
+    """Requeued, the same command must continue the run, not go back to where it began; going back
+    inside the same output_dir is refused, not done silently either way."""
+    from mole.train.checkpoint import record_start
+
     source = tmp_path / "source_run" / "checkpoints"
     fake_checkpoint(source, 4)
-    own = tmp_path / "run" / "checkpoints"
+    run, own = tmp_path / "run", tmp_path / "run" / "checkpoints"
+    start_at = str(source / "step_4")
+    assert resolve_resume(start_at, str(run), world_size=2).path == str(source), "a first start takes the path"
+    record_start(start_at, str(run))
     fake_checkpoint(own, 6)
-    found = resolve_resume(str(source / "step_4"), str(tmp_path / "run"), world_size=2)
-    assert (found.path, found.step) == (str(own), 6)
-    fake_checkpoint(own, 10)  # a start inside the run's own directory, since pruned away
-    found = resolve_resume(str(own / "step_2"), str(tmp_path / "run"), world_size=2)
-    assert (found.path, found.step) == (str(own), 10)
+    found = resolve_resume(start_at, str(run), world_size=2)
+    assert (found.path, found.step) == (str(own), 6), "restarted, the run continues from its own checkpoint"
+    shutil.rmtree(source / "step_4")
+    assert resolve_resume(start_at, str(run), world_size=2).step == 6, "even once the start is gone"
+    fake_checkpoint(own, 2)
+    with pytest.raises(CheckpointError, match=r"already holds .* up to step 6.*start a new output_dir"):
+        resolve_resume(str(own / "step_2"), str(run), world_size=2)
+    fake_checkpoint(tmp_path / "other" / "checkpoints", 8)
+    found = resolve_resume(str(tmp_path / "other" / "checkpoints"), str(run), world_size=2)
+    assert found.step == 8, "a newer checkpoint from elsewhere is a fresh start"
     with pytest.raises(CheckpointError, match="no complete checkpoint there"):
         resolve_resume(str(source / "step_2"), str(tmp_path / "fresh_run"), world_size=2)
 
@@ -320,9 +331,13 @@ def test_resuming_under_a_config_of_other_shapes_names_the_keys_before_anything_
     found = resolve_resume("auto", str(tmp_path), world_size=2)
     same_shapes = load_config(str(TINY_CONFIG), [f"output_dir={tmp_path}", "train.lr=1e-5", "mole.routing=hard"])
     check_resumable_config(found, same_shapes)
+    reordered = load_config(str(TINY_CONFIG), [f"output_dir={tmp_path}", "lora.attn_targets=[v_proj,q_proj,o_proj,k_proj]"])
+    check_resumable_config(found, reordered)
     other = load_config(str(TINY_CONFIG), [f"output_dir={tmp_path}", "lora.r=8", "train.optimizer=sgd"])
     with pytest.raises(CheckpointError, match=r"lora\.r: 16 in the checkpoint's run, 8 now; train\.optimizer: 'adamw'"):
         check_resumable_config(found, other)
+    (tmp_path / "config.yaml").write_text("lora: {r: 16\n  mole")  # torn: not a reason to refuse
+    check_resumable_config(found, other)
 
 
 def test_a_torn_last_line_in_a_metrics_log_does_not_stop_a_resume(tmp_path):

@@ -118,13 +118,18 @@ def verified(root: str, tag: str) -> Resumable | None:
     return Resumable(root, tag, manifest["step"], manifest["world_size"])
 
 
+STARTED_FROM = "started_from.json"
+"""In ``output_dir/checkpoints/``: the explicit ``train.resume`` checkpoint this run started from."""
+
+
 def resolve_resume(setting: str, output_dir: str, world_size: int) -> Resumable | None:
     """What ``train.resume`` (auto | never | a checkpoint path) means for this run.
 
-    An explicit path starts the run from that checkpoint; once ``output_dir`` holds a newer complete
-    checkpoint of its own, that one is resumed instead, so a restart of the same command (a SLURM
-    requeue) continues the run rather than going back to where it began, even after the starting
-    checkpoint was pruned.
+    An explicit path starts the run from that checkpoint, and :func:`record_start` notes it. Started
+    again with the same path (a SLURM requeue), the run continues from its own newer checkpoints
+    instead, even after the starting one was pruned. A path older than checkpoints the run already
+    holds, not the one it started from, is refused: going back there in the same ``output_dir`` would
+    leave the newer checkpoints to be taken for the run's latest at the next restart.
     """
     root = os.path.join(output_dir, "checkpoints")
     if setting == "never":
@@ -137,16 +142,23 @@ def resolve_resume(setting: str, output_dir: str, world_size: int) -> Resumable 
     if setting == "auto":
         found = own
     else:
-        path = setting.rstrip("/")
+        path = os.path.normpath(setting)
         if TAG.fullmatch(os.path.basename(path)):  # a step_<N> directory: exactly that one
             found = verified(os.path.dirname(path), os.path.basename(path))
         else:
             found = find_resumable(path)
-        if own is not None and (found is None or own.step > found.step):
-            log.info("train.resume=%s: continuing from this run's newer checkpoint %s/%s", setting, own.path, own.tag)
+        if own is not None and _started_from(root) == path:
+            log.info("train.resume=%s: this run started there; continuing from its checkpoint %s/%s",
+                     setting, own.path, own.tag)
             found = own
-        if found is None:
+        elif found is None:
             raise CheckpointError(f"train.resume={setting}: no complete checkpoint there")
+        elif own is not None and own.step > found.step:
+            raise CheckpointError(
+                f"train.resume={setting} (step {found.step}), but {root} already holds this output_dir's checkpoints "
+                f"up to step {own.step}: to continue them use train.resume=auto; to go back to step {found.step}, "
+                f"start a new output_dir with train.resume={setting}"
+            )
     if found is not None and found.world_size != world_size:
         raise CheckpointError(
             f"checkpoint {found.path}/{found.tag} was written by {found.world_size} ranks but this run has "
@@ -154,6 +166,23 @@ def resolve_resume(setting: str, output_dir: str, world_size: int) -> Resumable 
             f"convert it with DeepSpeed's universal checkpoint (deepspeed.checkpoint.ds_to_universal) first"
         )
     return found
+
+
+def record_start(setting: str, output_dir: str) -> None:
+    """Note (rank 0, once the checkpoint has loaded) the explicit ``train.resume`` path this run started from."""
+    if setting in ("auto", "never"):
+        return
+    root = os.path.join(output_dir, "checkpoints")
+    os.makedirs(root, exist_ok=True)
+    _write_atomic(os.path.join(root, STARTED_FROM), json.dumps({"train.resume": os.path.normpath(setting)}))
+
+
+def _started_from(root: str) -> str | None:
+    try:
+        with open(os.path.join(root, STARTED_FROM)) as handle:
+            return json.load(handle)["train.resume"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
 
 
 STRUCTURAL_KEYS = ("mole.num_experts", "lora.r", "lora.attn_targets", "lora.mlp_targets", "train.train_projector",
@@ -171,13 +200,20 @@ def check_resumable_config(resume: Resumable, cfg) -> None:
             saved = yaml.safe_load(handle)
     except OSError:
         return
+    except yaml.YAMLError as err:
+        log.warning("%s is not readable YAML (%s); resuming without checking the config against it", saved_path, err)
+        return
     current = config_to_dict(cfg)
     changed = []
     for key in STRUCTURAL_KEYS:
         section, name = key.split(".")
-        before = (saved.get(section) or {}).get(name) if isinstance(saved, dict) else None
-        if before is not None and before != current[section][name]:
-            changed.append(f"{key}: {before!r} in the checkpoint's run, {current[section][name]!r} now")
+        before = saved.get(section) if isinstance(saved, dict) else None
+        before = before.get(name) if isinstance(before, dict) else None
+        now = current[section][name]
+        if isinstance(now, list) and isinstance(before, list):  # target lists: the order shapes nothing
+            before, now = sorted(map(str, before)), sorted(now)
+        if before is not None and before != now:
+            changed.append(f"{key}: {before!r} in the checkpoint's run, {now!r} now")
     if changed:
         raise CheckpointError(
             f"cannot resume {resume.path}/{resume.tag} (its run's config: {saved_path}) with this config: "

@@ -26,7 +26,7 @@ from mole.data.stream import Domain, MixedStream, derive_seed, make_loader
 from mole.distributed import DistInfo, init_distributed, release_shared_memory
 from mole.ds_config import build_ds_config, effective_precision
 from mole.model import DTYPES, TrainingModel, build_mole_model
-from mole.train.checkpoint import Checkpoints, check_resumable_config, resolve_resume, restore_rng
+from mole.train.checkpoint import Checkpoints, check_resumable_config, record_start, resolve_resume, restore_rng
 from mole.train.evaluation import heldout_batches, heldout_loss
 from mole.train.metrics import StepMetrics, count_parameters
 from mole.train.optim import build_optimizer, param_groups, run_settings_kept
@@ -47,6 +47,7 @@ def run(cfg: Config, stop: StopRequest | None = None) -> dict:
     """
     info = init_distributed()
     failed = True
+    dist.barrier()  # every rank past DeepSpeed's start-up (its peers' shared-memory buffers open) before any can fail
     try:
         result = _start_and_train(cfg, stop or StopRequest(), info)
         failed = False
@@ -88,6 +89,8 @@ def _start_and_train(cfg: Config, stop: StopRequest, info: DistInfo) -> dict:
             engine.load_checkpoint(resume.path, tag=resume.tag, load_module_strict=False,
                                    load_optimizer_states=True, load_lr_scheduler_states=True)
         start_step = restore_rng(os.path.join(resume.path, resume.tag), info.rank)
+        if info.is_main:
+            record_start(cfg.train.resume, cfg.output_dir)
         log.info("resumed from %s/%s at step %d", resume.path, resume.tag, start_step)
 
     counts = count_parameters(model)
