@@ -23,7 +23,7 @@ from transformers import AutoConfig, AutoProcessor, LlavaForConditionalGeneratio
 
 from mole.adapter import AdapterError, load_adapter
 from mole.data.conversation import IMAGE_PLACEHOLDER, Turn, render_conversation, to_chat_messages
-from mole.data.images import image_to_pixels
+from mole.data.images import make_pixel_transform
 from mole.experts import MoleMLP, RoutingContext
 from mole.surgery import apply_mole
 
@@ -148,13 +148,15 @@ class PromptEncoder:
     """Prompts -> a left-padded generation batch (``input_ids``, ``attention_mask``, ``pixel_values``).
 
     Left padding keeps every prompt's last token in the last column, where ``generate`` appends.
+    Images take the path training's default takes (``data.image_backend: fast``), so the model sees
+    the pixels it was trained on, not ones a level or two apart.
     """
 
-    def __init__(self, processor, image_aspect: str = "pad"):
+    def __init__(self, processor, image_aspect: str = "pad", image_backend: str = "fast"):
         from mole.data.stream import count_image_tokens
 
         self.processor, self.tokenizer = processor, processor.tokenizer
-        self.image_aspect = image_aspect
+        self.pixels = make_pixel_transform(processor.image_processor, image_aspect, image_backend)
         self.image_token_id = self.tokenizer.convert_tokens_to_ids(processor.image_token)
         self.num_image_tokens = count_image_tokens(processor)
 
@@ -175,11 +177,7 @@ class PromptEncoder:
         for i, row in enumerate(rows):
             input_ids[i, length - len(row) :] = torch.tensor(row)
             attention_mask[i, length - len(row) :] = 1
-        images = [
-            image_to_pixels(prompt.image.convert("RGB"), self.processor.image_processor, self.image_aspect)
-            for prompt in prompts
-            if prompt.image is not None
-        ]
+        images = [self.pixels(prompt.image.convert("RGB")) for prompt in prompts if prompt.image is not None]
         pixel_values = torch.stack(images) if images else None
         return {"input_ids": input_ids, "attention_mask": attention_mask, "pixel_values": pixel_values}
 

@@ -190,3 +190,15 @@ def test_infer_cli_names_the_line_of_a_broken_jsonl_and_the_missing_image(tmp_pa
     (tmp_path / "q.jsonl").write_text(json.dumps({"prompt": "ok?", "image": "nope.jpg"}) + "\n")
     assert infer.main([*args, "--jsonl", str(tmp_path / "q.jsonl")]) == 2
     assert "nope.jpg" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("aspect", ["pad", "crop"])
+def test_prompts_carry_the_pixels_training_saw(aspect):
+    processor = load_processor(str(TINY_MODEL))
+    image = Image.linear_gradient("L").resize((90, 40)).convert("RGB")  # not square, smooth: resampling shows
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG")
+    question = {"conversations": [{"from": "human", "value": "<image>\nColor?"}, {"from": "gpt", "value": "red"}]}
+    trained = SampleProcessor(processor, 256, aspect)({"json": json.dumps(question).encode(), "png": buffer.getvalue()})
+    prompted = PromptEncoder(processor, aspect)([Prompt(question_turns("Color?", has_image=True), image)])
+    assert torch.equal(prompted["pixel_values"][0], trained["pixel_values"])

@@ -106,11 +106,6 @@ class ProcessorPixels:
         return self.image_processor(images=image, return_tensors="pt")["pixel_values"][0]
 
 
-def image_to_pixels(image: Image.Image, image_processor, aspect: str) -> torch.Tensor:
-    """(3, H, W) pixel values of one RGB image with the model's own image processor."""
-    return ProcessorPixels(image_processor, aspect)(image)
-
-
 class FastPixels:
     """The processor's resize -> centre crop -> rescale -> normalise, on uint8 tensors.
 
