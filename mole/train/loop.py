@@ -60,7 +60,8 @@ def run(cfg: Config, stop: StopRequest | None = None) -> dict:
 def _start_and_train(cfg: Config, stop: StopRequest, info: DistInfo) -> dict:
     logging.basicConfig(level=logging.INFO if info.is_main else logging.WARNING,
                         format="%(asctime)s %(name)s: %(message)s")
-    if effective_precision(cfg.train.precision) == "fp16" and info.device.type == "cpu":
+    precision = effective_precision(cfg.train.precision)
+    if precision == "fp16" and info.device.type == "cpu":
         raise ConfigError("train.precision: fp16 needs a GPU (DeepSpeed's CPU accelerator has none); use auto, "
                           "fp32 or bf16", "train.precision")
     ds_config = build_ds_config(cfg, info.world_size)
@@ -74,7 +75,6 @@ def _start_and_train(cfg: Config, stop: StopRequest, info: DistInfo) -> dict:
         with contextlib.suppress(FileNotFoundError):  # an earlier, shorter run's: this one is not done yet
             os.remove(os.path.join(cfg.output_dir, DONE_FILE))
 
-    precision = effective_precision(cfg.train.precision)
     llava, surgery, processor = build_mole_model(cfg, DTYPES[precision], ds_config)
     if cfg.train.gradient_checkpointing:
         llava.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
