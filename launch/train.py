@@ -2,6 +2,7 @@
 
 import os
 import sys
+import warnings
 
 from mole.config import USAGE, ConfigError, parse_cli
 from mole.ds_config import build_ds_config
@@ -21,18 +22,26 @@ def main() -> int:
     except ConfigError as err:
         print(f"config error: {err}", file=sys.stderr)
         return 2
+    # torch deprecates the collectives DeepSpeed's ZeRO-3 calls; without this, each rank warns every step
+    warnings.filterwarnings("ignore", r"`torch\.distributed\.(all_gather_into_tensor|reduce_scatter_tensor)` is deprecated",
+                            FutureWarning)
+    import torch.distributed as dist
+
+    from mole.data.errors import DataError
     from mole.surgery import SurgeryError
     from mole.train.checkpoint import CheckpointError
     from mole.train.loop import run  # heavy imports only after the config is known to be valid
 
     try:
         run(cfg, stop)
-    except (CheckpointError, FloatingPointError, FileNotFoundError, SurgeryError) as err:
+    except (CheckpointError, DataError, FloatingPointError, FileNotFoundError, SurgeryError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 1
     except ConfigError as err:  # what only the rank can check (fp16 without a GPU)
         print(f"config error: {err}", file=sys.stderr)
         return 2
+    if dist.is_initialized():
+        dist.destroy_process_group()  # left to interpreter exit, gloo's teardown sometimes aborts a finished run
     return 0
 
 

@@ -79,8 +79,12 @@ REQUIRED_CONFIG_KEYS = (
 def read_adapter_config(directory: str) -> dict:
     """``mole_config.json`` of an adapter directory, checked for the keys and the format version we read."""
     path = os.path.join(directory, ADAPTER_CONFIG)
+    if not os.path.isdir(directory):
+        raise AdapterError(f"adapter directory {directory!r} does not exist")
     if not os.path.isfile(path):
-        raise AdapterError(f"{directory!r} is not a mole adapter directory: it has no {ADAPTER_CONFIG}")
+        inside = os.path.join(directory, "adapter", ADAPTER_CONFIG)
+        hint = f" (a training output_dir? its adapter is {os.path.dirname(inside)!r})" if os.path.isfile(inside) else ""
+        raise AdapterError(f"{directory!r} is not a mole adapter directory: it has no {ADAPTER_CONFIG}{hint}")
     with open(path) as handle:
         config = json.load(handle)
     missing = [key for key in REQUIRED_CONFIG_KEYS if key not in config]

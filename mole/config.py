@@ -490,6 +490,15 @@ def _check_ds_json(path: str) -> None:
     _require(stage in (0, 1, 2, 3), key, f"{path!r} needs zero_optimization.stage in 0..3, got {stage!r}")
 
 
+def _model_type(config_json: str) -> str | None:
+    try:
+        with open(config_json) as f:
+            config = json.load(f)
+    except (OSError, ValueError):
+        return None
+    return config.get("model_type") if isinstance(config, dict) else None
+
+
 def validate(cfg: Config) -> None:
     """Raise ConfigError for the first problem in ``cfg``: types, values, the model dir, the DS JSON.
 
@@ -538,6 +547,10 @@ def validate(cfg: Config) -> None:
     _require(t.resume.lower() not in RESUME_WORDS or t.resume in RESUME_WORDS, "train.resume",
              f"{t.resume!r} is not a checkpoint directory; did you mean '{t.resume.lower()}'?")
     _require(bool(cfg.output_dir.strip()), "output_dir", "must name a directory")
+    _require(not os.path.exists(cfg.output_dir) or os.path.isdir(cfg.output_dir), "output_dir",
+             f"{cfg.output_dir!r} exists and is not a directory")
+    _require(m.num_experts == 1 or bool(lo.mlp_targets), "lora.mlp_targets",
+             f"is empty, so the {m.num_experts} experts mole.num_experts asks for would have nothing to adapt")
 
     path = cfg.model.name_or_path
     _require(
@@ -549,5 +562,12 @@ def validate(cfg: Config) -> None:
         os.path.isfile(os.path.join(path, "config.json")),
         "model.name_or_path",
         f"{path!r} has no config.json; expected a local Hugging Face LLaVA directory",
+    )
+    model_type = _model_type(os.path.join(path, "config.json"))
+    _require(
+        model_type == "llava",
+        "model.name_or_path",
+        f"{path!r} holds a {model_type!r} model; expected a LLaVA (model_type 'llava', e.g. llava-1.5-7b-hf): "
+        "transformers would otherwise build a default 7B LLaVA around it",
     )
     _check_ds_json(t.ds_config)

@@ -76,7 +76,10 @@ def check_base_fits(config: dict, base_dir: str) -> None:
     """The adapter's recorded base shape against ``base_dir/config.json``, before any weight is read."""
     if not os.path.isfile(os.path.join(base_dir, "config.json")):
         raise AdapterError(f"base model {base_dir!r} has no config.json; expected a local Hugging Face LLaVA directory")
-    text = AutoConfig.from_pretrained(base_dir).text_config
+    base = AutoConfig.from_pretrained(base_dir)
+    if base.model_type != "llava":
+        raise AdapterError(f"base model {base_dir!r} holds a {base.model_type!r} model; expected a LLaVA directory")
+    text = base.text_config
     for key in ("hidden_size", "num_hidden_layers"):
         if config[key] != getattr(text, key):
             raise AdapterError(

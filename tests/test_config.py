@@ -30,7 +30,7 @@ REPO = Path(__file__).resolve().parents[1]
 def workdir(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     """A run directory where the defaults resolve: a stub model dir and the bundled DeepSpeed JSONs."""
     (tmp_path / "models" / "tiny-llava").mkdir(parents=True)
-    (tmp_path / "models" / "tiny-llava" / "config.json").write_text("{}")
+    (tmp_path / "models" / "tiny-llava" / "config.json").write_text(json.dumps({"model_type": "llava"}))
     shutil.copytree(REPO / "ds_configs", tmp_path / "ds_configs")
     monkeypatch.chdir(tmp_path)
     return tmp_path
@@ -373,3 +373,18 @@ def test_bundled_zero3_configs_name_the_mole_mlp_as_a_leaf_module() -> None:
         for qualified in classes:
             module, _, name = qualified.rpartition(".")
             assert getattr(importlib.import_module(module), name) is MoleMLP, f"{path.name}: {qualified}"
+
+
+def test_a_model_dir_that_is_not_llava_is_refused_before_it_loads(workdir: Path) -> None:
+    (workdir / "llama").mkdir()
+    (workdir / "llama" / "config.json").write_text(json.dumps({"model_type": "llama"}))
+    msg = error_of(["model.name_or_path=llama"])
+    assert msg.startswith("model.name_or_path: ") and "holds a 'llama' model; expected a LLaVA" in msg, msg
+
+
+def test_an_output_dir_that_is_a_file_and_experts_without_targets_are_refused(workdir: Path) -> None:
+    (workdir / "taken").write_text("")
+    assert error_of(["output_dir=taken"]).startswith("output_dir: "), "a file as output_dir"
+    msg = error_of(["lora.mlp_targets=[]"])
+    assert msg.startswith("lora.mlp_targets: ") and "3 experts" in msg, msg
+    load_config(None, ["lora.mlp_targets=[]", "mole.num_experts=1"])  # plain LoRA on attention alone is fine

@@ -202,3 +202,15 @@ def test_prompts_carry_the_pixels_training_saw(aspect):
     trained = SampleProcessor(processor, 256, aspect)({"json": json.dumps(question).encode(), "png": buffer.getvalue()})
     prompted = PromptEncoder(processor, aspect)([Prompt(question_turns("Color?", has_image=True), image)])
     assert torch.equal(prompted["pixel_values"][0], trained["pixel_values"])
+
+
+def test_a_base_that_is_not_llava_and_a_missing_adapter_are_named(mode_runs, tmp_path):
+    from transformers import LlamaConfig
+
+    LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=2).save_pretrained(tmp_path / "llama")
+    with pytest.raises(AdapterError, match="holds a 'llama' model; expected a LLaVA"):
+        load_model(str(tmp_path / "llama"), str(mode_runs["scaled"] / "adapter"))
+    with pytest.raises(AdapterError, match="does not exist"):
+        load_model(str(TINY_MODEL), str(tmp_path / "nowhere"))
+    with pytest.raises(AdapterError, match=r"a training output_dir\? its adapter is"):
+        load_model(str(TINY_MODEL), str(mode_runs["scaled"]))

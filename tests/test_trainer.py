@@ -347,3 +347,17 @@ def test_a_torn_last_line_in_a_metrics_log_does_not_stop_a_resume(tmp_path):
     log.write_text('{"step": 1, "loss": 2.0}\n{"step": 2, "loss": 1.9}\n{"step": 3, "loss": 1.8}\n{"step": 4, "lo')
     truncate_jsonl(str(log), after_step=2)
     assert [json.loads(line)["step"] for line in log.read_text().splitlines()] == [1, 2]
+
+
+def test_a_first_ctrl_c_asks_for_a_clean_stop_and_a_second_aborts():
+    from mole.train.signals import StopRequest
+
+    stop = StopRequest()
+    try:
+        os.kill(os.getpid(), signal.SIGINT)
+        assert stop.requested and stop.signal_name == "SIGINT", "the first Ctrl-C must only ask the run to stop"
+        with pytest.raises(KeyboardInterrupt):
+            os.kill(os.getpid(), signal.SIGINT)
+    finally:
+        stop.restore_defaults()
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler

@@ -27,7 +27,7 @@ import torch
 from torch.utils.data import IterableDataset, get_worker_info
 
 from mole.data.collate import collate
-from mole.data.errors import BadSample
+from mole.data.errors import BadSample, DataError
 from mole.data.sample import SampleProcessor, count_image_tokens  # noqa: F401  (re-exported)
 from mole.data.shards import expand_shards, read_shard, resampled_urls  # noqa: F401  (expand_shards re-exported)
 
@@ -125,7 +125,7 @@ class MixedStream(IterableDataset):
             if key not in reported:
                 reported.add(key)
                 log.warning("data domain %r: skipping %s; further ones are only counted", domain.name, item)
-        raise RuntimeError(
+        raise DataError(
             f"data domain {domain.name!r}: {MAX_CONSECUTIVE_SKIPS} samples or shard reads in a row were unusable "
             f"(skipped since the last batch: {dict(skipped)}); check its shards: {domain.urls[:3]}"
         )

@@ -100,6 +100,9 @@ def _start_and_train(cfg: Config, stop: StopRequest, info: DistInfo) -> dict:
              counts["zero3_leaf_modules"], precision)
     process = SampleProcessor(processor, cfg.data.max_length, cfg.data.image_aspect,
                               image_backend=cfg.data.image_backend, max_image_pixels=cfg.data.max_image_pixels)
+    if cfg.data.max_length <= process.num_image_tokens:
+        log.warning("data.max_length=%d is not above the %d tokens one image takes: every sample with an image "
+                    "will be skipped as too_long (LLaVA-1.5 wants about 2048)", cfg.data.max_length, process.num_image_tokens)
     stream = MixedStream(domains, process, batch_size=cfg.train.micro_batch_size,
                          pad_token_id=processor.tokenizer.pad_token_id, seed=cfg.train.seed, rank=info.rank,
                          start_step=start_step, shuffle_buffer=cfg.data.shuffle_buffer)
@@ -139,10 +142,12 @@ def _start_and_train(cfg: Config, stop: StopRequest, info: DistInfo) -> dict:
             _save(engine, checkpoints, model, cfg, llava.config, info, step)
     progress.close()
     if start_step >= cfg.train.max_steps:  # nothing left to do: still leave a fresh adapter behind
+        log.info("the run had already reached train.max_steps=%d", cfg.train.max_steps)
         _save_adapter(model, cfg, llava.config, info)
     if not stopped and info.is_main:
         with open(os.path.join(cfg.output_dir, DONE_FILE), "w") as handle:
             json.dump(last, handle)
+        log.info("done at step %d: adapter in %s", last["step"], os.path.join(cfg.output_dir, "adapter"))
     metrics.close()
     stop.restore_defaults()
     dist.barrier()
