@@ -28,7 +28,10 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--max-new-tokens", type=int, default=16)
     parser.add_argument("--max-length", type=int, default=2048, help="token budget per sample, image tokens included")
-    parser.add_argument("--image-aspect", choices=["pad", "crop"], default="pad", help="as data.image_aspect in training")
+    parser.add_argument("--image-aspect", choices=["pad", "crop"],
+                        help="default: the adapter's data.image_aspect from training (pad if not recorded)")
+    parser.add_argument("--image-backend", choices=["fast", "processor"],
+                        help="default: the adapter's data.image_backend from training (fast if not recorded)")
     parser.add_argument("--dtype", choices=["fp32", "bf16", "fp16"], default="fp32")
     parser.add_argument("--device", help="default: this rank's GPU if there is one, else cpu")
     parser.add_argument("--out", help="output directory (default: eval/ next to the adapter directory)")
@@ -52,13 +55,14 @@ def main(argv: list[str]) -> int:
     args = parse_args(argv)
     import torch
 
-    from mole.adapter import AdapterError, read_adapter_config
+    from mole.adapter import AdapterError, image_settings, read_adapter_config
     from mole.evaluate import evaluate, format_table, save_results
     from mole.inference import load_model, load_processor
 
     try:
         config = read_adapter_config(args.adapter)
         base = args.base or config.get("base_model")
+        image_aspect, image_backend = image_settings(config, args.image_aspect, args.image_backend)
         if not base:
             raise AdapterError("the adapter records no base_model; pass --base")
         domains = eval_domains(args)
@@ -85,7 +89,8 @@ def main(argv: list[str]) -> int:
     results = evaluate(
         model, processor, domains,
         batch_size=args.batch_size, max_new_tokens=args.max_new_tokens, max_samples=args.max_samples,
-        max_length=args.max_length, image_aspect=args.image_aspect, rank=rank, world_size=world_size,
+        max_length=args.max_length, image_aspect=image_aspect, image_backend=image_backend, rank=rank,
+        world_size=world_size,
     )
     if rank == 0:
         results["adapter"], results["base"], results["world_size"] = os.path.abspath(args.adapter), os.path.abspath(base), world_size

@@ -24,7 +24,10 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--out", help="batch mode: where to write the answers (JSONL; default: stdout)")
     parser.add_argument("--max-new-tokens", type=int, default=64)
     parser.add_argument("--batch-size", type=int, default=8)
-    parser.add_argument("--image-aspect", choices=["pad", "crop"], default="pad", help="as data.image_aspect in training")
+    parser.add_argument("--image-aspect", choices=["pad", "crop"],
+                        help="default: the adapter's data.image_aspect from training (pad if not recorded)")
+    parser.add_argument("--image-backend", choices=["fast", "processor"],
+                        help="default: the adapter's data.image_backend from training (fast if not recorded)")
     parser.add_argument("--dtype", choices=["fp32", "bf16", "fp16"], default="fp32")
     parser.add_argument("--device", help="default: cuda if available, else cpu")
     args = parser.parse_args(argv)
@@ -54,11 +57,10 @@ def main(argv: list[str]) -> int:
     import torch
     from PIL import Image
 
-    from mole.adapter import AdapterError, read_adapter_config
+    from mole.adapter import AdapterError, image_settings, read_adapter_config
     from mole.inference import Prompt, generate_answers, load_model, load_processor, question_turns
 
     try:
-        base = args.base or read_adapter_config(args.adapter).get("base_model")
         if args.jsonl:
             requests = read_requests(args.jsonl)
             root = os.path.dirname(os.path.abspath(args.jsonl))
@@ -68,12 +70,16 @@ def main(argv: list[str]) -> int:
         for request in requests:
             image = Image.open(os.path.join(root, request["image"])).convert("RGB") if request.get("image") else None
             prompts.append(Prompt(question_turns(request["prompt"], image is not None), image))
+        config = read_adapter_config(args.adapter)
+        base = args.base or config.get("base_model")
+        image_aspect, image_backend = image_settings(config, args.image_aspect, args.image_backend)
         device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
         model = load_model(base, args.adapter, device=device, dtype=args.dtype)
     except (AdapterError, OSError, ValueError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
-    answers = generate_answers(model, load_processor(base), prompts, args.max_new_tokens, args.batch_size, args.image_aspect)
+    answers = generate_answers(model, load_processor(base), prompts, args.max_new_tokens, args.batch_size,
+                               image_aspect, image_backend=image_backend)
     if not args.jsonl:
         print(answers[0])
         return 0

@@ -12,7 +12,7 @@ from mole.train.signals import StopRequest
 def main() -> int:
     # First, before the slow imports: SLURM's warning signal can come while torch and DeepSpeed load,
     # and an uncaught SIGUSR1 kills the rank; caught here, it stops the run after its first step.
-    stop = StopRequest()
+    stop = StopRequest(ctrl_c=True)
     if {"-h", "--help"} & set(sys.argv[1:]):
         print(USAGE.replace("<entry point>", "deepspeed launch/train.py"))
         return 0

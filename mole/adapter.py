@@ -51,7 +51,18 @@ def adapter_config(cfg, llava_config) -> dict:
         "attn_targets": list(cfg.lora.attn_targets),
         "mlp_targets": list(cfg.lora.mlp_targets),
         "train_projector": cfg.train.train_projector,
+        # how training turned images into pixels: inference must do the same (see image_settings)
+        "image_aspect": cfg.data.image_aspect,
+        "image_backend": cfg.data.image_backend,
     }
+
+
+def image_settings(config: dict, image_aspect: str | None = None, image_backend: str | None = None) -> tuple[str, str]:
+    """The image aspect and backend to prepare prompts with: the caller's, else what the adapter was
+    trained with (``config`` from :func:`read_adapter_config`), else the training defaults
+    (``pad``, ``fast``) for adapters that predate the record. The two backends differ by up to 2 uint8
+    levels per pixel; a crop instead of a pad shows the model other pixels altogether."""
+    return image_aspect or config.get("image_aspect", "pad"), image_backend or config.get("image_backend", "fast")
 
 
 def save_adapter(directory: str, state: dict[str, torch.Tensor], config: dict) -> None:

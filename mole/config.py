@@ -490,13 +490,18 @@ def _check_ds_json(path: str) -> None:
     _require(stage in (0, 1, 2, 3), key, f"{path!r} needs zero_optimization.stage in 0..3, got {stage!r}")
 
 
-def _model_type(config_json: str) -> str | None:
+def _model_type(config_json: str) -> str:
+    """The ``model_type`` a Hugging Face config.json declares; a ConfigError naming the file if it cannot say."""
     try:
         with open(config_json) as f:
             config = json.load(f)
-    except (OSError, ValueError):
-        return None
-    return config.get("model_type") if isinstance(config, dict) else None
+    except (OSError, ValueError) as err:
+        raise ConfigError(f"model.name_or_path: {config_json!r} cannot be read as JSON ({err})",
+                          "model.name_or_path") from None
+    if not isinstance(config, dict) or "model_type" not in config:
+        raise ConfigError(f"model.name_or_path: {config_json!r} declares no model_type; expected a LLaVA "
+                          "(model_type 'llava')", "model.name_or_path")
+    return config["model_type"]
 
 
 def validate(cfg: Config) -> None:

@@ -100,13 +100,14 @@ def evaluate(
     max_samples: int | None = None,
     max_length: int = 2048,
     image_aspect: str = "pad",
+    image_backend: str = "fast",
     rank: int = 0,
     world_size: int = 1,
 ) -> dict:
     """Evaluate ``model`` (from :func:`mole.inference.load_model`) per domain; every rank gets the
     same reduced results dict (metrics per domain and overall, routing per layer, predictions)."""
-    sample_processor = SampleProcessor(processor, max_length, image_aspect)
-    encoder = PromptEncoder(processor, image_aspect)
+    sample_processor = SampleProcessor(processor, max_length, image_aspect, image_backend=image_backend)
+    encoder = PromptEncoder(processor, image_aspect, image_backend)
     num_domains, num_layers = len(domains), len(mole_layers(model))
     num_experts = mole_layers(model)[0].num_experts if num_layers else 1
     sums = torch.zeros(num_domains, len(SUMS), dtype=torch.float64)

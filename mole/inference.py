@@ -151,8 +151,9 @@ class PromptEncoder:
     """Prompts -> a left-padded generation batch (``input_ids``, ``attention_mask``, ``pixel_values``).
 
     Left padding keeps every prompt's last token in the last column, where ``generate`` appends.
-    Images take the path training's default takes (``data.image_backend: fast``), so the model sees
-    the pixels it was trained on, not ones a level or two apart.
+    Images take the path training took (``image_aspect``, ``image_backend``: the adapter records
+    them, :func:`mole.adapter.image_settings`), so the model sees the pixels it was trained on, not
+    ones a level or two apart.
     """
 
     def __init__(self, processor, image_aspect: str = "pad", image_backend: str = "fast"):
@@ -194,12 +195,14 @@ def generate_answers(
     batch_size: int = 8,
     image_aspect: str = "pad",
     encoder: PromptEncoder | None = None,
+    image_backend: str = "fast",
 ) -> list[str]:
     """Greedy answers, ``batch_size`` prompts per ``generate`` call (KV cache on), decoded without specials.
 
-    ``encoder`` (built from ``processor`` and ``image_aspect`` when not given) may be reused across calls.
+    ``encoder`` (built from ``processor``, ``image_aspect`` and ``image_backend`` when not given) may be
+    reused across calls.
     """
-    encoder = encoder or PromptEncoder(processor, image_aspect)
+    encoder = encoder or PromptEncoder(processor, image_aspect, image_backend)
     device, dtype = model.device, model.dtype
     answers: list[str] = []
     for start in range(0, len(prompts), batch_size):

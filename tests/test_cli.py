@@ -1,5 +1,8 @@
 """The training entry point refuses bad configs fast, naming the key, before any model loads."""
 
+import os
+import signal
+import subprocess
 import time
 from pathlib import Path
 
@@ -42,9 +45,21 @@ def test_help_is_an_answer_not_an_error(script, expected):
 @pytest.mark.distributed
 def test_a_run_failing_at_start_leaves_no_shared_memory_behind(tmp_path):
     port = free_port()
-    proc = run_group([python(), "-m", "deepspeed.launcher.runner", "--num_gpus", "2", "--master_port", str(port),
-                      str(REPO / "launch" / "train.py"), "--config", str(TINY_CONFIG), f"output_dir={tmp_path}",
-                      "data.domains=[{name: a, shards: /nowhere/*.tar}]"], timeout=120)
-    assert proc.returncode != 0 and "'/nowhere/*.tar' matches no file" in proc.stdout + proc.stderr
-    left = list(Path("/dev/shm").glob(f"deepspeed_allreduce_buffer_*_{port}_*"))
-    assert not left, f"a failed start left DeepSpeed's buffers in RAM: {left}"
+    cmd = [python(), "-m", "deepspeed.launcher.runner", "--num_gpus", "2", "--master_port", str(port),
+           str(REPO / "launch" / "train.py"), "--config", str(TINY_CONFIG), f"output_dir={tmp_path}",
+           "data.domains=[{name: a, shards: /nowhere/*.tar}]"]
+    buffers = f"deepspeed_allreduce_buffer_*_{port}_*"
+    seen: set[str] = set()
+    proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            start_new_session=True)
+    deadline = time.monotonic() + 120
+    while proc.poll() is None and time.monotonic() < deadline:  # watch the buffers appear, or the test proves nothing
+        seen.update(path.name for path in Path("/dev/shm").glob(buffers))
+        time.sleep(0.02)
+    if proc.poll() is None:
+        os.killpg(proc.pid, signal.SIGKILL)
+    output = proc.communicate()[0]
+    assert proc.returncode != 0 and "'/nowhere/*.tar' matches no file" in output, output[-2000:]
+    assert seen, "DeepSpeed's shared-memory buffers never appeared: the check below would pass vacuously"
+    left = list(Path("/dev/shm").glob(buffers))
+    assert not left, f"a failed start left DeepSpeed's buffers in RAM: {left} (seen while running: {sorted(seen)})"

@@ -380,6 +380,13 @@ def test_a_model_dir_that_is_not_llava_is_refused_before_it_loads(workdir: Path)
     (workdir / "llama" / "config.json").write_text(json.dumps({"model_type": "llama"}))
     msg = error_of(["model.name_or_path=llama"])
     assert msg.startswith("model.name_or_path: ") and "holds a 'llama' model; expected a LLaVA" in msg, msg
+    (workdir / "torn").mkdir()
+    (workdir / "torn" / "config.json").write_text('{"model_type": "lla')
+    msg = error_of(["model.name_or_path=torn"])
+    assert msg.startswith("model.name_or_path: ") and "config.json' cannot be read as JSON" in msg, msg
+    (workdir / "untyped").mkdir()
+    (workdir / "untyped" / "config.json").write_text("[]")
+    assert "declares no model_type" in error_of(["model.name_or_path=untyped"])
 
 
 def test_an_output_dir_that_is_a_file_and_experts_without_targets_are_refused(workdir: Path) -> None:

@@ -18,7 +18,7 @@ from mole.data.conversation import parse_conversation
 from mole.data.stream import SampleProcessor
 from mole.experts import MoleMLP
 from mole.inference import Prompt, PromptEncoder, generate_answers, load_model, load_processor, question_turns, routing_context
-from tests.helpers import REPO, TINY_MODEL, cli_env, launch_module, python, run_group
+from tests.helpers import REPO, TINY_CONFIG, TINY_MODEL, cli_env, launch_module, python, run_group
 from tests.helpers import one_thread_for_the_module  # noqa: F401  (autouse fixture)
 
 @pytest.fixture(scope="module")
@@ -214,3 +214,18 @@ def test_a_base_that_is_not_llava_and_a_missing_adapter_are_named(mode_runs, tmp
         load_model(str(TINY_MODEL), str(tmp_path / "nowhere"))
     with pytest.raises(AdapterError, match=r"a training output_dir\? its adapter is"):
         load_model(str(TINY_MODEL), str(mode_runs["scaled"]))
+
+
+def test_the_adapter_records_how_training_prepared_images_and_inference_follows_it():
+    from transformers import AutoConfig
+
+    from mole.adapter import adapter_config, image_settings
+    from mole.config import load_config
+
+    cfg = load_config(str(TINY_CONFIG), ["data.image_aspect=crop", "data.image_backend=processor"])
+    recorded = adapter_config(cfg, AutoConfig.from_pretrained(TINY_MODEL))
+    assert (recorded["image_aspect"], recorded["image_backend"]) == ("crop", "processor")
+    assert image_settings(recorded) == ("crop", "processor"), "inference must prepare images as training did"
+    assert image_settings(recorded, "pad", None) == ("pad", "processor"), "an explicit choice wins"
+    older = {k: v for k, v in recorded.items() if k not in ("image_aspect", "image_backend")}
+    assert image_settings(older) == ("pad", "fast"), "an adapter without the record gets training's defaults"

@@ -318,6 +318,10 @@ def test_an_explicit_resume_gives_way_to_the_runs_own_checkpoints_only_when_rest
     fake_checkpoint(tmp_path / "other" / "checkpoints", 8)
     found = resolve_resume(str(tmp_path / "other" / "checkpoints"), str(run), world_size=2)
     assert found.step == 8, "a newer checkpoint from elsewhere is a fresh start"
+    record_start(str(tmp_path / "other" / "checkpoints"), str(run))
+    found = resolve_resume(str(tmp_path / "other" / "checkpoints"), str(run), world_size=2)
+    assert (found.path, found.step) == (str(tmp_path / "other" / "checkpoints"), 8), \
+        "requeued before its first save, the run must start again from the newer path, not its own older checkpoints"
     with pytest.raises(CheckpointError, match="no complete checkpoint there"):
         resolve_resume(str(source / "step_2"), str(tmp_path / "fresh_run"), world_size=2)
 
@@ -352,7 +356,7 @@ def test_a_torn_last_line_in_a_metrics_log_does_not_stop_a_resume(tmp_path):
 def test_a_first_ctrl_c_asks_for_a_clean_stop_and_a_second_aborts():
     from mole.train.signals import StopRequest
 
-    stop = StopRequest()
+    stop = StopRequest(ctrl_c=True)
     try:
         os.kill(os.getpid(), signal.SIGINT)
         assert stop.requested and stop.signal_name == "SIGINT", "the first Ctrl-C must only ask the run to stop"
@@ -361,3 +365,20 @@ def test_a_first_ctrl_c_asks_for_a_clean_stop_and_a_second_aborts():
     finally:
         stop.restore_defaults()
     assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+
+
+def test_ctrl_c_stays_an_abort_for_programs_that_train_in_process():
+    """Only the command-line trainer turns Ctrl-C into a clean stop: a program calling ``run`` in-process
+    (the conflict experiment) would otherwise take a run cut short for a finished one."""
+    from mole.train.signals import StopRequest
+
+    stop = StopRequest()
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            os.kill(os.getpid(), signal.SIGINT)
+        assert not stop.requested
+        os.kill(os.getpid(), signal.SIGUSR1)
+        assert stop.requested and stop.signal_name == "SIGUSR1"
+    finally:
+        stop.restore_defaults()
+    assert signal.getsignal(signal.SIGUSR1) is signal.SIG_DFL

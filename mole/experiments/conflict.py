@@ -240,7 +240,8 @@ def _train_and_evaluate(train_config: str, spec: RunSpec, run_dir: str) -> dict:
 
     started = time.perf_counter()
     cfg = load_config(train_config, [*spec.overrides, f"output_dir={os.path.join(run_dir, 'train')}", "train.resume=never"])
-    run(cfg)
+    if run(cfg)["stopped"]:  # a SIGTERM/SIGUSR1 cut it short: never cache a half-trained adapter's result
+        raise RuntimeError(f"training stopped early by a signal before train.max_steps={cfg.train.max_steps}")
     trained = time.perf_counter()
 
     adapter = os.path.join(cfg.output_dir, "adapter")
@@ -249,6 +250,7 @@ def _train_and_evaluate(train_config: str, spec: RunSpec, run_dir: str) -> dict:
     root = os.path.dirname(os.path.dirname(cfg.data.domains[0].val_shards))
     domains = [expand_eval_shards(d, os.path.join(root, d, f"{spec.split}-*.tar")) for d in spec.eval_domains]
     results = evaluate(model, processor, domains, batch_size=16, max_new_tokens=12,
+                       image_aspect=cfg.data.image_aspect, image_backend=cfg.data.image_backend,
                        max_samples=spec.max_eval_samples, max_length=cfg.data.max_length)
     save_results(results, os.path.join(run_dir, f"eval_{spec.split}"), f"{spec.name} ({spec.split})")
     result = {

@@ -127,7 +127,8 @@ def resolve_resume(setting: str, output_dir: str, world_size: int) -> Resumable 
 
     An explicit path starts the run from that checkpoint, and :func:`record_start` notes it. Started
     again with the same path (a SLURM requeue), the run continues from its own newer checkpoints
-    instead, even after the starting one was pruned. A path older than checkpoints the run already
+    instead, even after the starting one was pruned (but not before it has saved one newer than the
+    path). A path older than checkpoints the run already
     holds, not the one it started from, is refused: going back there in the same ``output_dir`` would
     leave the newer checkpoints to be taken for the run's latest at the next restart.
     """
@@ -147,7 +148,7 @@ def resolve_resume(setting: str, output_dir: str, world_size: int) -> Resumable 
             found = verified(os.path.dirname(path), os.path.basename(path))
         else:
             found = find_resumable(path)
-        if own is not None and _started_from(root) == path:
+        if own is not None and _started_from(root) == path and (found is None or own.step >= found.step):
             log.info("train.resume=%s: this run started there; continuing from its checkpoint %s/%s",
                      setting, own.path, own.tag)
             found = own
