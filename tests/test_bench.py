@@ -46,6 +46,15 @@ def test_layer_bench_runs_every_variant_with_the_right_trainable_parameters(tmp_
         assert params["mixlora"] == K * one + K * H, "K experts + router without bias"
 
 
+def test_layer_bench_with_one_expert_is_plain_lora_on_our_code(tmp_path):
+    from mole.bench import layer
+
+    result = layer.main(["--hidden", str(H), "--intermediate", str(I), "--tokens", str(T), "--rank", str(R),
+                         "--experts", "1", "--variants", "mole", "--repeats", "1", "--warmup", "0"])
+    assert result["setup"]["trainable_params"]["mole"] == result["setup"]["trainable_params"]["lora"], \
+        "K=1 has no router: the same trainable parameters as peft's LoRA"
+
+
 def test_generate_bench_decodes_the_requested_tokens(tmp_path):
     from mole.bench import generate
 

@@ -78,7 +78,8 @@ def build_peft_lora(base: LlamaMLP, config: LlamaConfig, r: int) -> nn.Module:
 def build_mole(base: LlamaMLP, config: LlamaConfig, r: int, experts: int, routing: str, router: nn.Linear) -> MoleMLP:
     mlp = MoleMLP(shared_mlp(base, config), config.hidden_size, experts, r, alpha=2 * r, dropout=DROPOUT,
                   routing=routing, context=RoutingContext())
-    mlp.router.load_state_dict(router.state_dict())
+    if mlp.router is not None:  # K=1 (--experts 1) is plain LoRA on our code: no router
+        mlp.router.load_state_dict(router.state_dict())
     return mlp
 
 
