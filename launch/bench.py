@@ -1,4 +1,4 @@
-"""Benchmarks: ``python launch/bench.py layer|step|generate|data --json OUT [options]``.
+"""Benchmarks: ``python launch/bench.py layer|ops|step|generate|data --json OUT [options]``.
 
 Each subcommand is ``mole.bench.<name>.main(argv)``; see ``--help`` of each.
 """
@@ -6,7 +6,7 @@ Each subcommand is ``mole.bench.<name>.main(argv)``; see ``--help`` of each.
 import importlib
 import sys
 
-BENCHES = ("layer", "step", "generate", "data")
+BENCHES = ("layer", "ops", "step", "generate", "data")
 
 
 def usage() -> str:

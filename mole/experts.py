@@ -41,15 +41,16 @@ class Routes:
     Sparse modes (``hard``/``scaled``) pass tokens *sorted by expert*: rows ``slices[e]`` belong to
     expert ``e`` (split on the host, once per layer for all three projections), or, on the grouped-GEMM path, ``offsets`` holds the same
     split on the device (int32 cumulative ends) so the host never waits for the routing.
-    ``token_weights`` (sorted like the tokens) scales each token's delta (``scaled``); ``None`` adds it
-    unscaled (``hard``, plain LoRA). Dense mode passes tokens in their original order with
+    ``token_scale`` (sorted like the tokens) multiplies each token's delta: its router probability
+    times the LoRA scaling alpha/r (``scaled``), computed once per layer for the three projections;
+    ``None`` applies the bank's scaling alone (``hard``, plain LoRA). Dense mode passes tokens in their original order with
     ``dense_weights`` (tokens, K), the softmax over experts.
     """
 
     slices: list[slice] | None = None
     offsets: torch.Tensor | None = None  # (K,) int32
     idle: torch.Tensor | None = None  # (K,) bool, with ``offsets``: experts that got no token
-    token_weights: torch.Tensor | None = None  # (tokens,)
+    token_scale: torch.Tensor | None = None  # (tokens, 1)
     dense_weights: torch.Tensor | None = None  # (tokens, K)
 
 
@@ -123,9 +124,9 @@ class LoraExperts(nn.Module):
         # autograd.Function machinery is host time a decode step spends per projection
         direct = not torch.is_grad_enabled()
         if routes.offsets is not None:
-            args = (_aligned(x), base, _aligned(self.lora_A), _aligned(self.lora_B), routes.token_weights, routes.offsets)
+            args = (_aligned(x), base, _aligned(self.lora_A), _aligned(self.lora_B), routes.token_scale, routes.offsets)
             return _grouped_lora(*args, self.scaling)[0] if direct else _GroupedLora.apply(*args, routes.idle, self.scaling)
-        args = (x, base, self.lora_A, self.lora_B, routes.token_weights)
+        args = (x, base, self.lora_A, self.lora_B, routes.token_scale)
         if direct:
             return _sorted_lora(*args, routes.slices, self.scaling)[0]
         return _SortedLora.apply(*args, routes.slices, self.scaling)
@@ -138,32 +139,33 @@ class LoraExperts(nn.Module):
         return (xa.reshape(x.shape[0], num_experts * r) @ b_stacked) * self.scaling
 
 
-def _sorted_lora(x, base, lora_a, lora_b, token_weights, slices, scaling):
-    """``base += scaling * w_t * B_e A_e x_t`` row slice by row slice (the forward of :class:`_SortedLora`);
-    also returns the rank-r intermediates ``h`` and ``hs = h * scale`` and the per-token ``scale``."""
+def _sorted_lora(x, base, lora_a, lora_b, token_scale, slices, scaling):
+    """``base += s_t * B_e A_e x_t`` row slice by row slice (the forward of :class:`_SortedLora`), with
+    ``s_t`` = ``token_scale`` or else ``scaling``; also returns the rank-r intermediates ``h`` and
+    ``hs = h * s`` and the scale ``s`` used."""
     # x: (tokens, in) sorted by expert; base: (tokens, out); lora_a: (K, r, in); lora_b: (K, out, r)
     used = [(e, rows) for e, rows in enumerate(slices) if rows.stop > rows.start]  # a decoded token uses one
     h = x.new_empty(x.shape[0], lora_a.shape[1])  # (tokens, r)
     for e, rows in used:
         torch.mm(x[rows], lora_a[e].t(), out=h[rows])
-    scale = scaling if token_weights is None else (token_weights * scaling).unsqueeze(-1)  # (tokens, 1)
+    scale = scaling if token_scale is None else token_scale  # (tokens, 1)
     hs = h * scale
     for e, rows in used:
         base[rows].addmm_(hs[rows], lora_b[e].t())
     return base, h, hs, scale
 
 
-def _grouped_lora(x, base, lora_a, lora_b, token_weights, offsets, scaling):
+def _grouped_lora(x, base, lora_a, lora_b, token_scale, offsets, scaling):
     """:func:`_sorted_lora` as two grouped GEMMs over the device-side ``offsets`` (forward of :class:`_GroupedLora`)."""
     h = torch._grouped_mm(x, lora_a.transpose(1, 2), offs=offsets)  # (tokens, r)
-    scale = scaling if token_weights is None else (token_weights * scaling).unsqueeze(-1)
+    scale = scaling if token_scale is None else token_scale
     hs = h * scale
     base.add_(torch._grouped_mm(hs, lora_b.transpose(1, 2), offs=offsets))
     return base, h, hs, scale
 
 
 class _SortedLora(torch.autograd.Function):
-    """``base + scaling * w_t * B_e A_e x_t`` for tokens sorted by expert, with hand-written backward.
+    """``base + s_t * B_e A_e x_t`` for tokens sorted by expert, with hand-written backward.
 
     Expert ``e`` owns rows ``slices[e]``. Every matmul writes its result straight
     into its rows of one preallocated tensor (``torch.mm(out=...)`` / ``addmm_``), and the token
@@ -174,10 +176,10 @@ class _SortedLora(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, x, base, lora_a, lora_b, token_weights, slices, scaling):
-        base, h, hs, scale = _sorted_lora(x, base, lora_a, lora_b, token_weights, slices, scaling)
+    def forward(ctx, x, base, lora_a, lora_b, token_scale, slices, scaling):
+        base, h, hs, scale = _sorted_lora(x, base, lora_a, lora_b, token_scale, slices, scaling)
         ctx.mark_dirty(base)
-        ctx.slices, ctx.scaling, ctx.weighted = slices, scaling, token_weights is not None
+        ctx.slices, ctx.scaling, ctx.weighted = slices, scaling, token_scale is not None
         ctx.save_for_backward(x, h, hs, lora_a, lora_b, scale if ctx.weighted else None)
         return base
 
@@ -193,7 +195,7 @@ class _SortedLora(torch.autograd.Function):
             if need_b:
                 torch.mm(grad[rows].t(), hs[rows], out=grad_b[e])
         grad_h = grad_hs * (scale if ctx.weighted else ctx.scaling)
-        grad_w = (grad_hs * h).sum(-1) * ctx.scaling if need_w else None
+        grad_w = (grad_hs * h).sum(-1, keepdim=True) if need_w else None
         grad_a = torch.empty_like(lora_a) if need_a else None
         grad_x = torch.empty_like(x) if need_x else None
         for e, rows in enumerate(ctx.slices):
@@ -213,10 +215,10 @@ class _GroupedLora(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, x, base, lora_a, lora_b, token_weights, offsets, idle, scaling):
-        base, h, hs, scale = _grouped_lora(x, base, lora_a, lora_b, token_weights, offsets, scaling)
+    def forward(ctx, x, base, lora_a, lora_b, token_scale, offsets, idle, scaling):
+        base, h, hs, scale = _grouped_lora(x, base, lora_a, lora_b, token_scale, offsets, scaling)
         ctx.mark_dirty(base)
-        ctx.scaling, ctx.weighted = scaling, token_weights is not None
+        ctx.scaling, ctx.weighted = scaling, token_scale is not None
         ctx.save_for_backward(x, h, hs, lora_a, lora_b, offsets, idle, scale if ctx.weighted else None)
         return base
 
@@ -229,7 +231,7 @@ class _GroupedLora(torch.autograd.Function):
         grad_hs = torch._grouped_mm(grad, lora_b, offs=offsets)  # (tokens, r)
         grad_b = torch._grouped_mm(grad.t(), hs, offs=offsets).masked_fill_(empty, 0) if need_b else None
         grad_h = grad_hs * (scale if ctx.weighted else ctx.scaling)
-        grad_w = (grad_hs * h).sum(-1) * ctx.scaling if need_w else None
+        grad_w = (grad_hs * h).sum(-1, keepdim=True) if need_w else None
         grad_a = torch._grouped_mm(grad_h.t(), x, offs=offsets).masked_fill_(empty, 0) if need_a else None
         grad_x = torch._grouped_mm(grad_h, lora_a, offs=offsets) if need_x else None
         return grad_x, grad, grad_a, grad_b, grad_w, None, None, None
@@ -303,7 +305,7 @@ class MoleMLP(nn.Module):
             raise ValueError(f"num_experts must be >= 1, got {num_experts}")
         self.gate_proj, self.up_proj, self.down_proj = base_mlp.gate_proj, base_mlp.up_proj, base_mlp.down_proj
         self.act_fn = base_mlp.act_fn
-        self.num_experts, self.routing = num_experts, routing
+        self.num_experts, self.routing, self.scaling = num_experts, routing, alpha / r
         self.router = nn.Linear(hidden_size, num_experts, bias=True) if num_experts > 1 else None
         self.experts = nn.ModuleDict(
             {
@@ -342,10 +344,8 @@ class MoleMLP(nn.Module):
     def forward(self, hidden: torch.Tensor) -> torch.Tensor:  # hidden: (batch, seq, hidden)
         batch, seq, width = hidden.shape
         tokens = hidden.reshape(batch * seq, width)
-        routes, order = self._route(tokens, batch, seq)
+        routes, order, inverse = self._route(tokens, batch, seq)
         if order is not None:  # group tokens by expert: each expert's tokens become one contiguous slice
-            inverse = torch.empty_like(order)
-            inverse[order] = torch.arange(order.numel(), device=order.device)
             tokens = _PermuteRows.apply(tokens, order, inverse)
         gate = self._project("gate_proj", tokens, routes)
         up = self._project("up_proj", tokens, routes)
@@ -360,10 +360,11 @@ class MoleMLP(nn.Module):
             out = self.experts[name](x, routes, base=out)
         return out
 
-    def _route(self, tokens: torch.Tensor, batch: int, seq: int) -> tuple[Routes, torch.Tensor | None]:
-        """Pick each token's expert, record the statistics, and say how to dispatch."""
+    def _route(self, tokens: torch.Tensor, batch: int, seq: int) -> tuple[Routes, torch.Tensor | None, torch.Tensor | None]:
+        """Pick each token's expert, record the statistics, and say how to dispatch: the routes, and the
+        permutation that sorts the tokens by expert with its inverse (``None`` when nothing moves)."""
         if self.router is None:
-            return Routes(slices=[slice(0, tokens.shape[0])]), None
+            return Routes(slices=[slice(0, tokens.shape[0])]), None, None
         probs = self.router(tokens).float().softmax(dim=-1)  # (tokens, K)
         top_prob, top_expert = probs.max(dim=-1)
         # one-hot by scatter and counts by a sum: torch.bincount reads its input's min and max back to
@@ -372,14 +373,23 @@ class MoleMLP(nn.Module):
         chosen = torch.zeros_like(probs).scatter_(1, top_expert.unsqueeze(1), 1.0)  # (tokens, K)
         self._stats, self._routing = None, (probs, chosen, self.context.token_mask, batch, seq)
         if self.routing == "dense":
-            return Routes(dense_weights=probs.to(tokens.dtype)), None
+            return Routes(dense_weights=probs.to(tokens.dtype)), None, None
         # one token (a decode step of one sequence) is sorted already: no permutation to make or undo
-        order = torch.argsort(top_expert, stable=True) if tokens.shape[0] > 1 else None
+        order = inverse = None
+        if tokens.shape[0] > 1:
+            order = torch.argsort(top_expert, stable=True)
+            inverse = torch.empty_like(order)
+            inverse[order] = torch.arange(order.numel(), device=order.device)
         counts = chosen.sum(0, dtype=torch.int32)  # (K,)
-        weights = (top_prob if order is None else top_prob[order]).to(tokens.dtype) if self.routing == "scaled" else None
+        scale = None
+        if self.routing == "scaled":  # once per layer for the three projections, LoRA scaling included
+            top_prob = top_prob.unsqueeze(1) if order is None else _PermuteRows.apply(top_prob.unsqueeze(1), order, inverse)
+            scale = (top_prob * self.scaling).to(tokens.dtype)  # (tokens, 1)
         if self._grouped(tokens):
-            return Routes(offsets=counts.cumsum(0, dtype=torch.int32), idle=counts == 0, token_weights=weights), order
-        return Routes(slices=_slices(counts.tolist()), token_weights=weights), order  # .tolist() waits for the device
+            routes = Routes(offsets=counts.cumsum(0, dtype=torch.int32), idle=counts == 0, token_scale=scale)
+        else:
+            routes = Routes(slices=_slices(counts.tolist()), token_scale=scale)  # .tolist() waits for the device
+        return routes, order, inverse
 
     def _grouped(self, tokens: torch.Tensor) -> bool:
         if self.grouped_mm == "auto":

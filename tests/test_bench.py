@@ -55,6 +55,27 @@ def test_layer_bench_with_one_expert_is_plain_lora_on_our_code(tmp_path):
         "K=1 has no router: the same trainable parameters as peft's LoRA"
 
 
+def test_ops_bench_counts_the_host_work_of_each_variant(tmp_path):
+    """Counts, not times: exact on any machine, so they pin properties of the layer's host work."""
+    from mole.bench import ops
+
+    out = tmp_path / "ops.json"
+    result = ops.main(["--hidden", str(H), "--intermediate", str(I), "--tokens", str(T), "--rank", str(R),
+                       "--variants", "base,mole_hard,mole_scaled,dense", "--json", str(out)])
+    assert json.loads(out.read_text()) == result
+    counts, per_op = result["counts"], result["per_op"]
+    assert counts["base"]["train"] < counts["lora"]["train"] < counts["mole_hard"]["train"], counts
+    assert result["ratios"]["mole_hard"] == counts["mole_hard"]["train"] / counts["lora"]["train"]
+    assert all(n > 0 for c in counts.values() for n in c.values()), counts
+    for name in ("mole_hard", "mole_scaled"):
+        assert not {"sort", "index_select"} & set(per_op[name]["decode"]), f"{name}: a lone token must not be sorted"
+        assert {"sort", "index_select"} <= set(per_op[name]["prefill"]), f"{name}: a prefill sorts its tokens"
+    if result["setup"]["mole_dispatch"] == "grouped":
+        assert "_grouped_mm" in per_op["mole_hard"]["train"] and "mm" in per_op["mole_hard"]["train"]
+    extra = per_op["mole_scaled"]["prefill"].get("mul", 0) - per_op["mole_hard"]["prefill"].get("mul", 0)
+    assert extra == 1, f"scaled routing should scale its tokens once per layer, not per projection: {extra} muls"
+
+
 def test_generate_bench_decodes_the_requested_tokens(tmp_path):
     from mole.bench import generate
 
