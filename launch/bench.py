@@ -10,7 +10,7 @@ BENCHES = ("layer", "ops", "step", "generate", "data")
 
 
 def usage() -> str:
-    lines = [f"usage: python launch/bench.py {{{'|'.join(BENCHES)}}} --json OUT [options]", ""]
+    lines = [f"usage: python launch/bench.py {{{'|'.join(BENCHES)}}} [--json OUT] [options]", ""]
     for name in BENCHES:
         summary = (importlib.import_module(f"mole.bench.{name}").__doc__ or "").strip().splitlines()[0]
         lines.append(f"  {name:9s} {summary.split(' bench: ', 1)[-1]}")
@@ -23,6 +23,8 @@ def main() -> int:
         print(usage())
         return 0
     if len(sys.argv) < 2 or sys.argv[1] not in BENCHES:
+        if len(sys.argv) >= 2:
+            print(f"error: unknown bench {sys.argv[1]!r}; choose one of {', '.join(BENCHES)}\n", file=sys.stderr)
         print(usage(), file=sys.stderr)
         return 2
     module = importlib.import_module(f"mole.bench.{sys.argv[1]}")

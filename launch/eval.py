@@ -46,13 +46,19 @@ def eval_domains(args: argparse.Namespace):
         pairs = [item.split("=", 1) for item in args.shards]
         if any(len(pair) != 2 or not all(pair) for pair in pairs):
             raise ValueError(f"--shards takes NAME=PATTERN, got {args.shards}")
-    else:
-        pairs = [(name, os.path.join(args.data_root, name, f"{args.split}-*.tar")) for name in args.domains]
+        return [expand_eval_shards(name, pattern) for name, pattern in pairs]
+    if not os.path.isdir(args.data_root):
+        raise ValueError(f"--data-root {args.data_root!r} is not a directory (relative paths start at the working "
+                         f"directory {os.getcwd()!r}; run from the repository root or pass --data-root or --shards)")
+    pairs = [(name, os.path.join(args.data_root, name, f"{args.split}-*.tar")) for name in args.domains]
     return [expand_eval_shards(name, pattern) for name, pattern in pairs]
 
 
 def main(argv: list[str]) -> int:
     args = parse_args(argv)
+    if args.out and os.path.exists(args.out) and not os.path.isdir(args.out):
+        print(f"error: --out {args.out!r} exists and is not a directory", file=sys.stderr)
+        return 2
     import torch
 
     from mole.adapter import AdapterError, image_settings, read_adapter_config

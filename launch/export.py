@@ -10,6 +10,7 @@ output_dir), whose files DeepSpeed unpickles: consolidate only checkpoints you t
 """
 
 import argparse
+import os
 import sys
 
 
@@ -21,6 +22,9 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--base", help="base LLaVA directory for --format merged (default: the adapter's base_model)")
     parser.add_argument("--config", help="for a checkpoint: its mole_config.json or the run's config.yaml (default: found above it)")
     args = parser.parse_args(argv)
+    if os.path.exists(args.out) and not os.path.isdir(args.out):
+        print(f"error: --out {args.out!r} exists and is not a directory", file=sys.stderr)
+        return 2
 
     from mole.adapter import AdapterError
     from mole.export import ExportError, export_merged, export_mole, export_peft

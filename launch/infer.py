@@ -33,10 +33,13 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     args = parser.parse_args(argv)
     if (args.jsonl is None) == (args.prompt is None):
         parser.error("give either --prompt (with an optional --image) or --jsonl")
+    if args.out and os.path.isdir(args.out):
+        parser.error(f"--out {args.out!r} is a directory; give the JSONL file to write")
     return args
 
 
-def read_requests(path: str) -> list[dict]:
+def read_requests(path: str) -> list[tuple[str, dict]]:
+    """Each line's request with where it came from (``path:line``), for errors that name it."""
     requests = []
     with open(path) as handle:
         for number, line in enumerate(handle, 1):
@@ -48,7 +51,7 @@ def read_requests(path: str) -> list[dict]:
                 raise ValueError(f"{path}:{number}: not JSON ({err})") from None
             if not isinstance(request, dict) or not isinstance(request.get("prompt"), str):
                 raise ValueError(f"{path}:{number}: expected an object with a string 'prompt'")
-            requests.append(request)
+            requests.append((f"{path}:{number}", request))
     return requests
 
 
@@ -62,13 +65,16 @@ def main(argv: list[str]) -> int:
 
     try:
         if args.jsonl:
-            requests = read_requests(args.jsonl)
+            sourced = read_requests(args.jsonl)
             root = os.path.dirname(os.path.abspath(args.jsonl))
         else:
-            requests, root = [{"image": args.image, "prompt": args.prompt}], os.getcwd()
-        prompts = []
-        for request in requests:
-            image = Image.open(os.path.join(root, request["image"])).convert("RGB") if request.get("image") else None
+            sourced, root = [("--image", {"image": args.image, "prompt": args.prompt})], os.getcwd()
+        requests, prompts = [request for _, request in sourced], []
+        for where, request in sourced:
+            try:
+                image = Image.open(os.path.join(root, request["image"])).convert("RGB") if request.get("image") else None
+            except (OSError, TypeError) as err:
+                raise ValueError(f"{where}: image {request['image']!r}: {err}") from None
             prompts.append(Prompt(question_turns(request["prompt"], image is not None), image))
         config = read_adapter_config(args.adapter)
         base = args.base or config.get("base_model")

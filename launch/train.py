@@ -4,7 +4,7 @@ import os
 import sys
 import warnings
 
-from mole.config import USAGE, ConfigError, parse_cli
+from mole.config import ConfigError, parse_cli, usage
 from mole.ds_config import build_ds_config
 from mole.train.signals import StopRequest
 
@@ -14,7 +14,7 @@ def main() -> int:
     # and an uncaught SIGUSR1 kills the rank; caught here, it stops the run after its first step.
     stop = StopRequest(ctrl_c=True)
     if {"-h", "--help"} & set(sys.argv[1:]):
-        print(USAGE.replace("<entry point>", "deepspeed launch/train.py"))
+        print(usage("deepspeed launch/train.py"))
         return 0
     try:
         cfg = parse_cli(sys.argv[1:])

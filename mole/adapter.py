@@ -95,6 +95,9 @@ def read_adapter_config(directory: str) -> dict:
     if not os.path.isfile(path):
         inside = os.path.join(directory, "adapter", ADAPTER_CONFIG)
         hint = f" (a training output_dir? its adapter is {os.path.dirname(inside)!r})" if os.path.isfile(inside) else ""
+        if not hint and (os.path.isfile(os.path.join(directory, "latest"))
+                         or any(name.endswith("model_states.pt") for name in os.listdir(directory))):
+            hint = " (a DeepSpeed checkpoint? consolidate it into an adapter with launch/export.py --format mole)"
         raise AdapterError(f"{directory!r} is not a mole adapter directory: it has no {ADAPTER_CONFIG}{hint}")
     with open(path) as handle:
         config = json.load(handle)

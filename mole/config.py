@@ -425,8 +425,14 @@ usage: <entry point> [--config PATH] [key=value ...]
   --local_rank N  accepted and ignored (the DeepSpeed launcher appends it)"""
 
 
-def parse_cli(argv: list[str]) -> Config:
-    """Config from command-line arguments (without the program name), via ``load_config``."""
+def usage(program: str = "deepspeed launch/train.py") -> str:
+    return USAGE.replace("<entry point>", program)
+
+
+def parse_cli(argv: list[str], program: str = "deepspeed launch/train.py") -> Config:
+    """Config from command-line arguments (without the program name), via ``load_config``; errors end
+    with the usage of ``program``."""
+    usage_text = usage(program)
     path: str | None = None
     overrides: list[str] = []
     args = list(argv)
@@ -436,18 +442,20 @@ def parse_cli(argv: list[str]) -> Config:
         if name in ("--local_rank", "--local-rank"):
             if not has_value:
                 if not args:
-                    raise ConfigError(f"{name} needs a value\n{USAGE}")
+                    raise ConfigError(f"{name} needs a value\n{usage_text}")
                 args.pop(0)
         elif name == "--config":
             if path is not None:
-                raise ConfigError(f"--config given twice\n{USAGE}")
+                raise ConfigError(f"--config given twice\n{usage_text}")
             if not has_value:
                 if not args:
-                    raise ConfigError(f"--config needs a path\n{USAGE}")
+                    raise ConfigError(f"--config needs a path\n{usage_text}")
                 value = args.pop(0)
             path = value
-        elif arg.startswith("-") or not has_value:
-            raise ConfigError(f"unexpected argument {arg!r}\n{USAGE}")
+        elif not arg.startswith("-") and not has_value:
+            raise ConfigError(f"override {arg!r} has no '=': overrides are key=value, e.g. train.max_steps=8\n{usage_text}")
+        elif arg.startswith("-"):
+            raise ConfigError(f"unexpected argument {arg!r}\n{usage_text}")
         else:
             overrides.append(arg)
     return load_config(path, overrides)

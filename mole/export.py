@@ -82,7 +82,7 @@ def require_plain_lora(config: dict, fmt: str) -> None:
     if config["num_experts"] != 1:
         raise ExportError(
             f"--format {fmt} needs a plain LoRA adapter (K=1), but this one has K={config['num_experts']} experts with "
-            f"routers, which have no peft form; use --format mole (read by mole.load_model)"
+            f"routers, which have no {fmt} form; use --format mole (read by mole.load_model)"
         )
 
 
@@ -183,6 +183,8 @@ def export_mole(source: str, out_dir: str, config_path: str | None = None) -> st
 def find_checkpoint(source: str) -> tuple[str, str]:
     """(checkpoints root, tag) for a tag directory, a root with ``latest``, or a run's ``output_dir``."""
     source = os.path.abspath(source.rstrip("/"))
+    if not os.path.isdir(source):
+        raise ExportError(f"{source!r} does not exist or is not a directory")
     if any(name.endswith("model_states.pt") for name in _listdir(source)):
         return os.path.dirname(source), os.path.basename(source)
     for root in (source, os.path.join(source, "checkpoints")):

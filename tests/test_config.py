@@ -139,7 +139,12 @@ def test_parse_cli_ignores_local_rank_in_both_spellings(workdir: Path) -> None:
 def test_parse_cli_rejects_other_arguments_with_usage(workdir: Path, argv: list[str]) -> None:
     with pytest.raises(ConfigError) as info:
         parse_cli(argv)
-    assert "usage:" in str(info.value), f"usage text missing for {argv}: {info.value}"
+    assert "usage: deepspeed launch/train.py [--config PATH]" in str(info.value), f"usage text missing for {argv}: {info.value}"
+
+
+def test_an_override_without_equals_says_overrides_are_key_value(workdir: Path) -> None:
+    with pytest.raises(ConfigError, match=r"override 'train.max_steps' has no '=': overrides are key=value"):
+        parse_cli(["train.max_steps", "20"])
 
 
 # ---------------------------------------------------------------------------------- errors

@@ -189,7 +189,23 @@ def test_infer_cli_names_the_line_of_a_broken_jsonl_and_the_missing_image(tmp_pa
     assert f"{tmp_path / 'q.jsonl'}:2: not JSON" in capsys.readouterr().err
     (tmp_path / "q.jsonl").write_text(json.dumps({"prompt": "ok?", "image": "nope.jpg"}) + "\n")
     assert infer.main([*args, "--jsonl", str(tmp_path / "q.jsonl")]) == 2
-    assert "nope.jpg" in capsys.readouterr().err
+    assert f"{tmp_path / 'q.jsonl'}:1: image 'nope.jpg'" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("script, out_kind", [("infer", "dir"), ("eval", "file"), ("export", "file")])
+def test_an_output_path_of_the_wrong_kind_is_refused_before_any_work(tmp_path, capsys, script, out_kind):
+    """infer writes a JSONL file, eval and export a directory: the wrong kind fails at once in one line,
+    not in a traceback after the model has loaded and run."""
+    out = tmp_path / "out"
+    out.mkdir() if out_kind == "dir" else out.write_text("")
+    args = {"infer": ["--prompt", "hi", "--out", str(out)],
+            "eval": ["--out", str(out)],
+            "export": ["--format", "mole", "--out", str(out)]}[script]
+    try:
+        code = launch_module(script).main(["--adapter", str(tmp_path / "never_read"), *args])
+    except SystemExit as exit_:  # argparse's error
+        code = exit_.code
+    assert code == 2 and "--out" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("aspect", ["pad", "crop"])

@@ -107,3 +107,35 @@ def test_make_shards_without_split_writes_one_shard_set(llava_json, tmp_path):
     first = (tmp_path / "all" / "shard-000000.tar").read_bytes()
     convert(json_path, images, tmp_path / "again", progress=False)
     assert (tmp_path / "again" / "shard-000000.tar").read_bytes() == first, "conversion must be byte-for-byte reproducible"
+
+
+def test_make_shards_with_the_model_skips_special_token_spellings_training_would_skip(tmp_path):
+    from mole.data.convert import convert
+
+    entries = [{"id": "ok", "conversations": turns(("Say bye.", "bye"))},
+               {"id": "eos", "conversations": turns(("Say bye.", "bye</s>"))}]
+    (tmp_path / "llava.json").write_text(json.dumps(entries))
+    (tmp_path / "images").mkdir()
+    without = convert(tmp_path / "llava.json", tmp_path / "images", tmp_path / "plain", progress=False)
+    assert without["written"] == 2, "without a tokenizer the spelling cannot be judged here"
+    manifest = convert(tmp_path / "llava.json", tmp_path / "images", tmp_path / "checked", progress=False, model=TINY_MODEL)
+    assert (manifest["written"], manifest["skipped_by_reason"]) == (1, {"special_token": 1}), manifest
+    skipped = json.loads((tmp_path / "checked" / "skipped.jsonl").read_text())
+    assert skipped["id"] == "eos" and "'</s>'" in skipped["detail"], skipped
+
+
+@pytest.mark.parametrize("problem", ["images", "out", "model"])
+def test_make_shards_refuses_a_wrong_path_before_converting(llava_json, tmp_path, problem):
+    json_path, images = llava_json
+    (tmp_path / "a_file").write_text("")
+    args = {"--json": json_path, "--images": images, "--out": tmp_path / "out"}
+    if problem == "images":
+        args["--images"] = tmp_path / "no_such_folder"
+    elif problem == "out":
+        args["--out"] = tmp_path / "a_file"
+    else:
+        args["--model"] = tmp_path
+    proc = subprocess.run([sys.executable, str(REPO / "launch" / "make_shards.py"), *map(str, sum(args.items(), ()))],
+                          capture_output=True, text=True, env={**os.environ, "PYTHONPATH": str(REPO)}, cwd=REPO, timeout=120)
+    assert proc.returncode == 1 and f"--{problem}" in proc.stderr and "Traceback" not in proc.stderr, proc.stderr
+    assert not (tmp_path / "out" / "manifest.json").exists(), "nothing converted"

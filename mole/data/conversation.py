@@ -87,7 +87,7 @@ def tokenize_conversation(
     the tokenizer's special tokens (``</s>``, ``<image>`` beyond the placeholder, ...) is a
     ``BadSample("special_token")``: tokenised, it would become that control token, not the characters.
     """
-    _refuse_special_tokens(turns, tokenizer)
+    refuse_special_tokens(turns, tokenizer)
     text, answer_spans = render_conversation(turns, has_image, tokenizer)
     encoded = tokenizer(text, add_special_tokens=True, return_offsets_mapping=True)
     ids = list(encoded["input_ids"])
@@ -107,7 +107,9 @@ def tokenize_conversation(
     return ids, labels
 
 
-def _refuse_special_tokens(turns: list[Turn], tokenizer) -> None:
+def refuse_special_tokens(turns: list[Turn], tokenizer) -> None:
+    """``BadSample("special_token")`` if a turn spells one of ``tokenizer``'s special tokens (the one
+    ``<image>`` placeholder aside)."""
     specials = [token.content for token in tokenizer.added_tokens_decoder.values() if token.special]
     for index, turn in enumerate(turns):
         text = turn.text.replace(IMAGE_PLACEHOLDER, "", 1)

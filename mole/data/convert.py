@@ -4,10 +4,12 @@ The input is a list of entries as in ``llava_v1_5_mix665k.json``: ``{"id": str |
 "<source>/<...>.jpg", "conversations": [{"from": "human" | "gpt", "value": str}, ...]}``, image paths
 relative to the image folder, no ``image`` for text-only entries. Each usable entry becomes one sample:
 key = its position in the JSON (ids repeat in the real mix), ``json`` = the entry, and the image file's
-bytes under its extension. Entries are checked with the loader's own rules (so what is written is what
-trains): malformed conversations, a missing, unreadable or unsupported image, or an ``<image>`` with no
-image are skipped and reported in ``skipped.jsonl``; ``manifest.json`` counts samples per source and
-gives each shard set's brace pattern, ready for a domain's ``shards``.
+bytes under its extension. Entries are checked with the loader's own rules: malformed conversations, a
+missing, unreadable or unsupported image, an ``<image>`` with no image and, given the model's tokenizer,
+text that spells one of its special tokens are skipped and reported in ``skipped.jsonl``, so what is
+written trains (only ``too_long``, which depends on ``data.max_length``, is left to training, which
+counts it); ``manifest.json`` counts samples per source and gives each shard set's brace pattern,
+ready for a domain's ``shards``.
 
 With ``split_by="source"`` each source gets its own shard set under ``OUT/<source>/``: the first path
 component of ``image`` (``coco``, ``gqa``, ``ocr_vqa``, ``textvqa``, ``vg`` in LLaVA-1.5's mix) or
@@ -25,7 +27,7 @@ import webdataset as wds
 from PIL import Image
 from tqdm import tqdm
 
-from mole.data.conversation import parse_conversation
+from mole.data.conversation import parse_conversation, refuse_special_tokens
 from mole.data.errors import BadSample
 from mole.data.images import IMAGE_EXTENSIONS, IMAGE_FORMATS
 
@@ -42,15 +44,18 @@ def source_of(entry: dict) -> str:
     return re.sub(r"[^A-Za-z0-9_.-]", "_", first) if len(Path(image).parts) > 1 else "images"
 
 
-def to_sample(index: int, entry, images: Path) -> dict:
-    """The webdataset sample for one entry, or ``BadSample`` saying why it cannot train."""
+def to_sample(index: int, entry, images: Path, tokenizer=None) -> dict:
+    """The webdataset sample for one entry, or ``BadSample`` saying why it cannot train (the special-token
+    check needs the model's ``tokenizer``; without one it is left to training)."""
     if not isinstance(entry, dict):
         raise BadSample("wrong_type", f"entry is {type(entry).__name__}, expected an object")
     try:
         encoded = json.dumps(entry, ensure_ascii=False).encode("utf-8")
     except UnicodeEncodeError as err:  # a lone surrogate from a \ud800 escape
         raise BadSample("non_utf8", str(err)) from None
-    _, has_placeholder = parse_conversation(encoded)
+    turns, has_placeholder = parse_conversation(encoded)
+    if tokenizer is not None:
+        refuse_special_tokens(turns, tokenizer)
     sample = {"__key__": f"{index:09d}", "json": encoded}
     image = entry.get("image")
     if image is None:
@@ -79,11 +84,26 @@ def to_sample(index: int, entry, images: Path) -> dict:
 
 
 def convert(json_path: str | Path, images: str | Path, out: str | Path, split_by: str | None = None,
-            max_count: int = 10_000, max_size: int = 1_000_000_000, progress: bool = True) -> dict:
-    """Write the shards and ``manifest.json`` / ``skipped.jsonl`` under ``out``; return the manifest."""
+            max_count: int = 10_000, max_size: int = 1_000_000_000, progress: bool = True,
+            model: str | Path | None = None) -> dict:
+    """Write the shards and ``manifest.json`` / ``skipped.jsonl`` under ``out``; return the manifest.
+
+    ``model``: the LLaVA directory training will use; its tokenizer's special tokens are then checked
+    here too."""
     images, out = Path(images), Path(out)
     if split_by not in (None, "source"):
         raise ValueError(f"split_by must be None or 'source', got {split_by!r}")
+    if not images.is_dir():  # else every image entry would be skipped as missing, the run "succeeding"
+        raise ValueError(f"--images {str(images)!r} is not a directory")
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"--out {str(out)!r} exists and is not a directory")
+    tokenizer = None
+    if model is not None:
+        if not (Path(model) / "config.json").is_file():
+            raise ValueError(f"--model {str(model)!r} is not a Hugging Face model directory (no config.json)")
+        from transformers import AutoTokenizer
+
+        tokenizer = AutoTokenizer.from_pretrained(str(model))
     try:
         entries = json.loads(Path(json_path).read_text(encoding="utf-8"))
     except (UnicodeDecodeError, ValueError, RecursionError) as err:
@@ -98,7 +118,7 @@ def convert(json_path: str | Path, images: str | Path, out: str | Path, split_by
         with open(out / "skipped.jsonl", "w", encoding="utf-8", errors="backslashreplace") as skipped_log:
             for index, entry in enumerate(tqdm(entries, desc="entries", unit="", disable=not progress)):
                 try:
-                    sample = to_sample(index, entry, images)
+                    sample = to_sample(index, entry, images, tokenizer)
                 except BadSample as bad:
                     skipped[bad.reason] += 1
                     record = {"index": index, "id": entry.get("id") if isinstance(entry, dict) else None,
@@ -124,6 +144,7 @@ def convert(json_path: str | Path, images: str | Path, out: str | Path, split_by
         }
     manifest = {
         "json": str(Path(json_path).resolve()), "images": str(images.resolve()), "split_by": split_by,
+        "model": str(Path(model).resolve()) if model is not None else None,
         "entries": len(entries), "written": sum(counts.values()), "skipped": sum(skipped.values()),
         "skipped_by_reason": dict(sorted(skipped.items())), "sources": sources,
     }

@@ -229,7 +229,7 @@ def _heldout_sets(cfg: Config, process: SampleProcessor, pad_token_id: int, info
         urls = expand_shards(domain.name, domain.val_shards)
         sets[domain.name] = heldout_batches(urls, process, cfg.train.micro_batch_size, pad_token_id,
                                             cfg.train.eval_batches, info.rank, info.world_size)
-    if not sets:
+    if not sets and info.is_main:
         log.warning("train.eval_every is set but no domain has val_shards: nothing to evaluate")
     # every rank must hold a batch of each domain (the forwards are collectives): checked now, on all
     # ranks alike, rather than at the first evaluation on one of them
