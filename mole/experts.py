@@ -29,6 +29,7 @@ import math
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 ROUTING_MODES = ("hard", "scaled", "dense")
@@ -255,12 +256,9 @@ def grouped_mm_supported(x: torch.Tensor, *widths: int) -> bool:
     )
 
 
-def _slices(counts: list[int]) -> list[slice]:
-    """Row ranges of consecutive groups of ``counts`` rows."""
-    bounds = [0]
-    for count in counts:
-        bounds.append(bounds[-1] + count)
-    return [slice(lo, hi) for lo, hi in zip(bounds[:-1], bounds[1:])]
+def _slices(ends: list[int]) -> list[slice]:
+    """Row ranges of consecutive groups ending (exclusive) at ``ends``."""
+    return [slice(lo, hi) for lo, hi in zip([0, *ends[:-1]], ends)]
 
 
 class _PermuteRows(torch.autograd.Function):
@@ -317,6 +315,7 @@ class MoleMLP(nn.Module):
         self.context = context  # not a submodule: shared, holds no parameters
         self._stats: RoutingStats | None = None
         self._routing: tuple | None = None  # what the statistics are computed from, until asked
+        self._expert_ids: torch.Tensor | None = None  # arange(K) on the routing's device, made once
         self.grouped_mm = "auto"
         """Sparse dispatch: ``auto`` uses ``torch._grouped_mm`` (no host sync) where
         :func:`grouped_mm_supported`, else a per-expert loop over host-side counts; ``always`` /
@@ -332,7 +331,9 @@ class MoleMLP(nn.Module):
         and a decode step then saves the host the ops that would compute them in every layer.
         """
         if self._stats is None and self._routing is not None:
-            probs, chosen, mask, batch, seq = self._routing
+            probs, top_expert, mask, batch, seq = self._routing
+            # one-hot by scatter: F.one_hot reads its input's range back to the host (on a CPU)
+            chosen = torch.zeros_like(probs).scatter_(1, top_expert.unsqueeze(1), 1.0)  # (tokens, K)
             self._stats = _routing_stats(probs, chosen, _tokens_mask(mask, batch, seq, probs.device), batch)
             self._routing = None
         return self._stats
@@ -367,28 +368,32 @@ class MoleMLP(nn.Module):
             return Routes(slices=[slice(0, tokens.shape[0])]), None, None
         probs = self.router(tokens).float().softmax(dim=-1)  # (tokens, K)
         top_prob, top_expert = probs.max(dim=-1)
-        # one-hot by scatter and counts by a sum: torch.bincount reads its input's min and max back to
-        # the host (on a GPU, two waits for the device per layer, and the host can no longer run
-        # ahead), and F.one_hot checks its input's range on the host on a CPU
-        chosen = torch.zeros_like(probs).scatter_(1, top_expert.unsqueeze(1), 1.0)  # (tokens, K)
-        self._stats, self._routing = None, (probs, chosen, self.context.token_mask, batch, seq)
+        self._stats, self._routing = None, (probs, top_expert, self.context.token_mask, batch, seq)
         if self.routing == "dense":
             return Routes(dense_weights=probs.to(tokens.dtype)), None, None
         # one token (a decode step of one sequence) is sorted already: no permutation to make or undo
         order = inverse = None
+        sorted_experts = top_expert
         if tokens.shape[0] > 1:
-            order = torch.argsort(top_expert, stable=True)
+            sorted_experts, order = torch.sort(top_expert, stable=True)
             inverse = torch.empty_like(order)
             inverse[order] = torch.arange(order.numel(), device=order.device)
-        counts = chosen.sum(0, dtype=torch.int32)  # (K,)
+        # each expert's end row in the sorted tokens, found on the device: torch.bincount would read its
+        # input's min and max back to the host (on a GPU, two waits for the device per layer, and the
+        # host could no longer run ahead)
+        if self._expert_ids is None or self._expert_ids.device != top_expert.device:
+            self._expert_ids = torch.arange(self.num_experts, device=top_expert.device)
+        ends = torch.searchsorted(sorted_experts, self._expert_ids, right=True, out_int32=True)  # (K,)
         scale = None
         if self.routing == "scaled":  # once per layer for the three projections, LoRA scaling included
             top_prob = top_prob.unsqueeze(1) if order is None else _PermuteRows.apply(top_prob.unsqueeze(1), order, inverse)
             scale = (top_prob * self.scaling).to(tokens.dtype)  # (tokens, 1)
         if self._grouped(tokens):
-            routes = Routes(offsets=counts.cumsum(0, dtype=torch.int32), idle=counts == 0, token_scale=scale)
+            # which experts got no token: only the backward needs it (their weight gradients are zeroed)
+            idle = ends == F.pad(ends[:-1], (1, 0)) if torch.is_grad_enabled() else None
+            routes = Routes(offsets=ends, idle=idle, token_scale=scale)
         else:
-            routes = Routes(slices=_slices(counts.tolist()), token_scale=scale)  # .tolist() waits for the device
+            routes = Routes(slices=_slices(ends.tolist()), token_scale=scale)  # .tolist() waits for the device
         return routes, order, inverse
 
     def _grouped(self, tokens: torch.Tensor) -> bool:

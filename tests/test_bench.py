@@ -72,6 +72,11 @@ def test_ops_bench_counts_the_host_work_of_each_variant(tmp_path):
         assert {"sort", "index_select"} <= set(per_op[name]["prefill"]), f"{name}: a prefill sorts its tokens"
     if result["setup"]["mole_dispatch"] == "grouped":
         assert "_grouped_mm" in per_op["mole_hard"]["train"] and "mm" in per_op["mole_hard"]["train"]
+        decode = {op: n for op, n in per_op["mole_hard"]["decode"].items() if op not in ("_grouped_mm", "mm", "add", "add_")}
+        lora = {op: n for op, n in per_op["lora"]["decode"].items() if op not in ("mm", "add", "add_")}
+        extra = {op: n - lora.get(op, 0) for op, n in decode.items() if n != lora.get(op, 0)}
+        assert extra == {"addmm": 1, "_softmax": 1, "max": 1, "searchsorted": 1}, \
+            f"a decode step should add only the router, its softmax, the top-1 and the offsets to LoRA's work: {extra}"
     extra = per_op["mole_scaled"]["prefill"].get("mul", 0) - per_op["mole_hard"]["prefill"].get("mul", 0)
     assert extra == 1, f"scaled routing should scale its tokens once per layer, not per projection: {extra} muls"
 
@@ -106,6 +111,11 @@ def test_step_bench_one_rank_reports_ratio_and_model_flops(tmp_path):
 
 
 @pytest.mark.distributed
-def test_step_bench_launches_two_ranks(tmp_path):
+def test_step_bench_launches_two_ranks_and_leaves_no_shared_memory(tmp_path):
+    from pathlib import Path
+
+    before = set(Path("/dev/shm").glob("deepspeed_allreduce_buffer_*"))
     result = run_step_bench(tmp_path, "--ranks", "2")
     assert result["setup"]["ranks"] == 2 and result["ratios"]["lora"] == 1.0
+    left = set(Path("/dev/shm").glob("deepspeed_allreduce_buffer_*")) - before
+    assert not left, f"the ranks left DeepSpeed's buffers in RAM: {sorted(p.name for p in left)}"
