@@ -6,9 +6,10 @@ relative to the image folder, no ``image`` for text-only entries. Each usable en
 key = its position in the JSON (ids repeat in the real mix), ``json`` = the entry, and the image file's
 bytes under its extension. Entries are checked with the loader's own rules: malformed conversations, a
 missing, unreadable or unsupported image, an ``<image>`` with no image and, given the model's tokenizer,
-text that spells one of its special tokens are skipped and reported in ``skipped.jsonl``, so what is
-written trains (only ``too_long``, which depends on ``data.max_length``, is left to training, which
-counts it); ``manifest.json`` counts samples per source and gives each shard set's brace pattern,
+text that spells one of its special tokens are skipped and reported in ``skipped.jsonl``. Left to
+training, which skips and counts them: what depends on its settings (``too_long`` for
+``data.max_length``, ``data.max_image_pixels``, extreme aspect ratios) and image data damaged past a
+valid header (only headers are read here). ``manifest.json`` counts samples per source and gives each shard set's brace pattern,
 ready for a domain's ``shards``.
 
 With ``split_by="source"`` each source gets its own shard set under ``OUT/<source>/``: the first path
