@@ -112,12 +112,8 @@ def main(argv: list[str]) -> int:
     if world_size > 1:
         import torch.distributed as dist
 
-        from mole.distributed import release_shared_memory
-
         dist.barrier()
         dist.destroy_process_group()
-        if device.type == "cpu":
-            release_shared_memory()  # DeepSpeed's CPU buffer, 69 MB of RAM per rank, would outlive the run
     return 0
 
 
