@@ -35,6 +35,8 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
         parser.error("give either --prompt (with an optional --image) or --jsonl")
     if args.out and os.path.isdir(args.out):
         parser.error(f"--out {args.out!r} is a directory; give the JSONL file to write")
+    if args.out and not os.path.isdir(os.path.dirname(os.path.abspath(args.out))):
+        parser.error(f"--out {args.out!r}: its folder does not exist")
     return args
 
 
@@ -73,7 +75,7 @@ def main(argv: list[str]) -> int:
         for where, request in sourced:
             try:
                 image = Image.open(os.path.join(root, request["image"])).convert("RGB") if request.get("image") else None
-            except (OSError, TypeError) as err:
+            except (OSError, TypeError, Image.DecompressionBombError) as err:
                 raise ValueError(f"{where}: image {request['image']!r}: {err}") from None
             prompts.append(Prompt(question_turns(request["prompt"], image is not None), image))
         config = read_adapter_config(args.adapter)

@@ -19,16 +19,16 @@ def switch_loss(stats: list[RoutingStats]) -> torch.Tensor:
 
     ``f_e`` is the fraction of the batch's tokens whose top-1 is expert ``e`` (no gradient) and
     ``P_e`` the mean router probability of ``e`` (Fedus et al. 2021, eq. 4). Equals 1 at perfect
-    balance, K when one expert takes every token with certainty.
+    balance, K when one expert takes every token with certainty. ``stats`` come from one forward (every
+    layer saw the same batch), and are reduced all at once: a fixed dozen ops for the model rather
+    than as many per layer, which a host-bound GPU step would pay for.
     """
-    per_layer = []
-    for layer in stats:
-        num_experts = layer.prob_sum.shape[-1]
-        total = layer.tokens.sum().clamp(min=1.0)
-        fraction = layer.count.sum(dim=0) / total  # (K,)
-        mean_prob = layer.prob_sum.sum(dim=0) / total  # (K,)
-        per_layer.append(num_experts * (fraction * mean_prob).sum())
-    return torch.stack(per_layer).mean()
+    prob_sum = torch.stack([layer.prob_sum for layer in stats])  # (layers, batch, K)
+    count = torch.stack([layer.count for layer in stats])  # (layers, batch, K)
+    total = torch.stack([layer.tokens for layer in stats]).sum(dim=1).clamp(min=1.0).unsqueeze(-1)  # (layers, 1)
+    fraction = count.sum(dim=1) / total  # (layers, K)
+    mean_prob = prob_sum.sum(dim=1) / total  # (layers, K)
+    return prob_sum.shape[-1] * (fraction * mean_prob).sum(dim=-1).mean()
 
 
 def per_sample_loss(stats: list[RoutingStats]) -> torch.Tensor:

@@ -160,6 +160,21 @@ def test_switch_loss_hand_checked_value():
     assert loss.item() == pytest.approx(2 * (0.75 * 0.6 + 0.25 * 0.4)), "K * sum f_e P_e"
 
 
+def test_switch_loss_averages_the_layers_each_over_its_own_tokens():
+    # one forward, 2 samples of 2 tokens, the second padded to 1 token. Layer 1: top-1 = [0, 0, 1] ->
+    # f = [2/3, 1/3], P = [(0.9+0.6+0.2)/3, (0.1+0.4+0.8)/3]; layer 2: top-1 = [1, 1, 0] -> f = [1/3, 2/3]
+    mask = torch.tensor([[True, True], [True, False]])
+    first = stats_from(torch.tensor([[[0.9, 0.1], [0.6, 0.4]], [[0.2, 0.8], [0.5, 0.5]]]), torch.tensor([[0, 0], [1, 1]]), mask)
+    expected_first = 2 * (2 / 3 * 1.7 / 3 + 1 / 3 * 1.3 / 3)
+    probs = torch.tensor([[[0.3, 0.7], [0.1, 0.9]], [[0.8, 0.2], [0.5, 0.5]]])
+    second = stats_from(probs, torch.tensor([[1, 1], [0, 0]]), mask)
+    expected_second = 2 * (1 / 3 * 1.2 / 3 + 2 / 3 * 1.8 / 3)
+    assert switch_loss([first]).item() == pytest.approx(expected_first)
+    assert switch_loss([second]).item() == pytest.approx(expected_second)
+    both = switch_loss([first, second])
+    assert both.item() == pytest.approx((expected_first + expected_second) / 2), "the mean of the layers' losses"
+
+
 def test_aux_loss_ignores_padding():
     probs = torch.tensor([[[0.9, 0.1], [0.6, 0.4], [0.7, 0.3], [0.2, 0.8]]])
     top = torch.tensor([[0, 0, 0, 1]])

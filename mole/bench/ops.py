@@ -3,13 +3,18 @@
 Where a GPU waits on its host (an MLP block of a few thousand tokens on an H100, a decode step), the
 time a layer takes is the host's: Python, autograd and one dispatch per op, each op a kernel launch.
 This bench counts those dispatches, with the ``layer`` bench's variants on the same shapes, for a
-training call (forward, the routing statistics training reads, backward) and an eval-mode no-grad
-forward of a prefill and of one decoded token. Views (``t``, ``view``, ``expand``...) are left out: they launch
-nothing. Counts do not depend on the machine or its load, so a change to the layer shows its effect
-on host work exactly, on a CPU too.
+training call (``--layers`` blocks in a row, the switch balance loss over their routing statistics
+as training computes it, backward through both; reported per block, so the loss's per-model part is
+shared as in a real model) and an eval-mode no-grad forward of a prefill and of one decoded token. Views
+(``t``, ``view``, ``expand``...) are left out: they launch nothing; allocations (``empty_like``) are
+counted: they cost the host a dispatch without launching a kernel. A count does not depend on the
+machine's speed or load, so a change to the layer shows its effect on host work exactly, on a CPU too.
+It does depend on the device where an op dispatches differently: dropout is four dispatches on a CPU
+and one fused op on a GPU.
 
 MoLE variants run on the grouped-GEMM path, a GPU's default (forced on a CPU where torch has a CPU
-``torch._grouped_mm``; otherwise the per-expert loop, noted in ``setup``).
+``torch._grouped_mm`` and the widths are multiples of 8; otherwise the per-expert loop, noted in
+``setup``).
 """
 
 from __future__ import annotations
@@ -21,6 +26,7 @@ from collections.abc import Callable
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
+from mole.balance import switch_loss
 from mole.bench import write_json
 from mole.bench import layer as layer_bench
 from mole.experts import MoleMLP
@@ -56,6 +62,9 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--hidden", type=int, default=64, help="counts do not depend on the widths")
     p.add_argument("--intermediate", type=int, default=128)
     p.add_argument("--experts", type=int, default=3)
+    p.add_argument("--layers", type=int, default=32, help="blocks per training call (LLaVA-1.5-7B: 32); counts are per block")
+    p.add_argument("--dtype", choices=list(layer_bench.DTYPES), default="bf16",
+                   help="bf16, as on a GPU (casts of the fp32 router output count), or fp32")
     p.add_argument("--variants", help="comma-separated subset (lora is always run); default: every CPU variant "
                    "of the layer bench")
     p.add_argument("--seed", type=int, default=0)
@@ -76,22 +85,31 @@ def main(argv: list[str]) -> dict:
     layer_args = layer_bench.parse_args([
         "--rank", str(args.rank), "--tokens", str(args.tokens), "--hidden", str(args.hidden),
         "--intermediate", str(args.intermediate), "--experts", str(args.experts), "--device", "cpu",
-        "--seed", str(args.seed), *(["--variants", args.variants] if args.variants else []),
+        "--seed", str(args.seed), "--dtype", args.dtype, *(["--variants", args.variants] if args.variants else []),
     ])
-    modules, notes = layer_bench.build_variants(layer_args, torch.device("cpu"), torch.float32)
-    dispatch = "grouped" if _grouped_mm_on_cpu() else "loop"
+    dtype = layer_bench.DTYPES[args.dtype]
+    modules, notes = layer_bench.build_variants(layer_args, torch.device("cpu"), dtype)
+    # the grouped GEMM needs 16-byte rows (bf16: widths a multiple of 8), as on a GPU
+    aligned = all(width % 8 == 0 for width in (args.hidden, args.intermediate, args.rank))
+    dispatch = "grouped" if _grouped_mm_on_cpu() and aligned else "loop"
     for module in modules.values():
         if isinstance(module, MoleMLP) and dispatch == "grouped":
             module.grouped_mm = "always"
     torch.manual_seed(args.seed + 2)
-    x = torch.randn(1, args.tokens, args.hidden, requires_grad=True)
-    token = torch.randn(1, 1, args.hidden)
+    x = torch.randn(1, args.tokens, args.hidden, dtype=dtype, requires_grad=True)
+    token = torch.randn(1, 1, args.hidden, dtype=dtype)
 
     def train(module):
         module.train()
-        out = module(x)
-        getattr(module, "stats", None)  # training reads the routing statistics every step
-        out.backward(torch.ones_like(out))
+        hidden, stats = x, []
+        for _ in range(args.layers):  # one module as every layer: each call's routing is its own
+            hidden = module(hidden)
+            if getattr(module, "stats", None) is not None:
+                stats.append(module.stats)
+        loss = hidden.float().sum()
+        if stats:  # training adds the balance loss over every layer's routing statistics
+            loss = loss + 0.01 * switch_loss(stats)
+        loss.backward()
         x.grad = None
         for param in module.parameters():
             param.grad = None
@@ -108,8 +126,9 @@ def main(argv: list[str]) -> dict:
                   "prefill": lambda m=module: infer(m, x),
                   "decode": lambda m=module: infer(m, token)}
         ops = {phase: count_ops(fn) for phase, fn in phases.items()}
-        counts[name] = {phase: sum(c.values()) for phase, c in ops.items()}
-        per_op[name] = {phase: dict(sorted(c.items())) for phase, c in ops.items()}
+        blocks = {"train": args.layers, "prefill": 1, "decode": 1}
+        counts[name] = {phase: round(sum(c.values()) / blocks[phase], 2) for phase, c in ops.items()}
+        per_op[name] = {phase: {op: round(n / blocks[phase], 2) for op, n in sorted(c.items())} for phase, c in ops.items()}
     result = {
         "ratios": {name: c["train"] / counts["lora"]["train"] for name, c in counts.items()},
         "counts": counts,
@@ -117,13 +136,13 @@ def main(argv: list[str]) -> dict:
         "setup": {
             "bench": "ops", "what": "aten ops (views excluded) per call of one MLP block; ratios are training calls",
             "tokens": args.tokens, "hidden": args.hidden, "intermediate": args.intermediate,
-            "experts": args.experts, "rank": args.rank, "dropout": layer_bench.DROPOUT,
+            "experts": args.experts, "rank": args.rank, "layers": args.layers, "dropout": layer_bench.DROPOUT, "dtype": args.dtype,
             "mole_dispatch": dispatch, "torch": torch.__version__, "notes": notes,
         },
     }
-    print(f"{'variant':14s} {'train':>6s} {'prefill':>8s} {'decode':>7s}  train/lora")
+    print(f"{'variant':14s} {'train':>7s} {'prefill':>8s} {'decode':>7s}  train/lora   (dispatches per block)")
     for name, c in counts.items():
-        print(f"{name:14s} {c['train']:6d} {c['prefill']:8d} {c['decode']:7d}  {result['ratios'][name]:.3f}")
+        print(f"{name:14s} {c['train']:7.2f} {c['prefill']:8g} {c['decode']:7g}  {result['ratios'][name]:.3f}")
     for name, note in notes.items():
         print(f"{name}: {note}")
     write_json(args.json, result)

@@ -287,7 +287,10 @@ def run(args: argparse.Namespace) -> dict:
     as training does (69 MB of RAM per rank would otherwise stay in /dev/shm after every run)."""
     from mole.distributed import init_distributed, release_shared_memory
 
+    import torch.distributed as dist
+
     info = init_distributed()
+    dist.barrier()  # every rank past DeepSpeed's start-up (its peers' buffers open) before any may fail
     failed = True
     try:
         result = _measure(args, info)

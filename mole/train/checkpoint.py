@@ -148,7 +148,7 @@ def resolve_resume(setting: str, output_dir: str, world_size: int) -> Resumable 
             found = verified(os.path.dirname(path), os.path.basename(path))
         else:
             found = find_resumable(path)
-        if own is not None and _started_from(root) == path and (found is None or own.step >= found.step):
+        if own is not None and _started_from(root) == path and (found is None or own.step > found.step):
             log.info("train.resume=%s: this run started there; continuing from its checkpoint %s/%s",
                      setting, own.path, own.tag)
             found = own
