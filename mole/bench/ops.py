@@ -1,7 +1,7 @@
 """``ops`` bench: the aten ops one MLP block dispatches per call, MoLE vs its peers (a count, no clock).
 
 Where a GPU waits on its host (an MLP block of a few thousand tokens on an H100, a decode step), the
-time a layer takes is the host's: Python, autograd and one dispatch per op, each op a kernel launch.
+time a layer takes is the host's: Python, autograd and one dispatch per op, most a kernel launch.
 This bench counts those dispatches, with the ``layer`` bench's variants on the same shapes, for a
 training call (``--layers`` blocks in a row, the switch balance loss over their routing statistics
 as training computes it, backward through both; reported per block, so the loss's per-model part is
@@ -30,9 +30,6 @@ from mole.balance import switch_loss
 from mole.bench import write_json
 from mole.bench import layer as layer_bench
 from mole.experts import MoleMLP
-
-PHASES = ("train", "prefill", "decode")
-
 
 class OpCounter(TorchDispatchMode):
     """Counts the aten ops dispatched while active, views and pure aliases excepted."""
@@ -119,8 +116,8 @@ def main(argv: list[str]) -> dict:
         module.eval()  # no dropout, as in generation
         module(hidden)
 
-    counts: dict[str, dict[str, int]] = {}
-    per_op: dict[str, dict[str, dict[str, int]]] = {}
+    counts: dict[str, dict[str, float]] = {}  # per block
+    per_op: dict[str, dict[str, dict[str, float]]] = {}
     for name, module in modules.items():
         phases = {"train": lambda m=module: train(m),
                   "prefill": lambda m=module: infer(m, x),
@@ -134,7 +131,7 @@ def main(argv: list[str]) -> dict:
         "counts": counts,
         "per_op": per_op,
         "setup": {
-            "bench": "ops", "what": "aten ops (views excluded) per call of one MLP block; ratios are training calls",
+            "bench": "ops", "what": "aten ops (views excluded) per MLP block; ratios are of training counts",
             "tokens": args.tokens, "hidden": args.hidden, "intermediate": args.intermediate,
             "experts": args.experts, "rank": args.rank, "layers": args.layers, "dropout": layer_bench.DROPOUT, "dtype": args.dtype,
             "mole_dispatch": dispatch, "torch": torch.__version__, "notes": notes,
