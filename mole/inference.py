@@ -220,9 +220,15 @@ def generate_answers(
             pad_token_id=processor.tokenizer.pad_token_id,
             eos_token_id=processor.tokenizer.eos_token_id,
         )
-        new_tokens = out[:, batch["input_ids"].shape[1] :]
-        answers += [text.strip() for text in processor.tokenizer.batch_decode(new_tokens, skip_special_tokens=True)]
+        answers += decode_answers(processor.tokenizer, out[:, batch["input_ids"].shape[1] :])
     return answers
+
+
+def decode_answers(tokenizer, new_tokens: torch.Tensor) -> list[str]:
+    """Generated token rows as text, special tokens and surrounding space removed. An answer cut by
+    ``max_new_tokens`` inside a character that byte-fallback tokens spell (accents, CJK, emoji) would
+    end in U+FFFD, the replacement for its missing bytes: that half character is dropped."""
+    return [text.strip().rstrip("\ufffd") for text in tokenizer.batch_decode(new_tokens, skip_special_tokens=True)]
 
 
 def load_processor(base_dir: str):

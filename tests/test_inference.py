@@ -245,3 +245,14 @@ def test_the_adapter_records_how_training_prepared_images_and_inference_follows_
     assert image_settings(recorded, "pad", None) == ("pad", "processor"), "an explicit choice wins"
     older = {k: v for k, v in recorded.items() if k not in ("image_aspect", "image_backend")}
     assert image_settings(older) == ("pad", "fast"), "an adapter without the record gets training's defaults"
+
+
+def test_an_answer_cut_inside_a_character_drops_the_half_character():
+    from mole.inference import decode_answers
+
+    tokenizer = load_processor(str(TINY_MODEL)).tokenizer
+    ids = tokenizer("café", add_special_tokens=False)["input_ids"]
+    assert len(ids) == 5, f"precondition: 'é' spelled by two byte tokens: {tokenizer.convert_ids_to_tokens(ids)}"
+    # generation stopped after the first byte of 'é', and after both
+    assert decode_answers(tokenizer, torch.tensor([ids[:-1]])) == ["caf"]
+    assert decode_answers(tokenizer, torch.tensor([ids])) == ["café"]
