@@ -322,6 +322,12 @@ def test_an_explicit_resume_gives_way_to_the_runs_own_checkpoints_only_when_rest
     found = resolve_resume(str(tmp_path / "other" / "checkpoints"), str(run), world_size=2)
     assert (found.path, found.step) == (str(tmp_path / "other" / "checkpoints"), 8), \
         "requeued before its first save, the run must start again from the newer path, not its own older checkpoints"
+    fake_checkpoint(own, 8)  # the output_dir's earlier lineage reached the same step
+    assert resolve_resume(str(tmp_path / "other" / "checkpoints"), str(run), world_size=2).path == \
+        str(tmp_path / "other" / "checkpoints"), "a checkpoint of the run's own at the same step is not newer"
+    fake_checkpoint(own, 10)
+    assert resolve_resume(str(tmp_path / "other" / "checkpoints"), str(run), world_size=2).step == 10, \
+        "once the run has saved past the path, a requeue continues from its own checkpoints"
     with pytest.raises(CheckpointError, match="no complete checkpoint there"):
         resolve_resume(str(source / "step_2"), str(tmp_path / "fresh_run"), world_size=2)
 
