@@ -11,6 +11,7 @@ their shards instead. Rank 0 prints the table and writes ``metrics.json``, ``pre
 """
 
 import argparse
+import contextlib
 import os
 import sys
 
@@ -78,52 +79,45 @@ def main(argv: list[str]) -> int:
 
     rank, world_size = 0, 1
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    cleanup = contextlib.nullcontext()
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:
-        from mole.distributed import init_distributed
+        from mole.distributed import init_distributed, releasing_shared_memory
 
         info = init_distributed()
         rank, world_size, device = info.rank, info.world_size, info.device
-    failed = True
-    try:
-        if args.device:
-            device = torch.device(args.device)
-        try:
+        cleanup = releasing_shared_memory(info)  # under the deepspeed launcher, 69 MB per rank in /dev/shm
+    try:  # an adapter that does not fit the base fails every rank alike, inside the cleanup
+        with cleanup:
+            if args.device:
+                device = torch.device(args.device)
             model = load_model(base, args.adapter, device=device, dtype=args.dtype)
-        except AdapterError as err:
-            print(f"error: {err}", file=sys.stderr)
-            return 2
-        processor = load_processor(base)
-        results = evaluate(
-            model, processor, domains,
-            batch_size=args.batch_size, max_new_tokens=args.max_new_tokens, max_samples=args.max_samples,
-            max_length=args.max_length, image_aspect=image_aspect, image_backend=image_backend, rank=rank,
-            world_size=world_size,
-        )
-        if rank == 0:
-            results["adapter"], results["base"], results["world_size"] = os.path.abspath(args.adapter), os.path.abspath(base), world_size
-            results["adapter_config"] = config
-            out = args.out or os.path.join(os.path.dirname(os.path.abspath(args.adapter)), "eval")
-            name = os.path.join(*os.path.abspath(args.adapter).split(os.sep)[-2:])
-            title = f"{name} (K={config['num_experts']}, {config['routing']}): share of each domain's tokens per expert"
-            paths = save_results(results, out, title)
-            print(f"adapter {os.path.abspath(args.adapter)} (K={config['num_experts']}, routing {config['routing']}), "
-                  f"{world_size} rank(s)")
-            print(format_table(results))
-            print("wrote " + ", ".join(paths))
-        if world_size > 1:
-            import torch.distributed as dist
+            processor = load_processor(base)
+            results = evaluate(
+                model, processor, domains,
+                batch_size=args.batch_size, max_new_tokens=args.max_new_tokens, max_samples=args.max_samples,
+                max_length=args.max_length, image_aspect=image_aspect, image_backend=image_backend, rank=rank,
+                world_size=world_size,
+            )
+            if rank == 0:
+                results["adapter"], results["base"], results["world_size"] = os.path.abspath(args.adapter), os.path.abspath(base), world_size
+                results["adapter_config"] = config
+                out = args.out or os.path.join(os.path.dirname(os.path.abspath(args.adapter)), "eval")
+                name = os.path.join(*os.path.abspath(args.adapter).split(os.sep)[-2:])
+                title = f"{name} (K={config['num_experts']}, {config['routing']}): share of each domain's tokens per expert"
+                paths = save_results(results, out, title)
+                print(f"adapter {os.path.abspath(args.adapter)} (K={config['num_experts']}, routing {config['routing']}), "
+                      f"{world_size} rank(s)")
+                print(format_table(results))
+                print("wrote " + ", ".join(paths))
+            if world_size > 1:
+                import torch.distributed as dist
 
-            dist.barrier()
-            dist.destroy_process_group()
-        failed = False
-        return 0
-    finally:
-        if world_size > 1 and not torch.cuda.is_available():
-            from mole.distributed import release_shared_memory
-
-            # under the deepspeed launcher DeepSpeed maps a 69 MB buffer per rank in /dev/shm; a failing
-            # rank removes its node's others' too (the launcher kills them before they can)
-            release_shared_memory(every_local_rank=failed)
+                dist.barrier()
+                dist.destroy_process_group()
+            return 0
+    except AdapterError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

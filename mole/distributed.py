@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import glob
 import os
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
@@ -77,3 +79,16 @@ def release_shared_memory(every_local_rank: bool = False) -> None:
             os.unlink(path)
         except OSError:
             pass
+
+
+@contextmanager
+def releasing_shared_memory(info: DistInfo) -> Iterator[None]:
+    """Run the body (this rank's last collectives), then, on the CPU, unlink the rank's DeepSpeed
+    buffer; if the body raised, its node's other ranks' too (:func:`release_shared_memory`)."""
+    failed = True
+    try:
+        yield
+        failed = False
+    finally:
+        if info.device.type == "cpu":
+            release_shared_memory(every_local_rank=failed)

@@ -256,6 +256,16 @@ def grouped_mm_supported(x: torch.Tensor, *widths: int) -> bool:
     )
 
 
+def grouped_mm_runs_on_cpu() -> bool:
+    """Whether this torch has a CPU ``torch._grouped_mm`` (2.9 and newer), so the GPU's dispatch path can
+    be exercised and counted on a CPU."""
+    try:
+        torch._grouped_mm(torch.randn(4, 8), torch.randn(2, 8, 8), offs=torch.tensor([1, 4], dtype=torch.int32))
+    except (AttributeError, TypeError, RuntimeError, NotImplementedError):
+        return False
+    return True
+
+
 def _slices(ends: list[int]) -> list[slice]:
     """Row ranges of consecutive groups ending (exclusive) at ``ends``."""
     return [slice(lo, hi) for lo, hi in zip([0, *ends[:-1]], ends)]

@@ -29,7 +29,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from mole.balance import switch_loss
 from mole.bench import write_json
 from mole.bench import layer as layer_bench
-from mole.experts import MoleMLP
+from mole.experts import MoleMLP, grouped_mm_runs_on_cpu
 
 class OpCounter(TorchDispatchMode):
     """Counts the aten ops dispatched while active, views and pure aliases excepted."""
@@ -69,14 +69,6 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
-def _grouped_mm_on_cpu() -> bool:
-    try:
-        torch._grouped_mm(torch.randn(4, 8), torch.randn(2, 8, 8), offs=torch.tensor([1, 4], dtype=torch.int32))
-    except (AttributeError, TypeError, RuntimeError, NotImplementedError):
-        return False
-    return True
-
-
 def main(argv: list[str]) -> dict:
     args = parse_args(argv)
     layer_args = layer_bench.parse_args([
@@ -88,7 +80,7 @@ def main(argv: list[str]) -> dict:
     modules, notes = layer_bench.build_variants(layer_args, torch.device("cpu"), dtype)
     # the grouped GEMM needs 16-byte rows (bf16: widths a multiple of 8), as on a GPU
     aligned = all(width % 8 == 0 for width in (args.hidden, args.intermediate, args.rank))
-    dispatch = "grouped" if _grouped_mm_on_cpu() and aligned else "loop"
+    dispatch = "grouped" if grouped_mm_runs_on_cpu() and aligned else "loop"
     for module in modules.values():
         if isinstance(module, MoleMLP) and dispatch == "grouped":
             module.grouped_mm = "always"

@@ -285,20 +285,14 @@ class _PhaseClock:
 def run(args: argparse.Namespace) -> dict:
     """This rank's part of the bench; on a CPU its DeepSpeed shared-memory buffer is removed after it,
     as training does (69 MB of RAM per rank would otherwise stay in /dev/shm after every run)."""
-    from mole.distributed import init_distributed, release_shared_memory
-
     import torch.distributed as dist
+
+    from mole.distributed import init_distributed, releasing_shared_memory
 
     info = init_distributed()
     dist.barrier()  # every rank past DeepSpeed's start-up (its peers' buffers open) before any may fail
-    failed = True
-    try:
-        result = _measure(args, info)
-        failed = False
-        return result
-    finally:
-        if info.device.type == "cpu":
-            release_shared_memory(every_local_rank=failed)
+    with releasing_shared_memory(info):
+        return _measure(args, info)
 
 
 def _measure(args: argparse.Namespace, info) -> dict:

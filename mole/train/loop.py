@@ -23,7 +23,7 @@ from mole.config import Config, ConfigError, save_config
 from mole.data.sample import SampleProcessor
 from mole.data.shards import expand_shards
 from mole.data.stream import Domain, MixedStream, derive_seed, make_loader
-from mole.distributed import DistInfo, init_distributed, release_shared_memory
+from mole.distributed import DistInfo, init_distributed, releasing_shared_memory
 from mole.ds_config import build_ds_config, effective_precision
 from mole.model import DTYPES, TrainingModel, build_mole_model
 from mole.train.checkpoint import Checkpoints, check_resumable_config, record_start, resolve_resume, restore_rng
@@ -46,15 +46,9 @@ def run(cfg: Config, stop: StopRequest | None = None) -> dict:
     earlier by the caller (a signal during start-up then stops the run after its first step).
     """
     info = init_distributed()
-    failed = True
     dist.barrier()  # every rank past DeepSpeed's start-up (its peers' shared-memory buffers open) before any can fail
-    try:
-        result = _start_and_train(cfg, stop or StopRequest(), info)
-        failed = False
-        return result
-    finally:
-        if info.device.type == "cpu":
-            release_shared_memory(every_local_rank=failed)  # failed runs too: the buffers outlive the processes
+    with releasing_shared_memory(info):  # failed runs too: the buffers outlive the processes
+        return _start_and_train(cfg, stop or StopRequest(), info)
 
 
 def _start_and_train(cfg: Config, stop: StopRequest, info: DistInfo) -> dict:
