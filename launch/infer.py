@@ -5,10 +5,13 @@
 
 Batch mode reads one ``{"image": path, "prompt": text}`` object per line (``image`` may be omitted
 or null for a text-only question; relative paths resolve against the JSONL file's directory) and
-writes the same objects with an ``"answer"`` added, in order.
+writes the same objects with an ``"answer"`` added, in order. Other keys (an id, say) are carried
+through unchanged, except one that looks like a misspelt ``image`` (``img``, ``image_path``): that
+is refused, since the question would otherwise be answered silently without its image.
 """
 
 import argparse
+import difflib
 import json
 import os
 import sys
@@ -40,6 +43,16 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     return args
 
 
+def misspelt_image_key(request: dict) -> str | None:
+    """A key of a request without ``image`` that was probably meant to be it (``img``, ``image_path``)."""
+    if "image" in request:
+        return None
+    keys = [str(key) for key in request]
+    named = [key for key in keys if "img" in key.lower() or "image" in key.lower()]
+    close = difflib.get_close_matches("image", keys, n=1, cutoff=0.6)
+    return (named or close or [None])[0]
+
+
 def read_requests(path: str) -> list[tuple[str, dict]]:
     """Each line's request with where it came from (``path:line``), for errors that name it."""
     requests = []
@@ -53,6 +66,9 @@ def read_requests(path: str) -> list[tuple[str, dict]]:
                 raise ValueError(f"{path}:{number}: not JSON ({err})") from None
             if not isinstance(request, dict) or not isinstance(request.get("prompt"), str):
                 raise ValueError(f"{path}:{number}: expected an object with a string 'prompt'")
+            lookalike = misspelt_image_key(request)
+            if lookalike is not None:
+                raise ValueError(f"{path}:{number}: unknown key {lookalike!r}; did you mean 'image'?")
             requests.append((f"{path}:{number}", request))
     return requests
 

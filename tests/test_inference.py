@@ -166,7 +166,7 @@ def test_infer_cli_answers_one_question_and_a_jsonl_batch(mode_runs, tmp_path, c
     raw = shard_samples("shapes", 1)[0]
     (tmp_path / "q.jpg").write_bytes(raw["jpg"])
     (tmp_path / "questions.jsonl").write_text(
-        json.dumps({"image": "q.jpg", "prompt": "What color is the main object?"}) + "\n" + json.dumps({"prompt": "How many objects are there?"}) + "\n"
+        json.dumps({"image": "q.jpg", "prompt": "What color is the main object?"}) + "\n" + json.dumps({"prompt": "How many objects are there?", "id": "q2"}) + "\n"
     )
     args = ["--adapter", str(mode_runs["scaled"] / "adapter"), "--base", str(TINY_MODEL), "--max-new-tokens", "4"]
     single = run_group([python(), str(REPO / "launch" / "infer.py"), *args, "--image", str(tmp_path / "q.jpg"),
@@ -178,6 +178,7 @@ def test_infer_cli_answers_one_question_and_a_jsonl_batch(mode_runs, tmp_path, c
     answers = [json.loads(line) for line in (tmp_path / "answers.jsonl").read_text().splitlines()]
     assert [a["prompt"] for a in answers] == ["What color is the main object?", "How many objects are there?"], answers
     assert all(isinstance(a["answer"], str) for a in answers), answers
+    assert answers[1]["id"] == "q2", "keys other than image and prompt are carried through"
     assert answers[0]["answer"] == answer, f"the same question answered differently: {answers[0]['answer']!r} vs {answer!r}"
 
 
@@ -190,6 +191,9 @@ def test_infer_cli_names_the_line_of_a_broken_jsonl_and_the_missing_image(tmp_pa
     (tmp_path / "q.jsonl").write_text(json.dumps({"prompt": "ok?", "image": "nope.jpg"}) + "\n")
     assert infer.main([*args, "--jsonl", str(tmp_path / "q.jsonl")]) == 2
     assert f"{tmp_path / 'q.jsonl'}:1: image 'nope.jpg'" in capsys.readouterr().err
+    (tmp_path / "q.jsonl").write_text(json.dumps({"prompt": "ok?", "id": 7}) + "\n" + json.dumps({"prompt": "ok?", "img": "a.jpg"}) + "\n")
+    assert infer.main([*args, "--jsonl", str(tmp_path / "q.jsonl")]) == 2
+    assert f"{tmp_path / 'q.jsonl'}:2: unknown key 'img'; did you mean 'image'?" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("script, out_kind", [("infer", "dir"), ("eval", "file"), ("export", "file")])
