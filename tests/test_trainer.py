@@ -217,13 +217,9 @@ def has_loaded_torch(pid: int) -> bool:
     return "libtorch" in Path(f"/proc/{pid}/maps").read_text()
 
 
-@pytest.mark.distributed
-def test_a_signal_during_start_up_is_honoured_after_the_first_step(tmp_path):
-    """The rank catches SIGUSR1 before its slow imports start (checked when torch first shows up in
-    its memory map), and a SIGUSR1 sent then neither kills it nor is lost: both ranks take one step,
-    checkpoint it and exit 0."""
-    proc = start(training_command(tmp_path, "train.max_steps=500", "train.save_every=0", "train.eval_every=0"),
-                 tmp_path / "run.log")
+def signal_rank1_while_it_loads_torch(proc: subprocess.Popen) -> bool:
+    """Send SIGUSR1 to rank 1 of launcher ``proc`` as soon as torch shows up in its memory map; return
+    whether the rank had a handler for it installed by then."""
     seen: dict[str, bool] = {}
 
     def rank1_is_loading_torch() -> bool:
@@ -238,12 +234,37 @@ def test_a_signal_during_start_up_is_honoured_after_the_first_step(tmp_path):
             return False  # a process that ended or was still starting between listing and reading
 
     wait_until(rank1_is_loading_torch, proc, 120, "rank 1 loading torch")
+    return seen["catches"]
+
+
+@pytest.mark.distributed
+def test_a_signal_during_start_up_is_honoured_after_the_first_step(tmp_path):
+    """The rank catches SIGUSR1 before its slow imports start (checked when torch first shows up in
+    its memory map), and a SIGUSR1 sent then neither kills it nor is lost: both ranks take one step,
+    checkpoint it and exit 0."""
+    proc = start(training_command(tmp_path, "train.max_steps=500", "train.save_every=0", "train.eval_every=0"),
+                 tmp_path / "run.log")
+    caught = signal_rank1_while_it_loads_torch(proc)
     rc = finish(proc, tmp_path / "run.log")
-    assert seen["catches"], "rank 1 was importing torch without a SIGUSR1 handler: a warning signal then kills it"
+    assert caught, "rank 1 was importing torch without a SIGUSR1 handler: a warning signal then kills it"
     assert rc == 0, (tmp_path / "run.log").read_text()[-3000:]
     assert [step_records(tmp_path, rank)[-1]["step"] for rank in (0, 1)] == [1, 1]
     assert (tmp_path / "checkpoints" / "latest").read_text() == "step_1"
     assert not (tmp_path / "done.json").exists()
+
+
+@pytest.mark.distributed
+def test_a_stop_signal_at_the_last_step_leaves_a_finished_run(tmp_path):
+    """A stop that lands on the last step (SLURM's warning signal near the time limit, say) has
+    nothing left to stop: the run must say it is done, or SLURM requeues a finished run."""
+    proc = start(training_command(tmp_path, "train.max_steps=1", "train.eval_every=0"), tmp_path / "run.log")
+    signal_rank1_while_it_loads_torch(proc)
+    rc = finish(proc, tmp_path / "run.log")
+    log = (tmp_path / "run.log").read_text()
+    assert rc == 0, log[-3000:]
+    assert "stop requested (SIGUSR1) at step 1" in log or "stop requested (another rank) at step 1" in log, log[-3000:]
+    assert (tmp_path / "checkpoints" / "latest").read_text() == "step_1"
+    assert json.loads((tmp_path / "done.json").read_text())["step"] == 1, "a run that reached max_steps is done"
 
 
 # ----------------------------------------------------------------- checkpoint discovery (no DeepSpeed)

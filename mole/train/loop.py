@@ -129,8 +129,11 @@ def _start_and_train(cfg: Config, stop: StopRequest, info: DistInfo) -> dict:
             _evaluate(engine, heldout, metrics, step, info)
         if last["stop"]:
             log.warning("stop requested (%s) at step %d: saving a checkpoint and exiting", stop.signal_name or "another rank", step)
+            if step % cfg.train.log_every != 0 and step != cfg.train.max_steps:
+                metrics.log_skip_reasons(step)  # the counts since the last log would be lost (every rank is here)
             _save(engine, checkpoints, model, cfg, llava.config, info, step)
-            stopped = True
+            # a stop that lands on the last step has nothing left to do: the run is done, not stopped
+            stopped = step < cfg.train.max_steps
             break
         if step == cfg.train.max_steps or (cfg.train.save_every and step % cfg.train.save_every == 0):
             _save(engine, checkpoints, model, cfg, llava.config, info, step)
