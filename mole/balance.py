@@ -41,7 +41,9 @@ def per_sample_loss(stats: list[RoutingStats]) -> torch.Tensor:
     has_tokens = tokens > 0
     denom = tokens.clamp(min=1.0).unsqueeze(-1)
     per_sample = ((prob_sum / denom) * (count / denom)).sum(dim=-1)  # (batch,)
-    return per_sample[has_tokens].sum() / has_tokens.sum().clamp(min=1)
+    # a product, not per_sample[has_tokens]: a boolean selection's size depends on the data, which on a
+    # GPU makes the host wait for the device (samples without tokens contribute 0 either way)
+    return (per_sample * has_tokens).sum() / has_tokens.sum().clamp(min=1)
 
 
 def aux_loss(stats: list[RoutingStats], kind: str) -> torch.Tensor:

@@ -535,6 +535,8 @@ def validate(cfg: Config) -> None:
         _require(dom.name not in seen, f"{key}.name", f"duplicate domain name {dom.name!r}")
         seen.add(dom.name)
         _require(bool(dom.shards), f"{key}.shards", "must name at least one shard pattern")
+        _require(dom.val_shards is None or bool(dom.val_shards), f"{key}.val_shards",
+                 "must name at least one shard pattern, or be left out (no held-out set)")
         _require(math.isfinite(dom.weight) and dom.weight > 0, f"{key}.weight", f"must be finite and > 0, got {dom.weight}")
     _require(d.max_length >= 16, "data.max_length", f"must be >= 16, got {d.max_length}")
     _require(d.num_workers >= 0, "data.num_workers", f"must be >= 0, got {d.num_workers}")

@@ -226,7 +226,8 @@ class _GroupedLora(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad):  # grad: (tokens, out)
         x, h, hs, lora_a, lora_b, offsets, idle, scale = ctx.saved_tensors
-        grad = _aligned(grad.contiguous())
+        # saved parameters hold whatever storage ZeRO-3 gathered them into for the backward
+        lora_a, lora_b, grad = _aligned(lora_a), _aligned(lora_b), _aligned(grad.contiguous())
         need_x, _, need_a, need_b, need_w = ctx.needs_input_grad[:5]
         empty = idle.view(-1, 1, 1)
         grad_hs = torch._grouped_mm(grad, lora_b, offs=offsets)  # (tokens, r)

@@ -222,6 +222,7 @@ def test_wrong_type_in_yaml_names_file(workdir: Path) -> None:
         ("data.domains=[]", "data.domains"),
         ("data.domains=[{name: a, shards: x.tar}, {name: a, shards: y.tar}]", "data.domains[1].name"),
         ("data.domains=[{name: a, shards: x.tar, weight: 0}]", "data.domains[0].weight"),
+        ("data.domains=[{name: a, shards: x.tar, val_shards: []}]", "data.domains[0].val_shards"),
         ("data.max_length=8", "data.max_length"),
         ("data.num_workers=-1", "data.num_workers"),
     ],

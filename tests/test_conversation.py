@@ -1,5 +1,6 @@
 """Conversation -> tokens and labels with the tiny model's real tokenizer and chat template."""
 
+import copy
 import json
 
 import pytest
@@ -49,6 +50,26 @@ def test_labels_cover_exactly_each_answer_plus_eos_on_a_multi_turn_sample(proces
     assert all(labels[i] == ids[i] for i in labelled), "labels must equal the input ids where not masked"
     prompt = tokenizer.decode(ids[: spans[0][0]])
     assert prompt.startswith("<s>USER: ") and prompt.endswith("What color is the main object? ASSISTANT:"), prompt
+
+
+@pytest.mark.parametrize("answer", ["Blue", "d", "a"])
+def test_answer_spans_hold_for_a_template_with_text_after_the_answer(processor, answer):
+    """A Llama-3-style template closes each turn with ``<|eot_id|>`` and opens it with the role name: the
+    answer is found where the template puts it, not wherever its text also occurs ("d" in
+    ``<|eot_id|>``, "a" in "assistant")."""
+    from mole.data.conversation import Turn, render_conversation
+
+    tokenizer = copy.deepcopy(processor.tokenizer)
+    tokenizer.chat_template = (
+        "{% for m in messages %}<|start_header_id|>{{ m['role'] }}<|end_header_id|>\n\n{% for c in m['content'] %}"
+        "{% if c['type'] == 'image' %}<image>\n{% else %}{{ c['text'] }}{% endif %}{% endfor %}<|eot_id|>{% endfor %}")
+    turns = [Turn("user", "Colour or letter?"), Turn("assistant", answer), Turn("user", "Again?"), Turn("assistant", answer)]
+    text, spans = render_conversation(turns, False, tokenizer)
+    eos = tokenizer.eos_token
+    assert [text[lo:hi] for lo, hi in spans] == [f"\n\n{answer}{eos}"] * 2, (text, spans)
+    header = "<|start_header_id|>{}<|end_header_id|>\n\n"
+    assert text == (f"{header.format('user')}Colour or letter?<|eot_id|>{header.format('assistant')}{answer}{eos}"
+                    f"{header.format('user')}Again?<|eot_id|>{header.format('assistant')}{answer}{eos}"), text
 
 
 def test_image_placeholder_expands_to_one_token_per_image_feature(processor):

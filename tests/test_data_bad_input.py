@@ -283,6 +283,7 @@ def test_unreadable_garbage_empty_and_oversized_shards_are_reported_not_raised(t
     monkeypatch.setattr(shards, "MAX_MEMBER_BYTES", 300)
     items = list(read_shard(str(big)))
     assert [getattr(i, "reason", None) or i["__key__"] for i in items] == ["member_too_large", "small"], items
+    assert items[0].detail.startswith(f"{big}:big: "), f"the skip must name its shard and sample: {items[0]}"
 
 
 @pytest.mark.parametrize("kind", ["invalid_json", "garbage_tar", "empty_tar"])

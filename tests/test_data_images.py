@@ -122,3 +122,12 @@ def test_pixel_cap_and_broken_bytes_are_bad_samples_not_crashes():
     with pytest.raises(BadSample) as err:
         decode_image(buffer.getvalue()[:60])
     assert err.value.reason == "broken_image"
+
+
+def test_a_pixel_cap_above_pillows_own_applies(monkeypatch):
+    """Pillow checks the same header against its MAX_IMAGE_PIXELS (about 89 MP) first: a configured
+    ``data.max_image_pixels`` above that must still be the cap that applies."""
+    buffer = io.BytesIO()
+    Image.new("RGB", (200, 100)).save(buffer, format="PNG")
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 10_000)  # 20,000 pixels: over Pillow's (scaled-down) cap
+    assert decode_image(buffer.getvalue(), max_pixels=20_000).size == (200, 100)

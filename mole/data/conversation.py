@@ -16,6 +16,7 @@ from mole.data.errors import BadSample
 IGNORE_INDEX = -100
 IMAGE_PLACEHOLDER = "<image>"
 ROLES = {"human": "user", "gpt": "assistant"}
+ANSWER_MARKER = "\ue000answer\ue000"  # stands in for an answer while locating it (private-use characters)
 
 
 @dataclass
@@ -133,13 +134,21 @@ def render_conversation(turns: list[Turn], has_image: bool, tokenizer) -> tuple[
         full = tokenizer.apply_chat_template(messages[: index + 1], tokenize=False)
         if not full.startswith(rendered):
             raise ValueError("the chat template does not render conversations prefix by prefix")
-        piece, rendered = full[len(rendered) :], full
+        piece, previous, rendered = full[len(rendered) :], rendered, full
         if message["role"] != "assistant":
             text += piece
             continue
         answer = message["content"][-1]["text"]
-        header = piece[: piece.rfind(answer)].rstrip()
-        spacing = piece[len(header) : piece.rfind(answer)]  # the space before an answer belongs to it
+        # where the answer starts, from the turn rendered with a marker in its place: searching the
+        # rendered turn for the answer itself can find it inside the template's own text after it
+        # (an answer "d" in "<|eot_id|>") or before it (an answer "a" in "assistant")
+        marked = {**message, "content": [*message["content"][:-1], {"type": "text", "text": ANSWER_MARKER}]}
+        marked_full = tokenizer.apply_chat_template([*messages[:index], marked], tokenize=False)
+        before_answer = marked_full[len(previous) : marked_full.find(ANSWER_MARKER)]
+        if not marked_full.startswith(previous) or ANSWER_MARKER not in marked_full or not piece.startswith(before_answer):
+            raise ValueError("the chat template does not render an assistant turn as header + answer + suffix")
+        header = before_answer.rstrip()
+        spacing = before_answer[len(header) :]  # the space before an answer belongs to it
         text += header
         start = len(text)
         text += spacing + answer + tokenizer.eos_token

@@ -55,6 +55,10 @@ def decode_image(data: bytes, max_pixels: int = MAX_PIXELS, *, square: bool = Fa
     an extreme aspect ratio is refused because resizing the short side to the model's input would
     blow the long one up (a 20000x1 strip cropped to 336 px is a 336x6.7M image).
     """
+    if Image.MAX_IMAGE_PIXELS is not None and max_pixels > Image.MAX_IMAGE_PIXELS:
+        # Pillow's own bomb check (on the same header, in open) would otherwise cap a configured
+        # data.max_image_pixels at its default, ~89 MP; ours below is the one that applies
+        Image.MAX_IMAGE_PIXELS = max_pixels
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)

@@ -151,5 +151,5 @@ class _Header(tarfile.TarInfo):
 def _finish(sample: dict) -> dict | BadSample:
     if "__bad__" in sample:
         reason, message = sample["__bad__"]
-        return BadSample(reason, f"{sample['__key__']}: {message}")
+        return BadSample(reason, f"{sample['__url__']}:{sample['__key__']}: {message}")
     return sample
