@@ -283,6 +283,20 @@ def fake_checkpoint(root: Path, step: int, world_size: int = 2, complete: bool =
     return directory
 
 
+def test_pruning_keeps_the_newest_and_drops_torn_saves_of_earlier_steps(tmp_path):
+    """A save killed before its commit marker leaves a step directory nothing resumes from; once a
+    later step is saved, pruning removes it with the checkpoints beyond ``keep``."""
+    from mole.train.checkpoint import Checkpoints
+
+    root = tmp_path / "checkpoints"
+    for step in (2, 4, 8):
+        fake_checkpoint(root, step)
+    fake_checkpoint(root, 6, complete=False)  # killed mid-save, then resumed from step 4
+    fake_checkpoint(root, 10, complete=False)  # a later step's torn save: not ours to judge yet
+    Checkpoints(str(root), keep=2, rank=0, world_size=2)._prune(8)
+    assert sorted(p.name for p in root.iterdir()) == ["step_10", "step_4", "step_8"]
+
+
 def test_resume_skips_a_checkpoint_without_its_commit_marker(tmp_path):
     fake_checkpoint(tmp_path, 4)
     fake_checkpoint(tmp_path, 8, complete=False)  # killed while saving
@@ -369,6 +383,31 @@ def test_resuming_under_a_config_of_other_shapes_names_the_keys_before_anything_
         check_resumable_config(found, other)
     (tmp_path / "config.yaml").write_text("lora: {r: 16\n  mole")  # torn: not a reason to refuse
     check_resumable_config(found, other)
+
+
+def test_resuming_onto_a_base_model_of_other_shapes_is_refused_before_it_loads(tmp_path):
+    """The checkpoint's run recorded its base model's shapes in the adapter it saved with the checkpoint;
+    a config pointing at a backbone of other shapes is refused naming them, not failed on by DeepSpeed
+    after the whole model has loaded."""
+    from mole.config import load_config, save_config
+    from mole.train.checkpoint import check_resumable_config
+    from transformers import AutoConfig
+
+    cfg = load_config(str(TINY_CONFIG), [f"output_dir={tmp_path}"])
+    save_config(cfg, str(tmp_path / "config.yaml"))
+    fake_checkpoint(tmp_path / "checkpoints", 4)
+    found = resolve_resume("auto", str(tmp_path), world_size=2)
+    check_resumable_config(found, cfg)  # no adapter recorded yet: nothing to compare
+    text = AutoConfig.from_pretrained(TINY_MODEL).text_config
+    (tmp_path / "adapter").mkdir()
+    recorded = {"hidden_size": text.hidden_size, "num_hidden_layers": text.num_hidden_layers}
+    (tmp_path / "adapter" / "mole_config.json").write_text(json.dumps(recorded))
+    check_resumable_config(found, cfg)
+    recorded["num_hidden_layers"] += 30
+    (tmp_path / "adapter" / "mole_config.json").write_text(json.dumps(recorded))
+    with pytest.raises(CheckpointError, match=rf"model\.name_or_path: num_hidden_layers {recorded['num_hidden_layers']} "
+                                              rf"in the checkpoint's base model, {text.num_hidden_layers} in "):
+        check_resumable_config(found, cfg)
 
 
 def test_a_torn_last_line_in_a_metrics_log_does_not_stop_a_resume(tmp_path):

@@ -31,7 +31,9 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 import yaml
+from transformers import AutoConfig
 
+from mole.adapter import ADAPTER_CONFIG
 from mole.config import config_to_dict
 
 log = logging.getLogger(__name__)
@@ -81,14 +83,21 @@ class Checkpoints:
             _write_atomic(os.path.join(directory, COMPLETE),
                           json.dumps({"step": step, "world_size": self.world_size, "files": files}, indent=1))
             _write_atomic(os.path.join(self.root, LATEST), tag)
-            self._prune()
+            self._prune(step)
         dist.barrier()
         return directory
 
-    def _prune(self) -> None:
+    def _prune(self, step: int) -> None:
+        """Keep the newest ``keep`` checkpoints; drop older ones and the leftovers of killed saves
+        before ``step`` (no commit marker: never resumed from, never pruned as checkpoints)."""
         tags = sorted(_complete_tags(self.root), key=lambda t: t[1], reverse=True)
         for tag, _ in tags[self.keep :]:
             _remove(os.path.join(self.root, tag))
+        for name in os.listdir(self.root):
+            match = TAG.fullmatch(name)
+            torn = match and int(match.group(1)) < step and not os.path.exists(os.path.join(self.root, name, COMPLETE))
+            if torn and os.path.isdir(os.path.join(self.root, name)):
+                _remove(os.path.join(self.root, name))
 
 
 def find_resumable(root: str) -> Resumable | None:
@@ -205,7 +214,7 @@ def check_resumable_config(resume: Resumable, cfg) -> None:
         log.warning("%s is not readable YAML (%s); resuming without checking the config against it", saved_path, err)
         return
     current = config_to_dict(cfg)
-    changed = []
+    changed = _base_model_changes(os.path.dirname(saved_path), cfg.model.name_or_path)
     for key in STRUCTURAL_KEYS:
         section, name = key.split(".")
         before = saved.get(section) if isinstance(saved, dict) else None
@@ -220,6 +229,22 @@ def check_resumable_config(resume: Resumable, cfg) -> None:
             f"cannot resume {resume.path}/{resume.tag} (its run's config: {saved_path}) with this config: "
             + "; ".join(changed) + ". Keep these settings, or start from scratch in another output_dir"
         )
+
+
+def _base_model_changes(run_dir: str, model_dir: str) -> list[str]:
+    """The base model shapes the checkpoint's run recorded in its adapter (written with every checkpoint)
+    that ``model_dir`` does not have: a checkpoint of another backbone's adapters cannot load onto it."""
+    try:
+        with open(os.path.join(run_dir, "adapter", ADAPTER_CONFIG)) as handle:
+            recorded = json.load(handle)
+        text = AutoConfig.from_pretrained(model_dir).text_config
+    except (OSError, ValueError, AttributeError):  # no adapter yet, or a model config we cannot read here
+        return []
+    return [
+        f"model.name_or_path: {key} {recorded[key]} in the checkpoint's base model, {getattr(text, key)} in {model_dir}"
+        for key in ("hidden_size", "num_hidden_layers")
+        if isinstance(recorded, dict) and key in recorded and recorded[key] != getattr(text, key)
+    ]
 
 
 def capture_rng(step: int) -> dict:
