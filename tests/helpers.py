@@ -41,12 +41,17 @@ def remove_shared_memory_buffers() -> None:
             path.unlink(missing_ok=True)
 
 
-def launch_training(output_dir: Path, *overrides: str, ranks: int = 2, timeout: int = 300) -> subprocess.CompletedProcess:
-    """``deepspeed --num_gpus N launch/train.py --config tiny.yaml ...`` for real; fails the test on error."""
-    cmd = [
+def training_command(output_dir: Path, *overrides: str, ranks: int = 2) -> list[str]:
+    """``deepspeed --num_gpus N launch/train.py --config tiny.yaml output_dir=... overrides...``."""
+    return [
         python(), "-m", "deepspeed.launcher.runner", "--num_gpus", str(ranks), "--master_port", str(free_port()),
         str(REPO / "launch" / "train.py"), "--config", str(TINY_CONFIG), f"output_dir={output_dir}", *overrides,
     ]
+
+
+def launch_training(output_dir: Path, *overrides: str, ranks: int = 2, timeout: int = 300) -> subprocess.CompletedProcess:
+    """:func:`training_command` run for real; fails the test on error."""
+    cmd = training_command(output_dir, *overrides, ranks=ranks)
     proc = run_group(cmd, timeout)
     if proc.returncode != 0:
         raise AssertionError(f"training failed ({proc.returncode}): {' '.join(cmd)}\n{proc.stdout[-4000:]}\n{proc.stderr[-4000:]}")

@@ -11,7 +11,8 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from tests.helpers import REPO, TINY_MODEL, SHORT_RUN_STEPS as STEPS, launch_training, read_rank_log, step_records, text_sample, write_shard
+from tests.helpers import (REPO, TINY_MODEL, SHORT_RUN_STEPS as STEPS, launch_training, read_rank_log, run_group, step_records,
+                           text_sample, training_command, write_shard)
 
 pytestmark = pytest.mark.distributed
 
@@ -130,3 +131,21 @@ def test_first_mole_mlp_trains_when_nothing_below_it_does(tmp_path):
     assert first and all(weights["zero2"][key].abs().sum() > 0 for key in first), "layer 0's experts did not train"
     for key, value in weights["zero2"].items():
         torch.testing.assert_close(weights["zero3_partition_all"][key], value, rtol=1e-4, atol=1e-6, msg=f"{key}: ZeRO-3 != ZeRO-2")
+
+
+def test_skipped_nonfinite_micro_batches_keep_the_ranks_in_step_under_zero3(tmp_path):
+    """With ``train.on_nonfinite=skip`` a non-finite loss makes a forward without a backward on every
+    rank. Under ZeRO-3 with every tensor partitioned, the ranks must keep issuing matching gathers
+    through such forwards (a learning rate of 1e30 makes every loss after the first step non-finite)
+    and stop together after the limit in a row, saying so, instead of hanging."""
+    from mole.train.loop import MAX_NONFINITE_IN_A_ROW
+
+    cmd = training_command(tmp_path, "train.on_nonfinite=skip", "train.lr=1e30", "train.grad_clip=0",
+                           "train.optimizer=sgd", "train.max_steps=6", "train.eval_every=0",
+                           f"train.ds_config={REPO / 'ds_configs' / 'zero3_partition_all.json'}")
+    proc = run_group(cmd, 300)
+    output = proc.stdout + proc.stderr
+    assert proc.returncode != 0, output[-3000:]
+    message = f"{MAX_NONFINITE_IN_A_ROW} non-finite micro-batches in a row at step 2"
+    assert output.count(message) >= 2, f"both ranks must stop on the same micro-batch:\n{output[-3000:]}"
+    assert [len(step_records(tmp_path, rank)) for rank in (0, 1)] == [1, 1], "the first step trains on both ranks"

@@ -15,16 +15,11 @@ import psutil
 import pytest
 
 from mole.train.checkpoint import COMPLETE, CheckpointError, find_resumable, resolve_resume
-from tests.helpers import (REPO, TINY_CONFIG, TINY_MODEL, free_port, python, read_rank_log, step_records, text_sample,
+from tests.helpers import (REPO, TINY_CONFIG, TINY_MODEL, read_rank_log, step_records, text_sample, training_command,
                            write_shard)
 
 STEPS, SAVE_EVERY = 12, 4
 DOMAINS = ("shapes", "charts", "tissue")
-
-
-def training_command(output_dir: Path, *overrides: str) -> list[str]:
-    return [python(), "-m", "deepspeed.launcher.runner", "--num_gpus", "2", "--master_port", str(free_port()),
-            str(REPO / "launch" / "train.py"), "--config", str(TINY_CONFIG), f"output_dir={output_dir}", *overrides]
 
 
 def start(cmd: list[str], log: Path) -> subprocess.Popen:
