@@ -132,3 +132,17 @@ def test_step_bench_launches_two_ranks_and_leaves_no_shared_memory(tmp_path):
     assert seen - before, "DeepSpeed's buffers never appeared: the check below would pass vacuously"
     left = set(Path("/dev/shm").glob("deepspeed_allreduce_buffer_*")) - before
     assert not left, f"the ranks left DeepSpeed's buffers in RAM: {sorted(p.name for p in left)}"
+
+
+def test_the_gpu_script_runs_every_bench_and_keeps_going_past_a_failure(tmp_path):
+    """``launch/bench_gpu.sh`` at its smoke shapes, with the first bench made to fail (its result path
+    is a directory): the failure is reported, every later bench still leaves its JSON, and the exit
+    status says one failed."""
+    (tmp_path / "layer_r128_t16.json").mkdir()
+    done = subprocess.run(["bash", str(REPO / "launch" / "bench_gpu.sh"), str(tmp_path), "smoke"],
+                          capture_output=True, text=True, timeout=600)
+    assert done.returncode == 1 and "!! layer_r128_t16 failed" in done.stdout, done.stdout[-3000:] + done.stderr[-3000:]
+    names = sorted(p.name for p in tmp_path.glob("*.json") if p.is_file())
+    assert names == ["generate.json", "layer_r16_t16.json", "step.json"], f"{names}\n{done.stdout[-3000:]}"
+    assert all("mole" in json.loads((tmp_path / name).read_text())["ratios"] for name in names)
+    assert "1 failed" in done.stdout.splitlines()[-1], done.stdout[-500:]
