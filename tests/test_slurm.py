@@ -104,6 +104,9 @@ def test_sbatch_rejects_a_bad_config_before_starting_ranks(slurm_env, tmp_path):
                          "train.max_stepz=4", log=tmp_path / "job.out", timeout=60)
     assert status == 2, f"a misspelt key must fail the job with the config's exit status 2, got {status}:\n{log}"
     assert "train.max_steps" in log and "ranks on" not in log, f"expected a suggestion and no ranks started:\n{log}"
+    status, log = sbatch(slurm_env, str(SBATCH_SCRIPT), str(TINY_CONFIG), "max_steps", log=tmp_path / "job2.out", timeout=60)
+    assert status == 2 and "override 'max_steps' has no '='" in log, log
+    assert "usage: sbatch [sbatch options] launch/slurm/train.sbatch CONFIG" in log and "launch/train.py [" not in log, log
 
 
 def test_signalled_job_saves_requeues_and_resumes_to_the_end(slurm_env, tmp_path):
