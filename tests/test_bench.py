@@ -64,9 +64,15 @@ def test_ops_bench_counts_the_host_work_of_each_variant(tmp_path):
 
     out = tmp_path / "ops.json"
     result = ops.main(["--hidden", str(H), "--intermediate", str(I), "--tokens", str(T), "--rank", "8",
-                       "--layers", "4", "--variants", "base,mole_hard,mole_scaled,dense", "--json", str(out)])
+                       "--layers", "4", "--variants", "base,mole_hard,mole_scaled,dense,mixlora", "--json", str(out)])
     assert json.loads(out.read_text()) == result
     counts, per_op = result["counts"], result["per_op"]
+    for name in per_op:  # mixlora where the optional package is installed
+        assert "bernoulli_" not in {**per_op[name]["prefill"], **per_op[name]["decode"]}, f"{name}: dropout in eval mode"
+    # LoRA's training call has no per-model add; one module reused as every block would sum each of its
+    # 6 parameters' gradients over the 4 blocks, 6 x 3/4 adds a block
+    assert per_op["lora"]["train"]["add"] == int(per_op["lora"]["train"]["add"]), \
+        f"parameters accumulate gradients over blocks; each block must be its own module: {per_op['lora']['train']}"
     assert counts["base"]["train"] < counts["lora"]["train"] < counts["mole_hard"]["train"], counts
     assert result["ratios"]["mole_hard"] == counts["mole_hard"]["train"] / counts["lora"]["train"]
     assert all(n > 0 for c in counts.values() for n in c.values()), counts

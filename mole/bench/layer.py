@@ -87,8 +87,9 @@ class MixLoraLayer(nn.Module):
     """``mixlora.model.MixLoraSparseMoe`` built as its ``_inject_mlp_module`` builds it, made trainable.
 
     MixLoRA keeps its router as a plain tensor (``gate_``) and its experts in a dict, because it loads
-    trained adapters for inference; here the router is a Parameter and the experts are registered
-    submodules, so the optimizer and autograd see them. Its forward is the package's own.
+    trained adapters for inference; here the router is a Parameter and the experts' LoRA matrices and
+    dropouts are registered submodules, so the optimizer, autograd and ``.eval()`` see them. Its
+    forward is the package's own.
     """
 
     def __init__(self, base_mlp: LlamaMLP, r: int, experts: int, router: nn.Linear, dtype: torch.dtype):
@@ -111,7 +112,9 @@ class MixLoraLayer(nn.Module):
             for e in range(experts):
                 expert = LoraLinear(getattr(base_mlp, proj), cfg)
                 self.moe.experts_[f"experts.{e}.{proj}"] = expert
-                self.lora[f"{proj}_{e}"] = nn.ModuleDict({"lora_A": expert.lora_A, "lora_B": expert.lora_B})
+                # the dropout too, so that .eval() reaches it (not the LoraLinear: it holds the frozen base)
+                self.lora[f"{proj}_{e}"] = nn.ModuleDict({"lora_A": expert.lora_A, "lora_B": expert.lora_B,
+                                                          "dropout": expert.dropout_})
         self.base_mlp = base_mlp
 
     def forward(self, hidden: torch.Tensor) -> torch.Tensor:

@@ -3,9 +3,10 @@
 Where a GPU waits on its host (an MLP block of a few thousand tokens on an H100, a decode step), the
 time a layer takes is the host's: Python, autograd and one dispatch per op, most a kernel launch.
 This bench counts those dispatches, with the ``layer`` bench's variants on the same shapes, for a
-training call (``--layers`` blocks in a row, the switch balance loss over their routing statistics
-as training computes it, backward through both; reported per block, so the loss's per-model part is
-shared as in a real model) and an eval-mode no-grad forward of a prefill and of one decoded token. Views
+training call (``--layers`` blocks, each its own module as in a model, chained by residual adds as
+decoder layers are, the switch balance loss over their routing statistics as training computes it,
+backward through both; reported per block, so the loss's per-model part is shared as in a real
+model, and each block's count includes its residual add and that add's gradient) and an eval-mode no-grad forward of a prefill and of one decoded token. Views
 (``t``, ``view``, ``expand``...) are left out: they launch nothing; allocations (``empty_like``) are
 counted: they cost the host a dispatch without launching a kernel. A count does not depend on the
 machine's speed or load, so a change to the layer shows its effect on host work exactly, on a CPU too.
@@ -27,7 +28,7 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from mole.balance import switch_loss
-from mole.bench import write_json
+from mole.bench import machine, write_json
 from mole.bench import layer as layer_bench
 from mole.experts import MoleMLP, grouped_mm_runs_on_cpu
 
@@ -77,22 +78,28 @@ def main(argv: list[str]) -> dict:
         "--seed", str(args.seed), "--dtype", args.dtype, *(["--variants", args.variants] if args.variants else []),
     ])
     dtype = layer_bench.DTYPES[args.dtype]
-    modules, notes = layer_bench.build_variants(layer_args, torch.device("cpu"), dtype)
+    # one module per block, as in a model: a module reused for every block would accumulate each
+    # parameter's gradient over the blocks (adds a model does not do) and hide per-module work
+    stacks = [layer_bench.build_variants(layer_args, torch.device("cpu"), dtype) for _ in range(args.layers)]
+    notes = stacks[0][1]
+    blocks_of = {name: [modules[name] for modules, _ in stacks] for name in stacks[0][0]}
     # the grouped GEMM needs 16-byte rows (bf16: widths a multiple of 8), as on a GPU
     aligned = all(width % 8 == 0 for width in (args.hidden, args.intermediate, args.rank))
     dispatch = "grouped" if grouped_mm_runs_on_cpu() and aligned else "loop"
-    for module in modules.values():
-        if isinstance(module, MoleMLP) and dispatch == "grouped":
-            module.grouped_mm = "always"
+    for blocks in blocks_of.values():
+        for module in blocks:
+            if isinstance(module, MoleMLP) and dispatch == "grouped":
+                module.grouped_mm = "always"
     torch.manual_seed(args.seed + 2)
     x = torch.randn(1, args.tokens, args.hidden, dtype=dtype, requires_grad=True)
     token = torch.randn(1, 1, args.hidden, dtype=dtype)
 
-    def train(module):
-        module.train()
+    def train(blocks):
         hidden, stats = x, []
-        for _ in range(args.layers):  # one module as every layer: each call's routing is its own
-            hidden = module(hidden)
+        for module in blocks:
+            module.train()
+            # the residual keeps the activations, and so the routing, alive through the blocks
+            hidden = hidden + module(hidden)
             if getattr(module, "stats", None) is not None:
                 stats.append(module.stats)
         loss = hidden.float().sum()
@@ -100,8 +107,9 @@ def main(argv: list[str]) -> dict:
             loss = loss + 0.01 * switch_loss(stats)
         loss.backward()
         x.grad = None
-        for param in module.parameters():
-            param.grad = None
+        for module in blocks:
+            for param in module.parameters():
+                param.grad = None
 
     @torch.no_grad()
     def infer(module, hidden):
@@ -110,10 +118,10 @@ def main(argv: list[str]) -> dict:
 
     counts: dict[str, dict[str, float]] = {}  # per block
     per_op: dict[str, dict[str, dict[str, float]]] = {}
-    for name, module in modules.items():
-        phases = {"train": lambda m=module: train(m),
-                  "prefill": lambda m=module: infer(m, x),
-                  "decode": lambda m=module: infer(m, token)}
+    for name, blocks in blocks_of.items():
+        phases = {"train": lambda b=blocks: train(b),
+                  "prefill": lambda m=blocks[0]: infer(m, x),
+                  "decode": lambda m=blocks[0]: infer(m, token)}
         ops = {phase: count_ops(fn) for phase, fn in phases.items()}
         blocks = {"train": args.layers, "prefill": 1, "decode": 1}
         counts[name] = {phase: round(sum(c.values()) / blocks[phase], 2) for phase, c in ops.items()}
@@ -123,10 +131,12 @@ def main(argv: list[str]) -> dict:
         "counts": counts,
         "per_op": per_op,
         "setup": {
-            "bench": "ops", "what": "aten ops (views excluded) per MLP block; ratios are of training counts",
+            "bench": "ops", "what": "aten ops (views excluded) per MLP block, training with its residual add; "
+                                    "ratios are of training counts",
             "tokens": args.tokens, "hidden": args.hidden, "intermediate": args.intermediate,
             "experts": args.experts, "rank": args.rank, "layers": args.layers, "dropout": layer_bench.DROPOUT, "dtype": args.dtype,
-            "mole_dispatch": dispatch, "torch": torch.__version__, "notes": notes,
+            "mole_dispatch": dispatch, "torch": torch.__version__, "machine": machine(torch.device("cpu")),
+            "notes": notes,
         },
     }
     print(f"{'variant':14s} {'train':>7s} {'prefill':>8s} {'decode':>7s}  train/lora   (dispatches per block)")
