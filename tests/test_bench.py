@@ -11,6 +11,7 @@ import time
 from pathlib import Path
 
 import pytest
+import torch
 
 from mole.bench import summarize
 from tests.helpers import REPO, python
@@ -27,6 +28,23 @@ def test_summarize_takes_ratios_of_medians_and_paired_iqr():
     assert out["paired_ratio_median"] == {"lora": 1.0, "mole": 1.1, "base": 0.5}, out["paired_ratio_median"]
     assert out["times_s"]["base"] == [0.5, 1.0, 4.5], "every round's time is kept"
     assert out["rounds"] == 3
+
+
+def test_interleaved_rotates_the_order_and_leaves_the_warm_up_rounds_out():
+    from mole.bench import interleaved
+
+    calls: list[str] = []
+
+    def variant(name: str):
+        def run():
+            calls.append(name)
+            time.sleep(0.05 if len(calls) <= 6 else 0)  # the two warm-up rounds are slow, as first calls are
+        return run
+
+    times = interleaved({name: variant(name) for name in "abc"}, repeats=4, warmup=2, device=torch.device("cpu"))
+    assert "".join(calls) == "abc" "bca" "cab" "abc" "bca" "cab", "round i starts at variant i mod 3"
+    assert {name: len(t) for name, t in times.items()} == {"a": 4, "b": 4, "c": 4}
+    assert max(max(t) for t in times.values()) < 0.04, f"warm-up rounds were timed: {times}"
 
 
 def test_layer_bench_runs_every_variant_with_the_right_trainable_parameters(tmp_path):
@@ -128,6 +146,18 @@ def test_step_bench_one_rank_reports_ratio_and_model_flops(tmp_path):
     assert counts["router"] > 0 and result["mfu"]["lora"]["param_counts"]["router"] == 0
     assert counts["adapter_active"] == result["mfu"]["lora"]["param_counts"]["adapter_active"], \
         "top-1 MoLE and plain LoRA apply the same number of adapter weights per token"
+    # By hand, the tiny preset (hidden 64, intermediate 172, 2 layers, vocab 512; CLIP 32 wide, 1 layer,
+    # 28 px in 14 px patches: 4 image tokens + CLS; seq 32, batch 1) at r=4, K=3:
+    #   frozen LLM 2-D weights: 2 x (4 x 64^2 + 3 x 64 x 172) + lm_head 512 x 64 = 131,584
+    #   active adapters: 2 x (attention 4 x (4x64 + 64x4) + experts' one each of gate, up, down 3 x 944) = 9,760
+    #   router 2 x (64 x 3 + 3) = 390 (MoLE only); projector 32x64 + 64 + 64x64 + 64 = 6,272
+    #   vision tower, all of it: patch conv 18,816 + CLS 32 + positions 160 + pre-norm 64
+    #     + layer (4 x 1,056 + fc 2,112 + 2,080 + norms 128) 8,544 + post-norm 64 = 27,680
+    #   LLM 4 x 131,584 x 32 + attention 12 x 2 x 64 x 32^2 = 18,415,616
+    #   trainable 6 x (9,760 [+ 390]) x 32 + projector 6 x 6,272 x 4 = 2,024,448 [2,099,328]
+    #   vision forward 2 x 27,680 x 5 + 4 x 1 x 32 x 5^2 = 280,000
+    flops = {variant: result["mfu"][variant]["model_flops_per_rank"] for variant in ("lora", "mole")}
+    assert flops == {"lora": 20_720_064, "mole": 20_794_944}, flops
 
 
 @pytest.mark.distributed

@@ -38,8 +38,10 @@ def interleaved(
 ) -> dict[str, list[float]]:
     """Seconds per call of each function over ``repeats`` rounds, after ``warmup`` uncounted rounds.
 
-    Round ``i`` starts at variant ``i mod len(fns)``, so no variant always runs right after the same
-    neighbour (caches, allocator and clock states carry from one call into the next).
+    Round ``i`` starts at variant ``i mod len(fns)``, so no variant always runs first after a round's
+    bookkeeping (caches, allocator and clock states carry from one call into the next). The order
+    within a round is kept, so each variant follows the same neighbour in all but one round of
+    ``len(fns)``.
     """
     if clock == "cpu" and device.type != "cpu":
         raise ValueError("--clock cpu measures host CPU time; use wall on a GPU")
