@@ -45,8 +45,18 @@ def normalize_answer(answer: str) -> str:
 
 
 def answers_match(prediction: str, reference: str) -> bool:
-    """Equal after :func:`normalize_answer`."""
-    return normalize_answer(prediction) == normalize_answer(reference)
+    """Equal after :func:`normalize_answer`; where that leaves nothing of either (a multiple-choice
+    letter "A" is an article to VQA's normalisation, as is "the"), equal as lower-cased words without
+    punctuation instead, so that an empty prediction never matches such a reference."""
+    normal_prediction, normal_reference = normalize_answer(prediction), normalize_answer(reference)
+    if normal_prediction and normal_reference:
+        return normal_prediction == normal_reference
+    plain = _plain_words(prediction)
+    return plain == _plain_words(reference) and (bool(plain) or prediction.strip() == reference.strip())
+
+
+def _plain_words(answer: str) -> str:
+    return " ".join("".join(" " if char in PUNCTUATION or char == "." else char for char in answer.lower()).split())
 
 
 def exact_match(prediction: str, reference: str) -> bool:

@@ -36,6 +36,16 @@ def test_answers_match_after_normalisation_but_exact_match_does_not():
     assert answers_match("Two", "2"), "number words and digits should match"
     assert answers_match("the circle.", "Circle"), "article, case and period should not matter"
     assert not answers_match("T", "yes"), "different answers must not match"
+
+
+@pytest.mark.parametrize("prediction, reference, match", [
+    ("", "A", False), ("The", "A", False), ("a", "A", True), ("(A).", "A", True), ("B", "A", False),
+    ("", "the", False), ("the", "The", True), ("", "?", False), ("a circle", "A", False),
+])
+def test_answers_that_normalise_to_nothing_are_compared_as_written(prediction, reference, match):
+    """VQA's normalisation drops articles, so a multiple-choice letter "A" becomes "": an empty or
+    article-only prediction must not match it."""
+    assert answers_match(prediction, reference) is match
     assert not exact_match("Two", "2"), "exact match compares raw strings"
     assert exact_match(" red ", "red"), "exact match ignores only surrounding whitespace"
     assert not exact_match("Red", "red"), "exact match is case-sensitive"
