@@ -35,7 +35,7 @@ from mole.data.errors import BadSample
 from mole.data.images import IMAGE_EXTENSIONS, decode_image
 from mole.data.shards import expand_shards, read_shard
 from mole.data.stream import SampleProcessor
-from mole.inference import Prompt, PromptEncoder, generate_answers, mole_layers, routing_context
+from mole.inference import Prompt, PromptEncoder, generate_answers, model_image_settings, mole_layers, routing_context
 from mole.routing_analysis import domain_expert_counts, domain_expert_shares, layer_nmi
 
 # per-domain sums, reduced over ranks: one column each
@@ -99,13 +99,16 @@ def evaluate(
     max_new_tokens: int = 16,
     max_samples: int | None = None,
     max_length: int = 2048,
-    image_aspect: str = "pad",
-    image_backend: str = "fast",
+    image_aspect: str | None = None,
+    image_backend: str | None = None,
     rank: int = 0,
     world_size: int = 1,
 ) -> dict:
     """Evaluate ``model`` (from :func:`mole.inference.load_model`) per domain; every rank gets the
-    same reduced results dict (metrics per domain and overall, routing per layer, predictions)."""
+    same reduced results dict (metrics per domain and overall, routing per layer, predictions). Images
+    are prepared as the adapter's training prepared them unless ``image_aspect``/``image_backend`` say
+    otherwise."""
+    image_aspect, image_backend = model_image_settings(model, image_aspect, image_backend)
     sample_processor = SampleProcessor(processor, max_length, image_aspect, image_backend=image_backend)
     encoder = PromptEncoder(processor, image_aspect, image_backend)
     num_domains, num_layers = len(domains), len(mole_layers(model))

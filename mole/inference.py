@@ -21,7 +21,7 @@ from PIL import Image
 from torch import nn
 from transformers import AutoConfig, AutoProcessor, LlavaForConditionalGeneration
 
-from mole.adapter import AdapterError, load_adapter
+from mole.adapter import AdapterError, image_settings, load_adapter
 from mole.data.conversation import IMAGE_PLACEHOLDER, Turn, render_conversation, to_chat_messages
 from mole.data.images import make_pixel_transform
 from mole.experts import MoleMLP, RoutingContext
@@ -69,7 +69,14 @@ def load_model(
     _load_adapter_weights(model, state, adapter_dir, dtype)
     model.requires_grad_(False)
     model.config.use_cache = True
+    model.mole_adapter_config = config  # what the adapter records, e.g. how training prepared images
     return model.to(device).eval()
+
+
+def model_image_settings(model, image_aspect: str | None = None, image_backend: str | None = None) -> tuple[str, str]:
+    """``(image_aspect, image_backend)``: each as given, else as recorded by the adapter
+    :func:`load_model` read (:func:`mole.adapter.image_settings`)."""
+    return image_settings(getattr(model, "mole_adapter_config", {}), image_aspect, image_backend)
 
 
 def check_base_fits(config: dict, base_dir: str) -> None:
@@ -193,16 +200,19 @@ def generate_answers(
     prompts: list[Prompt],
     max_new_tokens: int = 32,
     batch_size: int = 8,
-    image_aspect: str = "pad",
+    image_aspect: str | None = None,
     encoder: PromptEncoder | None = None,
-    image_backend: str = "fast",
+    image_backend: str | None = None,
 ) -> list[str]:
     """Greedy answers, ``batch_size`` prompts per ``generate`` call (KV cache on), decoded without specials.
 
-    ``encoder`` (built from ``processor``, ``image_aspect`` and ``image_backend`` when not given) may be
-    reused across calls.
+    Images are prepared as ``image_aspect`` and ``image_backend`` say, by default as the adapter's
+    training prepared them (:func:`model_image_settings`). ``encoder`` (built from ``processor`` and
+    those when not given) may be reused across calls.
     """
-    encoder = encoder or PromptEncoder(processor, image_aspect, image_backend)
+    if max_new_tokens < 1 or batch_size < 1:
+        raise ValueError(f"max_new_tokens and batch_size must be >= 1, got {max_new_tokens} and {batch_size}")
+    encoder = encoder or PromptEncoder(processor, *model_image_settings(model, image_aspect, image_backend))
     device, dtype = model.device, model.dtype
     answers: list[str] = []
     for start in range(0, len(prompts), batch_size):

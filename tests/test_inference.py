@@ -260,3 +260,24 @@ def test_an_answer_cut_inside_a_character_drops_the_half_character():
     # generation stopped after the first byte of 'é', and after both
     assert decode_answers(tokenizer, torch.tensor([ids[:-1]])) == ["caf"]
     assert decode_answers(tokenizer, torch.tensor([ids])) == ["café"]
+
+
+def test_a_loaded_model_prepares_images_as_its_adapter_recorded(mode_runs, tmp_path):
+    """The Python API (``generate_answers`` on a :func:`load_model` model, no image settings passed)
+    gives the vision tower the pixels of the adapter's training, here a centre crop, not a pad."""
+    adapter = tmp_path / "adapter"
+    shutil.copytree(mode_runs["scaled"] / "adapter", adapter)
+    config = json.loads((adapter / "mole_config.json").read_text())
+    (adapter / "mole_config.json").write_text(json.dumps({**config, "image_aspect": "crop"}))
+    model, processor = load_model(str(TINY_MODEL), str(adapter)), load_processor(str(TINY_MODEL))
+    image = Image.fromarray(torch.randint(0, 256, (40, 120, 3), dtype=torch.uint8, generator=torch.Generator().manual_seed(0)).numpy())
+    crop, pad = (PromptEncoder(processor, aspect).pixels(image) for aspect in ("crop", "pad"))
+    assert not torch.allclose(crop, pad), "precondition: cropping and padding this image give other pixels"
+    seen = []
+    hook = model.model.vision_tower.register_forward_pre_hook(
+        lambda module, args, kwargs: seen.append(args[0] if args else kwargs["pixel_values"]), with_kwargs=True)
+    try:
+        generate_answers(model, processor, [Prompt(question_turns("What is it?", True), image)], max_new_tokens=1)
+    finally:
+        hook.remove()
+    assert len(seen) == 1 and torch.allclose(seen[0][0], crop), "the image was not prepared as the adapter records"
