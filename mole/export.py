@@ -23,7 +23,7 @@ import re
 
 import torch
 
-from mole.adapter import AdapterError, adapter_config, load_adapter, save_adapter
+from mole.adapter import AdapterError, adapter_config, image_settings, load_adapter, save_adapter
 from mole.surgery import PROJECTOR_PREFIX
 
 EXPORT_FORMATS = ("peft", "merged", "mole")
@@ -154,8 +154,25 @@ def export_merged(adapter_dir: str, out_dir: str, base_dir: str | None = None) -
         raise AdapterError(f"peft did not place tensors {loaded.unexpected_keys[:3]}")
     merged = model.merge_and_unload()
     merged.save_pretrained(out_dir)
-    AutoProcessor.from_pretrained(base_dir).save_pretrained(out_dir)
+    processor = AutoProcessor.from_pretrained(base_dir)
+    if image_settings(config)[0] == "pad":
+        processor.image_processor = padding_image_processor(processor.image_processor)
+    processor.save_pretrained(out_dir)
     return out_dir
+
+
+def padding_image_processor(image_processor):
+    """``image_processor`` as one that first pads an image to a square with its mean colour, as
+    training's ``data.image_aspect: pad`` (LLaVA-1.5's own recipe) did: Hugging Face's
+    ``LlavaImageProcessor`` with ``do_pad``, on the same resize, crop and normalisation settings. A
+    CLIP processor alone centre-crops, and shows the model pixels it was not trained on."""
+    from transformers import LlavaImageProcessorPil
+
+    if getattr(image_processor, "do_pad", False):
+        return image_processor
+    settings = {key: value for key, value in image_processor.to_dict().items()
+                if not key.startswith("_") and key not in ("image_processor_type", "processor_class")}
+    return LlavaImageProcessorPil(**settings, do_pad=True)
 
 
 # -------------------------------------------------------------------------------------- mole

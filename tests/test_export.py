@@ -11,7 +11,7 @@ import torch
 from peft import PeftModel
 from PIL import Image
 from safetensors.torch import load_file
-from transformers import LlavaForConditionalGeneration
+from transformers import AutoProcessor, LlavaForConditionalGeneration
 
 from mole.adapter import AdapterError, load_adapter
 from mole.export import export_merged, export_mole, export_peft
@@ -65,6 +65,12 @@ def test_merged_export_is_a_plain_llava_directory_with_our_logits(mode_runs, tmp
     diff = (logits_of(merged, inputs) - mole_logits)[real].abs().max().item()
     assert diff < 1e-4, f"merged logits differ from mole.load_model by {diff}"
     assert not any("lora" in name for name, _ in merged.named_parameters()), "LoRA modules left after merging"
+    # the adapter was trained on padded images (data.image_aspect: pad): the saved processor pads too
+    image = Image.fromarray(torch.randint(0, 256, (40, 120, 3), dtype=torch.uint8, generator=torch.Generator().manual_seed(0)).numpy())
+    saved = torch.as_tensor(AutoProcessor.from_pretrained(tmp_path / "merged").image_processor(image, return_tensors="pt")["pixel_values"][0])
+    trained = PromptEncoder(load_processor(str(TINY_MODEL)), "pad", "processor").pixels(image)
+    levels = ((saved - trained).abs() * torch.tensor(load_processor(str(TINY_MODEL)).image_processor.image_std).view(3, 1, 1) * 255).max()
+    assert levels <= 2, f"the merged export's processor prepares images {levels:.1f} uint8 levels from training's pad"
 
 
 def test_peft_export_of_experts_explains_in_one_line_and_points_to_mole_format(mode_runs, tmp_path, capsys):
