@@ -37,7 +37,11 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--device", help="default: this rank's GPU if there is one, else cpu")
     parser.add_argument("--out", help="output directory (default: eval/ next to the adapter directory)")
     parser.add_argument("--local_rank", "--local-rank", type=int, help=argparse.SUPPRESS)  # from the deepspeed launcher
-    return parser.parse_args(argv)
+    args = parser.parse_args(argv)
+    for option in ("max_samples", "batch_size", "max_new_tokens", "max_length"):
+        if getattr(args, option) is not None and getattr(args, option) < 1:
+            parser.error(f"--{option.replace('_', '-')} must be >= 1, got {getattr(args, option)}")
+    return args
 
 
 def eval_domains(args: argparse.Namespace):

@@ -34,6 +34,9 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--dtype", choices=["fp32", "bf16", "fp16"], default="fp32")
     parser.add_argument("--device", help="default: cuda if available, else cpu")
     args = parser.parse_args(argv)
+    for option in ("max_new_tokens", "batch_size"):
+        if getattr(args, option) < 1:
+            parser.error(f"--{option.replace('_', '-')} must be >= 1, got {getattr(args, option)}")
     if (args.jsonl is None) == (args.prompt is None):
         parser.error("give either --prompt (with an optional --image) or --jsonl")
     if args.out and os.path.isdir(args.out):
@@ -78,7 +81,13 @@ def main(argv: list[str]) -> int:
     import torch
     from PIL import Image
 
+    if args.device and args.device.startswith("cuda") and not torch.cuda.is_available():
+        print(f"error: --device {args.device}: this machine has no CUDA device", file=sys.stderr)
+        return 2
     from mole.adapter import AdapterError, image_settings, read_adapter_config
+    from mole.data.conversation import refuse_special_tokens
+    from mole.data.errors import BadSample
+    from mole.data.images import IMAGE_FORMATS
     from mole.inference import Prompt, generate_answers, load_model, load_processor, question_turns
 
     try:
@@ -89,20 +98,28 @@ def main(argv: list[str]) -> int:
             sourced, root = [("--image", {"image": args.image, "prompt": args.prompt})], os.getcwd()
         requests, prompts = [request for _, request in sourced], []
         for where, request in sourced:
-            try:
-                image = Image.open(os.path.join(root, request["image"])).convert("RGB") if request.get("image") else None
+            try:  # the formats training decodes, no others (Pillow's EPS plugin runs Ghostscript)
+                image = (Image.open(os.path.join(root, request["image"]), formats=IMAGE_FORMATS).convert("RGB")
+                         if request.get("image") else None)
             except (OSError, TypeError, Image.DecompressionBombError) as err:
                 raise ValueError(f"{where}: image {request['image']!r}: {err}") from None
             prompts.append(Prompt(question_turns(request["prompt"], image is not None), image))
-        config = read_adapter_config(args.adapter)
+        config = None if args.base else read_adapter_config(args.adapter)
         base = args.base or config.get("base_model")
+        processor = load_processor(base)
+        for (where, _), prompt in zip(sourced, prompts):
+            try:
+                refuse_special_tokens(prompt.turns, processor.tokenizer)
+            except BadSample as err:  # training skips such samples: the model never saw one
+                raise ValueError(f"{where}: the prompt {err.detail.removeprefix('turn 0 ')}") from None
+        config = config or read_adapter_config(args.adapter)
         image_aspect, image_backend = image_settings(config, args.image_aspect, args.image_backend)
         device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
         model = load_model(base, args.adapter, device=device, dtype=args.dtype)
     except (AdapterError, OSError, ValueError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
-    answers = generate_answers(model, load_processor(base), prompts, args.max_new_tokens, args.batch_size,
+    answers = generate_answers(model, processor, prompts, args.max_new_tokens, args.batch_size,
                                image_aspect, image_backend=image_backend)
     if not args.jsonl:
         print(answers[0])

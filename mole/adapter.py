@@ -99,8 +99,13 @@ def read_adapter_config(directory: str) -> dict:
                          or any(name.endswith("model_states.pt") for name in os.listdir(directory))):
             hint = " (a DeepSpeed checkpoint? consolidate it into an adapter with launch/export.py --format mole)"
         raise AdapterError(f"{directory!r} is not a mole adapter directory: it has no {ADAPTER_CONFIG}{hint}")
-    with open(path) as handle:
-        config = json.load(handle)
+    try:
+        with open(path) as handle:
+            config = json.load(handle)
+    except ValueError as err:
+        raise AdapterError(f"{path}: not JSON ({err})") from None
+    if not isinstance(config, dict):
+        raise AdapterError(f"{path}: expected a JSON object, got {type(config).__name__}")
     missing = [key for key in REQUIRED_CONFIG_KEYS if key not in config]
     if missing:
         raise AdapterError(f"{path}: missing keys {missing}")
@@ -113,10 +118,14 @@ def read_adapter_config(directory: str) -> dict:
 
 def load_adapter(directory: str) -> tuple[dict[str, torch.Tensor], dict]:
     """(weights, config) of an adapter directory; weights come from safetensors only (no pickle)."""
+    from safetensors import SafetensorError
     from safetensors.torch import load_file
 
     config = read_adapter_config(directory)
     path = os.path.join(directory, ADAPTER_WEIGHTS)
     if not os.path.isfile(path):
         raise AdapterError(f"{directory!r} has {ADAPTER_CONFIG} but no {ADAPTER_WEIGHTS}")
-    return load_file(path), config
+    try:
+        return load_file(path), config
+    except SafetensorError as err:  # a truncated or overwritten file
+        raise AdapterError(f"{path}: not a readable safetensors file ({err})") from None

@@ -127,3 +127,11 @@ def test_eval_counts_a_torn_shard_and_scores_the_samples_before_the_damage(mode_
     torn_metrics = json.loads((out / "metrics.json").read_text())["domains"]["torn"]
     assert torn_metrics["skipped"] == {"corrupt_tar": 1}, torn_metrics["skipped"]
     assert torn_metrics["samples"] >= 1, "the samples before the damage are still scored"
+
+
+@pytest.mark.parametrize("option", ["--batch-size", "--max-samples", "--max-new-tokens", "--max-length"])
+def test_eval_refuses_a_count_below_one_before_any_work(tmp_path, capsys, option):
+    """``--batch-size 0`` evaluated nothing and overwrote metrics.json; ``--max-samples -1`` crashed."""
+    with pytest.raises(SystemExit):
+        launch_module("eval").main(["--adapter", str(tmp_path), option, "0"])
+    assert f"{option} must be >= 1, got 0" in capsys.readouterr().err

@@ -114,6 +114,18 @@ def test_mismatched_adapter_gives_a_clear_error(mode_runs, tmp_path, edit_config
     assert message in str(error.value), f"error does not say {message!r}: {error.value}"
 
 
+def test_a_torn_adapter_file_is_named_not_a_traceback(mode_runs, tmp_path):
+    adapter = tmp_path / "adapter"
+    shutil.copytree(mode_runs["scaled"] / "adapter", adapter)
+    weights = adapter / "adapter.safetensors"
+    weights.write_bytes(weights.read_bytes()[:100])
+    with pytest.raises(AdapterError, match=rf"{weights}: not a readable safetensors file"):
+        load_model(str(TINY_MODEL), str(adapter))
+    (adapter / "mole_config.json").write_text('{"format_version": 1,')
+    with pytest.raises(AdapterError, match=rf"{adapter / 'mole_config.json'}: not JSON"):
+        load_model(str(TINY_MODEL), str(adapter))
+
+
 def test_prompt_tokens_are_the_training_tokens_up_to_the_answer(processor):
     """The question as generation sees it is token for token what training saw before the answer."""
     training = SampleProcessor(processor, 256, "pad")
@@ -194,6 +206,17 @@ def test_infer_cli_names_the_line_of_a_broken_jsonl_and_the_missing_image(tmp_pa
     (tmp_path / "q.jsonl").write_text(json.dumps({"prompt": "ok?", "id": 7}) + "\n" + json.dumps({"prompt": "ok?", "img": "a.jpg"}) + "\n")
     assert infer.main([*args, "--jsonl", str(tmp_path / "q.jsonl")]) == 2
     assert f"{tmp_path / 'q.jsonl'}:2: unknown key 'img'; did you mean 'image'?" in capsys.readouterr().err
+    (tmp_path / "q.jsonl").write_text(json.dumps({"prompt": "ok?"}) + "\n" + json.dumps({"prompt": "stop</s>here"}) + "\n")
+    assert infer.main([*args, "--jsonl", str(tmp_path / "q.jsonl")]) == 2
+    assert f"{tmp_path / 'q.jsonl'}:2: the prompt spells the special token '</s>'" in capsys.readouterr().err
+    (tmp_path / "q.eps").write_bytes(b"%!PS-Adobe-3.0 EPSF-3.0\n%%BoundingBox: 0 0 10 10\nshowpage\n")
+    (tmp_path / "q.jsonl").write_text(json.dumps({"prompt": "ok?", "image": "q.eps"}) + "\n")
+    assert infer.main([*args, "--jsonl", str(tmp_path / "q.jsonl")]) == 2
+    assert f"{tmp_path / 'q.jsonl'}:1: image 'q.eps'" in capsys.readouterr().err, "an EPS file must not reach Ghostscript"
+    for option, value in (("--batch-size", "0"), ("--max-new-tokens", "0")):
+        with pytest.raises(SystemExit):
+            infer.main([*args, "--prompt", "hi", option, value])
+        assert f"{option} must be >= 1" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("script, out_kind", [("infer", "dir"), ("eval", "file"), ("export", "file")])
