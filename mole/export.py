@@ -224,7 +224,10 @@ def consolidate_checkpoint(root: str, tag: str) -> dict[str, torch.Tensor]:
     """
     from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
-    state = get_fp32_state_dict_from_zero_checkpoint(root, tag=tag, exclude_frozen_parameters=True)
+    try:
+        state = get_fp32_state_dict_from_zero_checkpoint(root, tag=tag, exclude_frozen_parameters=True)
+    except (ValueError, RuntimeError, EOFError) as err:  # files missing or torn: DeepSpeed names them
+        raise ExportError(f"checkpoint {root}/{tag} cannot be consolidated: {err}") from None
     stray = [name for name in state if not name.startswith("llava.")]
     if stray:
         raise ExportError(f"checkpoint {root}/{tag} has keys outside the trainer's 'llava.' module: {stray[:3]}")

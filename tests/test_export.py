@@ -14,7 +14,7 @@ from safetensors.torch import load_file
 from transformers import AutoProcessor, LlavaForConditionalGeneration
 
 from mole.adapter import AdapterError, load_adapter
-from mole.export import export_merged, export_mole, export_peft
+from mole.export import ExportError, export_merged, export_mole, export_peft
 from mole.inference import Prompt, PromptEncoder, load_model, load_processor, question_turns
 from tests.helpers import REPO, TINY_MODEL, launch_module
 from tests.helpers import one_thread_for_the_module  # noqa: F401  (autouse fixture)
@@ -107,3 +107,14 @@ def test_mole_export_refuses_weights_the_config_does_not_describe(mode_runs, tmp
     (adapter / "mole_config.json").write_text(json.dumps(config))
     with pytest.raises(AdapterError, match="expected K=2"):
         export_mole(str(adapter), str(tmp_path / "out"))
+
+
+def test_mole_export_of_a_checkpoint_with_a_missing_file_is_an_export_error(mode_runs, tmp_path):
+    import shutil
+
+    checkpoint = tmp_path / "step"
+    shutil.copytree(next((mode_runs["scaled"] / "checkpoints").glob("step_*")), checkpoint)
+    shutil.copy(mode_runs["scaled"] / "config.yaml", tmp_path / "config.yaml")
+    next(checkpoint.glob("*rank_1*optim_states.pt")).unlink()
+    with pytest.raises(ExportError, match=rf"checkpoint .*step cannot be consolidated"):
+        export_mole(str(checkpoint), str(tmp_path / "out"))
