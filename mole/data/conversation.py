@@ -129,24 +129,24 @@ def render_conversation(turns: list[Turn], has_image: bool, tokenizer) -> tuple[
     answer is replaced by EOS, as LLaVA-1.5's own training format has it (``... ASSISTANT: a</s>USER: ...``).
     """
     messages = to_chat_messages(turns, has_image)
+    # Rendered with a marker in place of each answer, so that where an answer starts is found as the
+    # marker: searching the rendered turn for the answer itself can find it inside the template's own
+    # text after it (an answer "d" in "<|eot_id|>") or before it (an answer "a" in "assistant").
+    marked = [{**message, "content": [*message["content"][:-1], {"type": "text", "text": ANSWER_MARKER}]}
+              if message["role"] == "assistant" else message for message in messages]
     text, rendered, spans = "", "", []
-    for index, message in enumerate(messages):
-        full = tokenizer.apply_chat_template(messages[: index + 1], tokenize=False)
+    for index, message in enumerate(marked):
+        full = tokenizer.apply_chat_template(marked[: index + 1], tokenize=False)
         if not full.startswith(rendered):
             raise ValueError("the chat template does not render conversations prefix by prefix")
-        piece, previous, rendered = full[len(rendered) :], rendered, full
+        piece, rendered = full[len(rendered) :], full
         if message["role"] != "assistant":
             text += piece
             continue
-        answer = message["content"][-1]["text"]
-        # where the answer starts, from the turn rendered with a marker in its place: searching the
-        # rendered turn for the answer itself can find it inside the template's own text after it
-        # (an answer "d" in "<|eot_id|>") or before it (an answer "a" in "assistant")
-        marked = {**message, "content": [*message["content"][:-1], {"type": "text", "text": ANSWER_MARKER}]}
-        marked_full = tokenizer.apply_chat_template([*messages[:index], marked], tokenize=False)
-        before_answer = marked_full[len(previous) : marked_full.find(ANSWER_MARKER)]
-        if not marked_full.startswith(previous) or ANSWER_MARKER not in marked_full or not piece.startswith(before_answer):
-            raise ValueError("the chat template does not render an assistant turn as header + answer + suffix")
+        before_answer, found, _ = piece.partition(ANSWER_MARKER)
+        if not found:
+            raise ValueError("the chat template does not render an assistant turn's text as given")
+        answer = messages[index]["content"][-1]["text"]
         header = before_answer.rstrip()
         spacing = before_answer[len(header) :]  # the space before an answer belongs to it
         text += header
