@@ -45,7 +45,7 @@ python3 -c 'import torch; print("torch", torch.__version__, "| device:",
 for tokens in "${layer_tokens[@]}"; do
     for rank in 128 16; do
         run "layer_r${rank}_t${tokens}" 150 python3 launch/bench.py layer --dtype "$dtype" --rank "$rank" \
-            --tokens "$tokens" "${layer_shape[@]}" --repeats "$layer_rounds" --warmup 3 \
+            --tokens "$tokens" ${layer_shape[@]+"${layer_shape[@]}"} --repeats "$layer_rounds" --warmup 3 \
             --json "$out/layer_r${rank}_t${tokens}.json"
     done
 done

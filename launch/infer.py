@@ -6,12 +6,11 @@
 Batch mode reads one ``{"image": path, "prompt": text}`` object per line (``image`` may be omitted
 or null for a text-only question; relative paths resolve against the JSONL file's directory) and
 writes the same objects with an ``"answer"`` added, in order. Other keys (an id, say) are carried
-through unchanged, except one that looks like a misspelt ``image`` (``img``, ``image_path``): that
-is refused, since the question would otherwise be answered silently without its image.
+through unchanged, except that a line without ``image`` whose other key holds an image file name
+(``"img": "cat.jpg"``) is refused: its question would otherwise be answered without its image.
 """
 
 import argparse
-import difflib
 import json
 import os
 import sys
@@ -46,14 +45,16 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     return args
 
 
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".gif", ".bmp")
+
+
 def misspelt_image_key(request: dict) -> str | None:
-    """A key of a request without ``image`` that was probably meant to be it (``img``, ``image_path``)."""
+    """The key of a request without ``image`` that holds an image file name (``"img": "cat.jpg"``):
+    judged by the value, so that metadata keys (``page``, ``image_id``) pass whatever their names."""
     if "image" in request:
         return None
-    keys = [str(key) for key in request]
-    named = [key for key in keys if "img" in key.lower() or "image" in key.lower()]
-    close = difflib.get_close_matches("image", keys, n=1, cutoff=0.6)
-    return (named or close or [None])[0]
+    return next((str(key) for key, value in request.items()
+                 if key != "prompt" and isinstance(value, str) and value.lower().endswith(IMAGE_SUFFIXES)), None)
 
 
 def read_requests(path: str) -> list[tuple[str, dict]]:
@@ -71,7 +72,7 @@ def read_requests(path: str) -> list[tuple[str, dict]]:
                 raise ValueError(f"{path}:{number}: expected an object with a string 'prompt'")
             lookalike = misspelt_image_key(request)
             if lookalike is not None:
-                raise ValueError(f"{path}:{number}: unknown key {lookalike!r}; did you mean 'image'?")
+                raise ValueError(f"{path}:{number}: key {lookalike!r} holds an image file; the image goes under 'image'")
             requests.append((f"{path}:{number}", request))
     return requests
 
@@ -111,7 +112,8 @@ def main(argv: list[str]) -> int:
             try:
                 refuse_special_tokens(prompt.turns, processor.tokenizer)
             except BadSample as err:  # training skips such samples: the model never saw one
-                raise ValueError(f"{where}: the prompt {err.detail.removeprefix('turn 0 ')}") from None
+                label = where if args.jsonl else "--prompt"
+                raise ValueError(f"{label}: the prompt {err.detail.removeprefix('turn 0 ')}") from None
         config = config or read_adapter_config(args.adapter)
         image_aspect, image_backend = image_settings(config, args.image_aspect, args.image_backend)
         device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")

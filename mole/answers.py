@@ -5,7 +5,8 @@ punctuation handling (a period before a digit stays, ``,`` between digits is a t
 and goes, other punctuation becomes a space or disappears), number words to digits, dropping the
 articles ``a``/``an``/``the`` and restoring common contractions written without an apostrophe.
 VQAv2 scores against ten human answers; our data have one reference answer, so accuracy here is
-plain equality of the normalised strings. Exact match compares the stripped raw strings.
+equality of the normalised strings (of the lower-cased words where normalisation leaves nothing,
+as of a multiple-choice "A"). Exact match compares the stripped raw strings.
 """
 
 from __future__ import annotations

@@ -19,6 +19,7 @@ Everything else here reads safetensors.
 from __future__ import annotations
 
 import os
+import pickle
 import re
 
 import torch
@@ -226,7 +227,7 @@ def consolidate_checkpoint(root: str, tag: str) -> dict[str, torch.Tensor]:
 
     try:
         state = get_fp32_state_dict_from_zero_checkpoint(root, tag=tag, exclude_frozen_parameters=True)
-    except (ValueError, RuntimeError, EOFError) as err:  # files missing or torn: DeepSpeed names them
+    except (ValueError, RuntimeError, EOFError, KeyError, pickle.UnpicklingError) as err:  # files missing, torn or zeroed
         raise ExportError(f"checkpoint {root}/{tag} cannot be consolidated: {err}") from None
     stray = [name for name in state if not name.startswith("llava.")]
     if stray:

@@ -38,13 +38,13 @@ def test_interleaved_rotates_the_order_and_leaves_the_warm_up_rounds_out():
     def variant(name: str):
         def run():
             calls.append(name)
-            time.sleep(0.05 if len(calls) <= 6 else 0)  # the two warm-up rounds are slow, as first calls are
+            time.sleep(0.5 if len(calls) <= 6 else 0)  # the two warm-up rounds are slow, as first calls are
         return run
 
     times = interleaved({name: variant(name) for name in "abc"}, repeats=4, warmup=2, device=torch.device("cpu"))
     assert "".join(calls) == "abc" "bca" "cab" "abc" "bca" "cab", "round i starts at variant i mod 3"
     assert {name: len(t) for name, t in times.items()} == {"a": 4, "b": 4, "c": 4}
-    assert max(max(t) for t in times.values()) < 0.04, f"warm-up rounds were timed: {times}"
+    assert max(max(t) for t in times.values()) < 0.4, f"warm-up rounds were timed: {times}"
 
 
 def test_layer_bench_runs_every_variant_with_the_right_trainable_parameters(tmp_path):

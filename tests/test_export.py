@@ -109,12 +109,17 @@ def test_mole_export_refuses_weights_the_config_does_not_describe(mode_runs, tmp
         export_mole(str(adapter), str(tmp_path / "out"))
 
 
-def test_mole_export_of_a_checkpoint_with_a_missing_file_is_an_export_error(mode_runs, tmp_path):
+@pytest.mark.parametrize("damage", ["missing", "zeroed", "truncated"])
+def test_mole_export_of_a_damaged_checkpoint_is_an_export_error(mode_runs, tmp_path, damage):
     import shutil
 
     checkpoint = tmp_path / "step"
     shutil.copytree(next((mode_runs["scaled"] / "checkpoints").glob("step_*")), checkpoint)
     shutil.copy(mode_runs["scaled"] / "config.yaml", tmp_path / "config.yaml")
-    next(checkpoint.glob("*rank_1*optim_states.pt")).unlink()
-    with pytest.raises(ExportError, match=rf"checkpoint .*step cannot be consolidated"):
+    victim = next(checkpoint.glob("*rank_1*optim_states.pt"))
+    if damage == "missing":
+        victim.unlink()
+    else:  # a crash can leave a file of its full size in zeros, or cut short
+        victim.write_bytes(bytes(victim.stat().st_size) if damage == "zeroed" else victim.read_bytes()[:200])
+    with pytest.raises(ExportError, match=r"checkpoint .*step cannot be consolidated"):
         export_mole(str(checkpoint), str(tmp_path / "out"))

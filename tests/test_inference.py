@@ -203,9 +203,10 @@ def test_infer_cli_names_the_line_of_a_broken_jsonl_and_the_missing_image(tmp_pa
     (tmp_path / "q.jsonl").write_text(json.dumps({"prompt": "ok?", "image": "nope.jpg"}) + "\n")
     assert infer.main([*args, "--jsonl", str(tmp_path / "q.jsonl")]) == 2
     assert f"{tmp_path / 'q.jsonl'}:1: image 'nope.jpg'" in capsys.readouterr().err
-    (tmp_path / "q.jsonl").write_text(json.dumps({"prompt": "ok?", "id": 7}) + "\n" + json.dumps({"prompt": "ok?", "img": "a.jpg"}) + "\n")
+    lines = [{"prompt": "ok?", "id": 7, "page": 3, "image_id": "x1", "usage": "test"}, {"prompt": "ok?", "img": "a.JPG"}]
+    (tmp_path / "q.jsonl").write_text("".join(json.dumps(line) + "\n" for line in lines))
     assert infer.main([*args, "--jsonl", str(tmp_path / "q.jsonl")]) == 2
-    assert f"{tmp_path / 'q.jsonl'}:2: unknown key 'img'; did you mean 'image'?" in capsys.readouterr().err
+    assert f"{tmp_path / 'q.jsonl'}:2: key 'img' holds an image file; the image goes under 'image'" in capsys.readouterr().err
     (tmp_path / "q.jsonl").write_text(json.dumps({"prompt": "ok?"}) + "\n" + json.dumps({"prompt": "stop</s>here"}) + "\n")
     assert infer.main([*args, "--jsonl", str(tmp_path / "q.jsonl")]) == 2
     assert f"{tmp_path / 'q.jsonl'}:2: the prompt spells the special token '</s>'" in capsys.readouterr().err

@@ -150,7 +150,8 @@ def signalled(killed_then_resumed, tmp_path_factory):
     shutil.copytree(finished, out)
     assert (out / "done.json").exists(), "precondition: the run being continued had finished"
     cmd = training_command(out, "train.max_steps=500", "train.save_every=0", "train.eval_every=0",
-                           "train.micro_batch_size=8", f"train.lr={RESUMED_LR}")
+                           "train.micro_batch_size=8", f"train.lr={RESUMED_LR}",
+                           "train.log_every=5")  # a stop between logs writes the skip counts, on every rank
     proc = start(cmd, out / "run.log")
     rank_log = out / "logs" / "rank1.jsonl"
     wait_until(lambda: len(step_records(out, 1)) >= STEPS + 3, proc, 300, "three more steps")

@@ -17,6 +17,7 @@ filter, rescale factor, mean and std all come from it):
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import io
 import logging
@@ -55,12 +56,8 @@ def decode_image(data: bytes, max_pixels: int = MAX_PIXELS, *, square: bool = Fa
     an extreme aspect ratio is refused because resizing the short side to the model's input would
     blow the long one up (a 20000x1 strip cropped to 336 px is a 336x6.7M image).
     """
-    if Image.MAX_IMAGE_PIXELS is not None and max_pixels > Image.MAX_IMAGE_PIXELS:
-        # Pillow's own bomb check (on the same header, in open) would otherwise cap a configured
-        # data.max_image_pixels at its default, ~89 MP; ours below is the one that applies
-        Image.MAX_IMAGE_PIXELS = max_pixels
     try:
-        with warnings.catch_warnings():
+        with warnings.catch_warnings(), _pillow_pixel_cap_at_least(max_pixels):
             warnings.simplefilter("error", Image.DecompressionBombWarning)
             image = Image.open(io.BytesIO(data), formats=IMAGE_FORMATS)
             width, height = image.size
@@ -80,6 +77,20 @@ def decode_image(data: bytes, max_pixels: int = MAX_PIXELS, *, square: bool = Fa
         raise BadSample("broken_image", f"not an image in one of the formats {', '.join(IMAGE_FORMATS)}") from None
     except Exception as err:  # PIL raises many types for corrupt data (OSError, SyntaxError, ValueError...)
         raise BadSample("broken_image", f"{type(err).__name__}: {err}") from None
+
+
+@contextlib.contextmanager
+def _pillow_pixel_cap_at_least(max_pixels: int):
+    """Pillow's own bomb check (on the same header, in ``open``) raised to ``max_pixels`` while we open
+    an image, so that a configured ``data.max_image_pixels`` above Pillow's default (~89 MP) is the
+    cap that applies; put back after."""
+    previous = Image.MAX_IMAGE_PIXELS
+    if previous is not None and max_pixels > previous:
+        Image.MAX_IMAGE_PIXELS = max_pixels
+    try:
+        yield
+    finally:
+        Image.MAX_IMAGE_PIXELS = previous
 
 
 def pad_to_square(image: Image.Image, fill: tuple[int, int, int]) -> Image.Image:

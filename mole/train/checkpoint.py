@@ -238,7 +238,10 @@ def _base_model_changes(run_dir: str, model_dir: str) -> list[str]:
         with open(os.path.join(run_dir, "adapter", ADAPTER_CONFIG)) as handle:
             recorded = json.load(handle)
         text = AutoConfig.from_pretrained(model_dir).text_config
-    except (OSError, ValueError, AttributeError):  # no adapter yet, or a model config we cannot read here
+    except FileNotFoundError:  # the run saved no adapter yet: nothing recorded to compare
+        return []
+    except (OSError, ValueError, AttributeError) as err:
+        log.warning("cannot compare the base model's shapes with the checkpoint's run (%s); resuming unchecked", err)
         return []
     return [
         f"model.name_or_path: {key} {recorded[key]} in the checkpoint's base model, {getattr(text, key)} in {model_dir}"
