@@ -57,6 +57,8 @@ def test_runs_file_has_finite_losses_and_nmi_in_range(smoke_report):
         max_steps = next(int(o.split("=")[1]) for o in run["spec"]["overrides"] if o.startswith("train.max_steps="))
         assert run["train"]["steps"] == max_steps, f"{run['name']}: trained {run['train']['steps']} of {max_steps} steps"
     assert set(details["claims"]) == {"a", "b", "c"}
+    held = [details["claims"]["a"]["held"]] + [v["held"] for key in "bc" for v in details["claims"][key].values()]
+    assert held == [None] * 7, f"one seed has no standard error: no claim can be judged, got {held}"
 
 
 def test_markdown_report_names_its_command_and_plot(smoke_report):
@@ -66,3 +68,28 @@ def test_markdown_report_names_its_command_and_plot(smoke_report):
     assert (smoke_report / "conflict.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     for claim in ("(a)", "(b)", "(c)"):
         assert claim in text, f"claim {claim} missing from the report"
+    assert "**not judged** (fewer than two seeds" in text and "**held**" not in text and "did not hold" not in text
+
+
+def test_a_cached_run_is_reused_only_under_the_recipe_it_was_trained_with(tmp_path):
+    """A run's spec (its result cache key) changes with the trainer YAML's text and with the base's
+    recipe or pretraining config, not with what the base's pretraining measured."""
+    from dataclasses import asdict
+
+    from mole.experiments.conflict import ExperimentConfig, run_specs
+
+    base, recipe = tmp_path / "base", tmp_path / "recipe.yaml"
+    base.mkdir()
+    record = {"recipe": {"hidden": 64}, "pretrain_config": {"steps": 10}, "pretrain": {"loss": 1.0}}
+    (base / "base.json").write_text(json.dumps(record))
+    recipe.write_text("lora: {r: 8}\n")
+    cfg = ExperimentConfig(train_config=str(recipe), base_model=str(base), work_dir=str(tmp_path), seeds=[0])
+    keys = lambda: [asdict(spec) for spec in run_specs(cfg)]  # noqa: E731
+    first = keys()
+    (base / "base.json").write_text(json.dumps({**record, "pretrain": {"loss": 0.5}}))
+    assert keys() == first, "what pretraining measured does not change what the runs start from"
+    recipe.write_text("lora: {r: 4}\n")
+    assert all(a != b for a, b in zip(keys(), first)), "an edited trainer YAML must not reuse the old results"
+    recipe.write_text("lora: {r: 8}\n")
+    (base / "base.json").write_text(json.dumps({**record, "pretrain_config": {"steps": 20}}))
+    assert all(a != b for a, b in zip(keys(), first)), "a base pretrained otherwise must not reuse the old results"

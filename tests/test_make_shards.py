@@ -139,3 +139,29 @@ def test_make_shards_refuses_a_wrong_path_before_converting(llava_json, tmp_path
                           capture_output=True, text=True, env={**os.environ, "PYTHONPATH": str(REPO)}, cwd=REPO, timeout=120)
     assert proc.returncode == 1 and f"--{problem}" in proc.stderr and "Traceback" not in proc.stderr, proc.stderr
     assert not (tmp_path / "out" / "manifest.json").exists(), "nothing converted"
+
+
+def test_image_paths_are_judged_as_written_and_merging_sources_are_refused(tmp_path):
+    """A folder inside --images that links elsewhere (``coco -> /datasets/coco``, a common layout) is
+    converted, an empty path is named as such, and with ``split_by="source"`` two folders whose shard
+    sets would merge are refused before anything is written."""
+    from mole.data.convert import convert
+
+    elsewhere, images = tmp_path / "datasets" / "coco", tmp_path / "images"
+    elsewhere.mkdir(parents=True)
+    images.mkdir()
+    Image.new("RGB", (48, 32), (10, 200, 30)).save(elsewhere / "1.jpg", format="JPEG")
+    (images / "coco").symlink_to(elsewhere, target_is_directory=True)
+    entries = [{"id": "linked", "image": "coco/1.jpg", "conversations": turns(("<image>\nWhat?", "Grass."))},
+               {"id": "empty", "image": "", "conversations": turns(("<image>\nWhat?", "Y"))}]
+    (tmp_path / "ok.json").write_text(json.dumps(entries))
+    manifest = convert(tmp_path / "ok.json", images, tmp_path / "out", split_by="source", progress=False)
+    assert (manifest["written"], manifest["skipped_by_reason"]) == (1, {"bad_image_path": 1}), manifest
+    assert "empty path" in (tmp_path / "out" / "skipped.jsonl").read_text()
+    for clash in (["a b/1.jpg", "a_b/2.jpg"], ["text/1.jpg", None]):
+        merging = [{"id": str(i), **({"image": image} if image else {}), "conversations": turns(("Q?", "A"))}
+                   for i, image in enumerate(clash)]
+        (tmp_path / "clash.json").write_text(json.dumps(merging))
+        with pytest.raises(ValueError, match="would share the shard set"):
+            convert(tmp_path / "clash.json", images, tmp_path / "clash", split_by="source", progress=False)
+        assert not (tmp_path / "clash").exists(), "refused before anything was written"

@@ -14,7 +14,10 @@ ready for a domain's ``shards``.
 
 With ``split_by="source"`` each source gets its own shard set under ``OUT/<source>/``: the first path
 component of ``image`` (``coco``, ``gqa``, ``ocr_vqa``, ``textvqa``, ``vg`` in LLaVA-1.5's mix) or
-``text`` for entries without an image, so a config can weight sources as domains.
+``text`` for entries without an image, so a config can weight sources as domains. Folders whose
+sets would merge (``a b`` and ``a_b``, or a folder named ``text``) are refused before anything is
+written. Image paths are judged as written (no absolute paths, no ``..``), so a folder inside the
+image folder may link elsewhere.
 """
 
 from __future__ import annotations
@@ -38,11 +41,32 @@ SHARD_NAME = "shard-%06d.tar"
 
 def source_of(entry: dict) -> str:
     """The shard set an entry belongs to: the first component of its image path, or ``text``."""
+    return _source(entry)[0]
+
+
+def _source(entry: dict) -> tuple[str, str]:
+    """(shard set name, what it was made from): a folder name made safe for a path, ``images`` for
+    images at the top of the image folder, ``text`` for entries without an image."""
     image = entry.get("image")
-    if not image:
-        return TEXT_SOURCE
-    first = Path(image).parts[0]
-    return re.sub(r"[^A-Za-z0-9_.-]", "_", first) if len(Path(image).parts) > 1 else "images"
+    if not image or not isinstance(image, str):
+        return TEXT_SOURCE, "(entries without an image)"
+    parts = Path(image).parts
+    if len(parts) == 1:
+        return "images", "(images at the top of the image folder)"
+    return re.sub(r"[^A-Za-z0-9_.-]", "_", parts[0]), parts[0]
+
+
+def check_sources(entries: list) -> None:
+    """Refuse, before anything is written, image folders whose shard sets would merge: two names made
+    the same by :func:`source_of` (``a b`` and ``a_b``), or a folder named like a set of its own
+    (``text``, ``images``); mixing them would mislabel a domain without a word."""
+    made_from: dict[str, str] = {}
+    for entry in entries:
+        if isinstance(entry, dict):
+            name, raw = _source(entry)
+            if made_from.setdefault(name, raw) != raw:
+                raise ValueError(f"split_by source: {made_from[name]!r} and {raw!r} would share the shard set "
+                                 f"{name!r}; rename one of them")
 
 
 def to_sample(index: int, entry, images: Path, tokenizer=None) -> dict:
@@ -65,9 +89,12 @@ def to_sample(index: int, entry, images: Path, tokenizer=None) -> dict:
         return sample
     if not isinstance(image, str):
         raise BadSample("wrong_type", f"'image' is {type(image).__name__}, expected a path")
-    path = (images / image).resolve()
-    if images.resolve() not in path.parents:
+    if not image:
+        raise BadSample("bad_image_path", "'image' is an empty path")
+    # judged as written, not resolved: a folder inside that links elsewhere (coco -> /datasets/coco) is fine
+    if Path(image).is_absolute() or ".." in Path(image).parts:
         raise BadSample("bad_image_path", f"{image!r} points outside the image folder")
+    path = images / image
     ext = path.suffix.lower().lstrip(".")
     if ext not in IMAGE_EXTENSIONS:
         raise BadSample("unsupported_image_type", f"{image!r}: expected one of {', '.join(IMAGE_EXTENSIONS)}")
@@ -111,6 +138,8 @@ def convert(json_path: str | Path, images: str | Path, out: str | Path, split_by
         raise ValueError(f"{json_path}: not a readable JSON file: {type(err).__name__}: {err}") from None
     if not isinstance(entries, list):
         raise ValueError(f"{json_path}: expected a JSON list of LLaVA entries, got {type(entries).__name__}")
+    if split_by == "source":
+        check_sources(entries)
     out.mkdir(parents=True, exist_ok=True)
     writers: dict[str, wds.ShardWriter] = {}
     counts: Counter = Counter()

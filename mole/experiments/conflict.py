@@ -26,6 +26,7 @@ so an interrupted experiment continues where it stopped.
 from __future__ import annotations
 
 import concurrent.futures
+import hashlib
 import json
 import logging
 import multiprocessing
@@ -70,6 +71,7 @@ class RunSpec:
     overrides: list[str]  # trainer key=value overrides on top of the experiment's YAML
     split: str
     max_eval_samples: int | None
+    recipe: str  # digest of the trainer YAML's text and the base's recipe (:func:`recipe_digest`)
 
     @property
     def name(self) -> str:
@@ -105,9 +107,22 @@ def domain_entry(root: str, name: str) -> str:
             f"val_shards: '{root}/{name}/val-000000.tar', weight: 1.0}}")
 
 
+def recipe_digest(train_config: str, base_model: str) -> str:
+    """What every run starts from besides its own spec: the trainer YAML's text and the base's recipe
+    and pretraining config (its ``base.json``). Part of each spec, so that a cached result is reused
+    only under the recipe it was trained with, not relabelled with an edited one."""
+    with open(train_config, "rb") as handle:
+        text = handle.read()
+    with open(os.path.join(base_model, "base.json")) as handle:
+        base = json.load(handle)
+    made_from = json.dumps({k: base.get(k) for k in ("recipe", "pretrain_config")}, sort_keys=True).encode()
+    return hashlib.sha256(text + b"\0" + made_from).hexdigest()[:16]
+
+
 def run_specs(cfg: ExperimentConfig) -> list[RunSpec]:
     """Every run of the experiment, seeds outermost so a partial experiment has whole seeds."""
     root = cfg.data_root  # relative paths stay relative: the runs share our working directory
+    recipe = recipe_digest(cfg.train_config, cfg.base_model)
     specs = []
     for seed in cfg.seeds:
         for variant in cfg.variants:
@@ -119,7 +134,7 @@ def run_specs(cfg: ExperimentConfig) -> list[RunSpec]:
                 overrides = [f"model.name_or_path={cfg.base_model}", f"mole.num_experts={experts}",
                              f"mole.routing={routing}", f"train.max_steps={steps}", f"train.seed={seed}",
                              f"data.domains={data}", *cfg.extra_overrides]
-                specs.append(RunSpec(variant, seed, domains, domains, overrides, cfg.split, cfg.max_eval_samples))
+                specs.append(RunSpec(variant, seed, domains, domains, overrides, cfg.split, cfg.max_eval_samples, recipe))
     return specs
 
 

@@ -6,7 +6,9 @@ sample standard deviation (n - 1), 0 for one seed. Everything else measured (ans
 match, routing NMI per layer, training loss, per-run values and timings) goes to ``conflict.runs.json``.
 
 The claims are checked with one rule, stated in the report: a difference of means counts when it
-exceeds twice its standard error ``sqrt(s1^2/n1 + s2^2/n2)``; otherwise it is "within noise".
+exceeds twice its standard error ``sqrt(s1^2/n1 + s2^2/n2)``; otherwise it is "within noise". With
+fewer than two seeds on a side there is no standard error to judge by (it would be 0 and every
+difference would count), so the claims are "not judged" (``held`` is None).
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ from collections import defaultdict
 from mole.experiments.conflict import ALIASES, DOMAINS
 
 ROW_ORDER = ("single", "mix", "mix2x", "mole", "mole_hard", "mole_scaled", "mole_dense")
+NOT_JUDGED = "**not judged** (fewer than two seeds: no standard error)"
 
 
 def _stats(values: list[float]) -> dict:
@@ -90,11 +93,12 @@ def details(runs: list[dict]) -> dict:
     }
 
 
-def compare(a: dict, b: dict) -> tuple[float, float, bool]:
-    """(difference of means a - b, its standard error, |difference| > 2 SE) for two {mean, std, n}."""
+def compare(a: dict, b: dict) -> tuple[float, float, bool | None]:
+    """(difference of means a - b, its standard error, |difference| > 2 SE) for two {mean, std, n};
+    the last is None when a side has fewer than two values (no spread to judge by)."""
     diff = a["mean"] - b["mean"]
     se = math.sqrt(a["std"] ** 2 / a["n"] + b["std"] ** 2 / b["n"])
-    return diff, se, abs(diff) > 2 * se
+    return diff, se, abs(diff) > 2 * se if min(a["n"], b["n"]) >= 2 else None
 
 
 def domain_average(runs: list[dict], variant: str) -> dict | None:
@@ -115,7 +119,8 @@ def claims(summary: dict, runs: list[dict]) -> dict:
     if "single" in variants and "mix" in variants:
         rows = {d: compare(variants["mix"][d], variants["single"][d]) for d in DOMAINS}
         worse = [d for d, (diff, _, clear) in rows.items() if diff < 0 and clear]
-        out["a"] = {"held": bool(worse), "domains_worse": worse,
+        judged = all(clear is not None for _, _, clear in rows.values())
+        out["a"] = {"held": bool(worse) if judged else None, "domains_worse": worse,
                     "mix_minus_single": {d: {"diff": r[0], "se": r[1]} for d, r in rows.items()}}
     for key, baseline in (("b", "mix"), ("c", "mix2x")):
         if baseline not in variants:
@@ -126,7 +131,8 @@ def claims(summary: dict, runs: list[dict]) -> dict:
                 continue
             per_domain = {d: compare(variants[mole][d], variants[baseline][d]) for d in DOMAINS}
             avg = compare(domain_average(runs, mole), domain_average(runs, baseline))
-            verdicts[mole] = {"held": avg[0] > 0 and avg[2], "average": {"diff": avg[0], "se": avg[1]},
+            held = None if avg[2] is None else bool(avg[0] > 0 and avg[2])
+            verdicts[mole] = {"held": held, "average": {"diff": avg[0], "se": avg[1]},
                               "per_domain": {d: {"diff": r[0], "se": r[1]} for d, r in per_domain.items()}}
         out[key] = verdicts
     return out
@@ -211,12 +217,13 @@ def _verdict_lines(verdicts: dict) -> list[str]:
     if "a" in verdicts:
         a = verdicts["a"]
         diffs = ", ".join(f"{d} {v['diff']:+.3f} (SE {v['se']:.3f})" for d, v in a["mix_minus_single"].items())
-        state = f"**held** ({', '.join(a['domains_worse'])} worse after mixing)" if a["held"] else "**did not hold**"
+        state = (NOT_JUDGED if a["held"] is None else
+                 f"**held** ({', '.join(a['domains_worse'])} worse after mixing)" if a["held"] else "**did not hold**")
         lines.append(f"- (a) mixing lowers some domain vs single-domain LoRA: {state}. mix − single: {diffs}.")
     for key, text in (("b", "MoLE on the mix beats plain LoRA on the mix (`mix`)"),
                       ("c", "MoLE on the mix beats plain LoRA with twice the samples (`mix2x`)")):
         for mole, v in verdicts.get(key, {}).items():
-            state = "**held**" if v["held"] else "**did not hold**"
+            state = NOT_JUDGED if v["held"] is None else "**held**" if v["held"] else "**did not hold**"
             per = ", ".join(f"{d} {x['diff']:+.3f}" for d, x in v["per_domain"].items())
             lines.append(f"- ({key}) {text}, `{mole}`: {state}; mean of domains {v['average']['diff']:+.3f} "
                          f"(SE {v['average']['se']:.3f}); per domain {per}.")
