@@ -165,3 +165,19 @@ def test_image_paths_are_judged_as_written_and_merging_sources_are_refused(tmp_p
         with pytest.raises(ValueError, match="would share the shard set"):
             convert(tmp_path / "clash.json", images, tmp_path / "clash", split_by="source", progress=False)
         assert not (tmp_path / "clash").exists(), "refused before anything was written"
+
+
+def test_converting_again_into_the_same_folder_leaves_no_shard_of_the_first_conversion(llava_json, tmp_path):
+    """A glob over the output (``out/coco/*.tar``) must see only the latest conversion; files the
+    earlier one did not write stay."""
+    from mole.data.convert import convert
+
+    json_path, images = llava_json
+    first = convert(json_path, images, tmp_path / "out", split_by="source", max_count=1, progress=False)
+    assert first["sources"]["coco"]["shards"] == 2, "precondition: coco spans two shards of one sample"
+    (tmp_path / "out" / "coco" / "notes.txt").write_text("mine")
+    fewer = [entry for entry in json.loads(json_path.read_text()) if isinstance(entry, dict) and entry.get("id") != 17]
+    (tmp_path / "fewer.json").write_text(json.dumps(fewer))
+    second = convert(tmp_path / "fewer.json", images, tmp_path / "out", split_by="source", max_count=1, progress=False)
+    assert second["sources"]["coco"]["shards"] == 1
+    assert sorted(p.name for p in (tmp_path / "out" / "coco").iterdir()) == ["notes.txt", "shard-000000.tar"]

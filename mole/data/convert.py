@@ -17,12 +17,14 @@ component of ``image`` (``coco``, ``gqa``, ``ocr_vqa``, ``textvqa``, ``vg`` in L
 ``text`` for entries without an image, so a config can weight sources as domains. Folders whose
 sets would merge (``a b`` and ``a_b``, or a folder named ``text``) are refused before anything is
 written. Image paths are judged as written (no absolute paths, no ``..``), so a folder inside the
-image folder may link elsewhere.
+image folder may link elsewhere. Converting again into the same ``OUT`` first deletes the shards the
+previous conversion's ``manifest.json`` lists there, so no stale shard is left for a glob to find.
 """
 
 from __future__ import annotations
 
 import json
+import logging
 import re
 from collections import Counter
 from pathlib import Path
@@ -34,6 +36,8 @@ from tqdm import tqdm
 from mole.data.conversation import parse_conversation, refuse_special_tokens
 from mole.data.errors import BadSample
 from mole.data.images import IMAGE_EXTENSIONS, IMAGE_FORMATS
+
+log = logging.getLogger(__name__)
 
 TEXT_SOURCE = "text"
 SHARD_NAME = "shard-%06d.tar"
@@ -141,6 +145,7 @@ def convert(json_path: str | Path, images: str | Path, out: str | Path, split_by
     if split_by == "source":
         check_sources(entries)
     out.mkdir(parents=True, exist_ok=True)
+    _remove_previous_shards(out)
     writers: dict[str, wds.ShardWriter] = {}
     counts: Counter = Counter()
     skipped: Counter = Counter()
@@ -180,6 +185,27 @@ def convert(json_path: str | Path, images: str | Path, out: str | Path, split_by
     }
     (out / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n")
     return manifest
+
+
+def _remove_previous_shards(out: Path) -> None:
+    """Delete the shards an earlier conversion into ``out`` wrote (as its ``manifest.json`` lists them),
+    so that a glob over the folder cannot mix them with this conversion's. Only files inside ``out``
+    are touched, whatever paths the old manifest holds (the folder may have been copied or moved)."""
+    try:
+        previous = json.loads((out / "manifest.json").read_text())
+        sources = previous["sources"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return
+    removed = 0
+    for name, info in sources.items():
+        folder = out / ("" if name == "all" else name)
+        for path in wds.shardlists.expand_urls(str(info.get("pattern", ""))):
+            stale = folder / Path(path).name
+            if re.fullmatch(r"shard-\d{6}\.tar", stale.name) and stale.is_file():
+                stale.unlink()
+                removed += 1
+    if removed:
+        log.info("removed %d shards of the previous conversion into %s", removed, out)
 
 
 def summary(manifest: dict) -> str:
