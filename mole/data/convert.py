@@ -197,7 +197,9 @@ def _remove_previous_shards(out: Path) -> None:
     except (OSError, ValueError, KeyError, TypeError):
         return
     removed = 0
-    for name, info in sources.items():
+    for name, info in sources.items() if isinstance(sources, dict) else ():
+        if not isinstance(info, dict) or name in (".", "..") or not re.fullmatch(r"[A-Za-z0-9_.-]+", name):
+            continue  # not a shard set this module names: a folder outside out, or a hand-edited manifest
         folder = out / ("" if name == "all" else name)
         for path in wds.shardlists.expand_urls(str(info.get("pattern", ""))):
             stale = folder / Path(path).name
