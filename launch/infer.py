@@ -45,16 +45,16 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     return args
 
 
-IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".gif", ".bmp")
-
-
 def misspelt_image_key(request: dict) -> str | None:
     """The key of a request without ``image`` that holds an image file name (``"img": "cat.jpg"``):
     judged by the value, so that metadata keys (``page``, ``image_id``) pass whatever their names."""
+    from mole.data.images import IMAGE_EXTENSIONS, IMAGE_FORMATS
+
     if "image" in request:
         return None
+    suffixes = tuple(f".{name}" for name in {*IMAGE_EXTENSIONS, *(fmt.lower() for fmt in IMAGE_FORMATS)})
     return next((str(key) for key, value in request.items()
-                 if key != "prompt" and isinstance(value, str) and value.lower().endswith(IMAGE_SUFFIXES)), None)
+                 if key != "prompt" and isinstance(value, str) and value.lower().endswith(suffixes)), None)
 
 
 def read_requests(path: str) -> list[tuple[str, dict]]:

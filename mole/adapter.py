@@ -40,8 +40,7 @@ def adapter_config(cfg, llava_config) -> dict:
     return {
         "format_version": FORMAT_VERSION,
         "base_model": cfg.model.name_or_path,
-        "hidden_size": text.hidden_size,
-        "num_hidden_layers": text.num_hidden_layers,
+        **{key: getattr(text, key) for key in BASE_SHAPE_KEYS},
         "num_experts": cfg.mole.num_experts,
         "routing": cfg.mole.routing,
         "aux_loss": cfg.mole.aux_loss,
@@ -55,6 +54,17 @@ def adapter_config(cfg, llava_config) -> dict:
         "image_aspect": cfg.data.image_aspect,
         "image_backend": cfg.data.image_backend,
     }
+
+
+BASE_SHAPE_KEYS = ("hidden_size", "num_hidden_layers")
+"""The base model's text-config shapes an adapter records: its tensors fit only a base that has them."""
+
+
+def base_shape_mismatches(recorded: dict, text_config) -> list[tuple[str, object, object]]:
+    """``(key, recorded, actual)`` for each of :data:`BASE_SHAPE_KEYS` that ``recorded`` (an adapter
+    config) holds with another value than ``text_config`` (the base's ``config.text_config``)."""
+    return [(key, recorded[key], getattr(text_config, key)) for key in BASE_SHAPE_KEYS
+            if key in recorded and recorded[key] != getattr(text_config, key)]
 
 
 def image_settings(config: dict, image_aspect: str | None = None, image_backend: str | None = None) -> tuple[str, str]:

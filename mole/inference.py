@@ -21,7 +21,7 @@ from PIL import Image
 from torch import nn
 from transformers import AutoConfig, AutoProcessor, LlavaForConditionalGeneration
 
-from mole.adapter import AdapterError, image_settings, load_adapter
+from mole.adapter import AdapterError, base_shape_mismatches, image_settings, load_adapter
 from mole.data.conversation import IMAGE_PLACEHOLDER, Turn, render_conversation, to_chat_messages
 from mole.data.images import make_pixel_transform
 from mole.experts import MoleMLP, RoutingContext
@@ -86,13 +86,13 @@ def check_base_fits(config: dict, base_dir: str) -> None:
     base = AutoConfig.from_pretrained(base_dir)
     if base.model_type != "llava":
         raise AdapterError(f"base model {base_dir!r} holds a {base.model_type!r} model; expected a LLaVA directory")
-    text = base.text_config
-    for key in ("hidden_size", "num_hidden_layers"):
-        if config[key] != getattr(text, key):
-            raise AdapterError(
-                f"adapter was trained on a base with {key}={config[key]} (base_model {config.get('base_model')!r}), "
-                f"but {base_dir!r} has {key}={getattr(text, key)}: wrong base model for this adapter"
-            )
+    mismatches = base_shape_mismatches(config, base.text_config)
+    if mismatches:
+        key, recorded, actual = mismatches[0]
+        raise AdapterError(
+            f"adapter was trained on a base with {key}={recorded} (base_model {config.get('base_model')!r}), "
+            f"but {base_dir!r} has {key}={actual}: wrong base model for this adapter"
+        )
 
 
 def _load_adapter_weights(model: nn.Module, state: dict[str, torch.Tensor], adapter_dir: str, dtype: torch.dtype) -> None:

@@ -41,6 +41,7 @@ log = logging.getLogger(__name__)
 
 TEXT_SOURCE = "text"
 SHARD_NAME = "shard-%06d.tar"
+SHARD_FILE = re.compile(re.escape(SHARD_NAME).replace("%06d", r"\d{6}"))  # a file named by SHARD_NAME
 
 
 def source_of(entry: dict) -> str:
@@ -203,7 +204,7 @@ def _remove_previous_shards(out: Path) -> None:
         folder = out / ("" if name == "all" else name)
         for path in wds.shardlists.expand_urls(str(info.get("pattern", ""))):
             stale = folder / Path(path).name
-            if re.fullmatch(r"shard-\d{6}\.tar", stale.name) and stale.is_file():
+            if SHARD_FILE.fullmatch(stale.name) and stale.is_file():
                 stale.unlink()
                 removed += 1
     if removed:

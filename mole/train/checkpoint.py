@@ -33,7 +33,7 @@ import torch.distributed as dist
 import yaml
 from transformers import AutoConfig
 
-from mole.adapter import ADAPTER_CONFIG
+from mole.adapter import ADAPTER_CONFIG, base_shape_mismatches
 from mole.config import config_to_dict
 
 log = logging.getLogger(__name__)
@@ -243,11 +243,10 @@ def _base_model_changes(run_dir: str, model_dir: str) -> list[str]:
     except (OSError, ValueError, AttributeError) as err:
         log.warning("cannot compare the base model's shapes with the checkpoint's run (%s); resuming unchecked", err)
         return []
-    return [
-        f"model.name_or_path: {key} {recorded[key]} in the checkpoint's base model, {getattr(text, key)} in {model_dir}"
-        for key in ("hidden_size", "num_hidden_layers")
-        if isinstance(recorded, dict) and key in recorded and recorded[key] != getattr(text, key)
-    ]
+    if not isinstance(recorded, dict):
+        return []
+    return [f"model.name_or_path: {key} {was} in the checkpoint's base model, {now} in {model_dir}"
+            for key, was, now in base_shape_mismatches(recorded, text)]
 
 
 def capture_rng(step: int) -> dict:
