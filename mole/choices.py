@@ -1,0 +1,45 @@
+"""Every closed set of choices a user can name, declared once as a ``Literal`` type.
+
+The config schema types its fields with these, the command-line entry points build ``choices=`` from
+them (:func:`options`), the adapter spec stores them, and the code that branches on them reads the
+same names. Adding a routing mode is one edit here plus the code that implements it.
+
+Nothing here imports torch: the config (and its exit-2-in-a-second errors) depends on this module.
+"""
+
+from __future__ import annotations
+
+import typing
+from typing import Literal
+
+Routing = Literal["hard", "scaled", "dense"]
+"""hard: top-1 expert, weight 1; scaled: top-1 times its router probability; dense: softmax-weighted
+sum of every expert."""
+
+AuxLoss = Literal["switch", "per_sample"]
+"""Load-balancing loss form: Switch Transformer (batch-level fractions) or the released code's per-sample form."""
+
+ImageAspect = Literal["pad", "crop"]
+"""How a non-square image reaches the vision tower: padded to a square, or centre-cropped."""
+
+ImageBackend = Literal["fast", "processor"]
+"""Who turns an image into pixels: mole's tensor path (checked against the processor) or the processor."""
+
+Precision = Literal["auto", "fp32", "bf16", "fp16"]
+"""Training compute precision; auto is bf16 on a GPU and fp32 on a CPU."""
+
+DType = Literal["fp32", "bf16", "fp16"]
+"""A concrete floating-point type, by name (inference, export, benchmarks)."""
+
+Optimizer = Literal["adamw", "sgd"]
+
+NonFinitePolicy = Literal["stop", "skip"]
+"""What a NaN/inf loss does: stop the run naming the step, or skip that micro-batch on every rank."""
+
+ExportFormat = Literal["peft", "merged", "mole"]
+"""peft: a peft LoRA directory (K=1); merged: LoRA merged into the base weights (K=1); mole: an adapter."""
+
+
+def options(choice: typing.Any) -> tuple[str, ...]:
+    """The allowed values of a ``Literal`` type, in declaration order (for argparse ``choices=``)."""
+    return typing.get_args(choice)
