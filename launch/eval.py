@@ -15,6 +15,8 @@ import contextlib
 import os
 import sys
 
+from mole.choices import DType, ImageAspect, ImageBackend, options
+
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
@@ -29,11 +31,11 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--max-new-tokens", type=int, default=16)
     parser.add_argument("--max-length", type=int, default=2048, help="token budget per sample, image tokens included")
-    parser.add_argument("--image-aspect", choices=["pad", "crop"],
+    parser.add_argument("--image-aspect", choices=options(ImageAspect),
                         help="default: the adapter's data.image_aspect from training (pad if not recorded)")
-    parser.add_argument("--image-backend", choices=["fast", "processor"],
+    parser.add_argument("--image-backend", choices=options(ImageBackend),
                         help="default: the adapter's data.image_backend from training (fast if not recorded)")
-    parser.add_argument("--dtype", choices=["fp32", "bf16", "fp16"], default="fp32")
+    parser.add_argument("--dtype", choices=options(DType), default="fp32")
     parser.add_argument("--device", help="default: this rank's GPU if there is one, else cpu")
     parser.add_argument("--out", help="output directory (default: eval/ next to the adapter directory)")
     parser.add_argument("--local_rank", "--local-rank", type=int, help=argparse.SUPPRESS)  # from the deepspeed launcher

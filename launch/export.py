@@ -13,11 +13,13 @@ import argparse
 import os
 import sys
 
+from mole.choices import ExportFormat, options
+
 
 def main(argv: list[str]) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--adapter", required=True, help="mole adapter directory, or a DeepSpeed checkpoint for --format mole")
-    parser.add_argument("--format", required=True, choices=["peft", "merged", "mole"])
+    parser.add_argument("--format", required=True, choices=options(ExportFormat))
     parser.add_argument("--out", required=True, help="output directory")
     parser.add_argument("--base", help="base LLaVA directory for --format merged (default: the adapter's base_model)")
     parser.add_argument("--config", help="for a checkpoint: its mole_config.json or the run's config.yaml (default: found above it)")

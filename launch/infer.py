@@ -15,6 +15,8 @@ import json
 import os
 import sys
 
+from mole.choices import DType, ImageAspect, ImageBackend, options
+
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
@@ -26,11 +28,11 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--out", help="batch mode: where to write the answers (JSONL; default: stdout)")
     parser.add_argument("--max-new-tokens", type=int, default=64)
     parser.add_argument("--batch-size", type=int, default=8)
-    parser.add_argument("--image-aspect", choices=["pad", "crop"],
+    parser.add_argument("--image-aspect", choices=options(ImageAspect),
                         help="default: the adapter's data.image_aspect from training (pad if not recorded)")
-    parser.add_argument("--image-backend", choices=["fast", "processor"],
+    parser.add_argument("--image-backend", choices=options(ImageBackend),
                         help="default: the adapter's data.image_backend from training (fast if not recorded)")
-    parser.add_argument("--dtype", choices=["fp32", "bf16", "fp16"], default="fp32")
+    parser.add_argument("--dtype", choices=options(DType), default="fp32")
     parser.add_argument("--device", help="default: cuda if available, else cpu")
     args = parser.parse_args(argv)
     for option in ("max_new_tokens", "batch_size"):
