@@ -1,14 +1,15 @@
-"""The one config schema for a mole run: typed dataclasses, YAML + ``key=value`` overrides, validation.
+"""The one config schema for a mole run: pydantic models, YAML + ``key=value`` overrides, validation.
 
 Everything a run needs is decided here, before any model or DeepSpeed engine exists, so a typo in a
 SLURM job fails in a second on the login node instead of after a 10-minute model load on 8 GPUs.
 ``load_config`` is the only way the launchers build a ``Config``; it always:
 
 1. reads the YAML (a mapping with the schema's nesting) and applies overrides in order;
-2. builds the dataclasses, rejecting unknown keys (with a difflib suggestion) and wrong types;
+2. builds the models, rejecting unknown keys (with a difflib suggestion), wrong types and values out
+   of the ranges and choices the schema declares;
 3. makes local paths absolute against the current directory, so every rank and every later
    ``save_config`` sees the same paths whatever directory it runs from;
-4. runs ``validate`` (value ranges, choices, the model directory and the DeepSpeed JSON).
+4. runs ``validate`` (the checks that span fields, the model directory and the DeepSpeed JSON).
 
 Every user-facing problem is a ``ConfigError`` whose message starts with the dotted key and ends
 with where the value came from (the YAML file, an override, or the default).
@@ -16,26 +17,19 @@ with where the value came from (the YAML file, an override, or the default).
 
 from __future__ import annotations
 
-import dataclasses
 import difflib
 import json
-import math
 import os
 import re
-import types
 import typing
-from dataclasses import dataclass, field
-from typing import Any
+from typing import Annotated, Any
 
 import yaml
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError
 
-ROUTINGS = ("hard", "scaled", "dense")
-AUX_LOSSES = ("switch", "per_sample")
-OPTIMIZERS = ("adamw", "sgd")
-PRECISIONS = ("auto", "fp32", "bf16", "fp16")
+from mole.choices import AuxLoss, ImageAspect, ImageBackend, NonFinitePolicy, Optimizer, Precision, Routing
+
 RESUME_WORDS = ("auto", "never")
-NONFINITE_POLICIES = ("stop", "skip")
-IMAGE_ASPECTS = ("pad", "crop")
 BUNDLED_DOMAINS = ("shapes", "charts", "tissue")
 
 
@@ -49,229 +43,157 @@ class ConfigError(ValueError):
 
 # --------------------------------------------------------------------------------------- schema
 
+# A float written as ``1e-4`` is a *string* to PyYAML (YAML 1.1 wants ``1.0e-4``); accept it for
+# float fields so ``train.lr=1e-4`` means what everybody expects.
+_FLOAT_TEXT = re.compile(r"\s*[-+]?(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?\s*")
+Float = Annotated[float, BeforeValidator(lambda v: float(v) if isinstance(v, str) and _FLOAT_TEXT.fullmatch(v) else v)]
 
-@dataclass
-class ModelConfig:
+
+class Section(BaseModel):
+    """A config section: unknown keys are refused, types are strict (no bool or text for an int; an int
+    is a float), no inf/nan. Fields may also be given positionally, in order: ``DomainConfig(name, shards)``."""
+
+    model_config = ConfigDict(extra="forbid", strict=True, allow_inf_nan=False, use_attribute_docstrings=True,
+                              revalidate_instances="always")
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(**dict(zip(type(self).model_fields, args)), **kwargs)
+
+
+class ModelConfig(Section):
     name_or_path: str = "models/tiny-llava"
     """Local Hugging Face LLaVA directory (must hold config.json); Hub ids are not downloaded here."""
 
 
-@dataclass
-class MoleConfig:
-    num_experts: int = 3
+class MoleConfig(Section):
+    num_experts: int = Field(3, ge=1)
     """LoRA experts per adapted layer; 1 turns the MoLE layer into plain LoRA (no router)."""
-    routing: str = "scaled"
+    routing: Routing = "scaled"
     """hard: top-1 expert, weight 1; scaled: top-1 scaled by its router probability (keeps the
     router differentiable); dense: every expert, weighted by the router softmax."""
-    aux_loss: str = "switch"
+    aux_loss: AuxLoss = "switch"
     """Load-balancing loss: switch (Switch Transformer, batch-level fractions) or per_sample."""
-    aux_weight: float = 0.01
+    aux_weight: Float = Field(0.01, ge=0)
     """Multiplier of the auxiliary loss added to the LM loss; 0 disables balancing."""
 
 
-@dataclass
-class LoraConfig:
-    r: int = 16
+class LoraConfig(Section):
+    r: int = Field(16, ge=1)
     """Rank of every LoRA expert."""
-    alpha: float = 32.0
+    alpha: Float = Field(32.0, gt=0)
     """LoRA scaling numerator: the update is scaled by alpha / r."""
-    dropout: float = 0.05
+    dropout: Float = Field(0.05, ge=0, lt=1)
     """Dropout on the LoRA input, in [0, 1)."""
-    attn_targets: list[str] = field(default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj"])
+    attn_targets: list[str] = Field(default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj"])
     """Attention projections of the language model that get a single (non-MoE) LoRA."""
-    mlp_targets: list[str] = field(default_factory=lambda: ["gate_proj", "up_proj", "down_proj"])
+    mlp_targets: list[str] = Field(default_factory=lambda: ["gate_proj", "up_proj", "down_proj"])
     """MLP projections of the language model that get the mixture of LoRA experts."""
 
 
-@dataclass
-class DomainConfig:
-    name: str
+class DomainConfig(Section):
+    name: str = Field(min_length=1)
     """Domain name, unique within the run; used in logs and per-domain metrics."""
     shards: str | list[str]
     """Webdataset shard pattern(s), brace-expanded at read time (``d/train-{000000..000009}.tar``; local
     globs like ``d/*.tar`` also work); URLs (``pipe:``, ``s3://``) are passed through untouched, local
     paths are made absolute. A local pattern matching no file is an error at start."""
-    weight: float = 1.0
+    weight: Float = Field(1.0, gt=0)
     """Relative sampling weight of this domain in the mixed stream (> 0)."""
     val_shards: str | list[str] | None = None
     """Held-out shard pattern(s) for the periodic validation loss (``train.eval_every``); none: the
     domain is not evaluated."""
 
 
-def _bundled_domains() -> list[DomainConfig]:
-    return [DomainConfig(n, f"data_shards/{n}/train-{{000000..000001}}.tar") for n in BUNDLED_DOMAINS]
-
-
-@dataclass
-class DataConfig:
-    domains: list[DomainConfig] = field(default_factory=_bundled_domains)
+class DataConfig(Section):
+    domains: list[DomainConfig] = Field(
+        default_factory=lambda: [DomainConfig(n, f"data_shards/{n}/train-{{000000..000001}}.tar") for n in BUNDLED_DOMAINS],
+        min_length=1)
     """Domains mixed into one training stream; the default is the three bundled toy domains."""
-    max_length: int = 512
+    max_length: int = Field(512, ge=16)
     """Token budget per sample (image tokens included); longer samples are truncated."""
-    num_workers: int = 0
+    num_workers: int = Field(0, ge=0)
     """DataLoader worker processes per rank; 0 reads in the training process."""
-    image_aspect: str = "pad"
+    image_aspect: ImageAspect = "pad"
     """How non-square images reach the vision tower: pad to square, or centre-crop."""
-    shuffle_buffer: int = 100
+    shuffle_buffer: int = Field(100, ge=0)
     """Samples held in each domain's streaming shuffle buffer; 0 disables shuffling."""
-    image_backend: str = "fast"
+    image_backend: ImageBackend = "fast"
     """fast: resize/crop/normalise on uint8 tensors, within 2 uint8 levels of the processor per pixel and
     about twice the samples per second of a worker (the image path alone about 3x); processor: the model's own image processor (see mole/data/images.py)."""
-    max_image_pixels: int = 64_000_000
+    max_image_pixels: int = Field(64_000_000, ge=1)
     """Images declaring more pixels than this are skipped undecoded (decompression bombs); with
     image_aspect pad, the square an image is padded to counts."""
 
 
-@dataclass
-class TrainConfig:
-    max_steps: int = 50
+class TrainConfig(Section):
+    max_steps: int = Field(50, ge=1)
     """Optimizer steps to run (each is micro_batch_size * grad_accum * world_size samples)."""
-    micro_batch_size: int = 4
+    micro_batch_size: int = Field(4, ge=1)
     """Samples per rank per forward/backward."""
-    grad_accum: int = 1
+    grad_accum: int = Field(1, ge=1)
     """Micro-batches accumulated per optimizer step."""
-    lr: float = 2e-4
+    lr: Float = Field(2e-4, gt=0)
     """Peak learning rate of the LoRA experts and routers."""
-    projector_lr: float = 2e-5
+    projector_lr: Float = Field(2e-5, ge=0)
     """Learning rate of the multimodal projector (used only when train_projector)."""
     train_projector: bool = True
     """Also finetune the vision-to-language projector; the backbones stay frozen regardless."""
-    warmup_steps: int = 0
+    warmup_steps: int = Field(0, ge=0)
     """Linear warmup steps before the learning-rate schedule."""
-    grad_clip: float = 1.0
+    grad_clip: Float = Field(1.0, ge=0)
     """Global gradient-norm clip passed to DeepSpeed; 0 disables clipping."""
-    optimizer: str = "adamw"
+    optimizer: Optimizer = "adamw"
     """adamw or sgd; built by mole as a torch optimizer, never from the DeepSpeed JSON."""
-    weight_decay: float = 0.0
+    weight_decay: Float = Field(0.0, ge=0)
     """Decoupled weight decay on the trained parameters."""
-    precision: str = "auto"
+    precision: Precision = "auto"
     """Compute precision: fp32, bf16 or fp16 (sets the DeepSpeed bf16/fp16 sections); auto is bf16
     on a GPU and fp32 on a CPU, so one config serves both."""
     gradient_checkpointing: bool = False
     """Recompute the LLM's activations in backward (for real model sizes); routing statistics and
     the balance loss are unaffected."""
-    on_nonfinite: str = "stop"
+    on_nonfinite: NonFinitePolicy = "stop"
     """A NaN/inf loss on any rank: stop the run naming the step, or skip that micro-batch on all ranks."""
-    save_every: int = 0
+    save_every: int = Field(0, ge=0)
     """Checkpoint (DeepSpeed, under output_dir/checkpoints/step_<N>) every N optimizer steps; 0 only
     at the end. The adapter is written to output_dir/adapter at each save too."""
-    keep_checkpoints: int = 2
+    keep_checkpoints: int = Field(2, ge=1)
     """How many of the newest complete checkpoints to keep."""
-    resume: str = "auto"
+    resume: str = Field("auto", min_length=1)
     """auto: continue from output_dir's newest complete checkpoint if any; never: start fresh (an
     existing checkpoint is then an error, to protect it); or a checkpoint directory path."""
-    eval_every: int = 0
+    eval_every: int = Field(0, ge=0)
     """Held-out loss per domain (on each domain's val_shards) every N steps; 0 disables."""
-    eval_batches: int = 8
+    eval_batches: int = Field(8, ge=1)
     """At most this many micro-batches per domain and rank per evaluation."""
-    log_routing_every: int = 50
+    log_routing_every: int = Field(50, ge=0)
     """Log the domain x expert routing heatmap to TensorBoard every N steps (0 disables)."""
     seed: int = 0
     """Seed for parameter init, data shuffling and dropout (offset by rank where needed)."""
     ds_config: str = "ds_configs/zero3.json"
     """DeepSpeed JSON; its "auto" values are filled from this config by mole.ds_config."""
-    log_every: int = 1
+    log_every: int = Field(1, ge=1)
     """Log metrics every N optimizer steps."""
 
 
-@dataclass
-class Config:
-    model: ModelConfig = field(default_factory=ModelConfig)
+class Config(Section):
+    model: ModelConfig = Field(default_factory=ModelConfig)
     """The backbone to adapt."""
-    mole: MoleConfig = field(default_factory=MoleConfig)
+    mole: MoleConfig = Field(default_factory=MoleConfig)
     """Mixture-of-experts routing and its balancing loss."""
-    lora: LoraConfig = field(default_factory=LoraConfig)
+    lora: LoraConfig = Field(default_factory=LoraConfig)
     """Shape of each LoRA expert and where experts go."""
-    data: DataConfig = field(default_factory=DataConfig)
+    data: DataConfig = Field(default_factory=DataConfig)
     """Training data domains and preprocessing."""
-    train: TrainConfig = field(default_factory=TrainConfig)
+    train: TrainConfig = Field(default_factory=TrainConfig)
     """Optimisation, precision, checkpointing and the DeepSpeed JSON."""
     output_dir: str = "runs/default"
     """Directory for checkpoints, logs and the resolved config.yaml."""
 
 
-# ------------------------------------------------------------------------- dict <-> dataclasses
-
-# A float written as ``1e-4`` is a *string* to PyYAML (YAML 1.1 wants ``1.0e-4``); accept it for
-# float fields so ``train.lr=1e-4`` means what everybody expects.
-_FLOAT_TEXT = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?")
-
-
-def _hints(cls: type) -> dict[str, Any]:
-    return typing.get_type_hints(cls)
-
-
-def _type_name(hint: Any) -> str:
-    if dataclasses.is_dataclass(hint):
-        return "mapping"
-    if isinstance(hint, types.UnionType):
-        return " or ".join(_type_name(a) for a in typing.get_args(hint))
-    if typing.get_origin(hint) is list:
-        return f"list[{_type_name(typing.get_args(hint)[0])}]"
-    return hint.__name__
-
-
-def _coerce(value: Any, hint: Any, key: str) -> Any:
-    """Check ``value`` against the field type ``hint``; return it (sections built, ints as floats)."""
-    if dataclasses.is_dataclass(hint):
-        return _from_dict(hint, value, key)
-    if isinstance(hint, types.UnionType):
-        for arg in typing.get_args(hint):
-            try:
-                return _coerce(value, arg, key)
-            except ConfigError:
-                pass
-    elif typing.get_origin(hint) is list:
-        if isinstance(value, list):
-            item = typing.get_args(hint)[0]
-            return [_coerce(v, item, f"{key}[{i}]") for i, v in enumerate(value)]
-    elif hint is float:
-        if isinstance(value, (int, float)) and not isinstance(value, bool):
-            return float(value)
-        if isinstance(value, str) and _FLOAT_TEXT.fullmatch(value.strip()):
-            return float(value)
-    elif hint is int:
-        if isinstance(value, int) and not isinstance(value, bool):
-            return value
-    elif isinstance(value, hint):  # bool, str
-        return value
-    raise ConfigError(f"{key}: expected {_type_name(hint)}, got {value!r}", key)
-
-
-def _unknown_key(prefix: str, name: str, valid: list[str], key: str | None = None) -> ConfigError:
-    """Error for ``name`` not among ``valid`` under ``prefix``; ``key`` is the full key as written."""
-    key = key or f"{prefix}{name}"
-    close = difflib.get_close_matches(name, valid, n=1)
-    if close:
-        hint = f"; did you mean '{prefix}{close[0]}'?"
-    else:
-        hint = f"; valid keys{' in ' + prefix[:-1] if prefix else ''}: {', '.join(valid)}"
-    return ConfigError(f"unknown key '{key}'{hint}", key)
-
-
-def _from_dict(cls: type, raw: Any, key: str) -> Any:
-    """Build dataclass ``cls`` from a mapping, rejecting unknown keys and wrong types."""
-    if raw is None and key:  # an empty YAML section (``train:``) means "all defaults"
-        raw = {}
-    if not isinstance(raw, dict):
-        raise ConfigError(f"{key or 'config'}: expected a mapping, got {raw!r}", key or None)
-    hints = _hints(cls)
-    prefix = f"{key}." if key else ""
-    kwargs = {}
-    for name, value in raw.items():
-        if name not in hints:
-            raise _unknown_key(prefix, str(name), list(hints))
-        kwargs[name] = _coerce(value, hints[name], prefix + name)
-    for f in dataclasses.fields(cls):
-        missing = f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING
-        if missing and f.name not in kwargs:
-            raise ConfigError(f"{prefix}{f.name}: required key missing", prefix + f.name)
-    return cls(**kwargs)
-
-
 def config_to_dict(cfg: Config) -> dict:
     """Plain nested dict of ``cfg`` (what ``save_config`` writes and ``load_config`` reads back)."""
-    return dataclasses.asdict(cfg)
+    return cfg.model_dump()
 
 
 def save_config(cfg: Config, path: str) -> None:
@@ -281,6 +203,79 @@ def save_config(cfg: Config, path: str) -> None:
     with open(tmp, "w") as f:  # then renamed: a killed writer never leaves half a config behind
         yaml.safe_dump(config_to_dict(cfg), f, sort_keys=False)
     os.replace(tmp, path)
+
+
+# ------------------------------------------------------------------------- pydantic -> ConfigError
+
+
+def _section(hint: Any) -> type[Section] | None:
+    return hint if isinstance(hint, type) and issubclass(hint, Section) else None
+
+
+def _type_name(hint: Any) -> str:
+    if _section(hint):
+        return "mapping"
+    if typing.get_origin(hint) is Annotated:
+        return _type_name(typing.get_args(hint)[0])
+    if typing.get_origin(hint) is list:
+        return f"list[{_type_name(typing.get_args(hint)[0])}]"
+    args = typing.get_args(hint)
+    return " or ".join(_type_name(a) for a in args if a is not type(None)) if args else hint.__name__
+
+
+def _unknown_key(prefix: str, name: str, valid: list[str], key: str | None = None) -> ConfigError:
+    """Error for ``name`` not among ``valid`` under ``prefix``; ``key`` is the full key as written."""
+    key = key or f"{prefix}{name}"
+    close = difflib.get_close_matches(name, valid, n=1)
+    where = f" in {prefix[:-1]}" if prefix else ""
+    hint = f"; did you mean '{prefix}{close[0]}'?" if close else f"; valid keys{where}: {', '.join(valid)}"
+    return ConfigError(f"unknown key '{key}'{hint}", key)
+
+
+_LIMITS = {"greater_than": "gt", "greater_than_equal": "ge", "less_than": "lt", "less_than_equal": "le"}
+_SIGNS = {"gt": ">", "ge": ">=", "lt": "<", "le": "<="}
+
+
+def _config_error(error: ValidationError) -> ConfigError:
+    """The first problem pydantic found (unknown keys first: they explain the rest) as 'dotted.key: ...'."""
+    e = min(error.errors(), key=lambda e: e["type"] != "extra_forbidden")
+    kind, value, ctx = e["type"], e["input"], e.get("ctx", {})
+    loc = e["loc"][:-1] if kind == "extra_forbidden" else e["loc"]
+    key, hint = "", Config
+    for part in loc:  # stops at a union branch's tag ('str', 'list[str]'): the error is the field's
+        if isinstance(part, int):
+            key, hint = f"{key}[{part}]", typing.get_args(hint)[0]
+        elif _section(hint) and part in hint.model_fields:
+            key, hint = f"{key}.{part}".lstrip("."), hint.model_fields[part].annotation
+        else:
+            break
+    if kind == "extra_forbidden":
+        return _unknown_key(f"{key}." if key else "", str(e["loc"][-1]), list(hint.model_fields))
+    if kind == "missing":
+        problem = "required key missing"
+    elif kind == "literal_error":
+        choices = typing.get_args(hint)
+        close = difflib.get_close_matches(str(value), choices, n=1)
+        problem = f"must be one of {', '.join(choices)}; got {value!r}" + (f" (did you mean '{close[0]}'?)" if close else "")
+    elif kind in _LIMITS:
+        problem = f"must be {_SIGNS[_LIMITS[kind]]} {ctx[_LIMITS[kind]]}, got {value!r}"
+    elif kind == "finite_number":
+        problem = f"must be finite, got {value!r}"
+    elif kind in ("too_short", "string_too_short"):
+        problem = "must not be empty"
+    elif kind.endswith(("_type", "_parsing")):
+        problem = f"expected {'a mapping' if _section(hint) else _type_name(hint)}, got {value!r}"
+    else:
+        problem = e["msg"]
+    return ConfigError(f"{key or 'config'}: {problem}", key or None)
+
+
+def _validated(data: Any) -> Config:
+    """``Config`` from a mapping, or a ``Config`` checked again (its fields may have been set in code)."""
+    try:
+        return Config.model_validate(data)
+    except ValidationError as error:
+        raise _config_error(error) from None
 
 
 # ---------------------------------------------------------------------------- YAML + overrides
@@ -305,10 +300,9 @@ def _leaf_keys(raw: dict, prefix: str = "") -> list[str]:
     """Dotted keys of a nested mapping, down to non-mapping values (lists are leaves)."""
     keys = []
     for name, value in raw.items():
-        key = f"{prefix}{name}"
-        keys.append(key)
+        keys.append(f"{prefix}{name}")
         if isinstance(value, dict):
-            keys += _leaf_keys(value, key + ".")
+            keys += _leaf_keys(value, f"{prefix}{name}.")
     return keys
 
 
@@ -327,17 +321,14 @@ def _apply_override(raw: dict, origins: dict[str, str], item: str) -> None:
     if not sep or not key:
         raise ConfigError(f"override {item!r} is not of the form key=value")
     parts = key.split(".")
-    cls: Any = Config
+    hint: Any = Config
     for i, part in enumerate(parts):
         prefix = "".join(p + "." for p in parts[:i])
-        hints = _hints(cls)
-        if part not in hints:
-            error = _unknown_key(prefix, part, list(hints), key)
-            raise ConfigError(f"{error} (from override '{item}')", key)
-        cls = hints[part]
-        if i < len(parts) - 1 and not dataclasses.is_dataclass(cls):
-            where = prefix + part
-            raise ConfigError(f"override '{item}': '{where}' is not a section; set it whole", key)
+        if not _section(hint):
+            raise ConfigError(f"override '{item}': '{prefix[:-1]}' is not a section; set it whole", key)
+        if part not in hint.model_fields:
+            raise ConfigError(f"{_unknown_key(prefix, part, list(hint.model_fields), key)} (from override '{item}')", key)
+        hint = hint.model_fields[part].annotation
     try:
         value = yaml.safe_load(text)
     except yaml.YAMLError as e:
@@ -367,34 +358,28 @@ def _where(key: str | None, origins: dict[str, str]) -> str:
     return f" ({origins[max(hits, key=len)]})" if hits else " (default value)"
 
 
-def _is_local(pattern: str) -> bool:
-    return "://" not in pattern and not pattern.startswith("pipe:")
-
-
 def _absolute(path: str, cwd: str) -> str:
     return os.path.normpath(os.path.join(cwd, os.path.expanduser(path)))
 
 
+def _absolute_patterns(patterns: str | list[str] | None, cwd: str) -> str | list[str] | None:
+    """Local patterns made absolute (brace patterns stay patterns); URLs (``pipe:``, ``s3://``) left alone."""
+    if isinstance(patterns, list):
+        return [_absolute_patterns(p, cwd) for p in patterns]
+    local = patterns is not None and "://" not in patterns and not patterns.startswith("pipe:")
+    return _absolute(patterns, cwd) if local else patterns
+
+
 def _resolve_paths(cfg: Config, cwd: str) -> None:
-    """Make every local path absolute (brace patterns stay patterns); URLs are left alone."""
+    """Make every local path absolute; an empty output_dir and the resume words are left for ``validate``."""
     cfg.model.name_or_path = _absolute(cfg.model.name_or_path, cwd)
     cfg.train.ds_config = _absolute(cfg.train.ds_config, cwd)
-    if not cfg.output_dir.strip():  # "" would resolve to the working directory itself
-        raise ConfigError("output_dir: must name a directory", "output_dir")
-    cfg.output_dir = _absolute(cfg.output_dir, cwd)
+    if cfg.output_dir.strip():  # "" would resolve to the working directory itself
+        cfg.output_dir = _absolute(cfg.output_dir, cwd)
     if cfg.train.resume.lower() not in RESUME_WORDS:  # "Auto" stays, for validation to name it
         cfg.train.resume = _absolute(cfg.train.resume, cwd)
     for d in cfg.data.domains:
-        d.shards = _absolute_patterns(d.shards, cwd)
-        d.val_shards = _absolute_patterns(d.val_shards, cwd)
-
-
-def _absolute_patterns(patterns: str | list[str] | None, cwd: str) -> str | list[str] | None:
-    if patterns is None:
-        return None
-    if isinstance(patterns, str):
-        return _absolute(patterns, cwd) if _is_local(patterns) else patterns
-    return [_absolute(p, cwd) if _is_local(p) else p for p in patterns]
+        d.shards, d.val_shards = _absolute_patterns(d.shards, cwd), _absolute_patterns(d.val_shards, cwd)
 
 
 def load_config(path: str | None, overrides: list[str]) -> Config:
@@ -408,8 +393,9 @@ def load_config(path: str | None, overrides: list[str]) -> Config:
     origins = {k: f"in {path}" for k in _leaf_keys(raw)}
     for item in overrides:
         _apply_override(raw, origins, item)
-    try:
-        cfg = _from_dict(Config, raw, "")
+    sections = [k for k, f in Config.model_fields.items() if _section(f.annotation)]
+    try:  # an empty YAML section (``train:``) means "all defaults"
+        cfg = _validated({k: {} if v is None and k in sections else v for k, v in raw.items()})
         _resolve_paths(cfg, os.getcwd())
         validate(cfg)
     except ConfigError as e:
@@ -439,23 +425,17 @@ def parse_cli(argv: list[str], program: str = "deepspeed launch/train.py") -> Co
     while args:
         arg = args.pop(0)
         name, has_value, value = arg.partition("=")
-        if name in ("--local_rank", "--local-rank"):
-            if not has_value:
-                if not args:
-                    raise ConfigError(f"{name} needs a value\n{usage_text}")
-                args.pop(0)
-        elif name == "--config":
-            if path is not None:
+        if name in ("--local_rank", "--local-rank", "--config"):
+            if not has_value and not args:
+                raise ConfigError(f"{name} needs a {'path' if name == '--config' else 'value'}\n{usage_text}")
+            value = value if has_value else args.pop(0)
+            if name == "--config" and path is not None:
                 raise ConfigError(f"--config given twice\n{usage_text}")
-            if not has_value:
-                if not args:
-                    raise ConfigError(f"--config needs a path\n{usage_text}")
-                value = args.pop(0)
-            path = value
-        elif not arg.startswith("-") and not has_value:
-            raise ConfigError(f"override {arg!r} has no '=': overrides are key=value, e.g. train.max_steps=8\n{usage_text}")
+            path = value if name == "--config" else path
         elif arg.startswith("-"):
             raise ConfigError(f"unexpected argument {arg!r}\n{usage_text}")
+        elif not has_value:
+            raise ConfigError(f"override {arg!r} has no '=': overrides are key=value, e.g. train.max_steps=8\n{usage_text}")
         else:
             overrides.append(arg)
     return load_config(path, overrides)
@@ -469,120 +449,54 @@ def _require(ok: bool, key: str, problem: str) -> None:
         raise ConfigError(f"{key}: {problem}", key)
 
 
-def _choice(value: str, choices: tuple[str, ...], key: str) -> None:
-    close = difflib.get_close_matches(value, choices, n=1)
-    hint = f" (did you mean '{close[0]}'?)" if close else ""
-    _require(value in choices, key, f"must be one of {', '.join(choices)}; got {value!r}{hint}")
-
-
-def _check_types(cfg: Config) -> None:
-    """Type-check a Config that may have been built in code rather than by load_config."""
-    for section in ("model", "mole", "lora", "data", "train"):
-        cls = _hints(Config)[section]
-        _require(isinstance(getattr(cfg, section), cls), section, f"expected {cls.__name__}")
-    for i, d in enumerate(cfg.data.domains if isinstance(cfg.data.domains, list) else []):
-        _require(isinstance(d, DomainConfig), f"data.domains[{i}]", "expected DomainConfig")
-    _from_dict(Config, config_to_dict(cfg), "")
-
-
-def _check_ds_json(path: str) -> None:
-    key = "train.ds_config"
-    _require(os.path.isfile(path), key, f"DeepSpeed config {path!r} does not exist")
+def _read_json(path: str, key: str) -> Any:
     try:
         with open(path) as f:
-            ds = json.load(f)
+            return json.load(f)
     except (OSError, ValueError) as e:
-        raise ConfigError(f"{key}: {path!r} is not readable JSON: {e}", key) from None
-    zero = ds.get("zero_optimization") if isinstance(ds, dict) else None
-    stage = zero.get("stage") if isinstance(zero, dict) else None
-    _require(stage in (0, 1, 2, 3), key, f"{path!r} needs zero_optimization.stage in 0..3, got {stage!r}")
-
-
-def _model_type(config_json: str) -> str:
-    """The ``model_type`` a Hugging Face config.json declares; a ConfigError naming the file if it cannot say."""
-    try:
-        with open(config_json) as f:
-            config = json.load(f)
-    except (OSError, ValueError) as err:
-        raise ConfigError(f"model.name_or_path: {config_json!r} cannot be read as JSON ({err})",
-                          "model.name_or_path") from None
-    if not isinstance(config, dict) or "model_type" not in config:
-        raise ConfigError(f"model.name_or_path: {config_json!r} declares no model_type; expected a LLaVA "
-                          "(model_type 'llava')", "model.name_or_path")
-    return config["model_type"]
+        raise ConfigError(f"{key}: {path!r} cannot be read as JSON ({e})", key) from None
 
 
 def validate(cfg: Config) -> None:
-    """Raise ConfigError for the first problem in ``cfg``: types, values, the model dir, the DS JSON.
+    """Raise ConfigError for the first problem in ``cfg``: the schema's types, ranges and choices (again,
+    for a Config changed in code), then what spans fields, the model directory and the DeepSpeed JSON.
 
     Cheap (no model, no DeepSpeed import) so launchers run it before anything expensive.
     """
-    _check_types(cfg)
-    m, lo, d, t = cfg.mole, cfg.lora, cfg.data, cfg.train
-    _require(m.num_experts >= 1, "mole.num_experts", f"must be >= 1, got {m.num_experts}")
-    _choice(m.routing, ROUTINGS, "mole.routing")
-    _choice(m.aux_loss, AUX_LOSSES, "mole.aux_loss")
-    _require(math.isfinite(m.aux_weight) and m.aux_weight >= 0, "mole.aux_weight", f"must be finite and >= 0, got {m.aux_weight}")
-    _require(lo.r >= 1, "lora.r", f"must be >= 1, got {lo.r}")
-    _require(math.isfinite(lo.alpha) and lo.alpha > 0, "lora.alpha", f"must be finite and > 0, got {lo.alpha}")
-    _require(0 <= lo.dropout < 1, "lora.dropout", f"must be in [0, 1), got {lo.dropout}")
-
-    _require(len(d.domains) > 0, "data.domains", "must name at least one domain")
+    _validated(cfg)
     seen: set[str] = set()
-    for i, dom in enumerate(d.domains):
+    for i, dom in enumerate(cfg.data.domains):
         key = f"data.domains[{i}]"
-        _require(bool(dom.name), f"{key}.name", "must not be empty")
         _require(dom.name not in seen, f"{key}.name", f"duplicate domain name {dom.name!r}")
         seen.add(dom.name)
         _require(bool(dom.shards), f"{key}.shards", "must name at least one shard pattern")
         _require(dom.val_shards is None or bool(dom.val_shards), f"{key}.val_shards",
                  "must name at least one shard pattern, or be left out (no held-out set)")
-        _require(math.isfinite(dom.weight) and dom.weight > 0, f"{key}.weight", f"must be finite and > 0, got {dom.weight}")
-    _require(d.max_length >= 16, "data.max_length", f"must be >= 16, got {d.max_length}")
-    _require(d.num_workers >= 0, "data.num_workers", f"must be >= 0, got {d.num_workers}")
-    _choice(d.image_aspect, IMAGE_ASPECTS, "data.image_aspect")
-    _require(d.shuffle_buffer >= 0, "data.shuffle_buffer", f"must be >= 0, got {d.shuffle_buffer}")
-    _choice(d.image_backend, ("fast", "processor"), "data.image_backend")
-    _require(d.max_image_pixels >= 1, "data.max_image_pixels", f"must be >= 1, got {d.max_image_pixels}")
-
-    for name in ("max_steps", "micro_batch_size", "grad_accum", "log_every"):
-        value = getattr(t, name)
-        _require(value >= 1, f"train.{name}", f"must be >= 1, got {value}")
-    _require(math.isfinite(t.lr) and t.lr > 0, "train.lr", f"must be finite and > 0, got {t.lr}")
-    for name in ("projector_lr", "warmup_steps", "grad_clip", "weight_decay", "save_every", "eval_every",
-                 "log_routing_every"):
-        value = getattr(t, name)
-        _require(math.isfinite(value) and value >= 0, f"train.{name}", f"must be finite and >= 0, got {value}")
-    _choice(t.optimizer, OPTIMIZERS, "train.optimizer")
-    _choice(t.precision, PRECISIONS, "train.precision")
-    _choice(t.on_nonfinite, NONFINITE_POLICIES, "train.on_nonfinite")
-    _require(t.keep_checkpoints >= 1, "train.keep_checkpoints", f"must be >= 1, got {t.keep_checkpoints}")
-    _require(t.eval_batches >= 1, "train.eval_batches", f"must be >= 1, got {t.eval_batches}")
-    _require(bool(t.resume), "train.resume", "must be auto, never or a checkpoint directory")
-    _require(t.resume.lower() not in RESUME_WORDS or t.resume in RESUME_WORDS, "train.resume",
-             f"{t.resume!r} is not a checkpoint directory; did you mean '{t.resume.lower()}'?")
+    resume = cfg.train.resume
+    _require(resume.lower() not in RESUME_WORDS or resume in RESUME_WORDS, "train.resume",
+             f"{resume!r} is not a checkpoint directory; did you mean '{resume.lower()}'?")
     _require(bool(cfg.output_dir.strip()), "output_dir", "must name a directory")
     _require(not os.path.exists(cfg.output_dir) or os.path.isdir(cfg.output_dir), "output_dir",
              f"{cfg.output_dir!r} exists and is not a directory")
-    _require(m.num_experts == 1 or bool(lo.mlp_targets), "lora.mlp_targets",
-             f"is empty, so the {m.num_experts} experts mole.num_experts asks for would have nothing to adapt")
+    k = cfg.mole.num_experts
+    _require(k == 1 or bool(cfg.lora.mlp_targets), "lora.mlp_targets",
+             f"is empty, so the {k} experts mole.num_experts asks for would have nothing to adapt")
 
-    path = cfg.model.name_or_path
-    _require(
-        os.path.isdir(path),
-        "model.name_or_path",
-        f"{path!r} is not a directory; expected a local Hugging Face LLaVA directory with config.json",
-    )
-    _require(
-        os.path.isfile(os.path.join(path, "config.json")),
-        "model.name_or_path",
-        f"{path!r} has no config.json; expected a local Hugging Face LLaVA directory",
-    )
-    model_type = _model_type(os.path.join(path, "config.json"))
-    _require(
-        model_type == "llava",
-        "model.name_or_path",
-        f"{path!r} holds a {model_type!r} model; expected a LLaVA (model_type 'llava', e.g. llava-1.5-7b-hf): "
-        "transformers would otherwise build a default 7B LLaVA around it",
-    )
-    _check_ds_json(t.ds_config)
+    path, key = cfg.model.name_or_path, "model.name_or_path"
+    _require(os.path.isdir(path), key,
+             f"{path!r} is not a directory; expected a local Hugging Face LLaVA directory with config.json")
+    config_json = os.path.join(path, "config.json")
+    _require(os.path.isfile(config_json), key, f"{path!r} has no config.json; expected a local Hugging Face LLaVA directory")
+    model = _read_json(config_json, key)
+    _require(isinstance(model, dict) and "model_type" in model, key,
+             f"{config_json!r} declares no model_type; expected a LLaVA (model_type 'llava')")
+    _require(model["model_type"] == "llava", key,
+             f"{path!r} holds a {model['model_type']!r} model; expected a LLaVA (model_type 'llava', e.g. "
+             "llava-1.5-7b-hf): transformers would otherwise build a default 7B LLaVA around it")
+
+    path, key = cfg.train.ds_config, "train.ds_config"
+    _require(os.path.isfile(path), key, f"DeepSpeed config {path!r} does not exist")
+    ds = _read_json(path, key)
+    zero = ds.get("zero_optimization") if isinstance(ds, dict) else None
+    stage = zero.get("stage") if isinstance(zero, dict) else None
+    _require(stage in (0, 1, 2, 3), key, f"{path!r} needs zero_optimization.stage in 0..3, got {stage!r}")
