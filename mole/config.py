@@ -47,6 +47,8 @@ class ConfigError(ValueError):
 # float fields so ``train.lr=1e-4`` means what everybody expects.
 _FLOAT_TEXT = re.compile(r"\s*[-+]?(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?\s*")
 Float = Annotated[float, BeforeValidator(lambda v: float(v) if isinstance(v, str) and _FLOAT_TEXT.fullmatch(v) else v)]
+Patterns = Annotated[str, Field(min_length=1)] | Annotated[list[str], Field(min_length=1)]
+"""One shard pattern or a list of them, never empty."""
 
 
 class Section(BaseModel):
@@ -93,13 +95,13 @@ class LoraConfig(Section):
 class DomainConfig(Section):
     name: str = Field(min_length=1)
     """Domain name, unique within the run; used in logs and per-domain metrics."""
-    shards: str | list[str]
+    shards: Patterns
     """Webdataset shard pattern(s), brace-expanded at read time (``d/train-{000000..000009}.tar``; local
     globs like ``d/*.tar`` also work); URLs (``pipe:``, ``s3://``) are passed through untouched, local
     paths are made absolute. A local pattern matching no file is an error at start."""
     weight: Float = Field(1.0, gt=0)
     """Relative sampling weight of this domain in the mixed stream (> 0)."""
-    val_shards: str | list[str] | None = None
+    val_shards: Patterns | None = None
     """Held-out shard pattern(s) for the periodic validation loss (``train.eval_every``); none: the
     domain is not evaluated."""
 
@@ -187,7 +189,7 @@ class Config(Section):
     """Training data domains and preprocessing."""
     train: TrainConfig = Field(default_factory=TrainConfig)
     """Optimisation, precision, checkpointing and the DeepSpeed JSON."""
-    output_dir: str = "runs/default"
+    output_dir: str = Field("runs/default", pattern=r"\S")
     """Directory for checkpoints, logs and the resolved config.yaml."""
 
 
@@ -213,14 +215,15 @@ def _section(hint: Any) -> type[Section] | None:
 
 
 def _type_name(hint: Any) -> str:
+    """'int', 'list[str]', 'str or list[str]', 'mapping': the type a value should have had, as a user reads it."""
+    origin, args = typing.get_origin(hint), [a for a in typing.get_args(hint) if a is not type(None)]
     if _section(hint):
         return "mapping"
-    if typing.get_origin(hint) is Annotated:
-        return _type_name(typing.get_args(hint)[0])
-    if typing.get_origin(hint) is list:
-        return f"list[{_type_name(typing.get_args(hint)[0])}]"
-    args = typing.get_args(hint)
-    return " or ".join(_type_name(a) for a in args if a is not type(None)) if args else hint.__name__
+    if origin is Annotated:
+        return _type_name(args[0])
+    if origin is list:
+        return f"list[{_type_name(args[0])}]"
+    return " or ".join(map(_type_name, args)) if args else hint.__name__
 
 
 def _unknown_key(prefix: str, name: str, valid: list[str], key: str | None = None) -> ConfigError:
@@ -232,38 +235,45 @@ def _unknown_key(prefix: str, name: str, valid: list[str], key: str | None = Non
     return ConfigError(f"unknown key '{key}'{hint}", key)
 
 
-_LIMITS = {"greater_than": "gt", "greater_than_equal": "ge", "less_than": "lt", "less_than_equal": "le"}
-_SIGNS = {"gt": ">", "ge": ">=", "lt": "<", "le": "<="}
+_PROBLEMS = {
+    "missing": "required key missing",
+    "too_short": "must not be empty",
+    "string_too_short": "must not be empty",
+    "string_pattern_mismatch": "must name a directory",
+    "finite_number": "must be finite, got {value!r}",
+    "greater_than": "must be > {gt:g}, got {value!r}",
+    "greater_than_equal": "must be >= {ge:g}, got {value!r}",
+    "less_than": "must be < {lt:g}, got {value!r}",
+}
+"""Messages for pydantic's error types (``ctx`` fills the limits); type errors are 'expected T, got V'."""
+
+
+def _type_error(kind: str) -> bool:
+    return kind.endswith(("_type", "_parsing"))
 
 
 def _config_error(error: ValidationError) -> ConfigError:
-    """The first problem pydantic found (unknown keys first: they explain the rest) as 'dotted.key: ...'."""
-    e = min(error.errors(), key=lambda e: e["type"] != "extra_forbidden")
-    kind, value, ctx = e["type"], e["input"], e.get("ctx", {})
-    loc = e["loc"][:-1] if kind == "extra_forbidden" else e["loc"]
+    """The first problem pydantic found as 'dotted.key: ...': unknown keys first (they explain the rest), then
+    values out of range (of a union, the branch whose type fitted), then wrong types."""
+    e = min(error.errors(), key=lambda e: (e["type"] != "extra_forbidden", _type_error(e["type"])))
+    kind, value = e["type"], e["input"]
     key, hint = "", Config
-    for part in loc:  # stops at a union branch's tag ('str', 'list[str]'): the error is the field's
+    for part in e["loc"][:-1] if kind == "extra_forbidden" else e["loc"]:
         if isinstance(part, int):
             key, hint = f"{key}[{part}]", typing.get_args(hint)[0]
         elif _section(hint) and part in hint.model_fields:
             key, hint = f"{key}.{part}".lstrip("."), hint.model_fields[part].annotation
-        else:
+        else:  # a union branch's tag ('str', 'list[str]'): the error is the field's
             break
     if kind == "extra_forbidden":
         return _unknown_key(f"{key}." if key else "", str(e["loc"][-1]), list(hint.model_fields))
-    if kind == "missing":
-        problem = "required key missing"
-    elif kind == "literal_error":
-        choices = typing.get_args(hint)
-        close = difflib.get_close_matches(str(value), choices, n=1)
-        problem = f"must be one of {', '.join(choices)}; got {value!r}" + (f" (did you mean '{close[0]}'?)" if close else "")
-    elif kind in _LIMITS:
-        problem = f"must be {_SIGNS[_LIMITS[kind]]} {ctx[_LIMITS[kind]]}, got {value!r}"
-    elif kind == "finite_number":
-        problem = f"must be finite, got {value!r}"
-    elif kind in ("too_short", "string_too_short"):
-        problem = "must not be empty"
-    elif kind.endswith(("_type", "_parsing")):
+    if kind == "literal_error":
+        close = difflib.get_close_matches(str(value), typing.get_args(hint), n=1)
+        problem = f"must be one of {', '.join(typing.get_args(hint))}; got {value!r}"
+        problem += f" (did you mean '{close[0]}'?)" if close else ""
+    elif kind in _PROBLEMS:
+        problem = _PROBLEMS[kind].format(value=value, **e.get("ctx", {}))
+    elif _type_error(kind):
         problem = f"expected {'a mapping' if _section(hint) else _type_name(hint)}, got {value!r}"
     else:
         problem = e["msg"]
@@ -296,16 +306,6 @@ def _read_yaml(path: str) -> dict:
     return raw
 
 
-def _leaf_keys(raw: dict, prefix: str = "") -> list[str]:
-    """Dotted keys of a nested mapping, down to non-mapping values (lists are leaves)."""
-    keys = []
-    for name, value in raw.items():
-        keys.append(f"{prefix}{name}")
-        if isinstance(value, dict):
-            keys += _leaf_keys(value, f"{prefix}{name}.")
-    return keys
-
-
 def _merge(base: dict, update: dict) -> None:
     for name, value in update.items():
         if isinstance(base.get(name), dict) and isinstance(value, dict):
@@ -314,7 +314,7 @@ def _merge(base: dict, update: dict) -> None:
             base[name] = value
 
 
-def _apply_override(raw: dict, origins: dict[str, str], item: str) -> None:
+def _apply_override(raw: dict, item: str) -> None:
     """Apply one ``dotted.key=yaml_value`` to the raw mapping, checking the key against the schema."""
     key, sep, text = item.partition("=")
     key = key.strip()
@@ -345,17 +345,18 @@ def _apply_override(raw: dict, origins: dict[str, str], item: str) -> None:
         _merge(node[parts[-1]], value)
     else:
         node[parts[-1]] = value
-    for k in [k for k in origins if k == key or k.startswith(key + ".")]:
-        del origins[k]
-    origins[key] = f"from override '{item}'"
 
 
-def _where(key: str | None, origins: dict[str, str]) -> str:
-    """' (in FILE)', ' (from override ...)' or ' (default value)' for the error at ``key``."""
+def _where(key: str | None, path: str | None, in_file: set[str], overrides: list[str]) -> str:
+    """' (from override ...)' (the last override setting ``key`` or a section above it), ' (in FILE)' (for
+    anything in a section the file names) or ' (default value)'."""
     if key is None:
         return ""
-    hits = [k for k in origins if key == k or key.startswith((k + ".", k + "["))]
-    return f" ({origins[max(hits, key=len)]})" if hits else " (default value)"
+    for item in reversed(overrides):
+        name = item.partition("=")[0].strip()
+        if key == name or key.startswith((name + ".", name + "[")):
+            return f" (from override '{item}')"
+    return f" (in {path})" if re.split(r"[.\[]", key)[0] in in_file else " (default value)"
 
 
 def _absolute(path: str, cwd: str) -> str:
@@ -371,11 +372,10 @@ def _absolute_patterns(patterns: str | list[str] | None, cwd: str) -> str | list
 
 
 def _resolve_paths(cfg: Config, cwd: str) -> None:
-    """Make every local path absolute; an empty output_dir and the resume words are left for ``validate``."""
+    """Make every local path absolute (``cfg`` is valid: no empty output_dir); the resume words stay words."""
     cfg.model.name_or_path = _absolute(cfg.model.name_or_path, cwd)
     cfg.train.ds_config = _absolute(cfg.train.ds_config, cwd)
-    if cfg.output_dir.strip():  # "" would resolve to the working directory itself
-        cfg.output_dir = _absolute(cfg.output_dir, cwd)
+    cfg.output_dir = _absolute(cfg.output_dir, cwd)
     if cfg.train.resume.lower() not in RESUME_WORDS:  # "Auto" stays, for validation to name it
         cfg.train.resume = _absolute(cfg.train.resume, cwd)
     for d in cfg.data.domains:
@@ -390,16 +390,16 @@ def load_config(path: str | None, overrides: list[str]) -> Config:
     the section it names. Relative paths resolve against the current directory.
     """
     raw = {} if path is None else _read_yaml(path)
-    origins = {k: f"in {path}" for k in _leaf_keys(raw)}
+    in_file = set(raw)
     for item in overrides:
-        _apply_override(raw, origins, item)
+        _apply_override(raw, item)
     sections = [k for k, f in Config.model_fields.items() if _section(f.annotation)]
     try:  # an empty YAML section (``train:``) means "all defaults"
         cfg = _validated({k: {} if v is None and k in sections else v for k, v in raw.items()})
         _resolve_paths(cfg, os.getcwd())
         validate(cfg)
     except ConfigError as e:
-        raise ConfigError(f"{e}{_where(e.key, origins)}", e.key) from None
+        raise ConfigError(f"{e}{_where(e.key, path, in_file, overrides)}", e.key) from None
     return cfg
 
 
@@ -469,13 +469,9 @@ def validate(cfg: Config) -> None:
         key = f"data.domains[{i}]"
         _require(dom.name not in seen, f"{key}.name", f"duplicate domain name {dom.name!r}")
         seen.add(dom.name)
-        _require(bool(dom.shards), f"{key}.shards", "must name at least one shard pattern")
-        _require(dom.val_shards is None or bool(dom.val_shards), f"{key}.val_shards",
-                 "must name at least one shard pattern, or be left out (no held-out set)")
     resume = cfg.train.resume
     _require(resume.lower() not in RESUME_WORDS or resume in RESUME_WORDS, "train.resume",
              f"{resume!r} is not a checkpoint directory; did you mean '{resume.lower()}'?")
-    _require(bool(cfg.output_dir.strip()), "output_dir", "must name a directory")
     _require(not os.path.exists(cfg.output_dir) or os.path.isdir(cfg.output_dir), "output_dir",
              f"{cfg.output_dir!r} exists and is not a directory")
     k = cfg.mole.num_experts
