@@ -53,7 +53,8 @@ Patterns = Annotated[str, Field(min_length=1)] | Annotated[list[str], Field(min_
 
 class Section(BaseModel):
     """A config section: unknown keys are refused, types are strict (no bool or text for an int; an int
-    is a float), no inf/nan. Fields may also be given positionally, in order: ``DomainConfig(name, shards)``."""
+    is a float), no inf/nan. Validating a built section checks it again, since code may have set its
+    fields (assignment is not checked). Fields may also be given in order: ``DomainConfig(name, shards)``."""
 
     model_config = ConfigDict(extra="forbid", strict=True, allow_inf_nan=False, use_attribute_docstrings=True,
                               revalidate_instances="always")
