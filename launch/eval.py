@@ -68,14 +68,14 @@ def main(argv: list[str]) -> int:
         return 2
     import torch
 
-    from mole.adapter import AdapterError, image_settings, read_adapter_config
+    from mole.adapter import AdapterError, read_adapter_spec
     from mole.evaluate import evaluate, format_table, save_results
     from mole.inference import load_model, load_processor
 
     try:
-        config = read_adapter_config(args.adapter)
-        base = args.base or config.get("base_model")
-        image_aspect, image_backend = image_settings(config, args.image_aspect, args.image_backend)
+        spec = read_adapter_spec(args.adapter)
+        base = args.base or spec.base_model
+        image = spec.image.overridden(args.image_aspect, args.image_backend)
         if not base:
             raise AdapterError("the adapter records no base_model; pass --base")
         domains = eval_domains(args)
@@ -101,17 +101,17 @@ def main(argv: list[str]) -> int:
             results = evaluate(
                 model, processor, domains,
                 batch_size=args.batch_size, max_new_tokens=args.max_new_tokens, max_samples=args.max_samples,
-                max_length=args.max_length, image_aspect=image_aspect, image_backend=image_backend, rank=rank,
+                max_length=args.max_length, image_aspect=image.aspect, image_backend=image.backend, rank=rank,
                 world_size=world_size,
             )
             if rank == 0:
                 results["adapter"], results["base"], results["world_size"] = os.path.abspath(args.adapter), os.path.abspath(base), world_size
-                results["adapter_config"] = config
+                results["adapter_config"] = spec.to_dict()
                 out = args.out or os.path.join(os.path.dirname(os.path.abspath(args.adapter)), "eval")
                 name = os.path.join(*os.path.abspath(args.adapter).split(os.sep)[-2:])
-                title = f"{name} (K={config['num_experts']}, {config['routing']}): share of each domain's tokens per expert"
+                title = f"{name} (K={spec.num_experts}, {spec.routing}): share of each domain's tokens per expert"
                 paths = save_results(results, out, title)
-                print(f"adapter {os.path.abspath(args.adapter)} (K={config['num_experts']}, routing {config['routing']}), "
+                print(f"adapter {os.path.abspath(args.adapter)} (K={spec.num_experts}, routing {spec.routing}), "
                       f"{world_size} rank(s)")
                 print(format_table(results))
                 print("wrote " + ", ".join(paths))

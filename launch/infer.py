@@ -87,7 +87,7 @@ def main(argv: list[str]) -> int:
     if args.device and args.device.startswith("cuda") and not torch.cuda.is_available():
         print(f"error: --device {args.device}: this machine has no CUDA device", file=sys.stderr)
         return 2
-    from mole.adapter import AdapterError, image_settings, read_adapter_config
+    from mole.adapter import AdapterError, read_adapter_spec
     from mole.data.conversation import refuse_special_tokens
     from mole.data.errors import BadSample
     from mole.data.images import IMAGE_FORMATS
@@ -107,8 +107,8 @@ def main(argv: list[str]) -> int:
             except (OSError, TypeError, Image.DecompressionBombError) as err:
                 raise ValueError(f"{where}: image {request['image']!r}: {err}") from None
             prompts.append(Prompt(question_turns(request["prompt"], image is not None), image))
-        config = None if args.base else read_adapter_config(args.adapter)
-        base = args.base or config.get("base_model")
+        spec = None if args.base else read_adapter_spec(args.adapter)
+        base = args.base or spec.base_model
         processor = load_processor(base)
         for (where, _), prompt in zip(sourced, prompts):
             try:
@@ -116,15 +116,15 @@ def main(argv: list[str]) -> int:
             except BadSample as err:  # training skips such samples: the model never saw one
                 label = where if args.jsonl else "--prompt"
                 raise ValueError(f"{label}: the prompt {err.detail.removeprefix('turn 0 ')}") from None
-        config = config or read_adapter_config(args.adapter)
-        image_aspect, image_backend = image_settings(config, args.image_aspect, args.image_backend)
+        spec = spec or read_adapter_spec(args.adapter)
+        image = spec.image.overridden(args.image_aspect, args.image_backend)
         device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
         model = load_model(base, args.adapter, device=device, dtype=args.dtype)
     except (AdapterError, OSError, ValueError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
     answers = generate_answers(model, processor, prompts, args.max_new_tokens, args.batch_size,
-                               image_aspect, image_backend=image_backend)
+                               image.aspect, image_backend=image.backend)
     if not args.jsonl:
         print(answers[0])
         return 0

@@ -25,6 +25,10 @@ ImageAspect = Literal["pad", "crop"]
 ImageBackend = Literal["fast", "processor"]
 """Who turns an image into pixels: mole's tensor path (checked against the processor) or the processor."""
 
+Family = Literal["llava"]
+"""Backbone family an adapter is built on, named as its base config's ``model_type``: which modules
+surgery finds and replaces."""
+
 Precision = Literal["auto", "fp32", "bf16", "fp16"]
 """Training compute precision; auto is bf16 on a GPU and fp32 on a CPU."""
 

@@ -24,7 +24,8 @@ import re
 
 import torch
 
-from mole.adapter import AdapterError, adapter_config, image_settings, load_adapter, save_adapter
+from mole.adapter import AdapterError, load_adapter, read_spec_file, save_adapter
+from mole.spec import AdapterSpec
 from mole.surgery import PROJECTOR_PREFIX
 
 EXPORT_FORMATS = ("peft", "merged", "mole")
@@ -41,11 +42,11 @@ class ExportError(ValueError):
 # ------------------------------------------------------------------------------------ checks
 
 
-def validate_adapter(state: dict[str, torch.Tensor], config: dict) -> None:
-    """Check that the weights are what the config describes, without the base model: every layer
-    has every target's experts with K and r as configured, a router iff K>1, attention LoRA on every
+def validate_adapter(state: dict[str, torch.Tensor], spec: AdapterSpec) -> None:
+    """Check that the weights are what the spec describes, without the base model: every layer
+    has every target's experts with K and r as specified, a router iff K>1, attention LoRA on every
     attention target, the projector iff it trained, and nothing else."""
-    layers, num_experts, r = config["num_hidden_layers"], config["num_experts"], config["r"]
+    layers, num_experts, r, hidden = spec.num_hidden_layers, spec.num_experts, spec.r, spec.hidden_size
     problems: list[str] = []
     seen_experts, seen_attn, seen_routers = set(), set(), set()
     for name, tensor in state.items():
@@ -56,16 +57,16 @@ def validate_adapter(state: dict[str, torch.Tensor], config: dict) -> None:
                 problems.append(f"{name} has shape {tuple(tensor.shape)}, expected K={num_experts}, r={r}")
         elif match := _ROUTER_KEY.fullmatch(name):
             seen_routers.add((int(match["index"]), name.rsplit(".", 1)[1]))
-            if tensor.shape[0] != num_experts or (tensor.ndim == 2 and tensor.shape[1] != config["hidden_size"]):
-                problems.append(f"{name} has shape {tuple(tensor.shape)}, expected ({num_experts}, {config['hidden_size']})")
+            if tensor.shape[0] != num_experts or (tensor.ndim == 2 and tensor.shape[1] != hidden):
+                problems.append(f"{name} has shape {tuple(tensor.shape)}, expected ({num_experts}, {hidden})")
         elif match := _ATTN_KEY.fullmatch(name):
             seen_attn.add((int(match["index"]), match["proj"], match["ab"]))
             if tensor.shape[0 if match["ab"] == "A" else 1] != r:
                 problems.append(f"{name} has shape {tuple(tensor.shape)}, expected rank {r}")
-        elif not (config["train_projector"] and PROJECTOR_PREFIX in name):
+        elif not (spec.train_projector and PROJECTOR_PREFIX in name):
             problems.append(f"unexpected tensor {name}")
-    expected_experts = {(i, p, ab) for i in range(layers) for p in config["mlp_targets"] for ab in "AB"}
-    expected_attn = {(i, p, ab) for i in range(layers) for p in config["attn_targets"] for ab in "AB"}
+    expected_experts = {(i, p, ab) for i in range(layers) for p in spec.mlp_targets for ab in "AB"}
+    expected_attn = {(i, p, ab) for i in range(layers) for p in spec.attn_targets for ab in "AB"}
     expected_routers = {(i, k) for i in range(layers) for k in ("weight", "bias")} if num_experts > 1 else set()
     for what, expected, seen in (("expert", expected_experts, seen_experts), ("attention LoRA", expected_attn, seen_attn),
                                  ("router", expected_routers, seen_routers)):
@@ -73,16 +74,16 @@ def validate_adapter(state: dict[str, torch.Tensor], config: dict) -> None:
             problems.append(f"missing {what} tensors for (layer, ...) {sorted(expected - seen)[:3]}")
         if seen - expected:
             problems.append(f"{what} tensors the config does not describe: {sorted(seen - expected)[:3]}")
-    if config["train_projector"] and not any(PROJECTOR_PREFIX in name for name in state):
+    if spec.train_projector and not any(PROJECTOR_PREFIX in name for name in state):
         problems.append("train_projector is set but there are no projector tensors")
     if problems:
         raise AdapterError(f"adapter weights do not match mole_config.json: {'; '.join(problems[:5])}")
 
 
-def require_plain_lora(config: dict, fmt: str) -> None:
-    if config["num_experts"] != 1:
+def require_plain_lora(spec: AdapterSpec, fmt: str) -> None:
+    if spec.num_experts != 1:
         raise ExportError(
-            f"--format {fmt} needs a plain LoRA adapter (K=1), but this one has K={config['num_experts']} experts with "
+            f"--format {fmt} needs a plain LoRA adapter (K=1), but this one has K={spec.num_experts} experts with "
             f"routers, which have no {fmt} form; use --format mole (read by mole.load_model)"
         )
 
@@ -90,11 +91,11 @@ def require_plain_lora(config: dict, fmt: str) -> None:
 # -------------------------------------------------------------------------------------- peft
 
 
-def peft_state_and_config(state: dict[str, torch.Tensor], config: dict):
+def peft_state_and_config(state: dict[str, torch.Tensor], spec: AdapterSpec):
     """A K=1 mole adapter as a peft ``LoraConfig`` and a state dict with peft's saved key names."""
     from peft import LoraConfig
 
-    require_plain_lora(config, "peft")
+    require_plain_lora(spec, "peft")
     peft_state = {}
     for name, tensor in state.items():
         if match := _EXPERT_KEY.fullmatch(name):  # (1, r, in) / (1, out, r) -> (r, in) / (out, r)
@@ -105,18 +106,18 @@ def peft_state_and_config(state: dict[str, torch.Tensor], config: dict):
             peft_state[PEFT_PREFIX + name] = tensor.contiguous()
         else:
             raise AdapterError(f"tensor {name} has no peft equivalent")
-    attn = "|".join(re.escape(t) for t in config["attn_targets"])
-    mlp = "|".join(re.escape(t) for t in config["mlp_targets"])
+    attn = "|".join(re.escape(t) for t in spec.attn_targets)
+    mlp = "|".join(re.escape(t) for t in spec.mlp_targets)
     branches = [f"self_attn\\.({attn})"] if attn else []
     branches += [f"mlp\\.({mlp})"] if mlp else []
     lora_config = LoraConfig(
-        r=config["r"],
-        lora_alpha=config["alpha"],
-        lora_dropout=config["dropout"],
+        r=spec.r,
+        lora_alpha=spec.alpha,
+        lora_dropout=spec.dropout,
         target_modules=rf".*language_model\.layers\.\d+\.({'|'.join(branches)})",
         modules_to_save=[PROJECTOR_PREFIX] if any(PROJECTOR_PREFIX in n for n in state) else None,
         bias="none",
-        base_model_name_or_path=config.get("base_model"),
+        base_model_name_or_path=spec.base_model,
         inference_mode=True,
     )
     return lora_config, peft_state
@@ -126,9 +127,9 @@ def export_peft(adapter_dir: str, out_dir: str) -> list[str]:
     """Write a standard peft adapter directory from a K=1 mole adapter; returns the files written."""
     from safetensors.torch import save_file
 
-    state, config = load_adapter(adapter_dir)
-    validate_adapter(state, config)
-    lora_config, peft_state = peft_state_and_config(state, config)
+    state, spec = load_adapter(adapter_dir)
+    validate_adapter(state, spec)
+    lora_config, peft_state = peft_state_and_config(state, spec)
     os.makedirs(out_dir, exist_ok=True)
     lora_config.save_pretrained(out_dir)
     save_file(peft_state, os.path.join(out_dir, "adapter_model.safetensors"), metadata={"format": "pt"})
@@ -142,12 +143,12 @@ def export_merged(adapter_dir: str, out_dir: str, base_dir: str | None = None) -
 
     from mole.inference import check_base_fits
 
-    state, config = load_adapter(adapter_dir)
-    validate_adapter(state, config)
-    require_plain_lora(config, "merged")
-    base_dir = _base_dir(config, base_dir)
-    check_base_fits(config, base_dir)
-    lora_config, peft_state = peft_state_and_config(state, config)
+    state, spec = load_adapter(adapter_dir)
+    validate_adapter(state, spec)
+    require_plain_lora(spec, "merged")
+    base_dir = _base_dir(spec, base_dir)
+    check_base_fits(spec, base_dir)
+    lora_config, peft_state = peft_state_and_config(state, spec)
     base = LlavaForConditionalGeneration.from_pretrained(base_dir)
     model = get_peft_model(base, lora_config)
     loaded = set_peft_model_state_dict(model, peft_state)
@@ -156,7 +157,7 @@ def export_merged(adapter_dir: str, out_dir: str, base_dir: str | None = None) -
     merged = model.merge_and_unload()
     merged.save_pretrained(out_dir)
     processor = AutoProcessor.from_pretrained(base_dir)
-    if image_settings(config)[0] == "pad":
+    if spec.image.aspect == "pad":
         processor.image_processor = padding_image_processor(processor.image_processor)
     processor.save_pretrained(out_dir)
     return out_dir
@@ -184,17 +185,17 @@ def export_mole(source: str, out_dir: str, config_path: str | None = None) -> st
 
     ``source`` may be an adapter directory, a checkpoint tag directory (``checkpoints/step_<N>``),
     a checkpoints root holding ``latest``, or a run's ``output_dir``. For a checkpoint the adapter
-    config comes from ``config_path`` (a ``mole_config.json`` or a run ``config.yaml``), else from
+    spec comes from ``config_path`` (a ``mole_config.json`` or a run ``config.yaml``), else from
     the run's ``config.yaml`` found above the checkpoint.
     """
     if os.path.isfile(os.path.join(source, "mole_config.json")) and os.path.isfile(os.path.join(source, "adapter.safetensors")):
-        state, config = load_adapter(source)
+        state, spec = load_adapter(source)
     else:
         root, tag = find_checkpoint(source)
         state = consolidate_checkpoint(root, tag)
-        config = checkpoint_adapter_config(config_path or _find_run_config(root))
-    validate_adapter(state, config)
-    save_adapter(out_dir, state, config)
+        spec = checkpoint_adapter_spec(config_path or _find_run_config(root))
+    validate_adapter(state, spec)
+    save_adapter(out_dir, state, spec)
     return out_dir
 
 
@@ -235,19 +236,16 @@ def consolidate_checkpoint(root: str, tag: str) -> dict[str, torch.Tensor]:
     return {name.removeprefix("llava."): tensor.detach().clone().contiguous() for name, tensor in state.items()}
 
 
-def checkpoint_adapter_config(path: str) -> dict:
-    """The adapter config for a checkpoint: a ``mole_config.json``, or built from a run ``config.yaml``."""
-    import json
-
+def checkpoint_adapter_spec(path: str) -> AdapterSpec:
+    """The adapter spec for a checkpoint: a ``mole_config.json``, or built from a run ``config.yaml``."""
     if path.endswith(".json"):
-        with open(path) as handle:
-            return json.load(handle)
+        return read_spec_file(path)
     from transformers import AutoConfig
 
     from mole.config import load_config
 
     cfg = load_config(path, [])
-    return adapter_config(cfg, AutoConfig.from_pretrained(cfg.model.name_or_path))
+    return AdapterSpec.from_config(cfg, AutoConfig.from_pretrained(cfg.model.name_or_path))
 
 
 def _find_run_config(checkpoints_root: str) -> str:
@@ -258,8 +256,8 @@ def _find_run_config(checkpoints_root: str) -> str:
     raise ExportError(f"no config.yaml found next to {checkpoints_root!r}; pass the run's config with --config")
 
 
-def _base_dir(config: dict, base_dir: str | None) -> str:
-    base_dir = base_dir or config.get("base_model")
+def _base_dir(spec: AdapterSpec, base_dir: str | None) -> str:
+    base_dir = base_dir or spec.base_model
     if not base_dir:
         raise ExportError("the adapter records no base_model; pass --base")
     return base_dir

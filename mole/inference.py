@@ -21,10 +21,11 @@ from PIL import Image
 from torch import nn
 from transformers import AutoConfig, AutoProcessor, LlavaForConditionalGeneration
 
-from mole.adapter import AdapterError, base_shape_mismatches, image_settings, load_adapter
+from mole.adapter import AdapterError, load_adapter
 from mole.data.conversation import IMAGE_PLACEHOLDER, Turn, render_conversation, to_chat_messages
 from mole.data.images import make_pixel_transform
 from mole.experts import MoleMLP, RoutingContext
+from mole.spec import AdapterSpec, ImageSpec
 from mole.surgery import apply_mole
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -51,47 +52,38 @@ def load_model(
     parameter is frozen; the model's routing context is :func:`routing_context`.
     """
     dtype = resolve_dtype(dtype)
-    state, config = load_adapter(adapter_dir)
-    check_base_fits(config, base_dir)
+    state, spec = load_adapter(adapter_dir)
+    check_base_fits(spec, base_dir)
     model = LlavaForConditionalGeneration.from_pretrained(base_dir, dtype=dtype)
     with torch.random.fork_rng(devices=[]):  # surgery initialises modules we overwrite; keep the caller's RNG
-        apply_mole(
-            model,
-            num_experts=config["num_experts"],
-            routing=config["routing"],
-            r=config["r"],
-            alpha=config["alpha"],
-            dropout=config["dropout"],
-            attn_targets=list(config["attn_targets"]),
-            mlp_targets=list(config["mlp_targets"]),
-            train_projector=config["train_projector"],
-        )
+        apply_mole(model, spec)  # the model keeps the spec (model.mole_spec), e.g. how training prepared images
     _load_adapter_weights(model, state, adapter_dir, dtype)
     model.requires_grad_(False)
     model.config.use_cache = True
-    model.mole_adapter_config = config  # what the adapter records, e.g. how training prepared images
     return model.to(device).eval()
 
 
 def model_image_settings(model, image_aspect: str | None = None, image_backend: str | None = None) -> tuple[str, str]:
-    """``(image_aspect, image_backend)``: each as given, else as recorded by the adapter
-    :func:`load_model` read (:func:`mole.adapter.image_settings`)."""
-    return image_settings(getattr(model, "mole_adapter_config", {}), image_aspect, image_backend)
+    """``(image_aspect, image_backend)``: each as given, else as the adapter :func:`load_model` read
+    records (``model.mole_spec.image``), else training's defaults."""
+    spec = getattr(model, "mole_spec", None)
+    image = (spec.image if spec is not None else ImageSpec()).overridden(image_aspect, image_backend)
+    return image.aspect, image.backend
 
 
-def check_base_fits(config: dict, base_dir: str) -> None:
-    """The adapter's recorded base shape against ``base_dir/config.json``, before any weight is read."""
+def check_base_fits(spec: AdapterSpec, base_dir: str) -> None:
+    """The adapter's recorded base family and shapes against ``base_dir/config.json``, before any weight is read."""
     if not os.path.isfile(os.path.join(base_dir, "config.json")):
         raise AdapterError(f"base model {base_dir!r} has no config.json; expected a local Hugging Face LLaVA directory")
     base = AutoConfig.from_pretrained(base_dir)
-    if base.model_type != "llava":
+    if base.model_type != spec.family:
         raise AdapterError(f"base model {base_dir!r} holds a {base.model_type!r} model; expected a LLaVA directory")
-    mismatches = base_shape_mismatches(config, base.text_config)
+    mismatches = [change for change in spec.on_base(base).diff(spec) if change.impact == "shape"]
     if mismatches:
-        key, recorded, actual = mismatches[0]
+        change = mismatches[0]
         raise AdapterError(
-            f"adapter was trained on a base with {key}={recorded} (base_model {config.get('base_model')!r}), "
-            f"but {base_dir!r} has {key}={actual}: wrong base model for this adapter"
+            f"adapter was trained on a base with {change.field}={change.before} (base_model {spec.base_model!r}), "
+            f"but {base_dir!r} has {change.field}={change.after}: wrong base model for this adapter"
         )
 
 
@@ -102,7 +94,7 @@ def _load_adapter_weights(model: nn.Module, state: dict[str, torch.Tensor], adap
     unexpected = sorted(set(state) - set(params))
     if missing or unexpected:
         raise AdapterError(
-            f"adapter {adapter_dir!r} does not match the model its config describes: "
+            f"adapter {adapter_dir!r} does not match the model its mole_config.json describes: "
             f"{len(missing)} missing tensors {missing[:3]}, {len(unexpected)} unexpected tensors {unexpected[:3]}"
         )
     wrong = [f"{n}: adapter {tuple(state[n].shape)} vs model {tuple(p.shape)}" for n, p in params.items() if state[n].shape != p.shape]
@@ -159,7 +151,7 @@ class PromptEncoder:
 
     Left padding keeps every prompt's last token in the last column, where ``generate`` appends.
     Images take the path training took (``image_aspect``, ``image_backend``: the adapter records
-    them, :func:`mole.adapter.image_settings`), so the model sees the pixels it was trained on, not
+    them, :attr:`mole.spec.AdapterSpec.image`), so the model sees the pixels it was trained on, not
     ones a level or two apart.
     """
 

@@ -12,6 +12,7 @@ from transformers import AutoProcessor, LlavaForConditionalGeneration
 
 from mole.balance import aux_loss
 from mole.config import Config
+from mole.spec import AdapterSpec
 from mole.surgery import MoleSurgery, apply_mole
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -43,17 +44,7 @@ def build_mole_model(cfg: Config, dtype: torch.dtype, ds_config: dict | None = N
     model = load_backbone(cfg.model.name_or_path, dtype, ds_config)
     model.config.use_cache = False
     torch.manual_seed(cfg.train.seed)
-    surgery = apply_mole(
-        model,
-        num_experts=cfg.mole.num_experts,
-        routing=cfg.mole.routing,
-        r=cfg.lora.r,
-        alpha=cfg.lora.alpha,
-        dropout=cfg.lora.dropout,
-        attn_targets=list(cfg.lora.attn_targets),
-        mlp_targets=list(cfg.lora.mlp_targets),
-        train_projector=cfg.train.train_projector,
-    )
+    surgery = apply_mole(model, AdapterSpec.from_config(cfg, model.config))
     for module in model.modules():  # new modules are created in fp32; match the backbone
         for param in module.parameters(recurse=False):
             if param.requires_grad and param.dtype != dtype:

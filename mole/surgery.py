@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 from torch import nn
 
 from mole.experts import MoleMLP, RoutingContext
+from mole.spec import AdapterSpec
 
 MLP_PATTERN = re.compile(r"(.*\.)?language_model\.layers\.\d+\.mlp")
 ATTENTION_PATTERN = r"(.*\.)?language_model\.layers\.\d+\.self_attn\.({targets})"
@@ -33,36 +34,31 @@ class MoleSurgery:
     lora_layers: list[str] = field(default_factory=list)
 
 
-def apply_mole(
-    model: nn.Module,
-    *,
-    num_experts: int,
-    routing: str,
-    r: int,
-    alpha: float,
-    dropout: float,
-    attn_targets: list[str],
-    mlp_targets: list[str],
-    train_projector: bool,
-) -> MoleSurgery:
-    """Add MoLE experts to the LLM's MLPs and peft LoRA to its attention, then set what trains.
+def apply_mole(model: nn.Module, spec: AdapterSpec) -> MoleSurgery:
+    """Add MoLE experts to the LLM's MLPs and peft LoRA to its attention, as ``spec`` describes, then set
+    what trains; the model keeps ``spec`` as ``model.mole_spec``.
 
-    Afterwards exactly the experts, routers, attention LoRA and (if ``train_projector``) the
-    multimodal projector require gradients; the vision tower and the LLM stay frozen.
+    ``spec`` must describe this model's family and shapes (:meth:`AdapterSpec.on_base`). Afterwards
+    exactly the experts, routers, attention LoRA and (if ``spec.train_projector``) the multimodal
+    projector require gradients; the vision tower and the LLM stay frozen.
     """
+    misfit = [change for change in spec.on_base(model.config).diff(spec) if change.impact == "shape"]
+    if misfit:
+        raise SurgeryError("the adapter spec does not describe this model: " + ", ".join(
+            f"{c.field} {c.before!r} in the spec, {c.after!r} in the model" for c in misfit))
     for param in model.parameters():
         param.requires_grad_(False)
     surgery = MoleSurgery(context=RoutingContext())
-    if attn_targets:
-        surgery.lora_layers = _add_attention_lora(model, attn_targets, r, alpha, dropout)
-    hidden_size = model.config.text_config.hidden_size
+    if spec.attn_targets:
+        surgery.lora_layers = _add_attention_lora(model, list(spec.attn_targets), spec.r, spec.alpha, spec.dropout)
     for name, module in list(model.named_modules()):
         if not MLP_PATTERN.fullmatch(name):
             continue
-        missing = [t for t in mlp_targets if not isinstance(getattr(module, t, None), nn.Linear)]
+        missing = [t for t in spec.mlp_targets if not isinstance(getattr(module, t, None), nn.Linear)]
         if missing:
             raise SurgeryError(f"{name} has no linear {missing}; lora.mlp_targets must name its projections")
-        mole = MoleMLP(module, hidden_size, num_experts, r, alpha, dropout, routing, surgery.context, tuple(mlp_targets))
+        mole = MoleMLP(module, spec.hidden_size, spec.num_experts, spec.r, spec.alpha, spec.dropout, spec.routing,
+                       surgery.context, spec.mlp_targets)
         parent_name, _, child = name.rpartition(".")
         setattr(model.get_submodule(parent_name), child, mole)
         surgery.mole_layers.append(name)
@@ -70,7 +66,8 @@ def apply_mole(
         raise SurgeryError(f"no module matches {MLP_PATTERN.pattern!r}: is this a LLaVA with a LLaMA-style LLM?")
     model.register_forward_pre_hook(_remember_padding_mask(surgery.context), with_kwargs=True)
     for name, param in model.named_parameters():
-        param.requires_grad_(is_trainable(name, train_projector))
+        param.requires_grad_(is_trainable(name, spec.train_projector))
+    model.mole_spec = spec
     return surgery
 
 

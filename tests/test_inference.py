@@ -263,16 +263,18 @@ def test_a_base_that_is_not_llava_and_a_missing_adapter_are_named(mode_runs, tmp
 def test_the_adapter_records_how_training_prepared_images_and_inference_follows_it():
     from transformers import AutoConfig
 
-    from mole.adapter import adapter_config, image_settings
     from mole.config import load_config
+    from mole.spec import AdapterSpec, ImageSpec
 
     cfg = load_config(str(TINY_CONFIG), ["data.image_aspect=crop", "data.image_backend=processor"])
-    recorded = adapter_config(cfg, AutoConfig.from_pretrained(TINY_MODEL))
+    spec = AdapterSpec.from_config(cfg, AutoConfig.from_pretrained(TINY_MODEL))
+    recorded = spec.to_dict()
     assert (recorded["image_aspect"], recorded["image_backend"]) == ("crop", "processor")
-    assert image_settings(recorded) == ("crop", "processor"), "inference must prepare images as training did"
-    assert image_settings(recorded, "pad", None) == ("pad", "processor"), "an explicit choice wins"
-    older = {k: v for k, v in recorded.items() if k not in ("image_aspect", "image_backend")}
-    assert image_settings(older) == ("pad", "fast"), "an adapter without the record gets training's defaults"
+    assert AdapterSpec.from_dict(recorded).image == ImageSpec("crop", "processor"), "inference must prepare images as training did"
+    assert spec.image.overridden("pad", None) == ImageSpec("pad", "processor"), "an explicit choice wins"
+    older = {k: v for k, v in recorded.items() if k not in ("image_aspect", "image_backend", "family")}
+    older["format_version"] = 1
+    assert AdapterSpec.from_dict(older).image == ImageSpec("pad", "fast"), "an adapter without the record gets training's defaults"
 
 
 def test_an_answer_cut_inside_a_character_drops_the_half_character():

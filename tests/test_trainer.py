@@ -406,6 +406,30 @@ def test_resuming_onto_a_base_model_of_other_shapes_is_refused_before_it_loads(t
         check_resumable_config(found, cfg)
 
 
+def test_a_run_whose_adapter_is_format_1_resumes_and_is_still_checked(tmp_path):
+    """Runs trained before format 2 left a version-1 mole_config.json beside their checkpoints: it still
+    records the base shapes the resume check compares, and the run settings still come from config.yaml
+    (the fixture records hard routing, a computation change that refuses nothing)."""
+    from mole.config import load_config, save_config
+    from mole.train.checkpoint import check_resumable_config
+
+    cfg = load_config(str(TINY_CONFIG), [f"output_dir={tmp_path}"])
+    save_config(cfg, str(tmp_path / "config.yaml"))
+    fake_checkpoint(tmp_path / "checkpoints", 4)
+    found = resolve_resume("auto", str(tmp_path), world_size=2)
+    (tmp_path / "adapter").mkdir()
+    recorded = json.loads((REPO / "tests" / "data" / "mole_config_v1.json").read_text())
+    assert recorded["format_version"] == 1, "precondition: the fixture is a version-1 file"
+    (tmp_path / "adapter" / "mole_config.json").write_text(json.dumps(recorded))
+    check_resumable_config(found, cfg)
+    other = load_config(str(TINY_CONFIG), [f"output_dir={tmp_path}", "mole.num_experts=2"])
+    with pytest.raises(CheckpointError, match=r"mole\.num_experts: 3 in the checkpoint's run, 2 now"):
+        check_resumable_config(found, other)
+    (tmp_path / "adapter" / "mole_config.json").write_text(json.dumps({**recorded, "hidden_size": 4096}))
+    with pytest.raises(CheckpointError, match=r"model\.name_or_path: hidden_size 4096 in the checkpoint's base model, 64 in "):
+        check_resumable_config(found, cfg)
+
+
 def test_a_torn_last_line_in_a_metrics_log_does_not_stop_a_resume(tmp_path):
     from mole.train.metrics import truncate_jsonl
 

@@ -33,8 +33,8 @@ import torch.distributed as dist
 import yaml
 from transformers import AutoConfig
 
-from mole.adapter import ADAPTER_CONFIG, base_shape_mismatches
-from mole.config import config_to_dict
+from mole.adapter import ADAPTER_CONFIG
+from mole.spec import AdapterSpec, SpecChange, SpecError, config_key
 
 log = logging.getLogger(__name__)
 
@@ -195,16 +195,18 @@ def _started_from(root: str) -> str | None:
         return None
 
 
-STRUCTURAL_KEYS = ("mole.num_experts", "lora.r", "lora.attn_targets", "lora.mlp_targets", "train.train_projector",
-                   "train.optimizer")
-"""Settings a checkpoint's tensors and optimizer state are shaped by: a resumed run must keep them."""
-
-
 def check_resumable_config(resume: Resumable, cfg) -> None:
     """Refuse to resume ``resume`` under a config whose adapter or optimizer it cannot load, naming the
-    keys, instead of DeepSpeed failing on a tensor size after the model has loaded. The checkpoint's
-    settings are read from its run's ``config.yaml`` (``<output_dir>/checkpoints/..``), if there is one."""
-    saved_path = os.path.join(os.path.dirname(os.path.abspath(resume.path)), "config.yaml")
+    keys, instead of DeepSpeed failing on a tensor size after the model has loaded.
+
+    The checkpoint's adapter is the spec this config would train (:meth:`AdapterSpec.from_config`) with
+    what the checkpoint's run recorded in its place (:meth:`AdapterSpec.as_recorded`): its run settings
+    from its ``config.yaml`` (``<output_dir>/checkpoints/..``; no check without one), its base model's
+    family and shapes from the adapter it saved with every checkpoint. A change of the adapter's tensor
+    shapes (:meth:`AdapterSpec.diff`), or of the optimizer whose state the checkpoint holds, is refused.
+    """
+    run_dir = os.path.dirname(os.path.abspath(resume.path))
+    saved_path = os.path.join(run_dir, "config.yaml")
     try:
         with open(saved_path) as handle:
             saved = yaml.safe_load(handle)
@@ -213,17 +215,17 @@ def check_resumable_config(resume: Resumable, cfg) -> None:
     except yaml.YAMLError as err:
         log.warning("%s is not readable YAML (%s); resuming without checking the config against it", saved_path, err)
         return
-    current = config_to_dict(cfg)
-    changed = _base_model_changes(os.path.dirname(saved_path), cfg.model.name_or_path)
-    for key in STRUCTURAL_KEYS:
-        section, name = key.split(".")
-        before = saved.get(section) if isinstance(saved, dict) else None
-        before = before.get(name) if isinstance(before, dict) else None
-        now = current[section][name]
-        if isinstance(now, list) and isinstance(before, list):  # target lists: the order shapes nothing
-            before, now = sorted(map(str, before)), sorted(now)
-        if before is not None and before != now:
-            changed.append(f"{key}: {before!r} in the checkpoint's run, {now!r} now")
+    saved = saved if isinstance(saved, dict) else {}
+    now = AdapterSpec.from_config(cfg, AutoConfig.from_pretrained(cfg.model.name_or_path))
+    try:
+        then = now.as_recorded(saved, _adapter_record(run_dir))
+    except SpecError as err:
+        raise CheckpointError(f"cannot resume {resume.path}/{resume.tag}: its run recorded an adapter no spec "
+                              f"may hold ({saved_path}, {os.path.join(run_dir, 'adapter', ADAPTER_CONFIG)}): {err}") from None
+    changed = [_describe(change, cfg.model.name_or_path) for change in now.diff(then) if change.impact == "shape"]
+    optimizer = saved.get("train", {}).get("optimizer") if isinstance(saved.get("train"), dict) else None
+    if optimizer is not None and optimizer != cfg.train.optimizer:  # its state is shaped by it; not part of the adapter
+        changed.append(f"train.optimizer: {optimizer!r} in the checkpoint's run, {cfg.train.optimizer!r} now")
     if changed:
         raise CheckpointError(
             f"cannot resume {resume.path}/{resume.tag} (its run's config: {saved_path}) with this config: "
@@ -231,22 +233,27 @@ def check_resumable_config(resume: Resumable, cfg) -> None:
         )
 
 
-def _base_model_changes(run_dir: str, model_dir: str) -> list[str]:
-    """The base model shapes the checkpoint's run recorded in its adapter (written with every checkpoint)
-    that ``model_dir`` does not have: a checkpoint of another backbone's adapters cannot load onto it."""
+def _adapter_record(run_dir: str) -> dict | None:
+    """The ``mole_config.json`` object of the run's adapter (written with every checkpoint), read loosely:
+    any version, possibly partial; none when the run saved no adapter yet or it cannot be read."""
+    path = os.path.join(run_dir, "adapter", ADAPTER_CONFIG)
     try:
-        with open(os.path.join(run_dir, "adapter", ADAPTER_CONFIG)) as handle:
-            recorded = json.load(handle)
-        text = AutoConfig.from_pretrained(model_dir).text_config
+        with open(path) as handle:
+            return json.load(handle)
     except FileNotFoundError:  # the run saved no adapter yet: nothing recorded to compare
-        return []
-    except (OSError, ValueError, AttributeError) as err:
+        return None
+    except (OSError, ValueError) as err:
         log.warning("cannot compare the base model's shapes with the checkpoint's run (%s); resuming unchecked", err)
-        return []
-    if not isinstance(recorded, dict):
-        return []
-    return [f"model.name_or_path: {key} {was} in the checkpoint's base model, {now} in {model_dir}"
-            for key, was, now in base_shape_mismatches(recorded, text)]
+        return None
+
+
+def _describe(change: SpecChange, model_dir: str) -> str:
+    """One refusal reason, under the run config key the user would change."""
+    before, after = (list(v) if isinstance(v, tuple) else v for v in (change.before, change.after))
+    key = config_key(change.field)
+    if key is None:  # the base model's family or shapes
+        return f"model.name_or_path: {change.field} {before} in the checkpoint's base model, {after} in {model_dir}"
+    return f"{key}: {before!r} in the checkpoint's run, {after!r} now"
 
 
 def capture_rng(step: int) -> dict:

@@ -18,7 +18,7 @@ import torch
 import torch.distributed as dist
 from tqdm import tqdm
 
-from mole.adapter import adapter_config, gather_trainable_state, save_adapter
+from mole.adapter import gather_trainable_state, save_adapter
 from mole.config import Config, ConfigError, save_config
 from mole.data.sample import SampleProcessor
 from mole.data.shards import expand_shards
@@ -26,6 +26,7 @@ from mole.data.stream import Domain, MixedStream, derive_seed, make_loader
 from mole.distributed import DistInfo, init_distributed, releasing_shared_memory
 from mole.ds_config import build_ds_config, effective_precision
 from mole.model import DTYPES, TrainingModel, build_mole_model
+from mole.spec import AdapterSpec
 from mole.train.checkpoint import Checkpoints, check_resumable_config, record_start, resolve_resume, restore_rng
 from mole.train.evaluation import heldout_batches, heldout_loss
 from mole.train.metrics import StepMetrics, count_parameters
@@ -258,5 +259,5 @@ def _save_adapter(model: TrainingModel, cfg: Config, llava_config, info: DistInf
     """Gather the trainable weights on every rank; rank 0 writes ``output_dir/adapter``."""
     state = gather_trainable_state(model.llava)
     if info.is_main:
-        save_adapter(os.path.join(cfg.output_dir, "adapter"), state, adapter_config(cfg, llava_config))
+        save_adapter(os.path.join(cfg.output_dir, "adapter"), state, AdapterSpec.from_config(cfg, llava_config))
     dist.barrier()
