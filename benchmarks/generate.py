@@ -1,6 +1,6 @@
 """``generate`` bench: tokens/s of Hugging Face ``generate`` with the KV cache, MoLE (K experts) vs plain LoRA (K=1).
 
-Both models are the same random LLaVA (a preset of :mod:`mole.bench.step`) given MoLE by
+Both models are the same random LLaVA (a preset of :mod:`benchmarks.step`) given MoLE by
 :func:`mole.surgery.apply_mole` directly, in eval mode, with non-zero LoRA B matrices so every expert
 changes the output. Each call prefills one image plus a text prompt per sample, then decodes exactly
 ``--new-tokens`` tokens greedily (``min_new_tokens`` = ``max_new_tokens``); the variants alternate.
@@ -13,16 +13,16 @@ import argparse
 
 import torch
 
-from mole.bench import add_clock_args, apply_threads, interleaved, machine, print_table, summarize
-from mole.bench import write_json
-from mole.bench.step import PRESETS, image_tokens, llava_config
+from benchmarks import add_clock_args, apply_threads, interleaved, machine, print_table, summarize
+from benchmarks import write_json
+from benchmarks.step import PRESETS, image_tokens, llava_config
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
     cuda = torch.cuda.is_available()
-    p = argparse.ArgumentParser(prog="bench.py generate", description=__doc__.splitlines()[0])
+    p = argparse.ArgumentParser(prog="python -m benchmarks generate", description=__doc__.splitlines()[0])
     p.add_argument("--size", choices=list(PRESETS), default="mid")
     p.add_argument("--layers", type=int, help="override the preset's LLM layer count")
     p.add_argument("--batch", type=int, default=1)

@@ -31,7 +31,7 @@ from dataclasses import dataclass
 
 import torch
 
-from mole.bench import interleaved, machine, print_table, summarize, synchronize, write_json, write_profile
+from benchmarks import interleaved, machine, print_table, summarize, synchronize, write_json, write_profile
 
 PRESETS = {
     "tiny": dict(hidden=64, intermediate=172, layers=2, heads=4, vocab=512, vision_hidden=32,
@@ -47,7 +47,7 @@ PEAK_BF16_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12}
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
     cuda = torch.cuda.is_available()
-    p = argparse.ArgumentParser(prog="bench.py step", description=__doc__.splitlines()[0])
+    p = argparse.ArgumentParser(prog="python -m benchmarks step", description=__doc__.splitlines()[0])
     p.add_argument("--size", choices=list(PRESETS), default="mid")
     for key in ("layers", "seq", "batch", "hidden", "intermediate", "heads", "vision_layers"):
         p.add_argument(f"--{key.replace('_', '-')}", type=int, help=f"override the preset's {key}")
@@ -76,7 +76,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
 
 
 def _repo_root() -> str:
-    return os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    return os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def main(argv: list[str]) -> dict:
@@ -91,7 +91,7 @@ def launch(argv: list[str], args: argparse.Namespace) -> dict:
     with tempfile.TemporaryDirectory() as tmp:
         out = os.path.join(tmp, "result.json")
         cmd = [sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", str(args.ranks),
-               "--master_port", str(_free_port()), "--module", "mole.bench.step",
+               "--master_port", str(_free_port()), "--module", "benchmarks.step",
                *_without_json(argv), "--worker", "--json", out]
         env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [_repo_root(), os.environ.get("PYTHONPATH")])))
         proc = subprocess.run(cmd, env=env)

@@ -28,8 +28,8 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from mole.balance import switch_loss
-from mole.bench import machine, write_json
-from mole.bench import layer as layer_bench
+from benchmarks import machine, write_json
+from benchmarks import layer as layer_bench
 from mole.experts import MoleMLP, grouped_mm_runs_on_cpu
 
 class OpCounter(TorchDispatchMode):
@@ -54,7 +54,7 @@ def count_ops(fn: Callable[[], object]) -> Counter:
 
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="bench.py ops", description=__doc__.splitlines()[0])
+    p = argparse.ArgumentParser(prog="python -m benchmarks ops", description=__doc__.splitlines()[0])
     p.add_argument("--rank", type=int, default=16, help="LoRA rank r (alpha = 2r); counts do not depend on it")
     p.add_argument("--tokens", type=int, default=64, help="prefill and training tokens (one sequence)")
     p.add_argument("--hidden", type=int, default=64, help="counts do not depend on the widths")

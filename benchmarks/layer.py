@@ -25,7 +25,7 @@ from torch import nn
 from transformers.models.llama.configuration_llama import LlamaConfig
 from transformers.models.llama.modeling_llama import LlamaMLP
 
-from mole.bench import add_clock_args, apply_threads, interleaved, machine, print_table, summarize, write_json, write_profile
+from benchmarks import add_clock_args, apply_threads, interleaved, machine, print_table, summarize, write_json, write_profile
 from mole.experts import MoleMLP, RoutingContext
 
 VARIANTS = ("base", "lora", "mole", "mole_hard", "mole_scaled", "dense", "mixlora", "mole_loop")
@@ -38,7 +38,7 @@ DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="bench.py layer", description=__doc__.splitlines()[0])
+    p = argparse.ArgumentParser(prog="python -m benchmarks layer", description=__doc__.splitlines()[0])
     p.add_argument("--rank", type=int, default=128, help="LoRA rank r (alpha = 2r)")
     p.add_argument("--tokens", type=int, default=256)
     p.add_argument("--hidden", type=int, default=4096)
