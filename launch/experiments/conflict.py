@@ -53,10 +53,10 @@ def main(argv: list[str]) -> int:
     args = parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     os.environ.setdefault("OMP_NUM_THREADS", "1")  # inherited by the run processes
-    sys.path.insert(0, LAUNCH)  # the drawing functions and the model builder of the bundled data and tiny model
+    sys.path.insert(0, os.path.dirname(LAUNCH))  # the drawing functions and the model builder of the bundled data and tiny model
     import torch
-    from make_synthetic_data import DRAWERS
-    from make_tiny_llava import build_model
+    from tools.make_synthetic_data import DRAWERS
+    from tools.make_tiny_llava import build_model
     from transformers import AutoProcessor
 
     from mole.experiments import conflict, conflict_report

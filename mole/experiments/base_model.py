@@ -30,7 +30,7 @@ from mole.data.sample import SampleProcessor
 
 log = logging.getLogger(__name__)
 
-# drawer(rng) -> (image, main colour, colours of the objects), as in launch/make_synthetic_data.py
+# drawer(rng) -> (image, main colour, colours of the objects), as in tools/make_synthetic_data.py
 Drawer = Callable[[random.Random], tuple[Image.Image, str, list[str]]]
 
 CAPTION_PROMPTS = ("Describe the image.", "What does the picture show?", "Write a short caption.")
