@@ -30,7 +30,8 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from mole.balance import switch_loss
 from benchmarks import machine, write_json
 from benchmarks import layer as layer_bench
-from mole.experts import MoleMLP, grouped_mm_runs_on_cpu
+from mole.expert_kernels import grouped_mm_runs_on_cpu
+from mole.experts import MoleMLP
 
 class OpCounter(TorchDispatchMode):
     """Counts the aten ops dispatched while active, views and pure aliases excepted."""
