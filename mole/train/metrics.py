@@ -18,7 +18,7 @@ import torch
 import torch.distributed as dist
 
 from mole.experts import RoutingStats
-from mole.plots import routing_heatmap_array
+from mole.routing_plots import routing_heatmap_array
 from mole.routing_analysis import domain_expert_counts, domain_expert_shares, layer_nmi
 
 log = logging.getLogger(__name__)
