@@ -16,8 +16,8 @@ import torch
 from benchmarks import add_clock_args, apply_threads, interleaved, machine, print_table, summarize
 from benchmarks import write_json
 from benchmarks.step import PRESETS, image_tokens, llava_config
-
-DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+from mole.choices import DType, Routing, options
+from mole.model import DTYPES
 
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
@@ -29,9 +29,9 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--prompt-tokens", type=int, default=32, help="text tokens after the image")
     p.add_argument("--new-tokens", type=int, default=32)
     p.add_argument("--experts", type=int, default=3)
-    p.add_argument("--routing", default="scaled")
+    p.add_argument("--routing", choices=options(Routing), default="scaled")
     p.add_argument("--rank", type=int, default=128)
-    p.add_argument("--dtype", choices=list(DTYPES), default="bf16" if cuda else "fp32")
+    p.add_argument("--dtype", choices=options(DType), default="bf16" if cuda else "fp32")
     p.add_argument("--device", default="cuda" if cuda else "cpu")
     p.add_argument("--repeats", type=int, default=10)
     p.add_argument("--warmup", type=int, default=2)
