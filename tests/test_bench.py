@@ -139,6 +139,7 @@ def run_step_bench(tmp_path, *extra: str, watch: set | None = None) -> dict:
     return json.loads(out.read_text())
 
 
+@pytest.mark.slow
 def test_step_bench_one_rank_reports_ratio_and_model_flops(tmp_path):
     result = run_step_bench(tmp_path, "--ranks", "1")
     assert set(result["ratios"]) == {"lora", "mole"} and result["setup"]["ranks"] == 1
@@ -170,6 +171,7 @@ def test_step_bench_launches_two_ranks_and_leaves_no_shared_memory(tmp_path):
     assert not left, f"the ranks left DeepSpeed's buffers in RAM: {sorted(p.name for p in left)}"
 
 
+@pytest.mark.slow
 def test_the_gpu_script_runs_every_bench_and_keeps_going_past_a_failure(tmp_path):
     """``launch/bench_gpu.sh`` at its smoke shapes, with the first bench made to fail (its result path
     is a directory): the failure is reported, every later bench still leaves its JSON, and the exit

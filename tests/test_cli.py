@@ -36,7 +36,8 @@ def test_unknown_key_suggests_the_right_one():
 
 
 @pytest.mark.parametrize("command, expected", [(["launch/train.py"], "deepspeed launch/train.py [--config PATH]"),
-                                               (["-m", "benchmarks"], "layer     one LLaMA MLP block")])
+                                               pytest.param(["-m", "benchmarks"], "layer     one LLaMA MLP block",
+                                                            marks=pytest.mark.slow)])  # imports every bench
 def test_help_is_an_answer_not_an_error(command, expected):
     proc = run_group([python(), *command, "--help"], timeout=60)  # from the repository root
     assert proc.returncode == 0 and expected in proc.stdout, (proc.stdout + proc.stderr)[-800:]

@@ -25,6 +25,7 @@ def smoke_report(tmp_path_factory):
     return out
 
 
+@pytest.mark.slow
 def test_conflict_json_has_every_variant_and_domain_with_finite_accuracy(smoke_report):
     document = json.loads((smoke_report / "conflict.json").read_text())
     assert set(document) == {"variants", "setup"}, f"top-level keys {sorted(document)}"
@@ -42,6 +43,7 @@ def test_conflict_json_has_every_variant_and_domain_with_finite_accuracy(smoke_r
     assert setup["steps"]["mix2x"] == 2 * setup["steps"]["mix"] == 2 * setup["steps_N"]
 
 
+@pytest.mark.slow
 def test_runs_file_has_finite_losses_and_nmi_in_range(smoke_report):
     details = json.loads((smoke_report / "conflict.runs.json").read_text())
     assert len(details["runs"]) == 8, f"3 single + mix, mix2x, 3 MoLE runs expected, got {len(details['runs'])}"
@@ -61,6 +63,7 @@ def test_runs_file_has_finite_losses_and_nmi_in_range(smoke_report):
     assert held == [None] * 7, f"one seed has no standard error: no claim can be judged, got {held}"
 
 
+@pytest.mark.slow
 def test_markdown_report_names_its_command_and_plot(smoke_report):
     text = (smoke_report / "conflict.md").read_text()
     assert "python -m experiments.run_conflict --smoke" in text
