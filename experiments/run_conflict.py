@@ -24,7 +24,7 @@ SMOKE = {"steps": 6, "seeds": [0], "max_eval_samples": 4, "pretrain_steps": 4, "
 
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m experiments.run_conflict", description=__doc__.split("\n")[0])
     parser.add_argument("--config", default="experiments/conflict.yaml", help="trainer recipe of every run")
     parser.add_argument("--split", default="test", choices=["val", "test"])
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])

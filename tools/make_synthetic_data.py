@@ -246,7 +246,7 @@ Counts are also in `manifest.json`.
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="python -m tools.make_synthetic_data", description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=Path, default=Path("data_shards"))
     args = parser.parse_args()
     manifest = {"image_size": IMAGE_SIZE, "domains": {d: write_domain(args.out, d) for d in DRAWERS}}

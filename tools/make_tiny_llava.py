@@ -186,7 +186,7 @@ def build_model(
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="python -m tools.make_tiny_llava", description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=Path, default=Path("models/tiny-llava"))
     parser.add_argument("--shards", type=Path, default=Path("data_shards"), help="tokenizer training text")
     parser.add_argument("--vocab-size", type=int, default=600)
