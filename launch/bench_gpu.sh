@@ -44,14 +44,14 @@ python3 -c 'import torch; print("torch", torch.__version__, "| device:",
             torch.cuda.get_device_name() if torch.cuda.is_available() else "none")'
 for tokens in "${layer_tokens[@]}"; do
     for rank in 128 16; do
-        run "layer_r${rank}_t${tokens}" 150 python3 launch/bench.py layer --dtype "$dtype" --rank "$rank" \
+        run "layer_r${rank}_t${tokens}" 150 python3 -m benchmarks layer --dtype "$dtype" --rank "$rank" \
             --tokens "$tokens" ${layer_shape[@]+"${layer_shape[@]}"} --repeats "$layer_rounds" --warmup 3 \
             --json "$out/layer_r${rank}_t${tokens}.json"
     done
 done
-run step 300 python3 launch/bench.py step "${step_size[@]}" --dtype "$dtype" --ranks 1 \
+run step 300 python3 -m benchmarks step "${step_size[@]}" --dtype "$dtype" --ranks 1 \
     --repeats "$step_rounds" --warmup 2 --json "$out/step.json"
-run generate 240 python3 launch/bench.py generate "${generate_size[@]}" --dtype "$dtype" \
+run generate 240 python3 -m benchmarks generate "${generate_size[@]}" --dtype "$dtype" \
     --repeats "$generate_rounds" --warmup 1 --json "$out/generate.json"
 echo "== done ($(date -u +%H:%M:%S)): $(ls "$out"/*.json 2>/dev/null | wc -l) result files in $out, $failed failed"
 exit $((failed > 0))

@@ -1,4 +1,4 @@
-"""Auxiliary load-balancing losses and expert-load statistics, computed from :class:`RoutingStats`.
+"""Auxiliary load-balancing losses, computed from :class:`RoutingStats`.
 
 Without a balancing term a top-1 router tends to collapse onto one expert, which turns MoLE back
 into plain LoRA with extra parameters. Both losses below only ever see non-padding tokens: padding
@@ -9,9 +9,8 @@ from __future__ import annotations
 
 import torch
 
+from mole.choices import AuxLoss, options
 from mole.experts import RoutingStats
-
-AUX_LOSSES = ("switch", "per_sample")
 
 
 def switch_loss(stats: list[RoutingStats]) -> torch.Tensor:
@@ -46,7 +45,7 @@ def per_sample_loss(stats: list[RoutingStats]) -> torch.Tensor:
     return (per_sample * has_tokens).sum() / has_tokens.sum().clamp(min=1)
 
 
-def aux_loss(stats: list[RoutingStats], kind: str) -> torch.Tensor:
+def aux_loss(stats: list[RoutingStats], kind: AuxLoss) -> torch.Tensor:
     """The configured balance loss; zero (a constant) when nothing is routed, e.g. plain LoRA."""
     if not stats:
         return torch.zeros(())
@@ -54,9 +53,4 @@ def aux_loss(stats: list[RoutingStats], kind: str) -> torch.Tensor:
         return switch_loss(stats)
     if kind == "per_sample":
         return per_sample_loss(stats)
-    raise ValueError(f"aux loss must be one of {AUX_LOSSES}, got {kind!r}")
-
-
-def expert_load(stats: list[RoutingStats]) -> torch.Tensor:
-    """(layers, K) token counts per expert over the batch's non-padding tokens, for logging."""
-    return torch.stack([layer.count.sum(dim=0) for layer in stats]) if stats else torch.zeros(0, 0)
+    raise ValueError(f"aux loss must be one of {options(AuxLoss)}, got {kind!r}")

@@ -250,7 +250,7 @@ def save_results(results: dict, out_dir: str, title: str) -> list[str]:
     ``routing.png``; return the paths written."""
     import json
 
-    from mole.plots import routing_heatmap_png
+    from mole.routing_plots import routing_heatmap_png
 
     os.makedirs(out_dir, exist_ok=True)
     paths = [os.path.join(out_dir, "metrics.json"), os.path.join(out_dir, "predictions.jsonl")]

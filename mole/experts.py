@@ -20,7 +20,8 @@ Sparse compute: tokens are sorted by expert once per layer (a permutation whose 
 then each projection adds its experts' deltas in place onto the frozen output, with the token weights
 and the LoRA scaling applied to the rank-r intermediate. The per-expert matmuls run either as a loop
 over host-side counts (one ``.tolist()`` per layer; CPU and older GPUs) or as ``torch._grouped_mm``
-over device-side offsets (bf16 on Hopper+, no host sync). ``docs/performance.md`` has the numbers.
+over device-side offsets (bf16 on Hopper+, no host sync); both are hand-written autograd functions in
+:mod:`mole.expert_kernels`. ``docs/performance.md`` has the numbers.
 """
 
 from __future__ import annotations
@@ -32,7 +33,17 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-ROUTING_MODES = ("hard", "scaled", "dense")
+from mole.choices import Routing, options
+from mole.expert_kernels import (
+    GroupedLora,
+    PermuteRows,
+    SortedLora,
+    aligned,
+    grouped_lora,
+    grouped_mm_supported,
+    row_slices,
+    sorted_lora,
+)
 
 
 @dataclass
@@ -125,12 +136,12 @@ class LoraExperts(nn.Module):
         # autograd.Function machinery is host time a decode step spends per projection
         direct = not torch.is_grad_enabled()
         if routes.offsets is not None:
-            args = (_aligned(x), base, _aligned(self.lora_A), _aligned(self.lora_B), routes.token_scale, routes.offsets)
-            return _grouped_lora(*args, self.scaling)[0] if direct else _GroupedLora.apply(*args, routes.idle, self.scaling)
+            args = (aligned(x), base, aligned(self.lora_A), aligned(self.lora_B), routes.token_scale, routes.offsets)
+            return grouped_lora(*args, self.scaling)[0] if direct else GroupedLora.apply(*args, routes.idle, self.scaling)
         args = (x, base, self.lora_A, self.lora_B, routes.token_scale)
         if direct:
-            return _sorted_lora(*args, routes.slices, self.scaling)[0]
-        return _SortedLora.apply(*args, routes.slices, self.scaling)
+            return sorted_lora(*args, routes.slices, self.scaling)[0]
+        return SortedLora.apply(*args, routes.slices, self.scaling)
 
     def _dense(self, x: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
         """sum_e w_e * B_e A_e x, as two matmuls: every expert on every token (K x the LoRA cost)."""
@@ -138,153 +149,6 @@ class LoraExperts(nn.Module):
         xa = torch.einsum("ti,kri->tkr", x, self.lora_A) * weights.unsqueeze(-1)  # (tokens, K, r)
         b_stacked = self.lora_B.permute(0, 2, 1).reshape(num_experts * r, out_features)  # (K*r, out)
         return (xa.reshape(x.shape[0], num_experts * r) @ b_stacked) * self.scaling
-
-
-def _sorted_lora(x, base, lora_a, lora_b, token_scale, slices, scaling):
-    """``base += s_t * B_e A_e x_t`` row slice by row slice (the forward of :class:`_SortedLora`), with
-    ``s_t`` = ``token_scale`` or else ``scaling``; also returns the rank-r intermediates ``h`` and
-    ``hs = h * s`` and the scale ``s`` used."""
-    # x: (tokens, in) sorted by expert; base: (tokens, out); lora_a: (K, r, in); lora_b: (K, out, r)
-    used = [(e, rows) for e, rows in enumerate(slices) if rows.stop > rows.start]  # a decoded token uses one
-    h = x.new_empty(x.shape[0], lora_a.shape[1])  # (tokens, r)
-    for e, rows in used:
-        torch.mm(x[rows], lora_a[e].t(), out=h[rows])
-    scale = scaling if token_scale is None else token_scale  # (tokens, 1)
-    hs = h * scale
-    for e, rows in used:
-        base[rows].addmm_(hs[rows], lora_b[e].t())
-    return base, h, hs, scale
-
-
-def _grouped_lora(x, base, lora_a, lora_b, token_scale, offsets, scaling):
-    """:func:`_sorted_lora` as two grouped GEMMs over the device-side ``offsets`` (forward of :class:`_GroupedLora`)."""
-    h = torch._grouped_mm(x, lora_a.transpose(1, 2), offs=offsets)  # (tokens, r)
-    scale = scaling if token_scale is None else token_scale
-    hs = h * scale
-    base.add_(torch._grouped_mm(hs, lora_b.transpose(1, 2), offs=offsets))
-    return base, h, hs, scale
-
-
-class _SortedLora(torch.autograd.Function):
-    """``base + s_t * B_e A_e x_t`` for tokens sorted by expert, with hand-written backward.
-
-    Expert ``e`` owns rows ``slices[e]``. Every matmul writes its result straight
-    into its rows of one preallocated tensor (``torch.mm(out=...)`` / ``addmm_``), and the token
-    weights and scaling are applied to the rank-r intermediate, not to the (tokens, out) delta, so no
-    pass over a (tokens, out) tensor is spent on concatenation, scaling or the residual add, and the
-    stacked weights' gradients are written per expert with no zero-filled (K, ...) intermediates.
-    An expert with no tokens gets an exact zero gradient (a matmul over an empty slice).
-    """
-
-    @staticmethod
-    def forward(ctx, x, base, lora_a, lora_b, token_scale, slices, scaling):
-        base, h, hs, scale = _sorted_lora(x, base, lora_a, lora_b, token_scale, slices, scaling)
-        ctx.mark_dirty(base)
-        ctx.slices, ctx.scaling, ctx.weighted = slices, scaling, token_scale is not None
-        ctx.save_for_backward(x, h, hs, lora_a, lora_b, scale if ctx.weighted else None)
-        return base
-
-    @staticmethod
-    def backward(ctx, grad):  # grad: (tokens, out)
-        x, h, hs, lora_a, lora_b, scale = ctx.saved_tensors
-        grad = grad.contiguous()
-        need_x, _, need_a, need_b, need_w = ctx.needs_input_grad[:5]
-        grad_hs = grad.new_empty(h.shape)  # (tokens, r)
-        grad_b = torch.empty_like(lora_b) if need_b else None
-        for e, rows in enumerate(ctx.slices):
-            torch.mm(grad[rows], lora_b[e], out=grad_hs[rows])
-            if need_b:
-                torch.mm(grad[rows].t(), hs[rows], out=grad_b[e])
-        grad_h = grad_hs * (scale if ctx.weighted else ctx.scaling)
-        grad_w = (grad_hs * h).sum(-1, keepdim=True) if need_w else None
-        grad_a = torch.empty_like(lora_a) if need_a else None
-        grad_x = torch.empty_like(x) if need_x else None
-        for e, rows in enumerate(ctx.slices):
-            if need_a:
-                torch.mm(grad_h[rows].t(), x[rows], out=grad_a[e])
-            if need_x:
-                torch.mm(grad_h[rows], lora_a[e], out=grad_x[rows])
-        return grad_x, grad, grad_a, grad_b, grad_w, None, None
-
-
-class _GroupedLora(torch.autograd.Function):
-    """:class:`_SortedLora` with each per-expert loop replaced by one ``torch._grouped_mm`` over the
-    device-side ``offsets``: 2 + 4 kernels per projection instead of 2K + 4K, and no host sync.
-
-    A grouped GEMM need not write the weight gradient of a group with no rows, so those experts'
-    gradients are zeroed explicitly (a masked fill by ``idle``, which also clears NaN garbage).
-    """
-
-    @staticmethod
-    def forward(ctx, x, base, lora_a, lora_b, token_scale, offsets, idle, scaling):
-        base, h, hs, scale = _grouped_lora(x, base, lora_a, lora_b, token_scale, offsets, scaling)
-        ctx.mark_dirty(base)
-        ctx.scaling, ctx.weighted = scaling, token_scale is not None
-        ctx.save_for_backward(x, h, hs, lora_a, lora_b, offsets, idle, scale if ctx.weighted else None)
-        return base
-
-    @staticmethod
-    def backward(ctx, grad):  # grad: (tokens, out)
-        x, h, hs, lora_a, lora_b, offsets, idle, scale = ctx.saved_tensors
-        # saved parameters hold whatever storage ZeRO-3 gathered them into for the backward
-        lora_a, lora_b, grad = _aligned(lora_a), _aligned(lora_b), _aligned(grad.contiguous())
-        need_x, _, need_a, need_b, need_w = ctx.needs_input_grad[:5]
-        empty = idle.view(-1, 1, 1)
-        grad_hs = torch._grouped_mm(grad, lora_b, offs=offsets)  # (tokens, r)
-        grad_b = torch._grouped_mm(grad.t(), hs, offs=offsets).masked_fill_(empty, 0) if need_b else None
-        grad_h = grad_hs * (scale if ctx.weighted else ctx.scaling)
-        grad_w = (grad_hs * h).sum(-1, keepdim=True) if need_w else None
-        grad_a = torch._grouped_mm(grad_h.t(), x, offs=offsets).masked_fill_(empty, 0) if need_a else None
-        grad_x = torch._grouped_mm(grad_h, lora_a, offs=offsets) if need_x else None
-        return grad_x, grad, grad_a, grad_b, grad_w, None, None, None
-
-
-def _aligned(t: torch.Tensor) -> torch.Tensor:
-    """``t``, or a fresh copy where its data is not 16-byte aligned, as ``torch._grouped_mm`` requires
-    (ZeRO-3 gathers a parameter into a flat buffer at whatever offset it has there)."""
-    return t if t.data_ptr() % 16 == 0 else t.clone()
-
-
-def grouped_mm_supported(x: torch.Tensor, *widths: int) -> bool:
-    """Whether ``torch._grouped_mm`` runs natively here: bf16 on a Hopper-or-newer GPU and every matrix
-    width a multiple of 8 (16-byte rows); misaligned operands are copied (:func:`_aligned`)."""
-    return (
-        hasattr(torch, "_grouped_mm")
-        and x.is_cuda
-        and x.dtype == torch.bfloat16
-        and torch.cuda.get_device_capability(x.device) >= (9, 0)
-        and all(w % 8 == 0 for w in widths)
-    )
-
-
-def grouped_mm_runs_on_cpu() -> bool:
-    """Whether this torch has a CPU ``torch._grouped_mm`` (2.9 and newer), so the GPU's dispatch path can
-    be exercised and counted on a CPU."""
-    try:
-        torch._grouped_mm(torch.randn(4, 8), torch.randn(2, 8, 8), offs=torch.tensor([1, 4], dtype=torch.int32))
-    except (AttributeError, TypeError, RuntimeError, NotImplementedError):
-        return False
-    return True
-
-
-def _slices(ends: list[int]) -> list[slice]:
-    """Row ranges of consecutive groups ending (exclusive) at ``ends``."""
-    return [slice(lo, hi) for lo, hi in zip([0, *ends[:-1]], ends)]
-
-
-class _PermuteRows(torch.autograd.Function):
-    """``x[perm]`` for a permutation; its gradient is a gather by the inverse permutation, not a
-    zero-filled scatter-add as plain indexing's backward must assume for arbitrary indices."""
-
-    @staticmethod
-    def forward(ctx, x, perm, inverse):
-        ctx.save_for_backward(inverse)
-        return x.index_select(0, perm)
-
-    @staticmethod
-    def backward(ctx, grad):
-        (inverse,) = ctx.saved_tensors
-        return grad.index_select(0, inverse), None, None
 
 
 class MoleMLP(nn.Module):
@@ -303,13 +167,13 @@ class MoleMLP(nn.Module):
         r: int,
         alpha: float,
         dropout: float,
-        routing: str,
+        routing: Routing,
         context: RoutingContext,
         targets: tuple[str, ...] = ("gate_proj", "up_proj", "down_proj"),
     ):
         super().__init__()
-        if routing not in ROUTING_MODES:
-            raise ValueError(f"routing must be one of {ROUTING_MODES}, got {routing!r}")
+        if routing not in options(Routing):
+            raise ValueError(f"routing must be one of {options(Routing)}, got {routing!r}")
         if num_experts < 1:
             raise ValueError(f"num_experts must be >= 1, got {num_experts}")
         self.gate_proj, self.up_proj, self.down_proj = base_mlp.gate_proj, base_mlp.up_proj, base_mlp.down_proj
@@ -358,12 +222,12 @@ class MoleMLP(nn.Module):
         tokens = hidden.reshape(batch * seq, width)
         routes, order, inverse = self._route(tokens, batch, seq)
         if order is not None:  # group tokens by expert: each expert's tokens become one contiguous slice
-            tokens = _PermuteRows.apply(tokens, order, inverse)
+            tokens = PermuteRows.apply(tokens, order, inverse)
         gate = self._project("gate_proj", tokens, routes)
         up = self._project("up_proj", tokens, routes)
         out = self._project("down_proj", self.act_fn(gate) * up, routes)
         if order is not None:
-            out = _PermuteRows.apply(out, inverse, order)  # back to the original token order
+            out = PermuteRows.apply(out, inverse, order)  # back to the original token order
         return out.reshape(batch, seq, -1)
 
     def _project(self, name: str, x: torch.Tensor, routes: Routes) -> torch.Tensor:
@@ -397,14 +261,14 @@ class MoleMLP(nn.Module):
         ends = torch.searchsorted(sorted_experts, self._expert_ids, right=True, out_int32=True)  # (K,)
         scale = None
         if self.routing == "scaled":  # once per layer for the three projections, LoRA scaling included
-            top_prob = top_prob.unsqueeze(1) if order is None else _PermuteRows.apply(top_prob.unsqueeze(1), order, inverse)
+            top_prob = top_prob.unsqueeze(1) if order is None else PermuteRows.apply(top_prob.unsqueeze(1), order, inverse)
             scale = (top_prob * self.scaling).to(tokens.dtype)  # (tokens, 1)
         if self._grouped(tokens):
             # which experts got no token: only the backward needs it (their weight gradients are zeroed)
             idle = ends == F.pad(ends[:-1], (1, 0)) if torch.is_grad_enabled() else None
             routes = Routes(offsets=ends, idle=idle, token_scale=scale)
         else:
-            routes = Routes(slices=_slices(ends.tolist()), token_scale=scale)  # .tolist() waits for the device
+            routes = Routes(slices=row_slices(ends.tolist()), token_scale=scale)  # .tolist() waits for the device
         return routes, order, inverse
 
     def _grouped(self, tokens: torch.Tensor) -> bool:

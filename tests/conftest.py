@@ -9,10 +9,13 @@ from tests.helpers import launch_training, remove_shared_memory_buffers
 
 
 def pytest_collection_modifyitems(items):
-    """A test that uses the 2-rank runs is as slow as one that launches them: mark it the same."""
+    """A test that uses the 2-rank runs is as slow as one that launches them: mark it the same. Every
+    multi-process test is also ``slow``, so ``-m "not slow"`` is the fast tier."""
     for item in items:
         if "mode_runs" in getattr(item, "fixturenames", ()):
             item.add_marker(pytest.mark.distributed)
+        if item.get_closest_marker("distributed"):
+            item.add_marker(pytest.mark.slow)
 
 @pytest.fixture(scope="session")
 def mode_runs(tmp_path_factory):

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from mole.bench import summarize
+from benchmarks import summarize
 from tests.helpers import REPO, python
 
 H, I, R, K, T = 32, 48, 4, 3, 16
@@ -31,7 +31,7 @@ def test_summarize_takes_ratios_of_medians_and_paired_iqr():
 
 
 def test_interleaved_rotates_the_order_and_leaves_the_warm_up_rounds_out():
-    from mole.bench import interleaved
+    from benchmarks import interleaved
 
     calls: list[str] = []
 
@@ -48,7 +48,7 @@ def test_interleaved_rotates_the_order_and_leaves_the_warm_up_rounds_out():
 
 
 def test_layer_bench_runs_every_variant_with_the_right_trainable_parameters(tmp_path):
-    from mole.bench import layer
+    from benchmarks import layer
 
     out = tmp_path / "layer.json"
     result = layer.main(["--hidden", str(H), "--intermediate", str(I), "--tokens", str(T), "--rank", str(R),
@@ -68,7 +68,7 @@ def test_layer_bench_runs_every_variant_with_the_right_trainable_parameters(tmp_
 
 
 def test_layer_bench_with_one_expert_is_plain_lora_on_our_code(tmp_path):
-    from mole.bench import layer
+    from benchmarks import layer
 
     result = layer.main(["--hidden", str(H), "--intermediate", str(I), "--tokens", str(T), "--rank", str(R),
                          "--experts", "1", "--variants", "mole", "--repeats", "1", "--warmup", "0"])
@@ -78,7 +78,7 @@ def test_layer_bench_with_one_expert_is_plain_lora_on_our_code(tmp_path):
 
 def test_ops_bench_counts_the_host_work_of_each_variant(tmp_path):
     """Counts, not times: exact on any machine, so they pin properties of the layer's host work."""
-    from mole.bench import ops
+    from benchmarks import ops
 
     out = tmp_path / "ops.json"
     result = ops.main(["--hidden", str(H), "--intermediate", str(I), "--tokens", str(T), "--rank", "8",
@@ -110,7 +110,7 @@ def test_ops_bench_counts_the_host_work_of_each_variant(tmp_path):
 
 
 def test_generate_bench_decodes_the_requested_tokens(tmp_path):
-    from mole.bench import generate
+    from benchmarks import generate
 
     result = generate.main(["--size", "tiny", "--new-tokens", "3", "--prompt-tokens", "4", "--rank", "4",
                             "--repeats", "1", "--warmup", "0", "--json", str(tmp_path / "gen.json")])
@@ -121,7 +121,7 @@ def test_generate_bench_decodes_the_requested_tokens(tmp_path):
 def run_step_bench(tmp_path, *extra: str, watch: set | None = None) -> dict:
     """The step bench in its own process; ``watch`` collects the DeepSpeed buffers seen in /dev/shm meanwhile."""
     out = tmp_path / "step.json"
-    cmd = [python(), str(REPO / "launch" / "bench.py"), "step", "--size", "tiny", "--rank", "4",
+    cmd = [python(), "-m", "benchmarks", "step", "--size", "tiny", "--rank", "4",
            "--repeats", "1", "--warmup", "1", "--json", str(out), *extra]
     env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK")}
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO), env.get("PYTHONPATH")]))
@@ -139,6 +139,7 @@ def run_step_bench(tmp_path, *extra: str, watch: set | None = None) -> dict:
     return json.loads(out.read_text())
 
 
+@pytest.mark.slow
 def test_step_bench_one_rank_reports_ratio_and_model_flops(tmp_path):
     result = run_step_bench(tmp_path, "--ranks", "1")
     assert set(result["ratios"]) == {"lora", "mole"} and result["setup"]["ranks"] == 1
@@ -170,6 +171,7 @@ def test_step_bench_launches_two_ranks_and_leaves_no_shared_memory(tmp_path):
     assert not left, f"the ranks left DeepSpeed's buffers in RAM: {sorted(p.name for p in left)}"
 
 
+@pytest.mark.slow
 def test_the_gpu_script_runs_every_bench_and_keeps_going_past_a_failure(tmp_path):
     """``launch/bench_gpu.sh`` at its smoke shapes, with the first bench made to fail (its result path
     is a directory): the failure is reported, every later bench still leaves its JSON, and the exit

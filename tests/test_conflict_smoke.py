@@ -18,13 +18,14 @@ VARIANTS = ("single", "mix", "mix2x", "mole", "mole_hard", "mole_scaled", "mole_
 @pytest.fixture(scope="module")
 def smoke_report(tmp_path_factory):
     work, out = tmp_path_factory.mktemp("conflict_work"), tmp_path_factory.mktemp("conflict_out")
-    cmd = [python(), str(REPO / "launch" / "experiments" / "conflict.py"), "--smoke", "--work-dir", str(work), "--out", str(out)]
+    cmd = [python(), "-m", "experiments.run_conflict", "--smoke", "--work-dir", str(work), "--out", str(out)]
     env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
     proc = run_group(cmd, timeout=300, env=env)
     assert proc.returncode == 0, f"smoke experiment failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
     return out
 
 
+@pytest.mark.slow
 def test_conflict_json_has_every_variant_and_domain_with_finite_accuracy(smoke_report):
     document = json.loads((smoke_report / "conflict.json").read_text())
     assert set(document) == {"variants", "setup"}, f"top-level keys {sorted(document)}"
@@ -42,6 +43,7 @@ def test_conflict_json_has_every_variant_and_domain_with_finite_accuracy(smoke_r
     assert setup["steps"]["mix2x"] == 2 * setup["steps"]["mix"] == 2 * setup["steps_N"]
 
 
+@pytest.mark.slow
 def test_runs_file_has_finite_losses_and_nmi_in_range(smoke_report):
     details = json.loads((smoke_report / "conflict.runs.json").read_text())
     assert len(details["runs"]) == 8, f"3 single + mix, mix2x, 3 MoLE runs expected, got {len(details['runs'])}"
@@ -61,9 +63,10 @@ def test_runs_file_has_finite_losses_and_nmi_in_range(smoke_report):
     assert held == [None] * 7, f"one seed has no standard error: no claim can be judged, got {held}"
 
 
+@pytest.mark.slow
 def test_markdown_report_names_its_command_and_plot(smoke_report):
     text = (smoke_report / "conflict.md").read_text()
-    assert "python launch/experiments/conflict.py --smoke" in text
+    assert "python -m experiments.run_conflict --smoke" in text
     assert "![accuracy and routing NMI](conflict.png)" in text
     assert (smoke_report / "conflict.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     for claim in ("(a)", "(b)", "(c)"):
@@ -76,7 +79,7 @@ def test_a_cached_run_is_reused_only_under_the_recipe_it_was_trained_with(tmp_pa
     recipe or pretraining config, not with what the base's pretraining measured."""
     from dataclasses import asdict
 
-    from mole.experiments.conflict import ExperimentConfig, run_specs
+    from experiments.conflict import ExperimentConfig, run_specs
 
     base, recipe = tmp_path / "base", tmp_path / "recipe.yaml"
     base.mkdir()

@@ -11,7 +11,7 @@ import torch
 from PIL import Image
 from transformers import AutoProcessor
 
-from mole.bench import data as data_bench
+from benchmarks import data as data_bench
 from mole.data.images import (
     FAST_MAX_LEVELS,
     FastPixels,

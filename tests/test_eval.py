@@ -11,8 +11,8 @@ import torch
 
 from mole.evaluate import expand_eval_shards
 from mole.experts import RoutingStats
-from mole.plots import routing_heatmap_array, routing_heatmap_png
 from mole.routing_analysis import domain_expert_counts, domain_expert_shares, normalized_mutual_information
+from mole.routing_plots import routing_heatmap_array, routing_heatmap_png
 from tests.helpers import REPO, cli_env, launch_module, one_torch_thread, python, run_group
 
 

@@ -10,7 +10,8 @@ from transformers.models.llama.configuration_llama import LlamaConfig
 from transformers.models.llama.modeling_llama import LlamaMLP
 
 from mole.balance import aux_loss, per_sample_loss, switch_loss
-from mole.experts import MoleMLP, RoutingContext, RoutingStats, grouped_mm_runs_on_cpu
+from mole.expert_kernels import grouped_mm_runs_on_cpu
+from mole.experts import MoleMLP, RoutingContext, RoutingStats
 
 HIDDEN, INTER, K, R = 16, 24, 3, 4
 

@@ -84,6 +84,7 @@ def test_text_only_batch_still_runs_the_vision_tower_and_projector(tiny):
     assert torch.isfinite(out["loss"])
 
 
+@pytest.mark.slow
 def test_nonfinite_loss_stops_the_run_naming_the_step(tmp_path):
     proc = run_group(
         [python(), str(REPO / "launch" / "train.py"), "--config", str(TINY_CONFIG), "train.max_steps=6",

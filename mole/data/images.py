@@ -29,6 +29,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
+from mole.choices import ImageAspect, ImageBackend, options
 from mole.data.errors import BadSample
 
 log = logging.getLogger(__name__)
@@ -40,7 +41,6 @@ IMAGE_FORMATS = ("JPEG", "PNG", "WEBP", "GIF", "BMP")
 """Pillow formats decoded from data, whatever a member's extension says (real sets hold GIFs named ``.jpg``).
 An allow-list, because Pillow's open tries every plugin it has, and some hand the bytes to another
 program (EPS runs Ghostscript)."""
-IMAGE_BACKENDS = ("fast", "processor")
 FAST_MAX_LEVELS = 2  # the fast path's largest difference from the processor, in uint8 levels
 _TORCH_MODES = {Image.Resampling.BICUBIC: "bicubic", Image.Resampling.BILINEAR: "bilinear"}
 
@@ -241,14 +241,14 @@ def max_level_difference(a: torch.Tensor, b: torch.Tensor, image_processor) -> f
     return float(((a - b).abs() * std / scale).max())
 
 
-def make_pixel_transform(image_processor, aspect: str, backend: str = "fast") -> PixelTransform:
+def make_pixel_transform(image_processor, aspect: ImageAspect, backend: ImageBackend = "fast") -> PixelTransform:
     """The image path a sample processor uses: ``fast`` when it reproduces ``processor`` on the probe
     images within ``FAST_MAX_LEVELS``, else (with a warning) the processor itself."""
     reference = ProcessorPixels(image_processor, aspect)
     if backend == "processor":
         return reference
     if backend != "fast":
-        raise ValueError(f"unknown image backend {backend!r}; expected one of {IMAGE_BACKENDS}")
+        raise ValueError(f"unknown image backend {backend!r}; expected one of {options(ImageBackend)}")
     if not FastPixels.supports(image_processor):
         log.warning("image backend 'fast' cannot reproduce %s with this config; using the processor", type(image_processor).__name__)
         return reference

@@ -49,11 +49,6 @@ def derive_seed(*parts: object) -> int:
     return int.from_bytes(digest[:8], "little")
 
 
-def skip_metrics(skipped: Counter) -> dict[str, int]:
-    """``data/skipped`` (the total) and ``data/skipped/<domain>/<reason>`` for a metrics logger."""
-    return {"data/skipped": sum(skipped.values()), **{f"data/skipped/{key}": n for key, n in sorted(skipped.items())}}
-
-
 class MixedStream(IterableDataset):
     """Infinite batches drawn from weighted domains; each batch carries the skip counts since the last.
 

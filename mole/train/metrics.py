@@ -18,8 +18,8 @@ import torch
 import torch.distributed as dist
 
 from mole.experts import RoutingStats
-from mole.plots import routing_heatmap_array
 from mole.routing_analysis import domain_expert_counts, domain_expert_shares, layer_nmi
+from mole.routing_plots import routing_heatmap_array
 
 log = logging.getLogger(__name__)
 

@@ -10,6 +10,7 @@ on this project's CPU, an AdamW step over 17.4 M fp32 elements took 0.108 s unfu
 
 from __future__ import annotations
 
+import math
 from contextlib import contextmanager
 
 import torch
@@ -27,6 +28,19 @@ def param_groups(model: nn.Module, lr: float, projector_lr: float) -> list[dict]
     if projector:
         groups.append({"params": projector, "lr": projector_lr})
     return groups
+
+
+def warmup_cosine(warmup: int, total: int, floor: float = 0.0):
+    """LR factor per optimizer step: linear warmup to 1, then cosine decay towards ``floor`` at ``total``
+    (and ``floor`` after it)."""
+
+    def factor(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / warmup
+        progress = min(1.0, (step - warmup) / max(1, total - warmup))
+        return floor + (1.0 - floor) * 0.5 * (1.0 + math.cos(math.pi * progress))
+
+    return factor
 
 
 def build_optimizer(groups: list[dict], name: str, lr: float, weight_decay: float) -> torch.optim.Optimizer:

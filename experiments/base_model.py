@@ -16,7 +16,6 @@ from __future__ import annotations
 import io
 import json
 import logging
-import math
 import random
 import time
 from collections.abc import Callable
@@ -27,10 +26,11 @@ from PIL import Image
 
 from mole.data.collate import collate
 from mole.data.sample import SampleProcessor
+from mole.train.optim import warmup_cosine
 
 log = logging.getLogger(__name__)
 
-# drawer(rng) -> (image, main colour, colours of the objects), as in launch/make_synthetic_data.py
+# drawer(rng) -> (image, main colour, colours of the objects), as in tools/make_synthetic_data.py
 Drawer = Callable[[random.Random], tuple[Image.Image, str, list[str]]]
 
 CAPTION_PROMPTS = ("Describe the image.", "What does the picture show?", "Write a short caption.")
@@ -107,7 +107,7 @@ def pretrain(model, processor, drawers: dict[str, Drawer], cfg: PretrainConfig) 
     model.train()
     model.requires_grad_(True)
     optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
-    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, _warmup_cosine(cfg.warmup_steps, cfg.steps))
+    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_cosine(cfg.warmup_steps, cfg.steps, floor=0.1))
     order: list[int] = []
     losses: list[float] = []
     pad = processor.tokenizer.pad_token_id
@@ -134,16 +134,6 @@ def pretrain(model, processor, drawers: dict[str, Drawer], cfg: PretrainConfig) 
     window = max(1, min(50, len(losses)))
     return {"config": asdict(cfg), "first_loss": losses[0], "final_loss": sum(losses[-window:]) / window,
             "seconds": round(time.perf_counter() - started, 1)}
-
-
-def _warmup_cosine(warmup: int, total: int):
-    def factor(step: int) -> float:
-        if step < warmup:
-            return (step + 1) / warmup
-        progress = min(1.0, (step - warmup) / max(1, total - warmup))
-        return 0.1 + 0.9 * 0.5 * (1.0 + math.cos(math.pi * progress))
-
-    return factor
 
 
 @torch.no_grad()

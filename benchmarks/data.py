@@ -4,7 +4,7 @@ COCO-sized photos (640x480 JPEG, ~100 KB, drawn deterministically) go to LLaVA-1
 a ``CLIPImageProcessor`` configured as llava-1.5-7b-hf's (shortest edge 336, centre crop 336,
 bicubic, CLIP mean/std) with the bundled tiny model's tokenizer and chat template, 576 image tokens,
 ``max_length`` 2048, images padded to a square first (``image_aspect: pad``). Variants, timed
-interleaved (see :mod:`mole.bench`), each over the same ``--samples`` samples per round:
+interleaved (see :mod:`benchmarks`), each over the same ``--samples`` samples per round:
 
 * ``decode``: ``decode_image`` alone (Pillow, libjpeg-turbo);
 * ``processor``: decode + transformers' image processor (its PIL backend, what transformers uses
@@ -31,11 +31,11 @@ import numpy as np
 import torch
 from PIL import Image, ImageDraw, ImageFilter
 
-from mole.bench import interleaved, machine, print_table, summarize, write_json
+from benchmarks import interleaved, machine, print_table, summarize, write_json
 from mole.data.images import FastPixels, ProcessorPixels, decode_image, max_level_difference
 from mole.data.stream import Domain, MixedStream, SampleProcessor
 
-REPO = Path(__file__).resolve().parents[2]
+REPO = Path(__file__).resolve().parents[1]
 VARIANTS = ("decode", "processor", "fast", "worker", "worker_processor")
 BATCH_SIZE = 8
 CONVERSATION = [  # a COCO conversation in LLaVA-1.5's mix: three rounds about one photo
@@ -47,7 +47,7 @@ CONVERSATION = [  # a COCO conversation in LLaVA-1.5's mix: three rounds about o
 
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="bench.py data", description=__doc__.splitlines()[0])
+    p = argparse.ArgumentParser(prog="python -m benchmarks data", description=__doc__.splitlines()[0])
     p.add_argument("--samples", type=int, default=64, help="samples per variant per round")
     p.add_argument("--images", type=int, default=32, help="distinct 640x480 JPEGs (samples cycle through them)")
     p.add_argument("--repeats", type=int, default=7, help="timed rounds")

@@ -25,20 +25,21 @@ from torch import nn
 from transformers.models.llama.configuration_llama import LlamaConfig
 from transformers.models.llama.modeling_llama import LlamaMLP
 
-from mole.bench import add_clock_args, apply_threads, interleaved, machine, print_table, summarize, write_json, write_profile
+from benchmarks import add_clock_args, apply_threads, interleaved, machine, print_table, summarize, write_json, write_profile
+from mole.choices import DType, Routing, options
 from mole.experts import MoleMLP, RoutingContext
+from mole.model import DTYPES
 
 VARIANTS = ("base", "lora", "mole", "mole_hard", "mole_scaled", "dense", "mixlora", "mole_loop")
 CPU_VARIANTS = VARIANTS[:-1]
 """``mole_loop``: the default mode forced onto the per-expert loop (host-side counts). It differs from
 ``mole`` only where ``mole`` takes the grouped-GEMM path, a GPU, so it runs by default only there."""
-DEFAULT_ROUTING = "scaled"
+DEFAULT_ROUTING: Routing = "scaled"
 DROPOUT = 0.05
-DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="bench.py layer", description=__doc__.splitlines()[0])
+    p = argparse.ArgumentParser(prog="python -m benchmarks layer", description=__doc__.splitlines()[0])
     p.add_argument("--rank", type=int, default=128, help="LoRA rank r (alpha = 2r)")
     p.add_argument("--tokens", type=int, default=256)
     p.add_argument("--hidden", type=int, default=4096)
@@ -48,7 +49,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--warmup", type=int, default=2, help="uncounted rounds first")
     p.add_argument("--variants", help="comma-separated subset (lora is always run); default: all on a GPU, "
                    "all but mole_loop on a CPU")
-    p.add_argument("--dtype", choices=list(DTYPES), default="fp32")
+    p.add_argument("--dtype", choices=options(DType), default="fp32")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--json", help="write the result here")

@@ -18,7 +18,7 @@ import math
 import os
 from collections import defaultdict
 
-from mole.experiments.conflict import ALIASES, DOMAINS
+from experiments.conflict import ALIASES, DOMAINS
 
 ROW_ORDER = ("single", "mix", "mix2x", "mole", "mole_hard", "mole_scaled", "mole_dense")
 NOT_JUDGED = "**not judged** (fewer than two seeds: no standard error)"

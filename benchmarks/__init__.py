@@ -1,4 +1,4 @@
-"""Benchmarks: each subcommand of ``launch/bench.py`` is a module here with ``main(argv) -> dict``.
+"""Benchmarks: each subcommand of ``python -m benchmarks`` is a module here with ``main(argv) -> dict``.
 
 Shared CPUs are noisy (+-10 % between runs), so every bench times its variants *interleaved* in one
 process: round after round, each variant runs once per round (in a rotating order), after warm-up

@@ -1,7 +1,7 @@
 """The data-conflict experiment (issue 6): does MoLE on a mix of conflicting domains beat plain LoRA?
 
 On the bundled domains (``shapes``, ``charts``, ``tissue``: the same questions, answered in three
-conventions) and a small base pretrained on neutral captions (:mod:`mole.experiments.base_model`),
+conventions) and a small base pretrained on neutral captions (:mod:`experiments.base_model`),
 adapters are trained with the real trainer (:func:`mole.train.loop.run`, one rank, ZeRO-2) and
 evaluated with :func:`mole.evaluate.evaluate`, for several seeds:
 

@@ -31,7 +31,8 @@ from dataclasses import dataclass
 
 import torch
 
-from mole.bench import interleaved, machine, print_table, summarize, synchronize, write_json, write_profile
+from benchmarks import interleaved, machine, print_table, summarize, synchronize, write_json, write_profile
+from mole.choices import DType, Routing, options
 
 PRESETS = {
     "tiny": dict(hidden=64, intermediate=172, layers=2, heads=4, vocab=512, vision_hidden=32,
@@ -47,15 +48,15 @@ PEAK_BF16_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12}
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
     cuda = torch.cuda.is_available()
-    p = argparse.ArgumentParser(prog="bench.py step", description=__doc__.splitlines()[0])
+    p = argparse.ArgumentParser(prog="python -m benchmarks step", description=__doc__.splitlines()[0])
     p.add_argument("--size", choices=list(PRESETS), default="mid")
     for key in ("layers", "seq", "batch", "hidden", "intermediate", "heads", "vision_layers"):
         p.add_argument(f"--{key.replace('_', '-')}", type=int, help=f"override the preset's {key}")
     p.add_argument("--experts", type=int, default=3, help="K of the MoLE variant (the baseline has K=1)")
-    p.add_argument("--routing", default="scaled")
+    p.add_argument("--routing", choices=options(Routing), default="scaled")
     p.add_argument("--rank", type=int, default=128, help="LoRA rank r (alpha = 2r) of experts and attention LoRA")
     p.add_argument("--ranks", type=int, default=1 if cuda else 2, help="data-parallel processes")
-    p.add_argument("--dtype", choices=["fp32", "bf16"], default="bf16" if cuda else "fp32")
+    p.add_argument("--dtype", choices=options(DType), default="bf16" if cuda else "fp32")
     p.add_argument("--ds-config", default=os.path.join(_repo_root(), "ds_configs", "zero3.json"))
     p.add_argument("--bucket-size", type=int, help="override the JSON's reduce and prefetch bucket sizes "
                    "(elements); each engine allocates such buffers, so a small machine needs smaller ones")
@@ -76,7 +77,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
 
 
 def _repo_root() -> str:
-    return os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    return os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def main(argv: list[str]) -> dict:
@@ -91,7 +92,7 @@ def launch(argv: list[str], args: argparse.Namespace) -> dict:
     with tempfile.TemporaryDirectory() as tmp:
         out = os.path.join(tmp, "result.json")
         cmd = [sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", str(args.ranks),
-               "--master_port", str(_free_port()), "--module", "mole.bench.step",
+               "--master_port", str(_free_port()), "--module", "benchmarks.step",
                *_without_json(argv), "--worker", "--json", out]
         env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [_repo_root(), os.environ.get("PYTHONPATH")])))
         proc = subprocess.run(cmd, env=env)
@@ -296,9 +297,11 @@ def run(args: argparse.Namespace) -> dict:
 
 
 def _measure(args: argparse.Namespace, info) -> dict:
+    from mole.model import DTYPES
+
     if info.device.type == "cpu":  # ranks share the cores; oversubscribed threads spin against each other
         torch.set_num_threads(max(1, (os.cpu_count() or 1) // info.world_size))
-    dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[args.dtype]
+    dtype = DTYPES[args.dtype]
     ds_config = filled_ds_config(args, info.world_size)
     variants = {"lora": 1, "mole": args.experts}
     engines = {name: build_engine(args, k, ds_config, dtype) for name, k in variants.items()}

@@ -1,12 +1,12 @@
 """The data-conflict experiment (issue 6): single-domain LoRA vs LoRA on the mix vs MoLE, several seeds.
 
-    python launch/experiments/conflict.py                 # the reported experiment -> docs/results/conflict.*
-    python launch/experiments/conflict.py --split val     # what the recipe was chosen on -> runs/conflict/report_val/
-    python launch/experiments/conflict.py --smoke         # seconds: one seed, a few steps (the test suite)
+    python -m experiments.run_conflict                # the reported experiment -> docs/results/conflict.*
+    python -m experiments.run_conflict --split val    # what the recipe was chosen on -> runs/conflict/report_val/
+    python -m experiments.run_conflict --smoke        # seconds: one seed, a few steps (the test suite)
 
 Run from the repository root. Pretrains a small LLaVA base on neutral captions (cached in
 ``<work-dir>/base``), trains every adapter with the real trainer (one rank, one fresh process per
-run, ``--workers`` at a time) and evaluates it per domain. See mole/experiments/conflict.py.
+run, ``--workers`` at a time) and evaluates it per domain. See experiments/conflict.py.
 """
 
 from __future__ import annotations
@@ -17,15 +17,15 @@ import os
 import shlex
 import sys
 
-LAUNCH = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # The base: tiny-llava's tokenizer and processor (56 px, 16 image tokens), larger towers.
 BASE_RECIPE = {"vision_hidden": 64, "vision_layers": 2, "text_hidden": 128, "text_layers": 4, "text_heads": 4}
 SMOKE = {"steps": 6, "seeds": [0], "max_eval_samples": 4, "pretrain_steps": 4, "pretrain_samples": 16, "workers": 0}
 
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--config", default="launch/experiments/conflict.yaml", help="trainer recipe of every run")
+    parser = argparse.ArgumentParser(prog="python -m experiments.run_conflict", description=__doc__.split("\n")[0])
+    parser.add_argument("--config", default="experiments/conflict.yaml", help="trainer recipe of every run")
     parser.add_argument("--split", default="test", choices=["val", "test"])
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--steps", type=int, default=1200, help="N: steps of the mix runs")
@@ -38,7 +38,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
                         help="extra trainer override for every run (tuning on val)")
     parser.add_argument("--work-dir", default="runs/conflict", help="base model and runs")
     parser.add_argument("--out", help="report directory (default: docs/results for test, <work-dir>/report_val for val)")
-    parser.add_argument("--notes", default="launch/experiments/conflict_notes.md",
+    parser.add_argument("--notes", default="experiments/conflict_notes.md",
                         help="hand-written discussion included in the report when it exists (test split only)")
     parser.add_argument("--smoke", action="store_true", help="tiny everything, one seed: checks the pipeline only")
     args = parser.parse_args(argv)
@@ -53,19 +53,18 @@ def main(argv: list[str]) -> int:
     args = parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     os.environ.setdefault("OMP_NUM_THREADS", "1")  # inherited by the run processes
-    sys.path.insert(0, LAUNCH)  # the drawing functions and the model builder of the bundled data and tiny model
     import torch
-    from make_synthetic_data import DRAWERS
-    from make_tiny_llava import build_model
     from transformers import AutoProcessor
 
-    from mole.experiments import conflict, conflict_report
-    from mole.experiments.base_model import PretrainConfig, write_base
+    from experiments import conflict, conflict_report
+    from experiments.base_model import PretrainConfig, write_base
+    from tools.make_synthetic_data import DRAWERS  # the bundled data's drawing functions
+    from tools.make_tiny_llava import build_model  # and its tiny model's builder
 
     torch.set_num_threads(1)
-    command = "python launch/experiments/conflict.py " + shlex.join(argv)
+    command = "python -m experiments.run_conflict " + shlex.join(argv)
     base_dir = os.path.join(args.work_dir, "base" + ("_smoke" if args.smoke else ""))
-    processor = AutoProcessor.from_pretrained(os.path.join(LAUNCH, "..", "models", "tiny-llava"))
+    processor = AutoProcessor.from_pretrained(os.path.join(REPO, "models", "tiny-llava"))
     pretrain_cfg = PretrainConfig(samples_per_domain=args.pretrain_samples, steps=args.pretrain_steps)
     base = write_base(base_dir, build_model(processor.tokenizer, **BASE_RECIPE, seed=pretrain_cfg.seed), processor,
                       DRAWERS, pretrain_cfg, BASE_RECIPE)

@@ -12,9 +12,10 @@ by what the image looks like) is not — the conflict MoLE is meant to resolve.
 
 Every sample is a pure function of ``(domain, split, index)`` (its own seeded ``random.Random``) and
 tar members get fixed mtime/owner, so re-running gives byte-identical shards. Run this *before*
-``launch/make_tiny_llava.py``, whose tokenizer is trained on the text of these shards::
+:mod:`tools.make_tiny_llava`, whose tokenizer is trained on the text of these shards (from the
+repository root)::
 
-    python launch/make_synthetic_data.py && python launch/make_tiny_llava.py
+    python -m tools.make_synthetic_data && python -m tools.make_tiny_llava
 """
 
 from __future__ import annotations
@@ -32,6 +33,8 @@ from PIL import Image, ImageDraw, ImageFilter, ImageOps
 IMAGE_SIZE = 64
 SPLITS: dict[str, tuple[int, int]] = {"train": (2, 150), "val": (1, 50), "test": (1, 100)}  # shards, per shard
 MULTI_TURN_FRACTION = 0.2
+REGENERATE = "python -m tools.make_synthetic_data && python -m tools.make_tiny_llava"
+"""The command the data card names to regenerate the shards and the tiny model."""
 TEXT_ONLY_EVERY = 30  # shapes only: every 30th sample carries no image
 
 PALETTE: dict[str, tuple[int, int, int]] = {
@@ -206,7 +209,7 @@ def readme(manifest: dict[str, Any]) -> str:
 
 Tiny, deterministic webdataset shards for tests and smoke runs of `mole`. Regenerate (byte-identical) with
 
-    python launch/make_synthetic_data.py && python launch/make_tiny_llava.py
+    {REGENERATE}
 
 (the tiny model's tokenizer is trained on this text, so regenerate both together).
 
@@ -243,7 +246,7 @@ Counts are also in `manifest.json`.
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="python -m tools.make_synthetic_data", description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=Path, default=Path("data_shards"))
     args = parser.parse_args()
     manifest = {"image_size": IMAGE_SIZE, "domains": {d: write_domain(args.out, d) for d in DRAWERS}}

@@ -8,9 +8,9 @@ every size is shrunk (CLIP 56 px / patch 14 -> 16 image tokens, Llama hidden 64,
 so the whole checkpoint is well under 2 MB.
 
 The byte-level BPE tokenizer is trained on the conversation text of ``data_shards/`` plus the chat
-template strings, so run the data generator first::
+template strings, so run the data generator first (from the repository root)::
 
-    python launch/make_synthetic_data.py && python launch/make_tiny_llava.py
+    python -m tools.make_synthetic_data && python -m tools.make_tiny_llava
 
 Everything is seeded (``torch.manual_seed(0)``, deterministic BPE training on sorted shards), so
 re-running gives byte-identical files. ``build_tokenizer`` / ``build_processor`` / ``build_model``
@@ -38,6 +38,8 @@ from transformers import (
     PreTrainedTokenizerFast,
 )
 
+from tools.make_synthetic_data import REGENERATE
+
 # Verbatim from llava-hf/llava-1.5-7b-hf chat_template.json (also pinned in transformers'
 # tests/models/llava/test_processing_llava.py): "USER: <image>\n{text} ASSISTANT: {reply} ".
 LLAVA_CHAT_TEMPLATE = (
@@ -52,16 +54,22 @@ LLAVA_CHAT_TEMPLATE = (
 CLIP_MEAN = [0.48145466, 0.4578275, 0.40821073]
 CLIP_STD = [0.26862954, 0.26130258, 0.27577711]
 IMAGE_TOKEN = "<image>"
+CARD_COMMAND_AS_TRAINED = "    python launch/make_synthetic_data.py && python launch/make_tiny_llava.py"
+"""The data card's regeneration line as it read when the bundled tokenizer was trained (the generators
+then lived in ``launch/``). The card's text is tokenizer training data, so :func:`data_corpus` reads
+the card's current command line as this one: renaming the command must not move the bundled
+tokenizer's token ids, which the tests and the committed results rest on."""
 
 
 def data_corpus(shard_dir: Path) -> list[str]:
     """Tokenizer training text: one ``USER: ... ASSISTANT: ...`` line per conversation in every ``*.tar``
     under ``shard_dir`` (sorted, for determinism), plus the lines of its ``README.md`` data card — the
-    conversations alone saturate BPE at ~450 tokens, the card's prose takes it to ~600."""
+    conversations alone saturate BPE at ~450 tokens, the card's prose takes it to ~600. The card's
+    regeneration command is read as :data:`CARD_COMMAND_AS_TRAINED`."""
     shards = sorted(shard_dir.rglob("*.tar"))
     card = shard_dir / "README.md"
     if not shards or not card.is_file():
-        raise FileNotFoundError(f"no shards/README.md under {shard_dir}; run launch/make_synthetic_data.py first")
+        raise FileNotFoundError(f"no shards/README.md under {shard_dir}; run python -m tools.make_synthetic_data first")
     roles = {"human": "USER: ", "gpt": " ASSISTANT: "}
     lines = []
     for shard in shards:
@@ -70,7 +78,8 @@ def data_corpus(shard_dir: Path) -> list[str]:
                 if member.name.endswith(".json"):
                     turns = json.load(tar.extractfile(member))["conversations"]
                     lines.append("".join(roles[t["from"]] + t["value"] for t in turns) + "</s>")
-    return lines + card.read_text(encoding="utf-8").splitlines()
+    card_lines = card.read_text(encoding="utf-8").splitlines()
+    return lines + [CARD_COMMAND_AS_TRAINED if line.strip() == REGENERATE else line for line in card_lines]
 
 
 def build_tokenizer(corpus: Iterable[str], vocab_size: int = 600) -> PreTrainedTokenizerFast:
@@ -177,7 +186,7 @@ def build_model(
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="python -m tools.make_tiny_llava", description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=Path, default=Path("models/tiny-llava"))
     parser.add_argument("--shards", type=Path, default=Path("data_shards"), help="tokenizer training text")
     parser.add_argument("--vocab-size", type=int, default=600)

@@ -1,6 +1,6 @@
 """``generate`` bench: tokens/s of Hugging Face ``generate`` with the KV cache, MoLE (K experts) vs plain LoRA (K=1).
 
-Both models are the same random LLaVA (a preset of :mod:`mole.bench.step`) given MoLE by
+Both models are the same random LLaVA (a preset of :mod:`benchmarks.step`) given MoLE by
 :func:`mole.surgery.apply_mole` directly, in eval mode, with non-zero LoRA B matrices so every expert
 changes the output. Each call prefills one image plus a text prompt per sample, then decodes exactly
 ``--new-tokens`` tokens greedily (``min_new_tokens`` = ``max_new_tokens``); the variants alternate.
@@ -13,25 +13,25 @@ import argparse
 
 import torch
 
-from mole.bench import add_clock_args, apply_threads, interleaved, machine, print_table, summarize
-from mole.bench import write_json
-from mole.bench.step import PRESETS, image_tokens, llava_config
-
-DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+from benchmarks import add_clock_args, apply_threads, interleaved, machine, print_table, summarize
+from benchmarks import write_json
+from benchmarks.step import PRESETS, image_tokens, llava_config
+from mole.choices import DType, Routing, options
+from mole.model import DTYPES
 
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
     cuda = torch.cuda.is_available()
-    p = argparse.ArgumentParser(prog="bench.py generate", description=__doc__.splitlines()[0])
+    p = argparse.ArgumentParser(prog="python -m benchmarks generate", description=__doc__.splitlines()[0])
     p.add_argument("--size", choices=list(PRESETS), default="mid")
     p.add_argument("--layers", type=int, help="override the preset's LLM layer count")
     p.add_argument("--batch", type=int, default=1)
     p.add_argument("--prompt-tokens", type=int, default=32, help="text tokens after the image")
     p.add_argument("--new-tokens", type=int, default=32)
     p.add_argument("--experts", type=int, default=3)
-    p.add_argument("--routing", default="scaled")
+    p.add_argument("--routing", choices=options(Routing), default="scaled")
     p.add_argument("--rank", type=int, default=128)
-    p.add_argument("--dtype", choices=list(DTYPES), default="bf16" if cuda else "fp32")
+    p.add_argument("--dtype", choices=options(DType), default="bf16" if cuda else "fp32")
     p.add_argument("--device", default="cuda" if cuda else "cpu")
     p.add_argument("--repeats", type=int, default=10)
     p.add_argument("--warmup", type=int, default=2)

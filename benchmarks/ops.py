@@ -27,10 +27,13 @@ from collections.abc import Callable
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
+from benchmarks import layer as layer_bench
+from benchmarks import machine, write_json
 from mole.balance import switch_loss
-from mole.bench import machine, write_json
-from mole.bench import layer as layer_bench
-from mole.experts import MoleMLP, grouped_mm_runs_on_cpu
+from mole.choices import DType, options
+from mole.expert_kernels import grouped_mm_runs_on_cpu
+from mole.experts import MoleMLP
+from mole.model import DTYPES
 
 class OpCounter(TorchDispatchMode):
     """Counts the aten ops dispatched while active, views and pure aliases excepted."""
@@ -54,14 +57,14 @@ def count_ops(fn: Callable[[], object]) -> Counter:
 
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="bench.py ops", description=__doc__.splitlines()[0])
+    p = argparse.ArgumentParser(prog="python -m benchmarks ops", description=__doc__.splitlines()[0])
     p.add_argument("--rank", type=int, default=16, help="LoRA rank r (alpha = 2r); counts do not depend on it")
     p.add_argument("--tokens", type=int, default=64, help="prefill and training tokens (one sequence)")
     p.add_argument("--hidden", type=int, default=64, help="counts do not depend on the widths")
     p.add_argument("--intermediate", type=int, default=128)
     p.add_argument("--experts", type=int, default=3)
     p.add_argument("--layers", type=int, default=32, help="blocks per training call (LLaVA-1.5-7B: 32); counts are per block")
-    p.add_argument("--dtype", choices=list(layer_bench.DTYPES), default="bf16",
+    p.add_argument("--dtype", choices=options(DType), default="bf16",
                    help="bf16, as on a GPU (casts of the fp32 router output count), or fp32")
     p.add_argument("--variants", help="comma-separated subset (lora is always run); default: every CPU variant "
                    "of the layer bench")
@@ -77,7 +80,7 @@ def main(argv: list[str]) -> dict:
         "--intermediate", str(args.intermediate), "--experts", str(args.experts), "--device", "cpu",
         "--seed", str(args.seed), "--dtype", args.dtype, *(["--variants", args.variants] if args.variants else []),
     ])
-    dtype = layer_bench.DTYPES[args.dtype]
+    dtype = DTYPES[args.dtype]
     # one module per block, as in a model: a module reused for every block would accumulate each
     # parameter's gradient over the blocks (adds a model does not do) and hide per-module work
     stacks = [layer_bench.build_variants(layer_args, torch.device("cpu"), dtype) for _ in range(args.layers)]

@@ -1,6 +1,6 @@
-"""Benchmarks: ``python launch/bench.py layer|ops|step|generate|data --json OUT [options]``.
+"""Benchmarks: ``python -m benchmarks layer|ops|step|generate|data --json OUT [options]``, from the repository root.
 
-Each subcommand is ``mole.bench.<name>.main(argv)``; see ``--help`` of each.
+Each subcommand is ``benchmarks.<name>.main(argv)``; see ``--help`` of each.
 """
 
 import importlib
@@ -10,11 +10,11 @@ BENCHES = ("layer", "ops", "step", "generate", "data")
 
 
 def usage() -> str:
-    lines = [f"usage: python launch/bench.py {{{'|'.join(BENCHES)}}} [--json OUT] [options]", ""]
+    lines = [f"usage: python -m benchmarks {{{'|'.join(BENCHES)}}} [--json OUT] [options]", ""]
     for name in BENCHES:
-        summary = (importlib.import_module(f"mole.bench.{name}").__doc__ or "").strip().splitlines()[0]
+        summary = (importlib.import_module(f"benchmarks.{name}").__doc__ or "").strip().splitlines()[0]
         lines.append(f"  {name:9s} {summary.split(' bench: ', 1)[-1]}")
-    lines.append("\n`python launch/bench.py NAME --help` lists a bench's options; docs/performance.md has the results.")
+    lines.append("\n`python -m benchmarks NAME --help` lists a bench's options; docs/performance.md has the results.")
     return "\n".join(lines)
 
 
@@ -27,7 +27,7 @@ def main() -> int:
             print(f"error: unknown bench {sys.argv[1]!r}; choose one of {', '.join(BENCHES)}\n", file=sys.stderr)
         print(usage(), file=sys.stderr)
         return 2
-    module = importlib.import_module(f"mole.bench.{sys.argv[1]}")
+    module = importlib.import_module(f"benchmarks.{sys.argv[1]}")
     module.main(sys.argv[2:])
     return 0
 
