@@ -15,7 +15,7 @@ import torch
 
 from benchmarks import add_clock_args, apply_threads, interleaved, machine, print_table, summarize
 from benchmarks import write_json
-from benchmarks.step import PRESETS, image_tokens, llava_config
+from benchmarks.step import PRESETS, bench_spec, image_tokens, llava_config
 from mole.choices import DType, Routing, options
 from mole.model import DTYPES
 
@@ -59,9 +59,7 @@ def build_model(args: argparse.Namespace, num_experts: int, device: torch.device
     finally:
         torch.set_default_dtype(default)
     torch.manual_seed(1)
-    apply_mole(model, num_experts=num_experts, routing=args.routing, r=args.rank, alpha=2.0 * args.rank, dropout=0.05,
-               attn_targets=["q_proj", "k_proj", "v_proj", "o_proj"], mlp_targets=["gate_proj", "up_proj", "down_proj"],
-               train_projector=False)
+    apply_mole(model, bench_spec(model.config, num_experts, args.routing, args.rank, train_projector=False))
     with torch.no_grad():
         for name, param in model.named_parameters():
             if "lora_B" in name:

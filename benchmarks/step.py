@@ -169,6 +169,15 @@ def make_batch(shape: dict, device: torch.device, dtype: torch.dtype, seed: int 
     }
 
 
+def bench_spec(base_config, num_experts: int, routing: str, rank: int, train_projector: bool):
+    """The adapter both benches time: every attention and MLP projection adapted, alpha = 2r, as LLaVA-MoLE."""
+    from mole.spec import AdapterSpec
+
+    return AdapterSpec.from_base(base_config, num_experts=num_experts, routing=routing, aux_loss="switch", r=rank,
+                                 alpha=2.0 * rank, dropout=0.05, attn_targets=("q_proj", "k_proj", "v_proj", "o_proj"),
+                                 mlp_targets=("gate_proj", "up_proj", "down_proj"), train_projector=train_projector)
+
+
 def build_engine(args: argparse.Namespace, num_experts: int, ds_config: dict, dtype: torch.dtype):
     """A partitioned random LLaVA with MoLE surgery in a DeepSpeed engine, as the trainer builds one."""
     import deepspeed
@@ -185,9 +194,7 @@ def build_engine(args: argparse.Namespace, num_experts: int, ds_config: dict, dt
         llava = LlavaForConditionalGeneration(llava_config(args.shape))
     llava.config.use_cache = False
     torch.manual_seed(1)
-    surgery = apply_mole(llava, num_experts=num_experts, routing=args.routing, r=args.rank, alpha=2.0 * args.rank,
-                         dropout=0.05, attn_targets=["q_proj", "k_proj", "v_proj", "o_proj"],
-                         mlp_targets=["gate_proj", "up_proj", "down_proj"], train_projector=True)
+    surgery = apply_mole(llava, bench_spec(llava.config, num_experts, args.routing, args.rank, train_projector=True))
     for module in llava.modules():  # new modules are created in fp32; match the backbone
         for param in module.parameters(recurse=False):
             if param.requires_grad and param.dtype != dtype:
