@@ -64,7 +64,7 @@ def test_fused_is_asked_up_front_and_survives_loading_an_unfused_state():
 
 def test_a_resumed_schedule_takes_this_runs_rates_and_length_at_the_saved_step():
     """A 10-step run saved at step 10 (LR decayed to 0), resumed as a 20-step run with other rates."""
-    from mole.train.loop import warmup_cosine
+    from mole.train.optim import warmup_cosine
     from mole.train.optim import run_settings_kept
 
     def make(lr: float, projector_lr: float, weight_decay: float, total: int):

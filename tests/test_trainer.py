@@ -178,7 +178,7 @@ def test_a_signal_on_one_rank_checkpoints_all_ranks_at_the_same_step_and_exits_c
 def test_a_resumed_run_follows_its_own_learning_rate_schedule(signalled):
     """The checkpoint's schedule ended at LR 0 (step 12 of 12); this run's is 500 steps at another LR."""
     from mole.config import load_config
-    from mole.train.loop import warmup_cosine
+    from mole.train.optim import warmup_cosine
 
     out, _ = signalled
     warmup = load_config(str(TINY_CONFIG), []).train.warmup_steps

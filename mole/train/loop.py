@@ -29,7 +29,7 @@ from mole.model import DTYPES, TrainingModel, build_mole_model
 from mole.train.checkpoint import Checkpoints, check_resumable_config, record_start, resolve_resume, restore_rng
 from mole.train.evaluation import heldout_batches, heldout_loss
 from mole.train.metrics import StepMetrics, count_parameters
-from mole.train.optim import build_optimizer, param_groups, run_settings_kept
+from mole.train.optim import build_optimizer, param_groups, run_settings_kept, warmup_cosine
 from mole.train.signals import StopRequest
 
 log = logging.getLogger("mole.train")
@@ -196,18 +196,6 @@ def _make_engine(model: TrainingModel, cfg: Config, ds_config: dict):
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_cosine(cfg.train.warmup_steps, cfg.train.max_steps))
     engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=scheduler, config=ds_config)
     return engine
-
-
-def warmup_cosine(warmup: int, total: int):
-    """LR factor per optimizer step: linear warmup to 1, then cosine decay towards 0 at ``total``."""
-
-    def factor(step: int) -> float:
-        if step < warmup:
-            return (step + 1) / warmup
-        progress = (step - warmup) / max(1, total - warmup)
-        return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
-
-    return factor
 
 
 def _model_inputs(batch: dict, info: DistInfo) -> dict:
