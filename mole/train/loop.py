@@ -20,6 +20,7 @@ from tqdm import tqdm
 
 from mole.adapter import adapter_config, gather_trainable_state, save_adapter
 from mole.config import Config, ConfigError, save_config
+from mole.data.collate import to_device
 from mole.data.sample import SampleProcessor
 from mole.data.shards import expand_shards
 from mole.data.stream import Domain, MixedStream, derive_seed, make_loader
@@ -27,7 +28,7 @@ from mole.distributed import DistInfo, init_distributed, releasing_shared_memory
 from mole.ds_config import build_ds_config, effective_precision
 from mole.model import DTYPES, TrainingModel, build_mole_model
 from mole.train.checkpoint import Checkpoints, check_resumable_config, record_start, resolve_resume, restore_rng
-from mole.train.evaluation import heldout_batches, heldout_loss
+from mole.train.heldout import heldout_loss, heldout_sets
 from mole.train.metrics import StepMetrics, count_parameters
 from mole.train.optim import build_optimizer, param_groups, run_settings_kept, warmup_cosine
 from mole.train.signals import StopRequest
@@ -101,7 +102,7 @@ def _start_and_train(cfg: Config, stop: StopRequest, info: DistInfo) -> dict:
                          pad_token_id=processor.tokenizer.pad_token_id, seed=cfg.train.seed, rank=info.rank,
                          start_step=start_step, shuffle_buffer=cfg.data.shuffle_buffer)
     batches = iter(make_loader(stream, cfg.data.num_workers, pin_memory=info.device.type == "cuda"))
-    heldout = _heldout_sets(cfg, process, processor.tokenizer.pad_token_id, info)
+    heldout = heldout_sets(cfg, process, processor.tokenizer.pad_token_id, info)
     text_config = llava.config.text_config
     metrics = StepMetrics(cfg.output_dir, info.rank, [d.name for d in domains], text_config.num_hidden_layers,
                           cfg.mole.num_experts, resume_step=start_step)
@@ -157,7 +158,7 @@ def _train_step(engine, batches, metrics: StepMetrics, surgery, cfg: Config, inf
     while done < cfg.train.grad_accum:
         batch = next(batches)
         metrics.add_skipped(batch.get("skipped", {}))
-        out = engine(**_model_inputs(batch, info))
+        out = engine(**to_device(batch, info.device))
         if cfg.train.on_nonfinite == "skip" and _any_rank_nonfinite(out["loss"]):
             metrics.skipped_nonfinite += 1
             skipped_in_a_row += 1
@@ -196,37 +197,6 @@ def _make_engine(model: TrainingModel, cfg: Config, ds_config: dict):
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_cosine(cfg.train.warmup_steps, cfg.train.max_steps))
     engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=scheduler, config=ds_config)
     return engine
-
-
-def _model_inputs(batch: dict, info: DistInfo) -> dict:
-    keys = ("input_ids", "attention_mask", "labels", "pixel_values")
-    return {k: (batch[k].to(info.device, non_blocking=True) if batch[k] is not None else None) for k in keys}
-
-
-def _heldout_sets(cfg: Config, process: SampleProcessor, pad_token_id: int, info: DistInfo) -> dict[str, list[dict]]:
-    """Validation batches per domain with ``val_shards``, read once (they are small by design)."""
-    if not cfg.train.eval_every:
-        return {}
-    sets = {}
-    for domain in cfg.data.domains:
-        if domain.val_shards is None:
-            continue
-        urls = expand_shards(domain.name, domain.val_shards)
-        sets[domain.name] = heldout_batches(urls, process, cfg.train.micro_batch_size, pad_token_id,
-                                            cfg.train.eval_batches, info.rank, info.world_size)
-    if not sets and info.is_main:
-        log.warning("train.eval_every is set but no domain has val_shards: nothing to evaluate")
-    # every rank must hold a batch of each domain (the forwards are collectives): checked now, on all
-    # ranks alike, rather than at the first evaluation on one of them
-    fewest = torch.tensor([len(batches) for batches in sets.values()], dtype=torch.long)
-    if dist.is_initialized() and len(fewest):
-        dist.all_reduce(fewest, op=dist.ReduceOp.MIN)
-    for (name, _), count in zip(sets.items(), fewest.tolist()):
-        index = next(i for i, d in enumerate(cfg.data.domains) if d.name == name)
-        if count == 0:
-            raise ConfigError(f"data.domains[{index}].val_shards: domain {name!r} has fewer usable held-out samples "
-                              f"than the {info.world_size} ranks that share them", f"data.domains[{index}].val_shards")
-    return sets
 
 
 def _evaluate(engine, heldout: dict[str, list[dict]], metrics: StepMetrics, step: int, info: DistInfo) -> None:
