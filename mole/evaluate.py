@@ -93,32 +93,10 @@ def evaluate(
     skipped: Counter = Counter()
     predictions: list[dict] = []
 
-    def own_examples() -> Iterator[Example]:
-        """This rank's usable samples, prepared one at a time (sample i belongs to rank i % world_size)."""
-        for d, domain in enumerate(domains):
-            counts: Counter = Counter()
-            yield from shard_examples(domain.urls, sample_processor, counts, domain=d, rank=rank,
-                                      world_size=world_size, limit=max_samples)
-            skipped.update({f"{domain.name}/{reason}": n for reason, n in counts.items()})
-
-    examples = own_examples()
+    examples = _rank_examples(domains, sample_processor, skipped, max_samples, rank, world_size)
     while chunk := list(itertools.islice(examples, batch_size)):
         _score_batch(model, chunk, processor.tokenizer.pad_token_id, sums, routing)
-        questions = [_questions(example) for example in chunk]
-        prompts = [prompt for example_prompts, _ in questions for prompt in example_prompts]
-        answers = iter(generate_answers(model, processor, prompts, max_new_tokens, batch_size, encoder=encoder))
-        for example, (example_prompts, references) in zip(chunk, questions):
-            for turn, reference in enumerate(references):
-                prediction = next(answers)
-                match, exact = answers_match(prediction, reference), exact_match(prediction, reference)
-                sums[example.domain, SUMS.index("questions")] += 1
-                sums[example.domain, SUMS.index("correct")] += match
-                sums[example.domain, SUMS.index("exact")] += exact
-                predictions.append({
-                    "domain": domains[example.domain].name, "key": example.key, "turn": turn,
-                    "question": example_prompts[turn].turns[-1].text, "reference": reference,
-                    "prediction": prediction, "match": match, "exact_match": exact,
-                })
+        predictions += _ask_questions(model, processor, encoder, chunk, domains, max_new_tokens, batch_size, sums)
 
     if world_size > 1:
         dist.all_reduce(sums)
@@ -129,6 +107,40 @@ def evaluate(
         skipped = sum((Counter(s) for _, s in gathered), Counter())
     predictions.sort(key=lambda p: ([d.name for d in domains].index(p["domain"]), p["key"], p["turn"]))
     return _results(domains, sums, routing, skipped, predictions)
+
+
+def _rank_examples(domains: list[EvalDomain], process: SampleProcessor, skipped: Counter, max_samples: int | None,
+                   rank: int, world_size: int) -> Iterator[Example]:
+    """This rank's usable samples of every domain, prepared one at a time (sample i of a domain belongs
+    to rank i % world_size); bad ones counted in ``skipped`` as ``<domain>/<reason>``."""
+    for d, domain in enumerate(domains):
+        counts: Counter = Counter()
+        yield from shard_examples(domain.urls, process, counts, domain=d, rank=rank, world_size=world_size,
+                                  limit=max_samples)
+        skipped.update({f"{domain.name}/{reason}": n for reason, n in counts.items()})
+
+
+def _ask_questions(model, processor, encoder: PromptEncoder, chunk: list[Example], domains: list[EvalDomain],
+                   max_new_tokens: int, batch_size: int, sums: torch.Tensor) -> list[dict]:
+    """Generate an answer to every question of a batch of examples; count matches into ``sums`` and
+    return the predictions."""
+    questions = [_questions(example) for example in chunk]
+    prompts = [prompt for example_prompts, _ in questions for prompt in example_prompts]
+    answers = iter(generate_answers(model, processor, prompts, max_new_tokens, batch_size, encoder=encoder))
+    predictions = []
+    for example, (example_prompts, references) in zip(chunk, questions):
+        for turn, reference in enumerate(references):
+            prediction = next(answers)
+            match, exact = answers_match(prediction, reference), exact_match(prediction, reference)
+            sums[example.domain, SUMS.index("questions")] += 1
+            sums[example.domain, SUMS.index("correct")] += match
+            sums[example.domain, SUMS.index("exact")] += exact
+            predictions.append({
+                "domain": domains[example.domain].name, "key": example.key, "turn": turn,
+                "question": example_prompts[turn].turns[-1].text, "reference": reference,
+                "prediction": prediction, "match": match, "exact_match": exact,
+            })
+    return predictions
 
 
 def _score_batch(model, chunk: list[Example], pad_token_id: int, sums: torch.Tensor, routing: torch.Tensor) -> None:
