@@ -97,9 +97,7 @@ def pretrain(model, processor, drawers: dict[str, Drawer], cfg: PretrainConfig) 
     examples = []
     for domain, drawer in drawers.items():
         for index in range(cfg.samples_per_domain):
-            example = process(caption_sample(domain, drawer, cfg.seed, index))
-            example["domain"] = 0  # collate wants one; unused here
-            examples.append(example)
+            examples.append(process(caption_sample(domain, drawer, cfg.seed, index)))
     log.info("pretraining data: %d captions in %.1f s", len(examples), time.perf_counter() - started)
 
     torch.manual_seed(cfg.seed)

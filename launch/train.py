@@ -18,7 +18,7 @@ def main() -> int:
         return 0
     try:
         cfg = parse_cli(sys.argv[1:])
-        build_ds_config(cfg, int(os.environ.get("WORLD_SIZE", "1")))  # its errors too, before any load
+        ds_config = build_ds_config(cfg, int(os.environ.get("WORLD_SIZE", "1")))  # its errors too, before any load
     except ConfigError as err:
         print(f"config error: {err}", file=sys.stderr)
         return 2
@@ -33,7 +33,7 @@ def main() -> int:
     from mole.train.loop import run  # heavy imports only after the config is known to be valid
 
     try:
-        run(cfg, stop)
+        run(cfg, stop, ds_config)
     except (CheckpointError, DataError, FloatingPointError, FileNotFoundError, SurgeryError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 1

@@ -29,12 +29,11 @@ import torch.distributed as dist
 import torch.nn.functional as F
 
 from mole.answers import answers_match, exact_match
-from mole.data.collate import collate
-from mole.data.conversation import IGNORE_INDEX, parse_conversation
-from mole.data.errors import BadSample
-from mole.data.images import IMAGE_EXTENSIONS, decode_image
-from mole.data.shards import expand_shards, read_shard
-from mole.data.stream import SampleProcessor
+from mole.data.collate import collate, to_device
+from mole.data.conversation import IGNORE_INDEX
+from mole.data.examples import shard_examples
+from mole.data.sample import Example, SampleProcessor
+from mole.data.shards import expand_shards
 from mole.inference import Prompt, PromptEncoder, generate_answers, model_image_settings, mole_layers, routing_context
 from mole.routing_analysis import domain_expert_counts, domain_expert_shares, layer_nmi
 
@@ -54,39 +53,15 @@ def expand_eval_shards(name: str, pattern: str) -> EvalDomain:
     return EvalDomain(name, expand_shards(name, pattern, strict=True))
 
 
-def read_raw_samples(domain: EvalDomain, max_samples: int | None) -> Iterator[dict | BadSample]:
-    """The first ``max_samples`` samples of a domain's shards, in order, as member-name -> bytes dicts,
-    with shard damage as :class:`BadSample` values in their place (counted like bad samples).
-
-    Only the conversation JSON and the image members are read; nothing is decoded or unpickled here.
-    """
-    samples = (sample for url in domain.urls for sample in read_shard(url))
-    yield from itertools.islice(samples, max_samples)
-
-
-@dataclass
-class _Item:
-    """One usable sample on this rank: its training example (for the loss) and its questions."""
-
-    domain: int
-    key: str
-    example: dict
-    prompts: list[Prompt]
-    references: list[str]
-
-
-def _prepare(raw: dict, domain: int, processor: SampleProcessor) -> _Item:
-    example = processor(raw)  # BadSample propagates: counted by the caller
-    example["domain"] = domain
-    turns, _ = parse_conversation(raw["json"])
-    image_bytes = next((raw[ext] for ext in IMAGE_EXTENSIONS if ext in raw), None)
-    image = decode_image(image_bytes) if image_bytes is not None else None
-    prompts, references = [], []
+def _questions(example: Example) -> tuple[list[Prompt], list[str]]:
+    """Every answer turn that follows a user turn as a question (the turns before it as history, its
+    image) and its reference answer."""
+    turns, prompts, references = example.turns, [], []
     for index, turn in enumerate(turns):
         if turn.role == "assistant" and index > 0 and turns[index - 1].role == "user":
-            prompts.append(Prompt(turns[:index], image))
+            prompts.append(Prompt(turns[:index], example.image))
             references.append(turn.text)
-    return _Item(domain, raw["__key__"], example, prompts, references)
+    return prompts, references
 
 
 @torch.no_grad()
@@ -109,7 +84,7 @@ def evaluate(
     are prepared as the adapter's training prepared them unless ``image_aspect``/``image_backend`` say
     otherwise."""
     image_aspect, image_backend = model_image_settings(model, image_aspect, image_backend)
-    sample_processor = SampleProcessor(processor, max_length, image_aspect, image_backend=image_backend)
+    sample_processor = SampleProcessor(processor, max_length, image_aspect, image_backend=image_backend, keep_image=True)
     encoder = PromptEncoder(processor, image_aspect, image_backend)
     num_domains, num_layers = len(domains), len(mole_layers(model))
     num_experts = mole_layers(model)[0].num_experts if num_layers else 1
@@ -118,36 +93,10 @@ def evaluate(
     skipped: Counter = Counter()
     predictions: list[dict] = []
 
-    def own_items() -> Iterator[_Item]:
-        """This rank's usable samples, prepared one at a time (sample i belongs to rank i % world_size)."""
-        for d, domain in enumerate(domains):
-            for index, raw in enumerate(read_raw_samples(domain, max_samples)):
-                if index % world_size != rank:
-                    continue
-                try:
-                    if isinstance(raw, BadSample):
-                        raise raw
-                    yield _prepare(raw, d, sample_processor)
-                except BadSample as bad:
-                    skipped[f"{domain.name}/{bad.reason}"] += 1
-
-    items = own_items()
-    while chunk := list(itertools.islice(items, batch_size)):
+    examples = _rank_examples(domains, sample_processor, skipped, max_samples, rank, world_size)
+    while chunk := list(itertools.islice(examples, batch_size)):
         _score_batch(model, chunk, processor.tokenizer.pad_token_id, sums, routing)
-        prompts = [prompt for item in chunk for prompt in item.prompts]
-        answers = iter(generate_answers(model, processor, prompts, max_new_tokens, batch_size, encoder=encoder))
-        for item in chunk:
-            for turn, reference in enumerate(item.references):
-                prediction = next(answers)
-                match, exact = answers_match(prediction, reference), exact_match(prediction, reference)
-                sums[item.domain, SUMS.index("questions")] += 1
-                sums[item.domain, SUMS.index("correct")] += match
-                sums[item.domain, SUMS.index("exact")] += exact
-                predictions.append({
-                    "domain": domains[item.domain].name, "key": item.key, "turn": turn,
-                    "question": item.prompts[turn].turns[-1].text, "reference": reference,
-                    "prediction": prediction, "match": match, "exact_match": exact,
-                })
+        predictions += _ask_questions(model, processor, encoder, chunk, domains, max_new_tokens, batch_size, sums)
 
     if world_size > 1:
         dist.all_reduce(sums)
@@ -160,19 +109,47 @@ def evaluate(
     return _results(domains, sums, routing, skipped, predictions)
 
 
-def _score_batch(model, chunk: list[_Item], pad_token_id: int, sums: torch.Tensor, routing: torch.Tensor) -> None:
+def _rank_examples(domains: list[EvalDomain], process: SampleProcessor, skipped: Counter, max_samples: int | None,
+                   rank: int, world_size: int) -> Iterator[Example]:
+    """This rank's usable samples of every domain, prepared one at a time (sample i of a domain belongs
+    to rank i % world_size); bad ones counted in ``skipped`` as ``<domain>/<reason>``."""
+    for d, domain in enumerate(domains):
+        counts: Counter = Counter()
+        yield from shard_examples(domain.urls, process, counts, domain=d, rank=rank, world_size=world_size,
+                                  limit=max_samples)
+        skipped.update({f"{domain.name}/{reason}": n for reason, n in counts.items()})
+
+
+def _ask_questions(model, processor, encoder: PromptEncoder, chunk: list[Example], domains: list[EvalDomain],
+                   max_new_tokens: int, batch_size: int, sums: torch.Tensor) -> list[dict]:
+    """Generate an answer to every question of a batch of examples; count matches into ``sums`` and
+    return the predictions."""
+    questions = [_questions(example) for example in chunk]
+    prompts = [prompt for example_prompts, _ in questions for prompt in example_prompts]
+    answers = iter(generate_answers(model, processor, prompts, max_new_tokens, batch_size, encoder=encoder))
+    predictions = []
+    for example, (example_prompts, references) in zip(chunk, questions):
+        for turn, reference in enumerate(references):
+            prediction = next(answers)
+            match, exact = answers_match(prediction, reference), exact_match(prediction, reference)
+            sums[example.domain, SUMS.index("questions")] += 1
+            sums[example.domain, SUMS.index("correct")] += match
+            sums[example.domain, SUMS.index("exact")] += exact
+            predictions.append({
+                "domain": domains[example.domain].name, "key": example.key, "turn": turn,
+                "question": example_prompts[turn].turns[-1].text, "reference": reference,
+                "prediction": prediction, "match": match, "exact_match": exact,
+            })
+    return predictions
+
+
+def _score_batch(model, chunk: list[Example], pad_token_id: int, sums: torch.Tensor, routing: torch.Tensor) -> None:
     """Teacher-forced forward of one batch: answer-token loss sums and routing counts per domain."""
-    batch = collate([item.example for item in chunk], pad_token_id)
-    device, dtype = model.device, model.dtype
-    pixels = batch["pixel_values"]
-    out = model(
-        input_ids=batch["input_ids"].to(device),
-        attention_mask=batch["attention_mask"].to(device),
-        pixel_values=None if pixels is None else pixels.to(device=device, dtype=dtype),
-        use_cache=False,
-    )
+    batch = collate(chunk, pad_token_id)
+    inputs = to_device(batch, model.device, pixel_dtype=model.dtype)
+    labels = inputs.pop("labels")[:, 1:]  # the loss is taken here, per sample, not by the model
+    out = model(**inputs, use_cache=False)
     logits = out.logits[:, :-1].float()  # (batch, seq-1, vocab): position t predicts token t+1
-    labels = batch["labels"][:, 1:].to(device)
     token_loss = F.cross_entropy(logits.transpose(1, 2), labels, ignore_index=IGNORE_INDEX, reduction="none")
     per_sample = token_loss.sum(dim=1).double().cpu()
     tokens = (labels != IGNORE_INDEX).sum(dim=1).double().cpu()

@@ -161,7 +161,7 @@ def run_one_pass(path, process) -> tuple[set, Counter]:
         try:
             if isinstance(item, BadSample):
                 raise item
-            good.add(process(item)["key"])
+            good.add(process(item).key)
         except BadSample as bad:
             skipped[bad.reason] += 1
     return good, skipped
@@ -245,7 +245,7 @@ def test_cropping_refuses_an_extreme_aspect_ratio(processor):
     with pytest.raises(BadSample, match="aspect ratio") as err:
         cropping(raw_sample(image_sample("strip", _png(5_000, 10), ext="png")))  # 50,000 pixels, under the cap
     assert err.value.reason == "image_too_large"
-    assert cropping(raw_sample(image_sample("wide", _png(900, 10), ext="png")))["pixel_values"] is not None
+    assert cropping(raw_sample(image_sample("wide", _png(900, 10), ext="png"))).pixel_values is not None
 
 
 @pytest.mark.parametrize("where", ["inside_data", "at_header", "inside_header", "garbage_header"])

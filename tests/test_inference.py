@@ -138,8 +138,8 @@ def test_prompt_tokens_are_the_training_tokens_up_to_the_answer(processor):
         image = Image.open(io.BytesIO(raw["jpg"])).convert("RGB")
         for end in range(1, len(turns), 2):
             ids = encoder.token_ids(Prompt(turns[:end], image))
-            assert example["input_ids"][: len(ids)] == ids, f"{raw['__key__']} turn {end}: prompt is not a prefix of the training ids"
-            assert example["labels"][len(ids)] != -100, "the first token after the prompt should be an answer token"
+            assert example.input_ids[: len(ids)] == ids, f"{raw['__key__']} turn {end}: prompt is not a prefix of the training ids"
+            assert example.labels[len(ids)] != -100, "the first token after the prompt should be an answer token"
 
 
 def test_batched_left_padded_generation_equals_one_by_one_and_no_cache(mole_model, processor):
@@ -245,7 +245,7 @@ def test_prompts_carry_the_pixels_training_saw(aspect):
     question = {"conversations": [{"from": "human", "value": "<image>\nColor?"}, {"from": "gpt", "value": "red"}]}
     trained = SampleProcessor(processor, 256, aspect)({"json": json.dumps(question).encode(), "png": buffer.getvalue()})
     prompted = PromptEncoder(processor, aspect)([Prompt(question_turns("Color?", has_image=True), image)])
-    assert torch.equal(prompted["pixel_values"][0], trained["pixel_values"])
+    assert torch.equal(prompted["pixel_values"][0], trained.pixel_values)
 
 
 def test_a_base_that_is_not_llava_and_a_missing_adapter_are_named(mode_runs, tmp_path):

@@ -93,7 +93,7 @@ def test_make_shards_splits_by_source_skips_bad_entries_and_the_loader_reads_eve
         for item in (i for url in urls for i in read_shard(url)):
             assert not isinstance(item, BadSample), f"{name}: a written sample does not load: {item}"
             example = process(item)
-            ids[json.loads(item["json"])["id"]] = (name, example["pixel_values"] is not None)
+            ids[json.loads(item["json"])["id"]] = (name, example.pixel_values is not None)
     assert ids == {"000000033471": ("coco", True), 17: ("coco", True), "gqa_1": ("gqa", True),
                    "sharegpt_1": ("text", False), 99: ("text", False)}, ids
 

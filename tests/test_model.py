@@ -32,7 +32,7 @@ def tiny():
 
 def batch_of(processor, raws: list[dict]) -> dict:
     process = SampleProcessor(processor, 256, "pad")
-    examples = [{**process(raw), "domain": 0} for raw in raws]
+    examples = [process(raw) for raw in raws]
     return collate(examples, processor.tokenizer.pad_token_id)
 
 

@@ -138,7 +138,7 @@ def test_skipped_nonfinite_micro_batches_keep_the_ranks_in_step_under_zero3(tmp_
     rank. Under ZeRO-3 with every tensor partitioned, the ranks must keep issuing matching gathers
     through such forwards (a learning rate of 1e30 makes every loss after the first step non-finite)
     and stop together after the limit in a row, saying so, instead of hanging."""
-    from mole.train.loop import MAX_NONFINITE_IN_A_ROW
+    from mole.train.trainer import MAX_NONFINITE_IN_A_ROW
 
     cmd = training_command(tmp_path, "train.on_nonfinite=skip", "train.lr=1e30", "train.grad_clip=0",
                            "train.optimizer=sgd", "train.max_steps=6", "train.eval_every=0",

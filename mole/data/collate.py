@@ -1,34 +1,49 @@
-"""Examples -> one padded batch: dynamic padding to the longest sample, images stacked, domain ids kept."""
+"""Examples -> one padded batch: dynamic padding to the longest sample, images stacked, domain ids kept;
+a batch -> the model's inputs on a device."""
 
 from __future__ import annotations
 
 import torch
 
 from mole.data.conversation import IGNORE_INDEX
+from mole.data.sample import Example
+
+MODEL_INPUTS = ("input_ids", "attention_mask", "labels", "pixel_values")
 
 
-def collate(examples: list[dict], pad_token_id: int) -> dict:
+def collate(examples: list[Example], pad_token_id: int) -> dict:
     """Right-pad to the batch's longest sample.
 
     ``pixel_values`` holds only the images that exist, in sample order (the model scatters them into
     the image-token positions), or is ``None`` for a text-only batch. ``domain`` carries each
     sample's domain index for per-domain metrics and routing analysis; ``keys`` the samples' tar keys.
     """
-    length = max(len(example["input_ids"]) for example in examples)
+    length = max(len(example.input_ids) for example in examples)
     input_ids = torch.full((len(examples), length), pad_token_id, dtype=torch.long)
     labels = torch.full((len(examples), length), IGNORE_INDEX, dtype=torch.long)
     attention_mask = torch.zeros((len(examples), length), dtype=torch.long)
     for row, example in enumerate(examples):
-        n = len(example["input_ids"])
-        input_ids[row, :n] = torch.tensor(example["input_ids"])
-        labels[row, :n] = torch.tensor(example["labels"])
+        n = len(example.input_ids)
+        input_ids[row, :n] = torch.tensor(example.input_ids)
+        labels[row, :n] = torch.tensor(example.labels)
         attention_mask[row, :n] = 1
-    images = [example["pixel_values"] for example in examples if example["pixel_values"] is not None]
+    images = [example.pixel_values for example in examples if example.pixel_values is not None]
     return {
         "input_ids": input_ids,
         "labels": labels,
         "attention_mask": attention_mask,
         "pixel_values": torch.stack(images) if images else None,
-        "domain": torch.tensor([example["domain"] for example in examples], dtype=torch.long),
-        "keys": [example.get("key", "") for example in examples],
+        "domain": torch.tensor([example.domain for example in examples], dtype=torch.long),
+        "keys": [example.key for example in examples],
+    }
+
+
+def to_device(batch: dict, device: torch.device, pixel_dtype: torch.dtype | None = None) -> dict:
+    """The model's inputs of a collated batch (``MODEL_INPUTS``, ``pixel_values`` possibly ``None``) on
+    ``device``, the images cast to ``pixel_dtype`` if given. Non-blocking: from pinned memory the copies
+    overlap with compute, and kernels on the device's stream still see them complete."""
+    return {
+        k: None if batch[k] is None else batch[k].to(
+            device, dtype=pixel_dtype if k == "pixel_values" else None, non_blocking=True)
+        for k in MODEL_INPUTS
     }

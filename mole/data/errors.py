@@ -1,4 +1,12 @@
-"""Why a sample was skipped: one exception type whose reason becomes a counter name."""
+"""Why a sample was skipped: one exception type whose reason becomes a counter name.
+
+How a bad sample travels: code that handles one sample raises :class:`BadSample`. The one
+exception is the shard reader (:func:`mole.data.shards.read_shard`), a generator that must go on
+past damage and so yields a ``BadSample`` *value* in place of a sample it could not read;
+:class:`~mole.data.sample.SampleProcessor` raises such a value as it would its own, so every
+consumer of samples (the training stream, :func:`mole.data.examples.shard_examples`) catches bad
+samples in one ``except BadSample`` and counts them by ``reason``.
+"""
 
 from __future__ import annotations
 

@@ -1,12 +1,34 @@
-"""One raw tar sample (member name -> bytes) -> one training example, or ``BadSample``."""
+"""One raw tar sample (member name -> bytes) -> one :class:`Example`, or ``BadSample``."""
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
+import torch
 from PIL import Image
 
-from mole.data.conversation import parse_conversation, tokenize_conversation
+from mole.data.conversation import Turn, parse_conversation, tokenize_conversation
 from mole.data.errors import BadSample
 from mole.data.images import IMAGE_EXTENSIONS, MAX_PIXELS, decode_image, make_pixel_transform
+
+
+@dataclass(frozen=True)
+class Example:
+    """One usable sample, tokenised: what :func:`mole.data.collate.collate` batches.
+
+    Built whole by :class:`SampleProcessor` and never changed after. ``turns`` and ``image`` are the
+    parsed conversation and the decoded image, for whoever needs more than the tokens (evaluation asks
+    each answer as a question); ``image`` is kept only when the processor is asked to keep it, since a
+    decoded photo can be far larger than its pixels at model resolution.
+    """
+
+    input_ids: list[int]
+    labels: list[int]
+    pixel_values: torch.Tensor | None  # (3, H, W), or None for a text-only sample
+    key: str  # the sample's tar key
+    domain: int  # index of its domain, for per-domain metrics and routing
+    turns: list[Turn]
+    image: Image.Image | None = None
 
 
 class SampleProcessor:
@@ -14,27 +36,32 @@ class SampleProcessor:
 
     ``image_backend``: ``fast`` (default) or ``processor``; see :mod:`mole.data.images`. An image
     member without an ``<image>`` in the text is placed at the start of the first user turn.
+    ``keep_image``: keep the decoded image in each :class:`Example` (evaluation builds prompts from it).
     """
 
     def __init__(self, processor, max_length: int, image_aspect: str, *, image_backend: str = "fast",
-                 max_image_pixels: int = MAX_PIXELS):
+                 max_image_pixels: int = MAX_PIXELS, keep_image: bool = False):
         self.tokenizer = processor.tokenizer
         self.image_token_id = self.tokenizer.convert_tokens_to_ids(processor.image_token)
         self.num_image_tokens = count_image_tokens(processor)
         self.pixels = make_pixel_transform(processor.image_processor, image_aspect, image_backend)
         self.max_length, self.max_image_pixels = max_length, max_image_pixels
-        self.padded = image_aspect == "pad"
+        self.padded, self.keep_image = image_aspect == "pad", keep_image
 
-    def __call__(self, raw: dict) -> dict:
-        """``{"input_ids", "labels", "pixel_values" (3, H, W) or None, "key"}``.
+    def __call__(self, raw: dict | BadSample, domain: int = 0) -> Example:
+        """The example of ``raw``, a sample of domain number ``domain`` as :func:`~mole.data.shards.read_shard`
+        yields it.
 
-        Every failure is a ``BadSample`` whose message starts with the sample's shard and key, so a
+        Every failure is raised as a ``BadSample``, the shard reader's (``raw`` itself) included, so a
+        caller catches bad samples in one place. Its message starts with the sample's shard and key, so a
         skip can be traced to its data; an error no check foresaw (data are endlessly inventive) is
         one too, ``processing_error``, rather than the end of a run.
         """
+        if isinstance(raw, BadSample):
+            raise raw  # already names its shard and sample
         where = f"{raw.get('__url__', '?')}:{raw.get('__key__', '?')}"
         try:
-            return self._process(raw)
+            return self._process(raw, domain)
         except BadSample as bad:
             raise BadSample(bad.reason, f"{where}: {bad.detail}") from None
         except MemoryError:
@@ -42,7 +69,7 @@ class SampleProcessor:
         except Exception as err:
             raise BadSample("processing_error", f"{where}: {type(err).__name__}: {err}") from err
 
-    def _process(self, raw: dict) -> dict:
+    def _process(self, raw: dict, domain: int) -> Example:
         if "json" not in raw:
             raise BadSample("no_conversations", "no .json member")
         turns, has_placeholder = parse_conversation(raw["json"])
@@ -53,14 +80,14 @@ class SampleProcessor:
             raise BadSample("image_missing", "<image> in the text but no image member")
         if image_members and not any(turn.role == "user" for turn in turns):
             raise BadSample("image_placeholder", "an image but no user turn to show it in")
-        pixels = None
+        image = pixels = None
         if image_members:
             image = decode_image(raw[image_members[0]], self.max_image_pixels, square=self.padded)
             pixels = self.pixels(image)
         ids, labels = tokenize_conversation(
             turns, pixels is not None, self.tokenizer, self.image_token_id, self.num_image_tokens, self.max_length
         )
-        return {"input_ids": ids, "labels": labels, "pixel_values": pixels, "key": raw.get("__key__", "")}
+        return Example(ids, labels, pixels, raw.get("__key__", ""), domain, turns, image if self.keep_image else None)
 
 
 def count_image_tokens(processor) -> int:

@@ -28,7 +28,7 @@ from torch.utils.data import IterableDataset, get_worker_info
 
 from mole.data.collate import collate
 from mole.data.errors import BadSample, DataError
-from mole.data.sample import SampleProcessor, count_image_tokens  # noqa: F401  (re-exported)
+from mole.data.sample import Example, SampleProcessor, count_image_tokens  # noqa: F401  (re-exported)
 from mole.data.shards import expand_shards, read_shard, resampled_urls  # noqa: F401  (expand_shards re-exported)
 
 log = logging.getLogger(__name__)
@@ -93,9 +93,7 @@ class MixedStream(IterableDataset):
             examples = []
             while len(examples) < self.batch_size:
                 index = mixer.choices(indices, weights=self.probabilities)[0]
-                example = self._next_valid(self.domains[index], sources[index], skipped, reported)
-                example["domain"] = index
-                examples.append(example)
+                examples.append(self._next_valid(index, sources[index], skipped, reported))
             batch = collate(examples, self.pad_token_id)
             batch["skipped"] = Counter(skipped)
             skipped.clear()
@@ -107,19 +105,17 @@ class MixedStream(IterableDataset):
         samples = (item for url in urls for item in read_shard(url))
         return shuffled(samples, self.shuffle_buffer, random.Random(derive_seed("shuffle", *consumer, domain.name)))
 
-    def _next_valid(self, domain: Domain, samples: Iterator, skipped: Counter, reported: set[str]) -> dict:
+    def _next_valid(self, index: int, samples: Iterator, skipped: Counter, reported: set[str]) -> Example:
+        domain = self.domains[index]
         for _ in range(MAX_CONSECUTIVE_SKIPS):
-            item = next(samples)  # a raw sample, or a BadSample from the shard reader
-            if not isinstance(item, BadSample):
-                try:
-                    return self.process(item)
-                except BadSample as bad:
-                    item = bad
-            key = f"{domain.name}/{item.reason}"
-            skipped[key] += 1
-            if key not in reported:
-                reported.add(key)
-                log.warning("data domain %r: skipping %s; further ones are only counted", domain.name, item)
+            try:
+                return self.process(next(samples), index)
+            except BadSample as bad:
+                key = f"{domain.name}/{bad.reason}"
+                skipped[key] += 1
+                if key not in reported:
+                    reported.add(key)
+                    log.warning("data domain %r: skipping %s; further ones are only counted", domain.name, bad)
         raise DataError(
             f"data domain {domain.name!r}: {MAX_CONSECUTIVE_SKIPS} samples or shard reads in a row were unusable "
             f"(skipped since the last batch: {dict(skipped)}); check its shards: {domain.urls[:3]}"
