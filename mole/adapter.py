@@ -13,7 +13,7 @@ import torch
 from safetensors.torch import save_file
 from torch import nn
 
-from mole.spec import FORMAT_VERSION, AdapterSpec, SpecError
+from mole.spec import AdapterSpec, SpecError
 
 ADAPTER_WEIGHTS = "adapter.safetensors"
 ADAPTER_CONFIG = "mole_config.json"
@@ -39,7 +39,9 @@ def save_adapter(directory: str, state: dict[str, torch.Tensor], spec: AdapterSp
     """Write weights then spec, each via a temporary file and rename, so a crash leaves no half file."""
     os.makedirs(directory, exist_ok=True)
     weights = os.path.join(directory, ADAPTER_WEIGHTS)
-    save_file(state, weights + ".tmp", metadata={"format": "mole", "format_version": str(FORMAT_VERSION)})
+    # One metadata key: safetensors writes them in hash order, so two would make the same weights a
+    # different file on every save. The format version is the spec's (mole_config.json).
+    save_file(state, weights + ".tmp", metadata={"format": "mole"})
     os.replace(weights + ".tmp", weights)
     with open(os.path.join(directory, ADAPTER_CONFIG + ".tmp"), "w") as handle:
         handle.write(spec.to_json())

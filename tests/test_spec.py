@@ -160,3 +160,18 @@ def test_surgery_refuses_a_spec_of_another_base():
         apply_mole(model, dataclasses.replace(spec, hidden_size=128))
     apply_mole(model, spec)
     assert model.mole_spec is spec, "the model keeps the spec it was built from"
+
+
+def test_the_same_weights_save_to_the_same_bytes(tmp_path, spec):
+    """The weights file is a function of the tensors alone: safetensors writes metadata keys in hash
+    order, so more than one key would make every save of the same adapter a different file."""
+    import torch
+
+    from mole.adapter import ADAPTER_WEIGHTS, save_adapter
+
+    state = {"a.lora_A": torch.arange(6.0).reshape(2, 3), "b.router.weight": torch.ones(3, 2)}
+    saved = set()
+    for attempt in range(8):
+        save_adapter(str(tmp_path / str(attempt)), state, spec)
+        saved.add((tmp_path / str(attempt) / ADAPTER_WEIGHTS).read_bytes())
+    assert len(saved) == 1, f"{len(saved)} different files from 8 saves of the same tensors"
