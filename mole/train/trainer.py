@@ -33,7 +33,6 @@ from mole.train.checkpoint import Checkpoints, check_resumable_config, record_st
 from mole.train.heldout import heldout_loss, heldout_sets
 from mole.train.metrics import StepMetrics, count_parameters
 from mole.train.optim import build_optimizer, param_groups, run_settings_kept, warmup_cosine
-from mole.spec import AdapterSpec
 from mole.train.signals import StopRequest
 
 log = logging.getLogger("mole.train")
@@ -90,7 +89,7 @@ class Trainer:
         llava, self.surgery, processor = build_mole_model(cfg, DTYPES[self.precision], self.ds_config)
         if cfg.train.gradient_checkpointing:
             llava.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
-        self.llava_config = llava.config
+        self.llava, self.llava_config = llava, llava.config
         self.model = TrainingModel(llava, self.surgery, cfg.mole.aux_loss, cfg.mole.aux_weight)
         groups = param_groups(self.model, cfg.train.lr, cfg.train.projector_lr)
         optimizer = build_optimizer(groups, cfg.train.optimizer, cfg.train.lr, cfg.train.weight_decay)
@@ -220,7 +219,7 @@ class Trainer:
         """Gather the trainable weights on every rank; rank 0 writes ``output_dir/adapter``."""
         state = gather_trainable_state(self.model.llava)
         if self.info.is_main:
-            save_adapter(os.path.join(self.cfg.output_dir, "adapter"), state, AdapterSpec.from_config(self.cfg, self.llava_config))
+            save_adapter(os.path.join(self.cfg.output_dir, "adapter"), state, self.llava.mole_spec)
         dist.barrier()
 
     def _finish(self, last: dict, stopped: bool) -> None:
