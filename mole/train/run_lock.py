@@ -15,12 +15,14 @@ running unprotected.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import fcntl
 import json
 import os
 import socket
 import time
+from collections.abc import Iterator
 
 LOCK_FILE = "run.lock"
 
@@ -82,3 +84,29 @@ def describe_holder(path: str) -> str:
     if holder.get("since"):
         parts.append(f"since {holder['since']}")
     return ", ".join(parts)
+
+
+@contextlib.contextmanager
+def holding_output_dir(output_dir: str, is_main: bool) -> Iterator[None]:
+    """Rank 0 holds the run lock for the block; every rank learns the outcome before any writes.
+
+    A refusal is raised on every rank alike (one broadcast, issued by all), so a second run exits at
+    once everywhere instead of leaving ranks waiting in a collective rank 0 never reaches.
+    """
+    import torch.distributed as dist
+
+    lock, refusal = None, [None]
+    if is_main:
+        try:
+            lock = RunLock(output_dir).acquire()
+        except (RunLockedError, OSError) as err:
+            refusal = [str(err)]
+    if dist.is_initialized():
+        dist.broadcast_object_list(refusal, src=0)
+    if refusal[0] is not None:
+        raise RunLockedError(refusal[0])
+    try:
+        yield
+    finally:
+        if lock is not None:
+            lock.release()
