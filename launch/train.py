@@ -31,6 +31,7 @@ def main() -> int:
     from mole.surgery import SurgeryError
     from mole.train.checkpoint import CheckpointError
     from mole.train.loop import run  # heavy imports only after the config is known to be valid
+    from mole.train.run_lock import RunLockedError
 
     try:
         run(cfg, stop, ds_config)
@@ -39,6 +40,9 @@ def main() -> int:
         return 1
     except ConfigError as err:  # what only the rank can check (fp16 without a GPU)
         print(f"config error: {err}", file=sys.stderr)
+        return 2
+    except RunLockedError as err:  # another run holds output_dir: nothing of it was touched
+        print(f"error: {err}", file=sys.stderr)
         return 2
     if dist.is_initialized():
         dist.destroy_process_group()  # left to interpreter exit, gloo's teardown sometimes aborts a finished run

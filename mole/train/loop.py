@@ -9,6 +9,7 @@ import torch.distributed as dist
 
 from mole.config import Config
 from mole.distributed import init_distributed, releasing_shared_memory
+from mole.train.run_lock import holding_output_dir
 from mole.train.signals import StopRequest
 from mole.train.trainer import Trainer
 
@@ -23,7 +24,9 @@ def run(cfg: Config, stop: StopRequest | None = None, ds_config: dict | None = N
     """
     info = init_distributed()
     dist.barrier()  # every rank past DeepSpeed's start-up (its peers' shared-memory buffers open) before any can fail
-    with releasing_shared_memory(info):  # failed runs too: the buffers outlive the processes
+    # failed runs release the shared-memory buffers too (they outlive the processes); the output_dir is
+    # this run's alone from before any rank writes there until every rank is done
+    with releasing_shared_memory(info), holding_output_dir(cfg.output_dir, info.is_main):
         logging.basicConfig(level=logging.INFO if info.is_main else logging.WARNING,
                             format="%(asctime)s %(name)s: %(message)s")
         return Trainer(cfg, stop or StopRequest(), info, ds_config).run()
