@@ -43,6 +43,10 @@ NonFinitePolicy = Literal["stop", "skip"]
 ExportFormat = Literal["peft", "merged", "mole"]
 """peft: a peft LoRA directory (K=1); merged: LoRA merged into the base weights (K=1); mole: an adapter."""
 
+ResumeAcceptable = Literal["lora.alpha", "mole.routing", "model.name_or_path", "data.image_aspect", "data.image_backend"]
+"""The run settings that change what an adapter's saved weights compute (:data:`mole.spec.Impact`
+``computation``): a resumed run keeps the checkpoint's unless ``train.resume_accept`` names them."""
+
 
 def options(choice: typing.Any) -> tuple[str, ...]:
     """The allowed values of a ``Literal`` type, in declaration order (for argparse ``choices=``)."""

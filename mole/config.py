@@ -27,7 +27,8 @@ from typing import Annotated, Any
 import yaml
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError
 
-from mole.choices import AuxLoss, ImageAspect, ImageBackend, NonFinitePolicy, Optimizer, Precision, Routing
+from mole.choices import (AuxLoss, ImageAspect, ImageBackend, NonFinitePolicy, Optimizer, Precision,
+                          ResumeAcceptable, Routing)
 
 RESUME_WORDS = ("auto", "never")
 BUNDLED_DOMAINS = ("shapes", "charts", "tissue")
@@ -165,6 +166,10 @@ class TrainConfig(Section):
     resume: str = Field("auto", min_length=1)
     """auto: continue from output_dir's newest complete checkpoint if any; never: start fresh (an
     existing checkpoint is then an error, to protect it); or a checkpoint directory path."""
+    resume_accept: list[ResumeAcceptable] = Field(default_factory=list)
+    """Settings a resumed run may change although they change what the checkpoint's weights compute
+    (lora.alpha, mole.routing, model.name_or_path, data.image_aspect, data.image_backend); any other
+    change of them is refused, naming it. Settings that shape the tensors can never change."""
     eval_every: int = Field(0, ge=0)
     """Held-out loss per domain (on each domain's val_shards) every N steps; 0 disables."""
     eval_batches: int = Field(8, ge=1)

@@ -135,6 +135,10 @@ def test_checkpoints_hold_only_the_adapter_and_its_optimizer_state(killed_then_r
     # fp32 weights + two Adam moments = 3x the adapter, plus DeepSpeed's bookkeeping; a frozen
     # backbone in it would add the base model's size
     assert checkpoint < 4 * adapter, f"checkpoint {checkpoint} B vs adapter {adapter} B (base {base} B)"
+    marker = json.loads((out / "checkpoints" / "step_12" / COMPLETE).read_text())
+    assert "mole_config.json" in marker["files"], "the spec the tensors were trained under is part of the commit"
+    assert (out / "checkpoints" / "step_12" / "mole_config.json").read_text() == \
+        (out / "adapter" / "mole_config.json").read_text()
 
 
 RESUMED_LR = 5e-4
@@ -370,8 +374,9 @@ def test_resuming_under_a_config_of_other_shapes_names_the_keys_before_anything_
     save_config(load_config(str(TINY_CONFIG), [f"output_dir={tmp_path}"]), str(tmp_path / "config.yaml"))
     fake_checkpoint(tmp_path / "checkpoints", 4)
     found = resolve_resume("auto", str(tmp_path), world_size=2)
-    same_shapes = load_config(str(TINY_CONFIG), [f"output_dir={tmp_path}", "train.lr=1e-5", "mole.routing=hard"])
-    check_resumable_config(found, same_shapes)
+    steering_only = load_config(str(TINY_CONFIG), [f"output_dir={tmp_path}", "train.lr=1e-5", "lora.dropout=0.2",
+                                                   "mole.aux_loss=per_sample", "mole.aux_weight=0.5"])
+    check_resumable_config(found, steering_only)
     reordered = load_config(str(TINY_CONFIG), [f"output_dir={tmp_path}", "lora.attn_targets=[v_proj,q_proj,o_proj,k_proj]"])
     check_resumable_config(found, reordered)
     other = load_config(str(TINY_CONFIG), [f"output_dir={tmp_path}", "lora.r=8", "train.optimizer=sgd"])
@@ -379,6 +384,52 @@ def test_resuming_under_a_config_of_other_shapes_names_the_keys_before_anything_
         check_resumable_config(found, other)
     (tmp_path / "config.yaml").write_text("lora: {r: 16\n  mole")  # torn: not a reason to refuse
     check_resumable_config(found, other)
+
+
+def test_resuming_under_settings_that_change_what_the_weights_compute_is_refused_unless_accepted(tmp_path):
+    """alpha, routing, the base model's path and the image preparation keep the checkpoint's meaning: a
+    change is refused naming each key, unless train.resume_accept names it."""
+    from mole.config import load_config, save_config
+    from mole.train.checkpoint import check_resumable_config
+
+    save_config(load_config(str(TINY_CONFIG), [f"output_dir={tmp_path}"]), str(tmp_path / "config.yaml"))
+    fake_checkpoint(tmp_path / "checkpoints", 4)
+    found = resolve_resume("auto", str(tmp_path), world_size=2)
+    changed = [f"output_dir={tmp_path}", "lora.alpha=3200", "mole.routing=dense", "data.image_aspect=crop"]
+    with pytest.raises(CheckpointError) as refused:
+        check_resumable_config(found, load_config(str(TINY_CONFIG), changed))
+    message = str(refused.value)
+    for key in ("lora.alpha: 32.0 in the checkpoint's run, 3200.0 now", "mole.routing: 'scaled' in the checkpoint's run",
+                "data.image_aspect: 'pad' in the checkpoint's run, 'crop' now"):
+        assert key in message, message
+    with pytest.raises(CheckpointError, match=r"data\.image_aspect") as partly:
+        check_resumable_config(found, load_config(str(TINY_CONFIG), [*changed, "train.resume_accept=[lora.alpha,mole.routing]"]))
+    assert "lora.alpha" not in str(partly.value) and "mole.routing" not in str(partly.value), partly.value
+    accept_all = "train.resume_accept=[lora.alpha,mole.routing,data.image_aspect]"
+    check_resumable_config(found, load_config(str(TINY_CONFIG), [*changed, accept_all]))
+
+
+def test_the_spec_saved_in_a_checkpoint_governs_its_resume_whatever_config_yaml_says(tmp_path):
+    """A hand-edited config.yaml cannot talk the check into a resume DeepSpeed would fail on: the
+    checkpoint carries the spec its tensors were trained under, and a malformed one is named."""
+    from mole.config import load_config, save_config
+    from mole.spec import AdapterSpec
+    from mole.train.checkpoint import check_resumable_config
+    from transformers import AutoConfig
+
+    trained = load_config(str(TINY_CONFIG), [f"output_dir={tmp_path}"])
+    step = fake_checkpoint(tmp_path / "checkpoints", 4)
+    spec = AdapterSpec.from_config(trained, AutoConfig.from_pretrained(TINY_MODEL))
+    (step / "mole_config.json").write_text(spec.to_json())
+    edited = load_config(str(TINY_CONFIG), [f"output_dir={tmp_path}", "lora.r=8"])
+    save_config(edited, str(tmp_path / "config.yaml"))  # the user "fixed" the run's record to match
+    found = resolve_resume("auto", str(tmp_path), world_size=2)
+    with pytest.raises(CheckpointError, match=r"lora\.r: 16 in the checkpoint's run, 8 now"):
+        check_resumable_config(found, edited)
+    check_resumable_config(found, trained)
+    (step / "mole_config.json").write_text('{"format_version": 2, "r": "sixteen"}')
+    with pytest.raises(CheckpointError, match=r"step_4/mole_config\.json: missing keys"):
+        check_resumable_config(found, trained)
 
 
 def test_resuming_onto_a_base_model_of_other_shapes_is_refused_before_it_loads(tmp_path):

@@ -20,6 +20,7 @@ trainer, never data from elsewhere.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import os
@@ -34,7 +35,7 @@ import yaml
 from transformers import AutoConfig
 
 from mole.adapter import ADAPTER_CONFIG
-from mole.spec import AdapterSpec, SpecChange, SpecError, config_key
+from mole.spec import BASE_FIELDS, AdapterSpec, ImageSpec, SpecError, config_key
 
 log = logging.getLogger(__name__)
 
@@ -63,8 +64,10 @@ class Checkpoints:
     def __init__(self, root: str, keep: int, rank: int, world_size: int):
         self.root, self.keep, self.rank, self.world_size = root, keep, rank, world_size
 
-    def save(self, engine, step: int) -> str:
-        """Save on every rank (DeepSpeed's save is collective), then commit on rank 0."""
+    def save(self, engine, step: int, records: dict[str, str] | None = None) -> str:
+        """Save on every rank (DeepSpeed's save is collective), then commit on rank 0. ``records`` (file
+        name -> text) are written by rank 0 into the checkpoint before its commit marker, so they are
+        part of what the marker vouches for (the adapter spec the tensors were trained under)."""
         tag = f"step_{step}"
         directory = os.path.join(self.root, tag)
         if self.rank == 0 and os.path.isdir(directory):
@@ -73,6 +76,9 @@ class Checkpoints:
         engine.save_checkpoint(self.root, tag=tag, client_state={"step": step}, save_latest=False,
                                exclude_frozen_parameters=True)
         torch.save(capture_rng(step), os.path.join(directory, rank_state_file(self.rank)))
+        if self.rank == 0:
+            for name, text in (records or {}).items():
+                _write_atomic(os.path.join(directory, name), text)
         dist.barrier()
         if self.rank == 0:
             files = {
@@ -196,41 +202,81 @@ def _started_from(root: str) -> str | None:
 
 
 def check_resumable_config(resume: Resumable, cfg) -> None:
-    """Refuse to resume ``resume`` under a config whose adapter or optimizer it cannot load, naming the
-    keys, instead of DeepSpeed failing on a tensor size after the model has loaded.
+    """Refuse to resume ``resume`` under a config whose adapter it cannot load, or whose saved weights
+    would compute something else, naming each key, before the model loads.
 
-    The checkpoint's adapter is the spec this config would train (:meth:`AdapterSpec.from_config`) with
-    what the checkpoint's run recorded in its place (:meth:`AdapterSpec.as_recorded`): its run settings
-    from its ``config.yaml`` (``<output_dir>/checkpoints/..``; no check without one), its base model's
-    family and shapes from the adapter it saved with every checkpoint. A change of the adapter's tensor
-    shapes (:meth:`AdapterSpec.diff`), or of the optimizer whose state the checkpoint holds, is refused.
+    The checkpoint's adapter is the spec saved in it (``mole_config.json``, written before its commit
+    marker). Checkpoints from before that record fall back on what the run recorded beside them: its
+    run settings from its ``config.yaml`` (``<output_dir>/checkpoints/..``; no check without one) and
+    its base model's family and shapes from the adapter it saved (:meth:`AdapterSpec.as_recorded`).
+    Against it (:meth:`AdapterSpec.diff`): a change of the tensors' shapes is always refused; a change
+    of what they compute unless ``train.resume_accept`` names its key; a change that only steers
+    training (dropout, the balance loss) is taken. A change of ``train.optimizer``, whose state the
+    checkpoint holds, is refused too.
     """
     run_dir = os.path.dirname(os.path.abspath(resume.path))
     saved_path = os.path.join(run_dir, "config.yaml")
-    try:
-        with open(saved_path) as handle:
-            saved = yaml.safe_load(handle)
-    except OSError:
-        return
-    except yaml.YAMLError as err:
-        log.warning("%s is not readable YAML (%s); resuming without checking the config against it", saved_path, err)
-        return
-    saved = saved if isinstance(saved, dict) else {}
+    saved = _saved_run_config(saved_path)
     now = AdapterSpec.from_config(cfg, AutoConfig.from_pretrained(cfg.model.name_or_path))
-    try:
-        then = now.as_recorded(saved, _adapter_record(run_dir))
-    except SpecError as err:
-        raise CheckpointError(f"cannot resume {resume.path}/{resume.tag}: its run recorded an adapter no spec "
-                              f"may hold ({saved_path}, {os.path.join(run_dir, 'adapter', ADAPTER_CONFIG)}): {err}") from None
-    changed = [_describe(change, cfg.model.name_or_path) for change in now.diff(then) if change.impact == "shape"]
-    optimizer = saved.get("train", {}).get("optimizer") if isinstance(saved.get("train"), dict) else None
+    then, source = _checkpoint_spec(resume), os.path.join(resume.path, resume.tag, ADAPTER_CONFIG)
+    if then is None:
+        if saved is None:
+            return
+        try:
+            then = now.as_recorded(saved, _adapter_record(run_dir))
+        except SpecError as err:
+            raise CheckpointError(f"cannot resume {resume.path}/{resume.tag}: its run recorded an adapter no spec "
+                                  f"may hold ({saved_path}, {os.path.join(run_dir, 'adapter', ADAPTER_CONFIG)}): {err}") from None
+        source = saved_path
+    accepted = set(cfg.train.resume_accept)
+    changed = [_describe(key, before, after, impact, cfg.model.name_or_path)
+               for key, before, after, impact in _changes(now, then)
+               if impact == "shape" or (impact == "computation" and key not in accepted)]
+    optimizer = (saved or {}).get("train", {}).get("optimizer") if isinstance((saved or {}).get("train"), dict) else None
     if optimizer is not None and optimizer != cfg.train.optimizer:  # its state is shaped by it; not part of the adapter
         changed.append(f"train.optimizer: {optimizer!r} in the checkpoint's run, {cfg.train.optimizer!r} now")
     if changed:
         raise CheckpointError(
-            f"cannot resume {resume.path}/{resume.tag} (its run's config: {saved_path}) with this config: "
-            + "; ".join(changed) + ". Keep these settings, or start from scratch in another output_dir"
+            f"cannot resume {resume.path}/{resume.tag} (its adapter as recorded in {source}) with this config: " + "; ".join(changed)
+            + ". Keep these settings, or start from scratch in another output_dir"
         )
+
+
+def _saved_run_config(path: str) -> dict | None:
+    """The checkpoint's run's ``config.yaml`` as a mapping; none when missing or unreadable (a warning)."""
+    try:
+        with open(path) as handle:
+            saved = yaml.safe_load(handle)
+    except OSError:
+        return None
+    except yaml.YAMLError as err:
+        log.warning("%s is not readable YAML (%s); resuming without checking the config against it", path, err)
+        return None
+    return saved if isinstance(saved, dict) else {}
+
+
+def _checkpoint_spec(resume: Resumable) -> AdapterSpec | None:
+    """The adapter spec saved in the checkpoint itself; none for checkpoints saved before it was."""
+    path = os.path.join(resume.path, resume.tag, ADAPTER_CONFIG)
+    try:
+        with open(path) as handle:
+            return AdapterSpec.from_json(handle.read())
+    except FileNotFoundError:
+        return None
+    except (OSError, SpecError) as err:
+        raise CheckpointError(f"cannot resume {resume.path}/{resume.tag}: {path}: {err}") from None
+
+
+def _changes(now: AdapterSpec, then: AdapterSpec) -> list[tuple[str | None, object, object, str]]:
+    """``(config key, before, after, impact)`` per changed setting; the image preparation per key."""
+    out = []
+    for change in now.diff(then):
+        if change.field == "image":
+            out += [(f.metadata["config_key"], getattr(then.image, f.name), getattr(now.image, f.name), change.impact)
+                    for f in dataclasses.fields(ImageSpec) if getattr(then.image, f.name) != getattr(now.image, f.name)]
+        else:
+            out.append((config_key(change.field) or change.field, change.before, change.after, change.impact))
+    return out
 
 
 def _adapter_record(run_dir: str) -> dict | None:
@@ -247,13 +293,15 @@ def _adapter_record(run_dir: str) -> dict | None:
         return None
 
 
-def _describe(change: SpecChange, model_dir: str) -> str:
+def _describe(key: str, before, after, impact: str, model_dir: str) -> str:
     """One refusal reason, under the run config key the user would change."""
-    before, after = (list(v) if isinstance(v, tuple) else v for v in (change.before, change.after))
-    key = config_key(change.field)
-    if key is None:  # the base model's family or shapes
-        return f"model.name_or_path: {change.field} {before} in the checkpoint's base model, {after} in {model_dir}"
-    return f"{key}: {before!r} in the checkpoint's run, {after!r} now"
+    before, after = (list(v) if isinstance(v, tuple) else v for v in (before, after))
+    if key in BASE_FIELDS:  # the base model's family or shapes
+        return f"model.name_or_path: {key} {before} in the checkpoint's base model, {after} in {model_dir}"
+    reason = f"{key}: {before!r} in the checkpoint's run, {after!r} now"
+    if impact == "computation":
+        reason += f" (the saved weights would compute something else; train.resume_accept=[{key}] takes it)"
+    return reason
 
 
 def capture_rng(step: int) -> dict:

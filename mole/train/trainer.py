@@ -20,7 +20,7 @@ import torch
 import torch.distributed as dist
 from tqdm import tqdm
 
-from mole.adapter import gather_trainable_state, save_adapter
+from mole.adapter import ADAPTER_CONFIG, gather_trainable_state, save_adapter
 from mole.config import Config, ConfigError, save_config
 from mole.data.collate import to_device
 from mole.data.sample import SampleProcessor
@@ -212,7 +212,7 @@ class Trainer:
 
     def save(self, step: int) -> None:
         """A resumable checkpoint of ``step`` and the adapter as of it."""
-        self.checkpoints.save(self.engine, step)
+        self.checkpoints.save(self.engine, step, records={ADAPTER_CONFIG: self.llava.mole_spec.to_json()})
         self.save_adapter()
 
     def save_adapter(self) -> None:
