@@ -18,8 +18,6 @@ from safetensors.torch import load_file
 from tests.helpers import (REPO, TINY_CONFIG, cli_env, free_port, python, read_rank_log, run_group, step_records,
                            training_command)
 
-pytestmark = pytest.mark.distributed
-
 QUIET = ["train.eval_every=0", "train.log_routing_every=0", "train.warmup_steps=0"]
 
 
@@ -50,6 +48,7 @@ def zero(name: str) -> str:
     return f"train.ds_config={REPO / 'ds_configs' / name}"
 
 
+@pytest.mark.distributed
 def test_nonfinite_gradients_on_one_rank_skip_the_update_on_both_under_zero3(tmp_path):
     """Rank 0 makes a NaN that only rank 1's gradient partition holds: both ranks skip step 3's
     update (the weights do not move), count and log it, and the run finishes with a finite adapter."""
@@ -58,23 +57,24 @@ def test_nonfinite_gradients_on_one_rank_skip_the_update_on_both_under_zero3(tmp
     proc = run_group(cmd, 300, env=cli_env())
     output = proc.stdout + proc.stderr
     assert proc.returncode == 0, output[-3000:]
-    seen = [local_events(tmp_path, rank, "gradients_finite") for rank in (0, 1)]
-    assert [s[3] for s in seen] == [True, False], f"precondition: only rank 1 holds the NaN after reduction: {seen}"
-    assert all(s[step] for s in seen for step in (1, 2, 4)), seen
+    metrics = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    logged = {r["step"]: r.get("train/skipped_nonfinite_steps") for r in metrics if "train/loss" in r}
+    assert logged == {1: 0, 2: 0, 3: 1, 4: 0}, f"step 3's update must be logged as skipped: {logged}"
+    assert "non-finite gradients at step 3" in output, output[-3000:]
     for rank in (0, 1):
-        skipped = {r["step"]: r["skipped_nonfinite_steps"] for r in step_records(tmp_path, rank)}
+        skipped = {r["step"]: r.get("skipped_nonfinite_steps") for r in step_records(tmp_path, rank)}
         assert skipped == {1: 0, 2: 0, 3: 1, 4: 0}, f"rank {rank} must count step 3's update as skipped: {skipped}"
         checksum = local_events(tmp_path, rank, "weights_checksum")
         assert checksum[3] == checksum[2], f"rank {rank}: step 3's update was applied: {checksum}"
         assert checksum[4] != checksum[3] and math.isfinite(checksum[4]), f"rank {rank}: step 4 must train: {checksum}"
-    metrics = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
-    logged = {r["step"]: r["train/skipped_nonfinite_steps"] for r in metrics if "train/skipped_nonfinite_steps" in r}
-    assert logged == {1: 0, 2: 0, 3: 1, 4: 0}, logged
-    assert "non-finite gradients at step 3" in output, output[-3000:]
+    seen = [local_events(tmp_path, rank, "gradients_finite") for rank in (0, 1)]
+    assert [s.get(3) for s in seen] == [True, False], f"precondition: only rank 1 holds the NaN after reduction: {seen}"
+    assert all(s[step] for s in seen for step in (1, 2, 4)), seen
     assert (tmp_path / "done.json").exists(), "a run that skipped an update still finishes"
     assert_finite_adapter(tmp_path)
 
 
+@pytest.mark.distributed
 def test_nonfinite_gradients_or_weights_stop_before_any_save_under_zero2(tmp_path):
     """``stop``: rank 0's NaN, held by rank 1 only, stops both ranks at step 3 before the update, with
     steps 1 and 2 checkpointed (keep 2). Resumed with a learning rate that makes step 3's weights
@@ -105,3 +105,24 @@ def test_nonfinite_gradients_or_weights_stop_before_any_save_under_zero2(tmp_pat
     assert (tmp_path / "checkpoints" / "latest").read_text().strip() == "step_2"
     assert (tmp_path / "adapter" / "adapter.safetensors").read_bytes() == adapter, "the adapter was rewritten"
     assert not (tmp_path / "done.json").exists()
+
+
+def test_a_nonfinite_adapter_is_refused_not_written(tmp_path):
+    from mole.adapter import ADAPTER_WEIGHTS, save_adapter
+
+    state = {"a.lora_A": torch.zeros(2, 3), "b.lora_B": torch.tensor([1.0, float("inf")]), "steps": torch.tensor([3])}
+    with pytest.raises(FloatingPointError, match=r"non-finite values in 1 tensor\(s\) \(b\.lora_B\)"):
+        save_adapter(str(tmp_path / "adapter"), state, spec=None)  # refused before the spec is read
+    assert not (tmp_path / "adapter" / ADAPTER_WEIGHTS).exists()
+
+
+def test_the_finite_check_sees_a_single_nan_or_inf_anywhere():
+    from mole.train.finite import all_finite, any_rank
+
+    assert all_finite([]) and all_finite([torch.ones(3), torch.zeros(2, 2)])
+    for bad in (float("nan"), float("inf"), -float("inf")):
+        tensor = torch.ones(1000)
+        tensor[-1] = bad
+        assert not all_finite([torch.ones(3), tensor]), bad
+    assert all_finite([torch.full((4,), 3e38)]), "large finite values are finite"
+    assert any_rank(False, True) == [False, True], "without a process group the local flags are the answer"
