@@ -35,8 +35,18 @@ def gather_trainable_state(model: nn.Module) -> dict[str, torch.Tensor]:
     return state
 
 
+def check_finite(state: dict[str, torch.Tensor], what: str = "the adapter") -> None:
+    """A ``FloatingPointError`` naming the tensors of ``state`` that hold a NaN or an infinity."""
+    bad = [name for name, tensor in state.items() if tensor.is_floating_point() and not torch.isfinite(tensor).all()]
+    if bad:
+        raise FloatingPointError(f"{what} has non-finite values in {len(bad)} tensor(s) ({', '.join(bad[:3])}"
+                                 f"{', ...' if len(bad) > 3 else ''}): not saved")
+
+
 def save_adapter(directory: str, state: dict[str, torch.Tensor], spec: AdapterSpec) -> None:
-    """Write weights then spec, each via a temporary file and rename, so a crash leaves no half file."""
+    """Write weights then spec, each via a temporary file and rename, so a crash leaves no half file.
+    Weights holding a NaN or an infinity are refused (:func:`check_finite`), never written."""
+    check_finite(state)
     os.makedirs(directory, exist_ok=True)
     weights = os.path.join(directory, ADAPTER_WEIGHTS)
     # One metadata key: safetensors writes them in hash order, so two would make the same weights a

@@ -157,7 +157,8 @@ class TrainConfig(Section):
     """Recompute the LLM's activations in backward (for real model sizes); routing statistics and
     the balance loss are unaffected."""
     on_nonfinite: NonFinitePolicy = "stop"
-    """A NaN/inf loss on any rank: stop the run naming the step, or skip that micro-batch on all ranks."""
+    """A NaN/inf loss or gradient on any rank: stop the run naming the step before the update, or skip
+    that micro-batch or update on all ranks. Non-finite weights after an update always stop it."""
     save_every: int = Field(0, ge=0)
     """Checkpoint (DeepSpeed, under output_dir/checkpoints/step_<N>) every N optimizer steps; 0 only
     at the end. The adapter is written to output_dir/adapter at each save too."""

@@ -95,6 +95,7 @@ class StepMetrics:
     def _reset(self) -> None:
         self.sums = {"loss": 0.0, "lm_loss": 0.0, "aux_loss": 0.0}
         self.micro_batches = self.images = self.tokens = self.samples = self.skipped_nonfinite = 0
+        self.skipped_nonfinite_steps = 0  # 1 when this step's update was skipped (every rank agrees)
         self.load = torch.zeros(self.num_layers, self.num_experts, dtype=torch.float64)
         self.domains = torch.zeros(len(self.domain_names), dtype=torch.float64)
         self.skipped: Counter = Counter()
@@ -127,6 +128,7 @@ class StepMetrics:
             "step": step, **local, "lr": lr, "seconds": seconds, "images": self.images, "tokens": self.tokens,
             "domains": {n: int(c) for n, c in zip(self.domain_names, self.domains.tolist()) if c},
             "skipped": dict(self.skipped), "skipped_nonfinite": self.skipped_nonfinite,
+            "skipped_nonfinite_steps": self.skipped_nonfinite_steps,
             "expert_load": self.load.tolist(),
         })
         scalars = torch.tensor([local["loss"], local["lm_loss"], local["aux_loss"], self.tokens, self.samples,
@@ -145,7 +147,7 @@ class StepMetrics:
             scalars = {
                 "train/loss": reduced["loss"], "train/lm_loss": reduced["lm_loss"], "train/aux_loss": reduced["aux_loss"],
                 "train/lr": lr, "perf/tokens_per_s": tokens / seconds, "perf/samples_per_s": samples / seconds,
-                "data/skipped": skipped,
+                "data/skipped": skipped, "train/skipped_nonfinite_steps": self.skipped_nonfinite_steps,
             }
             if grad_norm is not None:
                 scalars["train/grad_norm"] = grad_norm

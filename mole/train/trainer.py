@@ -20,7 +20,7 @@ import torch
 import torch.distributed as dist
 from tqdm import tqdm
 
-from mole.adapter import ADAPTER_CONFIG, gather_trainable_state, save_adapter
+from mole.adapter import ADAPTER_CONFIG, check_finite, gather_trainable_state, save_adapter
 from mole.config import Config, ConfigError, save_config
 from mole.data.collate import to_device
 from mole.data.sample import SampleProcessor
@@ -30,6 +30,7 @@ from mole.distributed import DistInfo
 from mole.ds_config import build_ds_config, effective_precision
 from mole.model import DTYPES, TrainingModel, build_mole_model
 from mole.train.checkpoint import Checkpoints, check_resumable_config, record_start, resolve_resume, restore_rng
+from mole.train.finite import all_finite, any_rank, local_gradients, local_weights
 from mole.train.heldout import heldout_loss, heldout_sets
 from mole.train.metrics import StepMetrics, count_parameters
 from mole.train.optim import build_optimizer, param_groups, run_settings_kept, warmup_cosine
@@ -70,6 +71,7 @@ class Trainer:
                                        info.rank, info.world_size)
         torch.manual_seed(derive_seed(cfg.train.seed, "dropout", info.rank) % 2**63)
         self.start_step = self._load_checkpoint()
+        self.skipped_updates_in_a_row = 0
         counts = count_parameters(self.model)
         log.info("parameters: %s trainable of %s total (%.3f%%); %d of %d tensors partitioned by ZeRO-3, %d ZeRO-3 "
                  "leaf modules; precision %s", f"{counts['trainable']:,}", f"{counts['total']:,}",
@@ -164,9 +166,13 @@ class Trainer:
     def train_step(self, step: int) -> dict:
         """``grad_accum`` micro-batches (forward, backward, engine.step: DeepSpeed steps at the boundary);
         the step's metrics, reduced over ranks. With ``on_nonfinite=skip`` a micro-batch whose loss is
-        not finite on any rank is dropped on every rank and another drawn."""
+        not finite on any rank is dropped on every rank and another drawn, and an update whose
+        gradients are not finite on any rank is skipped on every rank; with ``stop`` either stops the
+        run before the update. Weights that are not finite after the update always stop it, before
+        anything is saved."""
         started, lr = time.perf_counter(), self.engine.get_lr()[0]
         done = skipped_in_a_row = 0
+        loss_finite = True
         while done < self.cfg.train.grad_accum:
             batch = next(self.batches)
             self.metrics.add_skipped(batch.get("skipped", {}))
@@ -178,14 +184,49 @@ class Trainer:
                 if skipped_in_a_row >= MAX_NONFINITE_IN_A_ROW:
                     raise FloatingPointError(f"{skipped_in_a_row} non-finite micro-batches in a row at step {step}")
                 continue
+            loss_finite = loss_finite and bool(torch.isfinite(out["loss"].detach()).all())
             self.engine.backward(out["loss"])
+            skip_update = self.engine.is_gradient_accumulation_boundary() and self._nonfinite_gradients(step, loss_finite)
             self.engine.step()
             self.metrics.add_micro_batch(batch, out, self.surgery.context.stats())
             self.surgery.context.clear()  # a recompute's routing graph (gradient checkpointing) would live until the next forward
             done += 1
             skipped_in_a_row = 0
+        self._check_update(step, skip_update)
         return self.metrics.end_step(step, lr, _grad_norm(self.engine), time.perf_counter() - started,
                                      self.stop.requested)
+
+    def _nonfinite_gradients(self, step: int, loss_finite: bool) -> bool:
+        """At the accumulation boundary, before the update: whether to skip it because some rank holds a
+        non-finite gradient (one all-reduce, on every rank whatever its data). Under ``stop`` a
+        non-finite gradient or loss ends the run here instead, so the update is never applied."""
+        grads_bad, loss_bad = any_rank(not all_finite(local_gradients(self.model)), not loss_finite)
+        if not (grads_bad or loss_bad):
+            return False
+        what = "loss" if loss_bad else "gradients (with a finite loss)"
+        if self.cfg.train.on_nonfinite == "stop":
+            raise FloatingPointError(f"non-finite {what} at step {step} (train.on_nonfinite=stop): the update was "
+                                     "not applied")
+        log.warning("non-finite gradients at step %d on some rank: the update is skipped on all ranks", step)
+        return True
+
+    def _check_update(self, step: int, skipped: bool) -> None:
+        """After ``engine.step``: a skipped update must have been skipped, and the weights must be finite
+        (one all-reduce); else the run stops naming the step, before the weights reach a checkpoint,
+        the adapter or ``done.json``. Too many skipped updates in a row stop it too."""
+        if skipped and self.engine.was_step_applied():  # ZeRO-1/2 with bf16.check_grad_overflow or compute_grad_norm off
+            raise FloatingPointError(f"DeepSpeed applied the non-finite gradients of step {step} instead of skipping "
+                                     "the update (leave the DeepSpeed JSON's bf16.check_grad_overflow and "
+                                     "zero_optimization.compute_grad_norm on)")
+        (weights_bad,) = any_rank(not all_finite(local_weights(self.model)))
+        if weights_bad:
+            raise FloatingPointError(f"non-finite weights after the update of step {step}: stopped before saving them "
+                                     "(lower train.lr, or clip with train.grad_clip)")
+        self.skipped_updates_in_a_row = self.skipped_updates_in_a_row + 1 if skipped else 0
+        self.metrics.skipped_nonfinite_steps += skipped
+        if self.skipped_updates_in_a_row >= MAX_NONFINITE_IN_A_ROW:
+            raise FloatingPointError(f"{self.skipped_updates_in_a_row} updates in a row skipped for non-finite "
+                                     f"gradients, at step {step}")
 
     def _report(self, step: int, last: dict) -> None:
         """The step's log line and skip counts every ``log_every``, routing every ``log_routing_every``;
@@ -211,13 +252,22 @@ class Trainer:
             log.info("step %d held-out %s", step, ", ".join(f"{k.split('/')[-1]} {v:.4f}" for k, v in losses.items()))
 
     def save(self, step: int) -> None:
-        """A resumable checkpoint of ``step`` and the adapter as of it."""
+        """A resumable checkpoint of ``step`` and the adapter as of it. The adapter is gathered and
+        checked first: non-finite weights are refused before a checkpoint is written or one pruned."""
+        state = self._adapter_state(f"step {step}")
         self.checkpoints.save(self.engine, step, records={ADAPTER_CONFIG: self.llava.mole_spec.to_json()})
-        self.save_adapter()
+        self.save_adapter(state)
 
-    def save_adapter(self) -> None:
-        """Gather the trainable weights on every rank; rank 0 writes ``output_dir/adapter``."""
+    def _adapter_state(self, when: str) -> dict[str, torch.Tensor]:
+        """The trainable weights gathered whole on every rank, refused on every rank if not finite."""
         state = gather_trainable_state(self.model.llava)
+        check_finite(state, f"the adapter at {when}")
+        return state
+
+    def save_adapter(self, state: dict[str, torch.Tensor] | None = None) -> None:
+        """Rank 0 writes ``output_dir/adapter`` from ``state`` (gathered on every rank if not given)."""
+        if state is None:
+            state = self._adapter_state(f"step {self.start_step}")
         if self.info.is_main:
             save_adapter(os.path.join(self.cfg.output_dir, "adapter"), state, self.llava.mole_spec)
         dist.barrier()
