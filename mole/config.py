@@ -183,6 +183,21 @@ class TrainConfig(Section):
     """DeepSpeed JSON; its "auto" values are filled from this config by mole.ds_config."""
     log_every: int = Field(1, ge=1)
     """Log metrics every N optimizer steps."""
+    data_timeout_s: Float = Field(300, ge=0)
+    """Longest a rank may wait for its next sample (one shard read, one sample's processing) before the
+    watchdog ends the job, naming every rank's phase; 0 disables."""
+    step_timeout_s: Float = Field(1800, ge=0)
+    """Longest a rank may spend in any other phase of a step (forward/backward, the metrics all-reduce,
+    a save, an evaluation) before the watchdog ends the job; 0 disables."""
+    collective_timeout_s: Float | None = Field(None, gt=0)
+    """Timeout of the process group's collectives (gloo/NCCL); none: a minute past step_timeout_s, so the
+    watchdog's report comes first (30 minutes if step_timeout_s is 0). Overrides DEEPSPEED_TIMEOUT."""
+
+    def collective_seconds(self) -> float:
+        """The process group's timeout in seconds (``collective_timeout_s`` resolved)."""
+        if self.collective_timeout_s is not None:
+            return float(self.collective_timeout_s)
+        return float(self.step_timeout_s + 60) if self.step_timeout_s > 0 else 1800.0
 
 
 class Config(Section):

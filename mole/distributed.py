@@ -7,6 +7,7 @@ import os
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
+from datetime import timedelta
 
 import torch
 import torch.distributed as dist
@@ -24,13 +25,14 @@ class DistInfo:
         return self.rank == 0
 
 
-def init_distributed() -> DistInfo:
+def init_distributed(timeout_s: float | None = None) -> DistInfo:
     """Start DeepSpeed's process group from the launcher's environment: gloo on CPU; on GPU NCCL for
     CUDA tensors and gloo for CPU ones (the trainer reduces its metrics and stop flag as CPU tensors,
     which an NCCL-only group rejects: "No backend type associated with device type cpu").
 
     Works under ``deepspeed``, ``torchrun`` and ``srun`` (which the SLURM script maps to RANK /
-    WORLD_SIZE / LOCAL_RANK), and as a single plain process.
+    WORLD_SIZE / LOCAL_RANK), and as a single plain process. ``timeout_s``: how long a collective may
+    wait for its peers before it fails (None: DeepSpeed's default, ``DEEPSPEED_TIMEOUT`` minutes or 10).
     """
     import deepspeed
 
@@ -41,7 +43,8 @@ def init_distributed() -> DistInfo:
     os.environ.setdefault("MASTER_PORT", "29500")
     cuda = torch.cuda.is_available()
     if not dist.is_initialized():
-        deepspeed.init_distributed(dist_backend="cpu:gloo,cuda:nccl" if cuda else "gloo")
+        timeout = {} if timeout_s is None else {"timeout": timedelta(seconds=timeout_s)}
+        deepspeed.init_distributed(dist_backend="cpu:gloo,cuda:nccl" if cuda else "gloo", **timeout)
     local_rank = int(os.environ["LOCAL_RANK"])
     device = torch.device("cuda", local_rank) if cuda else torch.device("cpu")
     if cuda:

@@ -123,3 +123,23 @@ def test_bad_conversations_name_their_reason(raw, reason):
     with pytest.raises(BadSample) as err:
         parse_conversation(raw)
     assert err.value.reason == reason
+
+
+def test_text_far_beyond_max_length_is_cut_before_tokenising_to_the_same_tokens(processor, monkeypatch):
+    from mole.data import conversation
+
+    pieces = ["the", "chart", "---|---|", " ", "  ", "\n", "é", "数据", "🙂", "|---|---|---|---|", "x" * 40, "."]
+    answer = "".join(pieces[(i * 7) % len(pieces)] + " " * (i % 3) for i in range(6000))
+    record = {"conversations": [{"from": "human", "value": "<image>\nDescribe it."}, {"from": "gpt", "value": answer},
+                                {"from": "human", "value": "More?"}, {"from": "gpt", "value": answer}]}
+    cut = encode(processor, record, max_length=128)
+    monkeypatch.setattr(conversation, "longest_token", lambda tokenizer: 10**9)  # no cut
+    assert encode(processor, record, max_length=128) == cut, "cutting the text changed the first max_length tokens"
+
+
+def test_an_image_sample_whose_user_turn_lies_beyond_the_cut_is_too_long(processor):
+    record = {"conversations": [{"from": "gpt", "value": "a " * 200_000}, {"from": "human", "value": "<image>\nAnd?"},
+                                {"from": "gpt", "value": "b"}]}
+    with pytest.raises(BadSample) as err:
+        encode(processor, record, max_length=64)
+    assert err.value.reason == "too_long"

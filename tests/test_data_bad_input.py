@@ -312,3 +312,17 @@ def test_a_pattern_matching_no_file_is_an_error_naming_domain_and_pattern(tmp_pa
     assert expand_shards("ok", str(tmp_path / "d" / "*.tar")) == [str(present)], "local globs expand"
     assert expand_shards("remote", "pipe:curl -s https://host/x-{0..1}.tar") == ["pipe:curl -s https://host/x-0.tar",
                                                                               "pipe:curl -s https://host/x-1.tar"]
+
+
+def test_a_huge_text_sample_costs_what_max_length_allows_not_its_size(tmp_path, sample_processor):
+    """A 40 MB answer (under the shard reader's member cap) is cut to what max_length can hold before
+    tokenising: it used to take minutes on one CPU."""
+    import time
+
+    shard = write_shard(tmp_path / "huge.tar", [text_sample("huge", "Describe the chart.", "bar " * 10_000_000)])
+    (raw,) = list(read_shard(str(shard)))
+    started = time.perf_counter()
+    example = sample_processor(raw)
+    took = time.perf_counter() - started
+    assert len(example.input_ids) == sample_processor.max_length
+    assert took < 5, f"processing a 40 MB sample took {took:.1f} s"

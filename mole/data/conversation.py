@@ -8,6 +8,7 @@ far is subtracted, so the prompt format is exactly the template's, whatever mode
 
 from __future__ import annotations
 
+import functools
 import json
 from dataclasses import dataclass
 
@@ -17,6 +18,7 @@ IGNORE_INDEX = -100
 IMAGE_PLACEHOLDER = "<image>"
 ROLES = {"human": "user", "gpt": "assistant"}
 ANSWER_MARKER = "\ue000answer\ue000"  # stands in for an answer while locating it (private-use characters)
+CUT_MARGIN_TOKENS = 64  # kept past max_length when text is cut before tokenising (merges across the cut)
 
 
 @dataclass
@@ -87,8 +89,11 @@ def tokenize_conversation(
     not fit, or that keeps no answer token, is a ``BadSample("too_long")``. Text that spells one of
     the tokenizer's special tokens (``</s>``, ``<image>`` beyond the placeholder, ...) is a
     ``BadSample("special_token")``: tokenised, it would become that control token, not the characters.
+    Text far beyond what ``max_length`` tokens can hold is cut before tokenising (:func:`cut_turns`), so
+    a sample's cost is bounded by ``max_length``, not by its size.
     """
     refuse_special_tokens(turns, tokenizer)
+    turns = cut_turns(turns, has_image, (max_length + CUT_MARGIN_TOKENS) * longest_token(tokenizer))
     text, answer_spans = render_conversation(turns, has_image, tokenizer)
     encoded = tokenizer(text, add_special_tokens=True, return_offsets_mapping=True)
     ids = list(encoded["input_ids"])
@@ -106,6 +111,34 @@ def tokenize_conversation(
     if all(label == IGNORE_INDEX for label in labels):
         raise BadSample("too_long", f"no answer token left within max_length {max_length}")
     return ids, labels
+
+
+def cut_turns(turns: list[Turn], has_image: bool, max_chars: int) -> list[Turn]:
+    """The turns up to ``max_chars`` characters of text, the last one kept cut short.
+
+    No token spans more than :func:`longest_token` characters, so text cut at ``(max_length + margin)``
+    times that tokenises to the same first ``max_length`` tokens (and labels) as the whole: truncation
+    keeps only those. A sample whose image would land beyond the cut (no user turn before it) is
+    ``too_long``, as it would be after tokenising.
+    """
+    if sum(len(turn.text) for turn in turns) <= max_chars:
+        return turns
+    kept, left = [], max_chars
+    for turn in turns:
+        kept.append(Turn(turn.role, turn.text[:left]))
+        left -= len(turn.text)
+        if left <= 0:
+            break
+    if has_image and not any(turn.role == "user" for turn in kept):
+        raise BadSample("too_long", f"no user turn within the first {max_chars} characters to show the image in")
+    return kept
+
+
+@functools.lru_cache(maxsize=8)
+def longest_token(tokenizer) -> int:
+    """Characters of the tokenizer's longest vocabulary entry: an upper bound on the text one token covers
+    (byte-level and byte-fallback entries count bytes, never fewer than the characters)."""
+    return max(1, max(map(len, tokenizer.get_vocab())))
 
 
 def refuse_special_tokens(turns: list[Turn], tokenizer) -> None:

@@ -20,7 +20,7 @@ import hashlib
 import logging
 import random
 from collections import Counter
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 import torch
@@ -55,6 +55,8 @@ class MixedStream(IterableDataset):
     Yields dicts from :func:`mole.data.collate.collate` plus ``skipped``: a Counter of
     ``"<domain>/<reason>"`` -> samples (or shard reads) skipped in this consumer since its previous
     batch. Skip counters live in DataLoader worker processes, so they travel with the batches.
+    ``on_read(domain, shard)`` is called before each raw sample is read (the watchdog's data phase;
+    in a DataLoader worker it reaches only the worker's copy).
     """
 
     def __init__(
@@ -67,6 +69,7 @@ class MixedStream(IterableDataset):
         rank: int,
         start_step: int = 0,
         shuffle_buffer: int = 100,
+        on_read: Callable[[str, str], None] | None = None,
     ):
         super().__init__()
         if not domains:
@@ -74,6 +77,7 @@ class MixedStream(IterableDataset):
         self.domains, self.process = domains, sample_processor
         self.batch_size, self.pad_token_id = batch_size, pad_token_id
         self.seed, self.rank, self.start_step, self.shuffle_buffer = seed, rank, start_step, shuffle_buffer
+        self.on_read = on_read
         total = sum(domain.weight for domain in domains)
         self.probabilities = [domain.weight / total for domain in domains]
 
@@ -102,8 +106,20 @@ class MixedStream(IterableDataset):
     def domain_samples(self, domain: Domain, consumer: tuple) -> Iterator[dict | BadSample]:
         """One domain's endless raw samples for one consumer: resampled shards, then a shuffle buffer."""
         urls = resampled_urls(domain.urls, derive_seed("shards", *consumer, domain.name))
-        samples = (item for url in urls for item in read_shard(url))
+        samples = (item for url in urls for item in self._read(domain.name, url))
         return shuffled(samples, self.shuffle_buffer, random.Random(derive_seed("shuffle", *consumer, domain.name)))
+
+    def _read(self, name: str, url: str) -> Iterator[dict | BadSample]:
+        if self.on_read is None:
+            yield from read_shard(url)
+            return
+        items = read_shard(url)
+        while True:
+            self.on_read(name, url)  # before the read that may block
+            item = next(items, None)
+            if item is None:
+                return
+            yield item
 
     def _next_valid(self, index: int, samples: Iterator, skipped: Counter, reported: set[str]) -> Example:
         domain = self.domains[index]

@@ -22,11 +22,15 @@ def run(cfg: Config, stop: StopRequest | None = None, ds_config: dict | None = N
     earlier by the caller (a signal during start-up then stops the run after its first step);
     ``ds_config``, the DeepSpeed config if the caller built it already (for ``WORLD_SIZE`` ranks).
     """
-    info = init_distributed()
+    info = init_distributed(cfg.train.collective_seconds())
     dist.barrier()  # every rank past DeepSpeed's start-up (its peers' shared-memory buffers open) before any can fail
     # failed runs release the shared-memory buffers too (they outlive the processes); the output_dir is
     # this run's alone from before any rank writes there until every rank is done
     with releasing_shared_memory(info), holding_output_dir(cfg.output_dir, info.is_main):
         logging.basicConfig(level=logging.INFO if info.is_main else logging.WARNING,
                             format="%(asctime)s %(name)s: %(message)s")
-        return Trainer(cfg, stop or StopRequest(), info, ds_config).run()
+        trainer = Trainer(cfg, stop or StopRequest(), info, ds_config)
+        try:
+            return trainer.run()
+        finally:
+            trainer.watchdog.stop()

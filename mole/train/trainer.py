@@ -26,7 +26,7 @@ from mole.data.collate import to_device
 from mole.data.sample import SampleProcessor
 from mole.data.shards import expand_shards
 from mole.data.stream import Domain, MixedStream, derive_seed, make_loader
-from mole.distributed import DistInfo
+from mole.distributed import DistInfo, release_shared_memory
 from mole.ds_config import build_ds_config, effective_precision
 from mole.model import DTYPES, TrainingModel, build_mole_model
 from mole.train.checkpoint import Checkpoints, check_resumable_config, record_start, resolve_resume, restore_rng
@@ -35,6 +35,7 @@ from mole.train.heldout import heldout_loss, heldout_sets
 from mole.train.metrics import StepMetrics, count_parameters
 from mole.train.optim import build_optimizer, param_groups, run_settings_kept, warmup_cosine
 from mole.train.signals import StopRequest
+from mole.train.watchdog import Phase, Watchdog, connect_store
 
 log = logging.getLogger("mole.train")
 
@@ -77,7 +78,12 @@ class Trainer:
                  "leaf modules; precision %s", f"{counts['trainable']:,}", f"{counts['total']:,}",
                  100 * counts["trainable"] / counts["total"], counts["partitioned"], counts["tensors"],
                  counts["zero3_leaf_modules"], self.precision)
-        self._build_data(processor)
+        self.watchdog = self._start_watchdog()
+        try:
+            self._build_data(processor)
+        except BaseException:
+            self.watchdog.stop()
+            raise
         self.metrics = StepMetrics(cfg.output_dir, info.rank, [d.name for d in self.domains],
                                    self.llava_config.text_config.num_hidden_layers, cfg.mole.num_experts,
                                    resume_step=self.start_step)
@@ -115,6 +121,15 @@ class Trainer:
         log.info("resumed from %s/%s at step %d", resume.path, resume.tag, start_step)
         return start_step
 
+    def _start_watchdog(self) -> Watchdog:
+        """This rank's :class:`Phase`, published and held to ``train.data_timeout_s``/``step_timeout_s``."""
+        train, info = self.cfg.train, self.info
+        self.phase = Phase()
+        self.phase.enter("start-up: held-out sets")
+        release = (lambda: release_shared_memory(every_local_rank=True)) if info.device.type == "cpu" else None
+        return Watchdog(self.phase, info.rank, info.world_size, train.data_timeout_s, train.step_timeout_s,
+                        connect_store(), before_exit=release).start()
+
     def _build_data(self, processor) -> None:
         """The training batches (this rank's stream, reseeded at ``start_step``) and the held-out sets."""
         cfg, info = self.cfg, self.info
@@ -127,7 +142,7 @@ class Trainer:
         pad_token_id = processor.tokenizer.pad_token_id
         stream = MixedStream(self.domains, process, batch_size=cfg.train.micro_batch_size, pad_token_id=pad_token_id,
                              seed=cfg.train.seed, rank=info.rank, start_step=self.start_step,
-                             shuffle_buffer=cfg.data.shuffle_buffer)
+                             shuffle_buffer=cfg.data.shuffle_buffer, on_read=self.phase.reading)
         self.batches = iter(make_loader(stream, cfg.data.num_workers, pin_memory=info.device.type == "cuda"))
         self.heldout = heldout_sets(cfg, process, pad_token_id, info)
 
@@ -140,6 +155,7 @@ class Trainer:
         progress = tqdm(total=train.max_steps, initial=self.start_step, disable=None if self.info.is_main else True,
                         desc="train", dynamic_ncols=True)
         for step in range(self.start_step + 1, train.max_steps + 1):
+            self.phase.step = step
             last = self.train_step(step)
             progress.update(1)
             progress.set_postfix(loss=f"{last['loss']:.4f}", aux=f"{last['aux_loss']:.3f}")
@@ -174,7 +190,9 @@ class Trainer:
         done = skipped_in_a_row = 0
         loss_finite = True
         while done < self.cfg.train.grad_accum:
+            self.phase.enter("data", data=True)
             batch = next(self.batches)
+            self.phase.enter("forward/backward")
             self.metrics.add_skipped(batch.get("skipped", {}))
             out = self.engine(**to_device(batch, self.info.device))
             if self.cfg.train.on_nonfinite == "skip" and _any_rank_nonfinite(out["loss"]):
@@ -193,6 +211,7 @@ class Trainer:
             done += 1
             skipped_in_a_row = 0
         self._check_update(step, skip_update)
+        self.phase.enter("metrics all-reduce")
         return self.metrics.end_step(step, lr, _grad_norm(self.engine), time.perf_counter() - started,
                                      self.stop.requested)
 
@@ -245,6 +264,7 @@ class Trainer:
         """Held-out loss per domain every ``eval_every`` steps (the same forwards on every rank)."""
         if not self.cfg.train.eval_every or step % self.cfg.train.eval_every != 0:
             return
+        self.phase.enter("eval")
         losses = {f"eval/loss/{name}": heldout_loss(self.engine, batches, self.info.device)
                   for name, batches in self.heldout.items()}
         self.metrics.write_scalars(step, losses)
@@ -254,6 +274,7 @@ class Trainer:
     def save(self, step: int) -> None:
         """A resumable checkpoint of ``step`` and the adapter as of it. The adapter is gathered and
         checked first: non-finite weights are refused before a checkpoint is written or one pruned."""
+        self.phase.enter("save")
         state = self._adapter_state(f"step {step}")
         self.checkpoints.save(self.engine, step, records={ADAPTER_CONFIG: self.llava.mole_spec.to_json()})
         self.save_adapter(state)
@@ -280,6 +301,7 @@ class Trainer:
             log.info("done at step %d: adapter in %s", last["step"], os.path.join(self.cfg.output_dir, "adapter"))
         self.metrics.close()
         self.stop.restore_defaults()
+        self.phase.enter("finish")
         dist.barrier()
 
 
