@@ -5,6 +5,8 @@ is a real tmpfs of a few MiB under real 2-rank runs."""
 from __future__ import annotations
 
 import json
+import re
+import shutil
 import subprocess
 from pathlib import Path
 
@@ -15,8 +17,10 @@ from mole.train.checkpoint import COMPLETE, find_resumable, resolve_resume
 from tests.helpers import cli_env, read_rank_log, run_group, training_command
 from tests.test_trainer import fake_checkpoint
 
-DISK_MIB, ROOMIER_DISK_MIB = 2, 3.5  # a tiny run's checkpoint is about 1.0 MiB, its adapter 0.3 MiB
+DISK_MIB = 2  # a tiny run's checkpoint is about 1.0 MiB, its adapter 0.3 MiB, the rest of its output_dir 0.1
+ROOM_MIB = 2.1  # added for the resumed run: a checkpoint and an adapter, but not with the filler in the way too
 FILLER_BYTES = 1536 << 10  # the torn save left in the way of the resumed run's next one
+OPTIM = "zero_pp_rank_0_mp_rank_00_optim_states.pt"  # a file of fake_checkpoint's, 100 bytes
 
 
 def mount_tmpfs(directory: Path, mib: float, remount: bool = False) -> None:
@@ -29,7 +33,7 @@ def mount_tmpfs(directory: Path, mib: float, remount: bool = False) -> None:
 @pytest.fixture(scope="module")
 def small_disk(tmp_path_factory):
     """Three runs of one output_dir on a 2 MiB tmpfs: the first (4 steps, a save every 2) fills the disk at its
-    step-4 save; with the disk grown to 3.5 MiB and a torn step_3 holding 1.5 MiB left in the way (and a
+    step-4 save; with the disk grown by 2.1 MiB and a torn step_3 holding 1.5 MiB left in the way (and a
     newer step_5 whose marker is valid JSON of the wrong shape), the same command resumed. Yields the
     output_dir, the first run with what it left in ``checkpoints/`` and its ``latest``, and the resumed run."""
     disk = tmp_path_factory.mktemp("disk")
@@ -40,7 +44,8 @@ def small_disk(tmp_path_factory):
         full = run_group(cmd, 240, env=cli_env())
         left = sorted(p.name for p in (out / "checkpoints").iterdir())
         latest = (out / "checkpoints" / "latest").read_text()
-        mount_tmpfs(disk, ROOMIER_DISK_MIB, remount=True)
+        used = shutil.disk_usage(disk).used
+        mount_tmpfs(disk, used / 2**20 + ROOM_MIB, remount=True)  # the resumed run's own room, whatever the first left
         torn = out / "checkpoints" / "step_3"
         torn.mkdir(parents=True, exist_ok=True)
         (torn / "zero_pp_rank_0_mp_rank_00_optim_states.pt").write_bytes(bytes(FILLER_BYTES))
@@ -58,8 +63,8 @@ def test_a_full_disk_fails_the_save_on_every_rank_naming_enospc_the_path_and_the
     logs = full.stdout + full.stderr
     step_4 = out / "checkpoints" / "step_4"
     assert full.returncode != 0, f"the run succeeded on a full disk:\n{logs[-3000:]}"
-    errors = [line for line in logs.splitlines() if "error: saving checkpoint" in line]
-    assert len(errors) == 2, f"expected one error line per rank, got {errors}\n{logs[-3000:]}"
+    errors = re.findall(r"error: saving checkpoint .*?\(on rank \d+\)", logs)  # the ranks' lines may interleave
+    assert len(errors) == 2, f"expected one error per rank, got {errors}\n{logs[-3000:]}"
     for line in errors:
         assert "no space left on device (ENOSPC)" in line and str(step_4) in line and "MiB free" in line, line
     assert "step_4" not in left, f"the failed save was left behind: {left}"
@@ -89,8 +94,9 @@ def test_a_resume_skips_a_newer_checkpoint_whose_marker_has_the_wrong_shape(smal
 
 @pytest.mark.parametrize("marker", [
     [], "step_8", None, {"step": 8, "world_size": 2}, {"step": 8, "world_size": 2, "files": ["a.pt"]},
-    {"step": 8, "world_size": 2, "files": {"a.pt": "100"}}, {"step": "8", "world_size": 2, "files": {"a.pt": 100}},
-    {"step": 8, "world_size": 2, "files": {"../step_4/" + COMPLETE: 1}}, {"step": 6, "world_size": 2, "files": {"a": 1}},
+    {"step": 8, "world_size": 2, "files": {OPTIM: "100"}}, {"step": "8", "world_size": 2, "files": {OPTIM: 100}},
+    {"step": 8, "world_size": "2", "files": {OPTIM: 100}}, {"step": 6, "world_size": 2, "files": {OPTIM: 100}},
+    {"step": 8, "world_size": 2, "files": {"../step_4/" + OPTIM: 100}},
 ])
 def test_a_commit_marker_of_the_wrong_shape_is_skipped_like_a_torn_checkpoint(tmp_path, marker):
     run = tmp_path / "run"
