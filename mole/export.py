@@ -27,6 +27,7 @@ import torch
 from mole.adapter import AdapterError, load_adapter, read_spec_file, save_adapter
 from mole.spec import AdapterSpec
 from mole.surgery import PROJECTOR_PREFIX
+from mole.train.checkpoint import TAG, find_resumable
 
 EXPORT_FORMATS = ("peft", "merged", "mole")
 PEFT_PREFIX = "base_model.model."
@@ -200,21 +201,44 @@ def export_mole(source: str, out_dir: str, config_path: str | None = None) -> st
 
 
 def find_checkpoint(source: str) -> tuple[str, str]:
-    """(checkpoints root, tag) for a tag directory, a root with ``latest``, or a run's ``output_dir``."""
+    """(checkpoints root, tag) for a tag directory, a checkpoints root, or a run's ``output_dir``.
+
+    Under a root of the trainer's ``step_<N>`` checkpoints, the one a resume of that run would take
+    (:func:`mole.train.checkpoint.find_resumable`: the newest with a valid commit marker and every file
+    of its recorded size), whatever ``latest`` says; ``latest`` names the tag only for a DeepSpeed
+    checkpoint root of other tags.
+    """
     source = os.path.abspath(source.rstrip("/"))
     if not os.path.isdir(source):
         raise ExportError(f"{source!r} does not exist or is not a directory")
     if any(name.endswith("model_states.pt") for name in _listdir(source)):
         return os.path.dirname(source), os.path.basename(source)
     for root in (source, os.path.join(source, "checkpoints")):
-        latest = os.path.join(root, "latest")
-        if os.path.isfile(latest):
-            with open(latest) as handle:
-                return root, handle.read().strip()
+        steps = sorted(name for name in _listdir(root) if TAG.fullmatch(name))
+        if steps:
+            found = find_resumable(root)
+            if found is None:
+                raise ExportError(f"{root!r} holds no complete checkpoint ({', '.join(steps[:3])}: no valid commit "
+                                  f"marker, or files missing or cut short); a resume would start from scratch")
+            return root, found.tag
+        latest = _latest_tag(root)
+        if latest is not None:
+            return root, latest
     raise ExportError(
         f"{source!r} is neither a mole adapter directory (adapter.safetensors + mole_config.json) nor a DeepSpeed "
         f"checkpoint (a step_<N> directory with *model_states.pt, or a directory with a 'latest' file)"
     )
+
+
+def _latest_tag(root: str) -> str | None:
+    """The tag DeepSpeed's ``latest`` in ``root`` names, if it is a directory there."""
+    try:
+        with open(os.path.join(root, "latest")) as handle:
+            tag = handle.read(4096).strip()
+    except (OSError, ValueError):
+        return None
+    return tag if tag and os.path.basename(tag) == tag and tag not in (".", "..") and os.path.isdir(
+        os.path.join(root, tag)) else None
 
 
 def consolidate_checkpoint(root: str, tag: str) -> dict[str, torch.Tensor]:

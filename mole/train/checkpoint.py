@@ -10,8 +10,15 @@ Layout under ``output_dir/checkpoints/``::
 DeepSpeed's own ``latest`` is written by rank 0 before the other ranks finish their shards, so it is
 disabled (``save_latest=False``) and written here after a barrier. A directory without
 ``complete.json``, or whose listed files are missing or truncated, is never resumed from; the
-previous complete checkpoint is used instead. Old checkpoints are deleted only after ``latest``
+previous complete checkpoint is used instead; so is one whose marker cannot be read or is not the
+object this module writes. Such torn directories, of this step or earlier ones, are removed before a
+save starts writing, so their space is free for it. Old checkpoints are deleted only after ``latest``
 names the new one, marker first, so a half-deleted directory is never mistaken for a complete one.
+
+A write that fails (a full disk, a quota) fails the save on every rank with one
+:class:`CheckpointError` naming the cause, the path and the free space: the ranks agree on the
+outcome before the commit marker, so none waits in a collective the others never reach, and the
+failed save's directory is removed.
 
 ``mole_rank<R>.pt`` is loaded with ``torch.load(weights_only=True)``. DeepSpeed's own files are
 loaded by DeepSpeed with ``weights_only=False``: they are trusted local files written by this
@@ -20,6 +27,7 @@ trainer, never data from elsewhere.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import logging
@@ -36,6 +44,7 @@ from transformers import AutoConfig
 
 from mole.adapter import ADAPTER_CONFIG
 from mole.spec import BASE_FIELDS, AdapterSpec, ImageSpec, SpecError, config_key
+from mole.train.storage import failure_on_any_rank, write_failed
 
 log = logging.getLogger(__name__)
 
@@ -53,7 +62,8 @@ class Resumable:
 
 
 class CheckpointError(RuntimeError):
-    """A checkpoint that cannot be resumed as asked (wrong world size, nothing complete at a path)."""
+    """A checkpoint that cannot be resumed as asked (wrong world size, nothing complete at a path), or
+    one that could not be written (the storage failed: the message says how, where and the free space)."""
 
 
 def rank_state_file(rank: int) -> str:
@@ -67,43 +77,85 @@ class Checkpoints:
     def save(self, engine, step: int, records: dict[str, str] | None = None) -> str:
         """Save on every rank (DeepSpeed's save is collective), then commit on rank 0. ``records`` (file
         name -> text) are written by rank 0 into the checkpoint before its commit marker, so they are
-        part of what the marker vouches for (the adapter spec the tensors were trained under)."""
+        part of what the marker vouches for (the adapter spec the tensors were trained under). A failed
+        write on any rank raises the same :class:`CheckpointError` on every rank, with no commit marker
+        and the directory removed."""
         tag = f"step_{step}"
         directory = os.path.join(self.root, tag)
-        if self.rank == 0 and os.path.isdir(directory):
-            _remove(directory)  # a leftover of a killed save of the same step
-        dist.barrier()
-        engine.save_checkpoint(self.root, tag=tag, client_state={"step": step}, save_latest=False,
-                               exclude_frozen_parameters=True)
-        torch.save(capture_rng(step), os.path.join(directory, rank_state_file(self.rank)))
         if self.rank == 0:
-            for name, text in (records or {}).items():
-                _write_atomic(os.path.join(directory, name), text)
+            if os.path.isdir(directory):
+                _remove(directory)  # a leftover of a killed save of the same step
+            self._reclaim(step)
         dist.barrier()
+        failure = None
+        try:
+            engine.save_checkpoint(self.root, tag=tag, client_state={"step": step}, save_latest=False,
+                                   exclude_frozen_parameters=True)
+        except (OSError, RuntimeError) as err:
+            if not write_failed(err):
+                raise
+            failure = err
+            # DeepSpeed's save_checkpoint ends in a barrier the ranks whose writes succeeded wait in; this
+            # rank left before it, so it stands in for it here (DeepSpeed 0.19: no other collective
+            # follows the writes)
+            dist.barrier()
+        if failure is None:
+            try:
+                torch.save(capture_rng(step), os.path.join(directory, rank_state_file(self.rank)))
+                for name, text in (records or {}).items() if self.rank == 0 else ():
+                    _write_atomic(os.path.join(directory, name), text)
+            except (OSError, RuntimeError) as err:
+                if not write_failed(err):
+                    raise
+                failure = err
+        self._agree(failure, directory)
         if self.rank == 0:
-            files = {
-                name: os.path.getsize(os.path.join(directory, name))
-                for name in sorted(os.listdir(directory))
-                if os.path.isfile(os.path.join(directory, name))
-            }
-            _write_atomic(os.path.join(directory, COMPLETE),
-                          json.dumps({"step": step, "world_size": self.world_size, "files": files}, indent=1))
-            _write_atomic(os.path.join(self.root, LATEST), tag)
+            try:
+                files = {
+                    name: os.path.getsize(os.path.join(directory, name))
+                    for name in sorted(os.listdir(directory))
+                    if os.path.isfile(os.path.join(directory, name))
+                }
+                _write_atomic(os.path.join(directory, COMPLETE),
+                              json.dumps({"step": step, "world_size": self.world_size, "files": files}, indent=1))
+                _write_atomic(os.path.join(self.root, LATEST), tag)
+            except OSError as err:
+                failure = err
+        self._agree(failure, directory)
+        if self.rank == 0:
             self._prune(step)
         dist.barrier()
         return directory
 
+    def _agree(self, failure: BaseException | None, directory: str) -> None:
+        """Every rank calls this after its writes: if any rank's failed, rank 0 removes ``directory``
+        (marker first) and every rank raises that failure as one :class:`CheckpointError`."""
+        message = failure_on_any_rank(failure, "saving checkpoint", directory)
+        if message is not None:
+            if self.rank == 0:
+                _remove(directory)
+            dist.barrier()
+            raise CheckpointError(message)
+
     def _prune(self, step: int) -> None:
-        """Keep the newest ``keep`` checkpoints; drop older ones and the leftovers of killed saves
-        before ``step`` (no commit marker: never resumed from, never pruned as checkpoints)."""
-        tags = sorted(_complete_tags(self.root), key=lambda t: t[1], reverse=True)
+        """Keep the newest ``keep`` checkpoints (those :func:`verified`); drop older ones and the torn saves
+        of steps up to ``step``."""
+        self._reclaim(step)
+        tags = sorted((t for t in _complete_tags(self.root) if verified(self.root, t[0])), key=lambda t: t[1], reverse=True)
         for tag, _ in tags[self.keep :]:
             _remove(os.path.join(self.root, tag))
-        for name in os.listdir(self.root):
+
+    def _reclaim(self, step: int) -> None:
+        """Remove the step directories of steps up to ``step`` that nothing can resume from: saves killed
+        or failed before their commit marker, or with a marker that cannot be read or whose files do not
+        match it (:func:`verified`). Later steps' are left alone: not this run's to judge."""
+        for name in sorted(os.listdir(self.root)) if os.path.isdir(self.root) else []:
             match = TAG.fullmatch(name)
-            torn = match and int(match.group(1)) < step and not os.path.exists(os.path.join(self.root, name, COMPLETE))
-            if torn and os.path.isdir(os.path.join(self.root, name)):
-                _remove(os.path.join(self.root, name))
+            path = os.path.join(self.root, name)
+            if match and int(match.group(1)) <= step and os.path.isdir(path) and verified(self.root, name) is None:
+                log.warning("removing %s: a torn checkpoint (no readable commit marker, or files missing or cut "
+                            "short), never resumed from", path)
+                _remove(path)
 
 
 def find_resumable(root: str) -> Resumable | None:
@@ -116,12 +168,10 @@ def find_resumable(root: str) -> Resumable | None:
 
 
 def verified(root: str, tag: str) -> Resumable | None:
-    """``root/tag`` if its commit marker exists and every file it lists has its recorded size."""
+    """``root/tag`` if its commit marker is readable and every file it lists has its recorded size."""
     directory = os.path.join(root, tag)
-    try:
-        with open(os.path.join(directory, COMPLETE)) as handle:
-            manifest = json.load(handle)
-    except (OSError, ValueError):
+    manifest = _read_marker(directory)
+    if manifest is None:
         return None
     broken = [
         name for name, size in manifest["files"].items()
@@ -131,6 +181,35 @@ def verified(root: str, tag: str) -> Resumable | None:
         log.warning("checkpoint %s is incomplete (%s); not resuming from it", directory, ", ".join(broken[:3]))
         return None
     return Resumable(root, tag, manifest["step"], manifest["world_size"])
+
+
+def _read_marker(directory: str) -> dict | None:
+    """The commit marker of ``directory`` if it is the object :meth:`Checkpoints.save` writes (its step that of
+    the ``step_<N>`` name, file names without a directory, sizes and world size counts); else ``None``, with
+    a warning when a marker is there but unreadable: the checkpoint is then as torn as one without it."""
+    path = os.path.join(directory, COMPLETE)
+    try:
+        with open(path) as handle:
+            manifest = json.load(handle)
+    except FileNotFoundError:
+        return None
+    except (OSError, ValueError, RecursionError) as err:
+        log.warning("checkpoint %s: its commit marker cannot be read (%s); not resuming from it", directory, err)
+        return None
+
+    def count(value) -> bool:
+        return isinstance(value, int) and not isinstance(value, bool) and value >= 0
+
+    tag = TAG.fullmatch(os.path.basename(os.path.normpath(directory)))
+    files = manifest.get("files") if isinstance(manifest, dict) else None
+    if not (isinstance(files, dict) and files and count(manifest.get("step")) and count(manifest.get("world_size"))
+            and manifest["world_size"] >= 1 and (tag is None or int(tag.group(1)) == manifest["step"])
+            and all(name and os.path.basename(name) == name and name not in (".", "..") and count(size)
+                    for name, size in files.items())):
+        log.warning("checkpoint %s: its commit marker %s is not a mole checkpoint's (step, world_size, files); "
+                    "not resuming from it", directory, path)
+        return None
+    return manifest
 
 
 STARTED_FROM = "started_from.json"
@@ -196,9 +275,10 @@ def record_start(setting: str, output_dir: str) -> None:
 def _started_from(root: str) -> str | None:
     try:
         with open(os.path.join(root, STARTED_FROM)) as handle:
-            return json.load(handle)["train.resume"]
-    except (OSError, ValueError, KeyError, TypeError):
+            recorded = json.load(handle)["train.resume"]
+    except (OSError, ValueError, KeyError, TypeError, IndexError):
         return None
+    return recorded if isinstance(recorded, str) else None
 
 
 def check_resumable_config(resume: Resumable, cfg) -> None:
@@ -334,11 +414,16 @@ def _complete_tags(root: str) -> list[tuple[str, int]]:
 
 def _write_atomic(path: str, text: str) -> None:
     tmp = f"{path}.tmp.{os.getpid()}"
-    with open(tmp, "w") as handle:
-        handle.write(text)
-        handle.flush()
-        os.fsync(handle.fileno())
-    os.replace(tmp, path)
+    try:
+        with open(tmp, "w") as handle:
+            handle.write(text)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(tmp, path)
+    except OSError:
+        with contextlib.suppress(OSError):
+            os.remove(tmp)
+        raise
 
 
 def _remove(directory: str) -> None:

@@ -18,6 +18,7 @@ import time
 
 import torch
 import torch.distributed as dist
+from safetensors import SafetensorError
 from tqdm import tqdm
 
 from mole.adapter import ADAPTER_CONFIG, check_finite, gather_trainable_state, save_adapter
@@ -29,12 +30,14 @@ from mole.data.stream import Domain, MixedStream, derive_seed, make_loader
 from mole.distributed import DistInfo, release_shared_memory
 from mole.ds_config import build_ds_config, effective_precision
 from mole.model import DTYPES, TrainingModel, build_mole_model
-from mole.train.checkpoint import Checkpoints, check_resumable_config, record_start, resolve_resume, restore_rng
+from mole.train.checkpoint import (CheckpointError, Checkpoints, check_resumable_config, record_start, resolve_resume,
+                                   restore_rng)
 from mole.train.finite import all_finite, any_rank, local_gradients, local_weights
 from mole.train.heldout import heldout_loss, heldout_sets
 from mole.train.metrics import StepMetrics, count_parameters
 from mole.train.optim import build_optimizer, param_groups, run_settings_kept, warmup_cosine
 from mole.train.signals import StopRequest
+from mole.train.storage import failure_on_any_rank, write_failed
 from mole.train.watchdog import Phase, Watchdog, connect_store
 
 log = logging.getLogger("mole.train")
@@ -286,12 +289,21 @@ class Trainer:
         return state
 
     def save_adapter(self, state: dict[str, torch.Tensor] | None = None) -> None:
-        """Rank 0 writes ``output_dir/adapter`` from ``state`` (gathered on every rank if not given)."""
+        """Rank 0 writes ``output_dir/adapter`` from ``state`` (gathered on every rank if not given); a
+        failed write fails every rank alike."""
         if state is None:
             state = self._adapter_state(f"step {self.start_step}")
+        directory, failure = os.path.join(self.cfg.output_dir, "adapter"), None
         if self.info.is_main:
-            save_adapter(os.path.join(self.cfg.output_dir, "adapter"), state, self.llava.mole_spec)
-        dist.barrier()
+            try:
+                save_adapter(directory, state, self.llava.mole_spec)
+            except (OSError, SafetensorError) as err:
+                if not write_failed(err):
+                    raise
+                failure = err
+        message = failure_on_any_rank(failure, "saving the adapter", directory)  # every rank: the barrier it replaces
+        if message is not None:
+            raise CheckpointError(message)
 
     def _finish(self, last: dict, stopped: bool) -> None:
         """``done.json`` for a completed run; close the logs, give the signals back, wait for every rank."""
