@@ -24,7 +24,7 @@ import re
 
 import torch
 
-from mole.adapter import AdapterError, load_adapter, read_spec_file, save_adapter
+from mole.adapter import ADAPTER_CONFIG, AdapterError, load_adapter, read_spec_file, save_adapter
 from mole.spec import AdapterSpec
 from mole.surgery import PROJECTOR_PREFIX
 from mole.train.checkpoint import TAG, find_resumable
@@ -186,15 +186,17 @@ def export_mole(source: str, out_dir: str, config_path: str | None = None) -> st
 
     ``source`` may be an adapter directory, a checkpoint tag directory (``checkpoints/step_<N>``),
     a checkpoints root holding ``latest``, or a run's ``output_dir``. For a checkpoint the adapter
-    spec comes from ``config_path`` (a ``mole_config.json`` or a run ``config.yaml``), else from
-    the run's ``config.yaml`` found above the checkpoint.
+    spec comes from ``config_path`` (a ``mole_config.json`` or a run ``config.yaml``), else from the
+    ``mole_config.json`` saved in the checkpoint, else (checkpoints saved before it was) from the run's
+    ``config.yaml`` found above the checkpoint.
     """
     if os.path.isfile(os.path.join(source, "mole_config.json")) and os.path.isfile(os.path.join(source, "adapter.safetensors")):
         state, spec = load_adapter(source)
     else:
         root, tag = find_checkpoint(source)
         state = consolidate_checkpoint(root, tag)
-        spec = checkpoint_adapter_spec(config_path or _find_run_config(root))
+        saved = os.path.join(root, tag, ADAPTER_CONFIG)  # the spec the checkpoint's tensors were trained under
+        spec = checkpoint_adapter_spec(config_path or (saved if os.path.isfile(saved) else _find_run_config(root)))
     validate_adapter(state, spec)
     save_adapter(out_dir, state, spec)
     return out_dir

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import json
+import shutil
 import tarfile
 
 import pytest
@@ -95,6 +96,11 @@ def test_mole_export_from_deepspeed_checkpoint_equals_the_saved_adapter(mode_run
     assert config == saved_config, "the config rebuilt from config.yaml differs from the saved mole_config.json"
     model = load_model(str(TINY_MODEL), str(tmp_path / "from_checkpoint"))
     assert model is not None
+    copy = tmp_path / "run_copy"
+    shutil.copytree(run / "checkpoints", copy / "checkpoints")
+    (copy / "config.yaml").write_text("lora: {r: 4}\n")  # a hand-edited record: the checkpoint's own spec wins
+    export_mole(str(copy), str(tmp_path / "from_copy"))
+    assert load_adapter(str(tmp_path / "from_copy"))[1] == saved_config
 
 
 def test_mole_export_refuses_weights_the_config_does_not_describe(mode_runs, tmp_path):
