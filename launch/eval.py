@@ -22,6 +22,8 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--adapter", required=True, help="adapter directory (adapter.safetensors + mole_config.json)")
     parser.add_argument("--base", help="base LLaVA directory (default: the adapter's recorded base_model)")
+    parser.add_argument("--allow-remote-base", action="store_true",
+                        help="let a base that is not a local directory be downloaded from the Hugging Face Hub")
     parser.add_argument("--split", default="test", help="shard prefix for the default domains (default: test)")
     parser.add_argument("--data-root", default="data_shards", help="root of the default domains' shards, relative to the working directory")
     parser.add_argument("--domains", nargs="+", default=["shapes", "charts", "tissue"], help="default domain names")
@@ -69,15 +71,15 @@ def main(argv: list[str]) -> int:
     import torch
 
     from mole.adapter import AdapterError, read_adapter_spec
+    from mole.adapter_check import resolve_base
     from mole.evaluate import evaluate, format_table, save_results
     from mole.inference import load_model, load_processor
 
     try:
         spec = read_adapter_spec(args.adapter)
-        base = args.base or spec.base_model
+        named_by = "--base" if args.base else f"base_model in {os.path.join(args.adapter, 'mole_config.json')}"
+        base = resolve_base(args.base or spec.base_model, named_by, args.allow_remote_base)
         image = spec.image.overridden(args.image_aspect, args.image_backend)
-        if not base:
-            raise AdapterError("the adapter records no base_model; pass --base")
         domains = eval_domains(args)
     except (AdapterError, FileNotFoundError, ValueError) as err:
         print(f"error: {err}", file=sys.stderr)

@@ -23,6 +23,8 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--out", required=True, help="output directory")
     parser.add_argument("--base", help="base LLaVA directory for --format merged (default: the adapter's base_model)")
     parser.add_argument("--config", help="for a checkpoint: its mole_config.json or the run's config.yaml (default: found above it)")
+    parser.add_argument("--allow-remote-base", action="store_true",
+                        help="let a base that is not a local directory be downloaded from the Hugging Face Hub")
     args = parser.parse_args(argv)
     if os.path.exists(args.out) and not os.path.isdir(args.out):
         print(f"error: --out {args.out!r} exists and is not a directory", file=sys.stderr)
@@ -35,7 +37,7 @@ def main(argv: list[str]) -> int:
         if args.format == "peft":
             written = ", ".join(export_peft(args.adapter, args.out))
         elif args.format == "merged":
-            written = export_merged(args.adapter, args.out, args.base)
+            written = export_merged(args.adapter, args.out, args.base, args.allow_remote_base)
         else:
             written = export_mole(args.adapter, args.out, args.config)
     except (AdapterError, ExportError, FileNotFoundError) as err:

@@ -22,6 +22,8 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--adapter", required=True, help="adapter directory (adapter.safetensors + mole_config.json)")
     parser.add_argument("--base", help="base LLaVA directory (default: the adapter's recorded base_model)")
+    parser.add_argument("--allow-remote-base", action="store_true",
+                        help="let a base that is not a local directory be downloaded from the Hugging Face Hub")
     parser.add_argument("--image", help="image file for a single question")
     parser.add_argument("--prompt", help="the question")
     parser.add_argument("--jsonl", help="batch mode: a JSONL file of {image, prompt}")
@@ -88,6 +90,7 @@ def main(argv: list[str]) -> int:
         print(f"error: --device {args.device}: this machine has no CUDA device", file=sys.stderr)
         return 2
     from mole.adapter import AdapterError, read_adapter_spec
+    from mole.adapter_check import resolve_base
     from mole.data.conversation import refuse_special_tokens
     from mole.data.errors import BadSample
     from mole.data.images import IMAGE_FORMATS
@@ -108,7 +111,8 @@ def main(argv: list[str]) -> int:
                 raise ValueError(f"{where}: image {request['image']!r}: {err}") from None
             prompts.append(Prompt(question_turns(request["prompt"], image is not None), image))
         spec = None if args.base else read_adapter_spec(args.adapter)
-        base = args.base or spec.base_model
+        named_by = "--base" if args.base else f"base_model in {os.path.join(args.adapter, 'mole_config.json')}"
+        base = resolve_base(args.base or spec.base_model, named_by, args.allow_remote_base)
         processor = load_processor(base)
         for (where, _), prompt in zip(sourced, prompts):
             try:

@@ -81,6 +81,8 @@ def read_adapter_spec(directory: str) -> AdapterSpec:
 def read_spec_file(path: str) -> AdapterSpec:
     """The spec a ``mole_config.json`` file holds; an :class:`AdapterError` naming the file and field if none."""
     try:
+        if os.path.getsize(path) > MAX_SPEC_BYTES:
+            raise AdapterError(f"{path}: {os.path.getsize(path)} bytes, more than a mole_config.json holds ({MAX_SPEC_BYTES})")
         with open(path, "rb") as handle:
             return AdapterSpec.from_json(handle.read())
     except SpecError as err:
@@ -89,16 +91,18 @@ def read_spec_file(path: str) -> AdapterSpec:
         raise AdapterError(f"{path}: cannot be read ({err})") from None
 
 
-def load_adapter(directory: str) -> tuple[dict[str, torch.Tensor], AdapterSpec]:
-    """(weights, spec) of an adapter directory; weights come from safetensors only (no pickle)."""
-    from safetensors import SafetensorError
-    from safetensors.torch import load_file
+MAX_SPEC_BYTES = 1 << 20
+
+
+def load_adapter(directory: str, base_config=None) -> tuple[dict[str, torch.Tensor], AdapterSpec]:
+    """(weights, spec) of an adapter directory, checked as untrusted input (:mod:`mole.adapter_check`)
+    before a tensor is read: float tensors only, exactly those the spec describes (with ``base_config``,
+    the Hugging Face config of the base: exactly those surgery creates on it, with their shapes), and
+    then no NaN or infinity. Weights come from safetensors only (no pickle)."""
+    from mole.adapter_check import checked_weights
 
     spec = read_adapter_spec(directory)
     path = os.path.join(directory, ADAPTER_WEIGHTS)
     if not os.path.isfile(path):
         raise AdapterError(f"{directory!r} has {ADAPTER_CONFIG} but no {ADAPTER_WEIGHTS}")
-    try:
-        return load_file(path), spec
-    except SafetensorError as err:  # a truncated or overwritten file
-        raise AdapterError(f"{path}: not a readable safetensors file ({err})") from None
+    return checked_weights(path, spec, base_config), spec

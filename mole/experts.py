@@ -121,8 +121,9 @@ class LoraExperts(nn.Module):
         self.num_experts, self.r, self.scaling = num_experts, r, alpha / r
         self.lora_A = nn.Parameter(torch.empty(num_experts, r, in_features))
         self.lora_B = nn.Parameter(torch.zeros(num_experts, out_features, r))
-        for expert in range(num_experts):
-            nn.init.kaiming_uniform_(self.lora_A.data[expert], a=math.sqrt(5))
+        if self.lora_A.device.type != "meta":  # built on the meta device only to list its tensors: no values to draw
+            for expert in range(num_experts):
+                nn.init.kaiming_uniform_(self.lora_A.data[expert], a=math.sqrt(5))
         self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
 
     def forward(self, x: torch.Tensor, routes: Routes, base: torch.Tensor | None = None) -> torch.Tensor:

@@ -24,16 +24,16 @@ import re
 
 import torch
 
-from mole.adapter import ADAPTER_CONFIG, AdapterError, load_adapter, read_spec_file, save_adapter
+from mole.adapter import ADAPTER_CONFIG, AdapterError, load_adapter, read_adapter_spec, read_spec_file, save_adapter
+from mole.adapter_check import ATTN_KEY as _ATTN_KEY
+from mole.adapter_check import EXPERT_KEY as _EXPERT_KEY
+from mole.adapter_check import check_state, resolve_base
 from mole.spec import AdapterSpec
 from mole.surgery import PROJECTOR_PREFIX
 from mole.train.checkpoint import TAG, find_resumable
 
 EXPORT_FORMATS = ("peft", "merged", "mole")
 PEFT_PREFIX = "base_model.model."
-_EXPERT_KEY = re.compile(r"(?P<layer>.*\.layers\.(?P<index>\d+)\.mlp)\.experts\.(?P<proj>\w+)\.lora_(?P<ab>[AB])")
-_ROUTER_KEY = re.compile(r".*\.layers\.(?P<index>\d+)\.mlp\.router\.(weight|bias)")
-_ATTN_KEY = re.compile(r"(?P<module>.*\.layers\.(?P<index>\d+)\.self_attn\.(?P<proj>\w+))\.lora_(?P<ab>[AB])\.default\.weight")
 
 
 class ExportError(ValueError):
@@ -43,42 +43,11 @@ class ExportError(ValueError):
 # ------------------------------------------------------------------------------------ checks
 
 
-def validate_adapter(state: dict[str, torch.Tensor], spec: AdapterSpec) -> None:
-    """Check that the weights are what the spec describes, without the base model: every layer
-    has every target's experts with K and r as specified, a router iff K>1, attention LoRA on every
-    attention target, the projector iff it trained, and nothing else."""
-    layers, num_experts, r, hidden = spec.num_hidden_layers, spec.num_experts, spec.r, spec.hidden_size
-    problems: list[str] = []
-    seen_experts, seen_attn, seen_routers = set(), set(), set()
-    for name, tensor in state.items():
-        if match := _EXPERT_KEY.fullmatch(name):
-            seen_experts.add((int(match["index"]), match["proj"], match["ab"]))
-            rank_dim = 1 if match["ab"] == "A" else 2
-            if tensor.ndim != 3 or tensor.shape[0] != num_experts or tensor.shape[rank_dim] != r:
-                problems.append(f"{name} has shape {tuple(tensor.shape)}, expected K={num_experts}, r={r}")
-        elif match := _ROUTER_KEY.fullmatch(name):
-            seen_routers.add((int(match["index"]), name.rsplit(".", 1)[1]))
-            if tensor.shape[0] != num_experts or (tensor.ndim == 2 and tensor.shape[1] != hidden):
-                problems.append(f"{name} has shape {tuple(tensor.shape)}, expected ({num_experts}, {hidden})")
-        elif match := _ATTN_KEY.fullmatch(name):
-            seen_attn.add((int(match["index"]), match["proj"], match["ab"]))
-            if tensor.shape[0 if match["ab"] == "A" else 1] != r:
-                problems.append(f"{name} has shape {tuple(tensor.shape)}, expected rank {r}")
-        elif not (spec.train_projector and PROJECTOR_PREFIX in name):
-            problems.append(f"unexpected tensor {name}")
-    expected_experts = {(i, p, ab) for i in range(layers) for p in spec.mlp_targets for ab in "AB"}
-    expected_attn = {(i, p, ab) for i in range(layers) for p in spec.attn_targets for ab in "AB"}
-    expected_routers = {(i, k) for i in range(layers) for k in ("weight", "bias")} if num_experts > 1 else set()
-    for what, expected, seen in (("expert", expected_experts, seen_experts), ("attention LoRA", expected_attn, seen_attn),
-                                 ("router", expected_routers, seen_routers)):
-        if expected - seen:
-            problems.append(f"missing {what} tensors for (layer, ...) {sorted(expected - seen)[:3]}")
-        if seen - expected:
-            problems.append(f"{what} tensors the config does not describe: {sorted(seen - expected)[:3]}")
-    if spec.train_projector and not any(PROJECTOR_PREFIX in name for name in state):
-        problems.append("train_projector is set but there are no projector tensors")
-    if problems:
-        raise AdapterError(f"adapter weights do not match mole_config.json: {'; '.join(problems[:5])}")
+def validate_adapter(state: dict[str, torch.Tensor], spec: AdapterSpec, where: str = "adapter weights") -> None:
+    """Check weights already in memory (e.g. consolidated from a checkpoint) as an adapter file is
+    checked without its base (:func:`mole.adapter_check.check_state`): float tensors, exactly those
+    the spec describes, no NaN or infinity."""
+    check_state(state, spec, where)
 
 
 def require_plain_lora(spec: AdapterSpec, fmt: str) -> None:
@@ -128,8 +97,7 @@ def export_peft(adapter_dir: str, out_dir: str) -> list[str]:
     """Write a standard peft adapter directory from a K=1 mole adapter; returns the files written."""
     from safetensors.torch import save_file
 
-    state, spec = load_adapter(adapter_dir)
-    validate_adapter(state, spec)
+    state, spec = load_adapter(adapter_dir)  # checked against its spec (mole.adapter_check)
     lora_config, peft_state = peft_state_and_config(state, spec)
     os.makedirs(out_dir, exist_ok=True)
     lora_config.save_pretrained(out_dir)
@@ -137,27 +105,28 @@ def export_peft(adapter_dir: str, out_dir: str) -> list[str]:
     return [os.path.join(out_dir, "adapter_config.json"), os.path.join(out_dir, "adapter_model.safetensors")]
 
 
-def export_merged(adapter_dir: str, out_dir: str, base_dir: str | None = None) -> str:
-    """Merge a K=1 adapter into its base and save a Hugging Face LLaVA directory with the processor."""
+def export_merged(adapter_dir: str, out_dir: str, base_dir: str | None = None, allow_remote: bool = False) -> str:
+    """Merge a K=1 adapter into its base and save a Hugging Face LLaVA directory with the processor.
+    The base is ``base_dir``, else the adapter's ``base_model``: a local directory unless ``allow_remote``."""
     from peft import get_peft_model, set_peft_model_state_dict
     from transformers import AutoProcessor, LlavaForConditionalGeneration
 
     from mole.inference import check_base_fits
 
-    state, spec = load_adapter(adapter_dir)
-    validate_adapter(state, spec)
+    spec = read_adapter_spec(adapter_dir)
     require_plain_lora(spec, "merged")
-    base_dir = _base_dir(spec, base_dir)
-    check_base_fits(spec, base_dir)
+    named_by = "--base" if base_dir else f"base_model in {os.path.join(adapter_dir, 'mole_config.json')}"
+    base_dir = resolve_base(base_dir or spec.base_model, named_by, allow_remote)
+    state, spec = load_adapter(adapter_dir, check_base_fits(spec, base_dir, adapter_dir))
     lora_config, peft_state = peft_state_and_config(state, spec)
-    base = LlavaForConditionalGeneration.from_pretrained(base_dir)
+    base = LlavaForConditionalGeneration.from_pretrained(base_dir, local_files_only=True)
     model = get_peft_model(base, lora_config)
     loaded = set_peft_model_state_dict(model, peft_state)
     if loaded.unexpected_keys:
         raise AdapterError(f"peft did not place tensors {loaded.unexpected_keys[:3]}")
     merged = model.merge_and_unload()
     merged.save_pretrained(out_dir)
-    processor = AutoProcessor.from_pretrained(base_dir)
+    processor = AutoProcessor.from_pretrained(base_dir, local_files_only=True)
     if spec.image.aspect == "pad":
         processor.image_processor = padding_image_processor(processor.image_processor)
     processor.save_pretrained(out_dir)
@@ -191,13 +160,13 @@ def export_mole(source: str, out_dir: str, config_path: str | None = None) -> st
     ``config.yaml`` found above the checkpoint.
     """
     if os.path.isfile(os.path.join(source, "mole_config.json")) and os.path.isfile(os.path.join(source, "adapter.safetensors")):
-        state, spec = load_adapter(source)
+        state, spec = load_adapter(source)  # checked against its spec (mole.adapter_check)
     else:
         root, tag = find_checkpoint(source)
         state = consolidate_checkpoint(root, tag)
         saved = os.path.join(root, tag, ADAPTER_CONFIG)  # the spec the checkpoint's tensors were trained under
         spec = checkpoint_adapter_spec(config_path or (saved if os.path.isfile(saved) else _find_run_config(root)))
-    validate_adapter(state, spec)
+        validate_adapter(state, spec, f"checkpoint {root}/{tag}")
     save_adapter(out_dir, state, spec)
     return out_dir
 
@@ -280,13 +249,6 @@ def _find_run_config(checkpoints_root: str) -> str:
         if os.path.isfile(os.path.join(directory, "config.yaml")):
             return os.path.join(directory, "config.yaml")
     raise ExportError(f"no config.yaml found next to {checkpoints_root!r}; pass the run's config with --config")
-
-
-def _base_dir(spec: AdapterSpec, base_dir: str | None) -> str:
-    base_dir = base_dir or spec.base_model
-    if not base_dir:
-        raise ExportError("the adapter records no base_model; pass --base")
-    return base_dir
 
 
 def _listdir(path: str) -> list[str]:

@@ -21,7 +21,8 @@ from PIL import Image
 from torch import nn
 from transformers import AutoConfig, AutoProcessor, LlavaForConditionalGeneration
 
-from mole.adapter import AdapterError, load_adapter
+from mole.adapter import AdapterError, load_adapter, read_adapter_spec
+from mole.adapter_check import resolve_base
 from mole.data.conversation import IMAGE_PLACEHOLDER, Turn, render_conversation, to_chat_messages
 from mole.data.images import make_pixel_transform
 from mole.experts import MoleMLP, RoutingContext
@@ -44,17 +45,22 @@ def load_model(
     adapter_dir: str,
     device: torch.device | str = "cpu",
     dtype: torch.dtype | str = torch.float32,
+    allow_remote: bool = False,
 ) -> LlavaForConditionalGeneration:
     """The base LLaVA with the adapter's MoLE layers (K>1) or plain LoRA (K=1) in place, in eval mode.
 
-    Raises :class:`mole.adapter.AdapterError` when the adapter does not fit the base (hidden size,
-    layer count, missing, unexpected or mis-shaped tensors) or has an unknown format version. Every
-    parameter is frozen; the model's routing context is :func:`routing_context`.
+    The adapter directory is untrusted input (:mod:`mole.adapter_check`): before the base weights load
+    or any adapter tensor is allocated, its spec must record the base's family and shapes and its file
+    must hold exactly the float tensors surgery creates, with their shapes; then no value may be NaN or
+    infinite. ``base_dir`` is a local directory unless ``allow_remote`` (a Hub id is then downloaded).
+    Any problem raises :class:`mole.adapter.AdapterError` naming it. Every parameter is frozen; the
+    model's routing context is :func:`routing_context`.
     """
     dtype = resolve_dtype(dtype)
-    state, spec = load_adapter(adapter_dir)
-    check_base_fits(spec, base_dir)
-    model = LlavaForConditionalGeneration.from_pretrained(base_dir, dtype=dtype)
+    base_dir = resolve_base(base_dir, "base_dir", allow_remote)
+    spec = read_adapter_spec(adapter_dir)
+    state, spec = load_adapter(adapter_dir, check_base_fits(spec, base_dir, adapter_dir))
+    model = LlavaForConditionalGeneration.from_pretrained(base_dir, dtype=dtype, local_files_only=True)
     with torch.random.fork_rng(devices=[]):  # surgery initialises modules we overwrite; keep the caller's RNG
         apply_mole(model, spec)  # the model keeps the spec (model.mole_spec), e.g. how training prepared images
     _load_adapter_weights(model, state, adapter_dir, dtype)
@@ -71,20 +77,22 @@ def model_image_settings(model, image_aspect: str | None = None, image_backend: 
     return image.aspect, image.backend
 
 
-def check_base_fits(spec: AdapterSpec, base_dir: str) -> None:
-    """The adapter's recorded base family and shapes against ``base_dir/config.json``, before any weight is read."""
+def check_base_fits(spec: AdapterSpec, base_dir: str, adapter_dir: str = "the adapter"):
+    """The adapter's recorded base family and shapes against ``base_dir/config.json``, before any weight
+    is read; returns the base's config. ``adapter_dir`` names the adapter in the error."""
     if not os.path.isfile(os.path.join(base_dir, "config.json")):
         raise AdapterError(f"base model {base_dir!r} has no config.json; expected a local Hugging Face LLaVA directory")
-    base = AutoConfig.from_pretrained(base_dir)
+    base = AutoConfig.from_pretrained(base_dir, local_files_only=True)
     if base.model_type != spec.family:
         raise AdapterError(f"base model {base_dir!r} holds a {base.model_type!r} model; expected a LLaVA directory")
     mismatches = [change for change in spec.on_base(base).diff(spec) if change.impact == "shape"]
     if mismatches:
         change = mismatches[0]
         raise AdapterError(
-            f"adapter was trained on a base with {change.field}={change.before} (base_model {spec.base_model!r}), "
+            f"{os.path.join(adapter_dir, 'mole_config.json')}: adapter was trained on a base with {change.field}={change.before} (base_model {spec.base_model!r}), "
             f"but {base_dir!r} has {change.field}={change.after}: wrong base model for this adapter"
         )
+    return base
 
 
 def _load_adapter_weights(model: nn.Module, state: dict[str, torch.Tensor], adapter_dir: str, dtype: torch.dtype) -> None:
@@ -233,5 +241,6 @@ def decode_answers(tokenizer, new_tokens: torch.Tensor) -> list[str]:
     return [text.strip().rstrip("\ufffd") for text in tokenizer.batch_decode(new_tokens, skip_special_tokens=True)]
 
 
-def load_processor(base_dir: str):
-    return AutoProcessor.from_pretrained(base_dir)
+def load_processor(base_dir: str, allow_remote: bool = False):
+    """The base's processor, from its local directory unless ``allow_remote`` (:func:`mole.adapter_check.resolve_base`)."""
+    return AutoProcessor.from_pretrained(base_dir, local_files_only=not allow_remote)
