@@ -15,15 +15,12 @@ import contextlib
 import os
 import sys
 
-from mole.choices import DType, ImageAspect, ImageBackend, options
+from mole.cli import add_adapter_args, add_preparation_args
 
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--adapter", required=True, help="adapter directory (adapter.safetensors + mole_config.json)")
-    parser.add_argument("--base", help="base LLaVA directory (default: the adapter's recorded base_model)")
-    parser.add_argument("--allow-remote-base", action="store_true",
-                        help="let a base that is not a local directory be downloaded from the Hugging Face Hub")
+    add_adapter_args(parser)
     parser.add_argument("--split", default="test", help="shard prefix for the default domains (default: test)")
     parser.add_argument("--data-root", default="data_shards", help="root of the default domains' shards, relative to the working directory")
     parser.add_argument("--domains", nargs="+", default=["shapes", "charts", "tissue"], help="default domain names")
@@ -33,12 +30,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--max-new-tokens", type=int, default=16)
     parser.add_argument("--max-length", type=int, default=2048, help="token budget per sample, image tokens included")
-    parser.add_argument("--image-aspect", choices=options(ImageAspect),
-                        help="default: the adapter's data.image_aspect from training (pad if not recorded)")
-    parser.add_argument("--image-backend", choices=options(ImageBackend),
-                        help="default: the adapter's data.image_backend from training (fast if not recorded)")
-    parser.add_argument("--dtype", choices=options(DType), default="fp32")
-    parser.add_argument("--device", help="default: this rank's GPU if there is one, else cpu")
+    add_preparation_args(parser, device_help="default: this rank's GPU if there is one, else cpu")
     parser.add_argument("--out", help="output directory (default: eval/ next to the adapter directory)")
     parser.add_argument("--local_rank", "--local-rank", type=int, help=argparse.SUPPRESS)  # from the deepspeed launcher
     args = parser.parse_args(argv)

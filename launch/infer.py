@@ -15,27 +15,19 @@ import json
 import os
 import sys
 
-from mole.choices import DType, ImageAspect, ImageBackend, options
+from mole.cli import add_adapter_args, add_preparation_args
 
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--adapter", required=True, help="adapter directory (adapter.safetensors + mole_config.json)")
-    parser.add_argument("--base", help="base LLaVA directory (default: the adapter's recorded base_model)")
-    parser.add_argument("--allow-remote-base", action="store_true",
-                        help="let a base that is not a local directory be downloaded from the Hugging Face Hub")
+    add_adapter_args(parser)
     parser.add_argument("--image", help="image file for a single question")
     parser.add_argument("--prompt", help="the question")
     parser.add_argument("--jsonl", help="batch mode: a JSONL file of {image, prompt}")
     parser.add_argument("--out", help="batch mode: where to write the answers (JSONL; default: stdout)")
     parser.add_argument("--max-new-tokens", type=int, default=64)
     parser.add_argument("--batch-size", type=int, default=8)
-    parser.add_argument("--image-aspect", choices=options(ImageAspect),
-                        help="default: the adapter's data.image_aspect from training (pad if not recorded)")
-    parser.add_argument("--image-backend", choices=options(ImageBackend),
-                        help="default: the adapter's data.image_backend from training (fast if not recorded)")
-    parser.add_argument("--dtype", choices=options(DType), default="fp32")
-    parser.add_argument("--device", help="default: cuda if available, else cpu")
+    add_preparation_args(parser, device_help="default: cuda if available, else cpu")
     args = parser.parse_args(argv)
     for option in ("max_new_tokens", "batch_size"):
         if getattr(args, option) < 1:
