@@ -152,7 +152,8 @@ def check_against_spec(found: Shapes, spec: AdapterSpec, where: str) -> None:
     if spec.train_projector and not any(name.startswith(f"model.{PROJECTOR_PREFIX}.") for name in found):
         problems.append("train_projector is set but there are no projector tensors")
     if problems:
-        raise AdapterError(f"{where}: weights do not match mole_config.json: {'; '.join(problems[:5])}")
+        more = f" (and {len(problems) - 1} more)" if len(problems) > 1 else ""
+        raise AdapterError(f"{where}: weights do not match mole_config.json: {problems[0]}{more}")
 
 
 def check_finite(name: str, tensor: torch.Tensor, where: str) -> None:
