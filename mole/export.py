@@ -43,13 +43,6 @@ class ExportError(ValueError):
 # ------------------------------------------------------------------------------------ checks
 
 
-def validate_adapter(state: dict[str, torch.Tensor], spec: AdapterSpec, where: str = "adapter weights") -> None:
-    """Check weights already in memory (e.g. consolidated from a checkpoint) as an adapter file is
-    checked without its base (:func:`mole.adapter_check.check_state`): float tensors, exactly those
-    the spec describes, no NaN or infinity."""
-    check_state(state, spec, where)
-
-
 def require_plain_lora(spec: AdapterSpec, fmt: str) -> None:
     if spec.num_experts != 1:
         raise ExportError(
@@ -166,7 +159,7 @@ def export_mole(source: str, out_dir: str, config_path: str | None = None) -> st
         state = consolidate_checkpoint(root, tag)
         saved = os.path.join(root, tag, ADAPTER_CONFIG)  # the spec the checkpoint's tensors were trained under
         spec = checkpoint_adapter_spec(config_path or (saved if os.path.isfile(saved) else _find_run_config(root)))
-        validate_adapter(state, spec, f"checkpoint {root}/{tag}")
+        check_state(state, spec, f"checkpoint {root}/{tag}")  # as an adapter file is checked without its base
     save_adapter(out_dir, state, spec)
     return out_dir
 

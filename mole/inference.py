@@ -26,10 +26,9 @@ from mole.adapter_check import resolve_base
 from mole.data.conversation import IMAGE_PLACEHOLDER, Turn, render_conversation, to_chat_messages
 from mole.data.images import make_pixel_transform
 from mole.experts import MoleMLP, RoutingContext
+from mole.model import DTYPES
 from mole.spec import AdapterSpec, ImageSpec
 from mole.surgery import apply_mole
-
-DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 def resolve_dtype(dtype: torch.dtype | str) -> torch.dtype:

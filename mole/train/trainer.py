@@ -198,7 +198,7 @@ class Trainer:
             self.phase.enter("forward/backward")
             self.metrics.add_skipped(batch.get("skipped", {}))
             out = self.engine(**to_device(batch, self.info.device))
-            if self.cfg.train.on_nonfinite == "skip" and _any_rank_nonfinite(out["loss"]):
+            if self.cfg.train.on_nonfinite == "skip" and any_rank(not all_finite([out["loss"].detach()]))[0]:
                 self.metrics.skipped_nonfinite += 1
                 skipped_in_a_row += 1
                 log.warning("non-finite loss at step %d on some rank: micro-batch skipped on all ranks", step)
@@ -323,13 +323,6 @@ def _start_output_dir(cfg: Config) -> None:
     save_config(cfg, os.path.join(cfg.output_dir, "config.yaml"))
     with contextlib.suppress(FileNotFoundError):
         os.remove(os.path.join(cfg.output_dir, DONE_FILE))
-
-
-def _any_rank_nonfinite(loss: torch.Tensor) -> bool:
-    flag = torch.tensor([0.0 if torch.isfinite(loss.detach()).all() else 1.0])
-    if dist.is_initialized():
-        dist.all_reduce(flag)
-    return bool(flag.item())
 
 
 def _grad_norm(engine) -> float | None:
