@@ -44,8 +44,12 @@ def main() -> int:
     except RunLockedError as err:  # another run holds output_dir: nothing of it was touched
         print(f"error: {err}", file=sys.stderr)
         return 2
-    if dist.is_initialized():
-        dist.destroy_process_group()  # left to interpreter exit, gloo's teardown sometimes aborts a finished run
+    finally:
+        # on every path, failed runs included: left to interpreter exit, gloo's teardown sometimes
+        # aborts the process ("terminate called without an active exception", exit -6), which turns
+        # a clean exit code into SIGABRT
+        if dist.is_initialized():
+            dist.destroy_process_group()
     return 0
 
 
