@@ -40,8 +40,9 @@ Optimizer = Literal["adamw", "sgd"]
 NonFinitePolicy = Literal["stop", "skip"]
 """What a NaN/inf loss does: stop the run naming the step, or skip that micro-batch on every rank."""
 
-ExportFormat = Literal["peft", "merged", "mole"]
-"""peft: a peft LoRA directory (K=1); merged: LoRA merged into the base weights (K=1); mole: an adapter."""
+ExportFormat = Literal["peft", "merged", "mole", "hf"]
+"""peft: a peft LoRA directory (K=1); merged: LoRA merged into the base weights (K=1); mole: an adapter;
+hf: base + adapter + a modelling file, a model directory plain transformers loads (any K)."""
 
 ResumeAcceptable = Literal["lora.alpha", "mole.routing", "model.name_or_path", "data.image_aspect", "data.image_backend"]
 """The run settings that change what an adapter's saved weights compute (:data:`mole.spec.Impact`

@@ -32,7 +32,6 @@ from mole.spec import AdapterSpec
 from mole.surgery import PROJECTOR_PREFIX
 from mole.train.checkpoint import TAG, find_resumable
 
-EXPORT_FORMATS = ("peft", "merged", "mole")
 PEFT_PREFIX = "base_model.model."
 
 
@@ -102,7 +101,7 @@ def export_merged(adapter_dir: str, out_dir: str, base_dir: str | None = None, a
     """Merge a K=1 adapter into its base and save a Hugging Face LLaVA directory with the processor.
     The base is ``base_dir``, else the adapter's ``base_model``: a local directory unless ``allow_remote``."""
     from peft import get_peft_model, set_peft_model_state_dict
-    from transformers import AutoProcessor, LlavaForConditionalGeneration
+    from transformers import LlavaForConditionalGeneration
 
     from mole.inference import check_base_fits
 
@@ -119,11 +118,19 @@ def export_merged(adapter_dir: str, out_dir: str, base_dir: str | None = None, a
         raise AdapterError(f"peft did not place tensors {loaded.unexpected_keys[:3]}")
     merged = model.merge_and_unload()
     merged.save_pretrained(out_dir)
+    save_processor(base_dir, spec, out_dir)
+    return out_dir
+
+
+def save_processor(base_dir: str, spec: AdapterSpec, out_dir: str) -> None:
+    """The base's processor into ``out_dir``, preparing images as the adapter's training did (a padding
+    image processor for ``data.image_aspect: pad``)."""
+    from transformers import AutoProcessor
+
     processor = AutoProcessor.from_pretrained(base_dir, local_files_only=True)
     if spec.image.aspect == "pad":
         processor.image_processor = padding_image_processor(processor.image_processor)
     processor.save_pretrained(out_dir)
-    return out_dir
 
 
 def padding_image_processor(image_processor):
