@@ -22,8 +22,12 @@ from mole.surgery import apply_mole
 from tests.helpers import REPO, TINY_MODEL, cli_env, launch_module, python
 from tests.helpers import one_thread_for_the_module  # noqa: F401  (autouse fixture)
 
-ADAPTERS = {"scaled": (3, "scaled"), "hard": (3, "hard"), "dense": (3, "dense"), "lora": (1, "scaled")}
-"""Exported adapters: name -> (K, routing)."""
+ADAPTERS = {"scaled": (3, "scaled", "fp32"), "hard": (3, "hard", "fp32"), "dense": (3, "dense", "fp32"),
+            "lora": (1, "scaled", "fp32"), "scaled_bf16": (3, "scaled", "bf16")}
+"""Exported adapters: name -> (K, routing, --dtype)."""
+TOLERANCE = {"fp32": 1e-5, "bf16": 1e-2}
+"""Largest logit difference from mole.load_model's. bf16 is exact on a CPU; 1e-2 is about one bf16 step at
+these logits (rounding the experts' delta before adding it to the frozen output was off by 0.025)."""
 GENERATE = {"max_new_tokens": 6, "do_sample": False, "use_cache": True}
 
 LOADER = r"""
@@ -44,9 +48,10 @@ except ValueError as err:
 for name in directories:
     model = AutoModelForImageTextToText.from_pretrained(name, trust_remote_code=True).eval()
     processor = AutoProcessor.from_pretrained(name, trust_remote_code=True)
+    batch = {key: value.to(model.dtype) if value.is_floating_point() else value for key, value in inputs.items()}
     with torch.no_grad():
-        tensors[f"{name}:logits"] = model(**inputs).logits
-        tensors[f"{name}:tokens"] = model.generate(**inputs, **generate)
+        tensors[f"{name}:logits"] = model(**batch).logits.float()
+        tensors[f"{name}:tokens"] = model.generate(**batch, **generate)
     report[name] = {"class": type(model).__name__, "model_type": model.config.model_type,
                     "processor": type(processor).__name__}
 try:
@@ -95,10 +100,10 @@ def exported(tmp_path_factory, inputs):
     mole cannot be imported: its report (JSON) and its logits and tokens per export directory."""
     root = tmp_path_factory.mktemp("export_hf")
     directories = {}
-    for name, (num_experts, routing) in ADAPTERS.items():
+    for name, (num_experts, routing, dtype) in ADAPTERS.items():
         make_adapter(root / f"{name}_adapter", num_experts, routing)
         directories[name] = str(root / f"{name}_hf")
-        argv = ["--adapter", str(root / f"{name}_adapter"), "--format", "hf", "--out", directories[name]]
+        argv = ["--adapter", str(root / f"{name}_adapter"), "--format", "hf", "--out", directories[name], "--dtype", dtype]
         if name == "scaled":  # one through the script as a user runs it, the rest through its main()
             done = subprocess.run([python(), str(REPO / "launch" / "export.py"), *argv], env=cli_env(),
                                   capture_output=True, text=True, timeout=300)
@@ -124,15 +129,19 @@ def test_exported_model_computes_mole_load_models_logits_and_tokens(exported, in
     report, logits, tokens, adapter = exported[name]
     assert report == {"class": "MoleForConditionalGeneration", "model_type": "mole_llava",
                       "processor": "LlavaProcessor"}, report
-    model = load_model(str(TINY_MODEL), str(adapter))
+    dtype = ADAPTERS[name][2]
+    model = load_model(str(TINY_MODEL), str(adapter), dtype=dtype)
+    batch = {key: value.to(model.dtype) if value is not None and value.is_floating_point() else value
+             for key, value in inputs.items()}
     with torch.no_grad():
-        expected = model(**inputs).logits
-        expected_tokens = model.generate(**inputs, **GENERATE)
+        expected = model(**batch).logits.float()
+        expected_tokens = model.generate(**batch, **GENERATE)
     diff = (logits - expected).abs().max().item()
-    assert diff < 1e-5, f"{name}: the exported model's logits differ from mole.load_model's by {diff} (padding included)"
-    base = LlavaForConditionalGeneration.from_pretrained(TINY_MODEL).eval()
+    assert diff <= TOLERANCE[dtype], \
+        f"{name}: the exported model's logits differ from mole.load_model's by {diff} (padding included)"
+    base = LlavaForConditionalGeneration.from_pretrained(TINY_MODEL, dtype=model.dtype).eval()
     with torch.no_grad():
-        base_diff = (base(**inputs).logits - expected).abs().max().item()
+        base_diff = (base(**batch).logits.float() - expected).abs().max().item()
     assert base_diff > 1e-1, f"{name}: the adapter barely changes the logits ({base_diff}), so the comparison proves little"
     assert torch.equal(tokens, expected_tokens), f"{name}: batched KV-cache generation differs:\n{tokens}\n{expected_tokens}"
 
@@ -154,3 +163,11 @@ def test_modeling_file_is_written_verbatim_for_llava_and_names_the_peft_weights_
         "model.language_model.layers.0.self_attn.q_proj.lora_B"
     assert exported_name("model.language_model.layers.1.mlp.experts.up_proj.lora_A") == \
         "model.language_model.layers.1.mlp.experts.up_proj.lora_A"
+
+
+def test_modeling_file_computes_the_adapter_format_mole_writes():
+    """The modelling file is versioned with the adapter format: a new format must revisit it."""
+    from mole.hf_export.modeling_mole import ADAPTER_FORMAT_VERSION
+    from mole.spec import FORMAT_VERSION
+
+    assert ADAPTER_FORMAT_VERSION == FORMAT_VERSION, "modeling_mole.py was not updated with the adapter format"

@@ -27,6 +27,7 @@ from pathlib import Path
 import torch
 
 from mole.choices import DType, Family
+from mole.spec import AdapterSpec
 
 MODELING_FILE = Path(__file__).with_name("modeling_mole.py")
 CONFIG_CLASS, MODEL_CLASS = "MoleConfig", "MoleForConditionalGeneration"
@@ -74,20 +75,33 @@ def exported_name(name: str) -> str:
     return f"{match['module']}.{match['base'] or match['lora']}"
 
 
+def check_exportable(spec: AdapterSpec) -> None:
+    """An :class:`~mole.export.ExportError` for an adapter ``modeling_mole.py`` cannot compute: a family
+    without a :data:`FAMILIES` entry, or a routing mode the file does not implement."""
+    from mole.export import ExportError
+    from mole.hf_export.modeling_mole import ROUTINGS
+
+    if spec.family not in FAMILIES:
+        raise ExportError(f"--format hf does not support the {spec.family!r} family yet (it supports "
+                          f"{', '.join(FAMILIES)}); use --format mole")
+    if spec.routing not in ROUTINGS:
+        raise ExportError(f"--format hf cannot export routing {spec.routing!r}: its modelling file routes each token "
+                          f"by its hidden state ({', '.join(ROUTINGS)}); use --format mole")
+
+
 def export_hf(adapter_dir: str, out_dir: str, base_dir: str | None = None, allow_remote: bool = False,
               dtype: DType = "fp32") -> str:
     """Write the transformers model directory of an adapter (on ``base_dir``, else its recorded base)
     to ``out_dir``, its weights in ``dtype``; returns ``out_dir``. The adapter is checked as
     :func:`mole.load_model` checks it, and the exported model must take every tensor of the mole model
     by name (strict), so nothing is left at its initial value."""
-    from transformers import GenerationConfig
-
     from mole.adapter import read_adapter_spec
     from mole.adapter_check import resolve_base
     from mole.export import save_processor
     from mole.inference import load_model
 
     spec = read_adapter_spec(adapter_dir)
+    check_exportable(spec)
     named_by = "--base" if base_dir else f"base_model in {os.path.join(adapter_dir, 'mole_config.json')}"
     base_dir = resolve_base(base_dir or spec.base_model, named_by, allow_remote)
     model = load_model(base_dir, adapter_dir, dtype=dtype, allow_remote=allow_remote)
@@ -105,8 +119,7 @@ def export_hf(adapter_dir: str, out_dir: str, base_dir: str | None = None, allow
         exported = classes.MoleForConditionalGeneration(config)
     state = {exported_name(name): tensor for name, tensor in model.state_dict().items()}
     exported.load_state_dict(state, strict=True, assign=True)
-    exported.generation_config = GenerationConfig.from_model_config(config) if model.generation_config is None \
-        else model.generation_config
+    exported.generation_config = model.generation_config  # the base's
     exported.save_pretrained(out_dir)
     save_processor(base_dir, spec, out_dir)
     return out_dir

@@ -25,9 +25,10 @@ from transformers import LlavaConfig as FamilyConfig
 from transformers import LlavaForConditionalGeneration as FamilyForConditionalGeneration
 
 MODEL_TYPE = "mole_" + FamilyConfig.model_type
-ADAPTER_FORMAT_VERSIONS = (1, 2)
-"""The versions of mole's adapter format (``format_version`` in the ``mole`` config entry) this file computes."""
+ADAPTER_FORMAT_VERSION = 2
+"""The version of mole's adapter format (``format_version`` in ``config.mole``) this file computes."""
 ROUTINGS = ("hard", "scaled", "dense")
+"""The routing modes this file computes."""
 
 
 class MoleConfig(FamilyConfig):
@@ -106,7 +107,7 @@ class MoleMLP(nn.Module):
         for e in range(self.num_experts):  # each token through its own expert only
             rows = expert == e
             hs = (x[rows] @ bank.lora_A[e].t()) * (weight[rows] if torch.is_tensor(weight) else weight)  # (tokens_e, r)
-            out[rows] = out[rows] + hs @ bank.lora_B[e].t()
+            out[rows] = torch.addmm(out[rows], hs, bank.lora_B[e].t())
         return out
 
 
@@ -118,9 +119,9 @@ class MoleForConditionalGeneration(FamilyForConditionalGeneration):
     def __init__(self, config: MoleConfig):
         super().__init__(config)
         adapter = config.mole or {}
-        if adapter.get("format_version") not in ADAPTER_FORMAT_VERSIONS:
-            raise ValueError(f"config.mole: adapter format_version {adapter.get('format_version')!r} is not one this "
-                             f"modelling file computes ({ADAPTER_FORMAT_VERSIONS}); export the adapter again")
+        if adapter.get("format_version") != ADAPTER_FORMAT_VERSION:
+            raise ValueError(f"config.mole: adapter format_version {adapter.get('format_version')!r}, but this modelling "
+                             f"file computes version {ADAPTER_FORMAT_VERSION}; export the adapter again")
         if adapter["routing"] not in ROUTINGS:
             raise ValueError(f"config.mole: routing {adapter['routing']!r} is not one of {ROUTINGS}")
         r, alpha, num_experts = adapter["r"], adapter["alpha"], adapter["num_experts"]
