@@ -1,5 +1,6 @@
 """Export a trained adapter: as a standard peft LoRA (K=1), merged into the base (K=1), or as a
-validated, self-contained mole adapter, also consolidated from a DeepSpeed ZeRO checkpoint.
+validated, self-contained mole adapter, also consolidated from a DeepSpeed ZeRO checkpoint. The
+``hf`` format (any K, a model directory transformers loads) is :mod:`mole.hf_export`.
 
 * ``peft``: ``adapter_config.json`` + ``adapter_model.safetensors`` with peft's key names, for
   ``PeftModel.from_pretrained(base, dir)``. Plain LoRA on attention and MLP projections, and the
@@ -9,7 +10,7 @@ validated, self-contained mole adapter, also consolidated from a DeepSpeed ZeRO 
 * ``mole``: ``adapter.safetensors`` + ``mole_config.json``, what :func:`mole.load_model` reads.
 
 K>1 adapters have a router per layer choosing among expert LoRAs per token; peft has no such
-layer, so only ``mole`` exports them.
+layer, so only ``mole`` and ``hf`` export them.
 
 DeepSpeed checkpoint files are ``torch.load``-ed by DeepSpeed with ``weights_only=False``, i.e.
 unpickled: consolidate only checkpoints you trust (your own training runs' local files).
@@ -46,7 +47,8 @@ def require_plain_lora(spec: AdapterSpec, fmt: str) -> None:
     if spec.num_experts != 1:
         raise ExportError(
             f"--format {fmt} needs a plain LoRA adapter (K=1), but this one has K={spec.num_experts} experts with "
-            f"routers, which have no {fmt} form; use --format mole (read by mole.load_model)"
+            f"routers, which have no {fmt} form; use --format hf (transformers with trust_remote_code) or --format mole "
+            f"(read by mole.load_model)"
         )
 
 

@@ -29,15 +29,17 @@ TOLERANCE = {"fp32": 1e-5, "bf16": 1e-2}
 """Largest logit difference from mole.load_model's. bf16 is exact on a CPU; 1e-2 is about one bf16 step at
 these logits (rounding the experts' delta before adding it to the frozen output was off by 0.025)."""
 GENERATE = {"max_new_tokens": 6, "do_sample": False, "use_cache": True}
+QUESTION = "What color is the main object?"
 
 LOADER = r"""
 import json, sys
 sys.modules["mole"] = None  # the editable install makes mole importable everywhere: not in this process
 import torch
 from safetensors.torch import load_file, save_file
+from PIL import Image
 from transformers import AutoModelForImageTextToText, AutoProcessor
 
-inputs, out, directories = load_file(sys.argv[1]), sys.argv[2], sys.argv[3:]
+inputs, out, image, directories = load_file(sys.argv[1]), sys.argv[2], Image.open(sys.argv[3]), sys.argv[4:]
 generate = GENERATE
 report, tensors = {}, {}
 try:
@@ -54,6 +56,11 @@ for name in directories:
         tensors[f"{name}:tokens"] = model.generate(**batch, **generate)
     report[name] = {"class": type(model).__name__, "model_type": model.config.model_type,
                     "processor": type(processor).__name__}
+# a user's prompt: the processor's chat template, then the processor on the image and the text
+conversation = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": QUESTION}]}]
+prompt = processor(images=image.convert("RGB"), text=processor.apply_chat_template(conversation, add_generation_prompt=True),
+                   return_tensors="pt")
+tensors["user:input_ids"], tensors["user:pixel_values"] = prompt["input_ids"], prompt["pixel_values"]
 try:
     import mole
     report["mole"] = "imported"
@@ -63,7 +70,7 @@ report["mole_modules"] = sorted(m for m in sys.modules if m.split(".")[0] == "mo
 save_file(tensors, out + ".safetensors")
 with open(out + ".json", "w") as handle:
     json.dump(report, handle)
-""".replace("GENERATE", repr(GENERATE))
+""".replace("GENERATE", repr(GENERATE)).replace("QUESTION", repr(QUESTION))
 
 
 def make_adapter(directory, num_experts: int, routing: str) -> None:
@@ -81,12 +88,16 @@ def make_adapter(directory, num_experts: int, routing: str) -> None:
 
 
 @pytest.fixture(scope="module")
-def inputs():
-    """A left-padded batch: an image question and a shorter text-only one."""
+def jpg() -> bytes:
     with tarfile.open(REPO / "data_shards" / "charts" / "test-000000.tar") as tar:
-        jpg = next(tar.extractfile(m).read() for m in tar.getmembers() if m.name.endswith(".jpg"))
+        return next(tar.extractfile(m).read() for m in tar.getmembers() if m.name.endswith(".jpg"))
+
+
+@pytest.fixture(scope="module")
+def inputs(jpg):
+    """A left-padded batch: an image question and a shorter text-only one."""
     prompts = [
-        Prompt(question_turns("What color is the main object?", True), Image.open(io.BytesIO(jpg)).convert("RGB")),
+        Prompt(question_turns(QUESTION, True), Image.open(io.BytesIO(jpg)).convert("RGB")),
         Prompt(question_turns("How many?", False)),
     ]
     batch = PromptEncoder(load_processor(str(TINY_MODEL)))(prompts)
@@ -95,7 +106,7 @@ def inputs():
 
 
 @pytest.fixture(scope="module")
-def exported(tmp_path_factory, inputs):
+def exported(tmp_path_factory, inputs, jpg):
     """Every adapter of :data:`ADAPTERS` exported by launch/export.py, then loaded in one process where
     mole cannot be imported: its report (JSON) and its logits and tokens per export directory."""
     root = tmp_path_factory.mktemp("export_hf")
@@ -111,16 +122,17 @@ def exported(tmp_path_factory, inputs):
         else:
             assert launch_module("export").main(argv) == 0, f"export of {name} failed"
     save_file({k: v for k, v in inputs.items() if v is not None}, str(root / "inputs.safetensors"))
+    (root / "question.jpg").write_bytes(jpg)
     env = {**cli_env(), "HF_HOME": str(root / "hf_home"), "HF_MODULES_CACHE": str(root / "hf_modules"),
            "HF_HUB_OFFLINE": "1"}
     done = subprocess.run([python(), "-c", LOADER, str(root / "inputs.safetensors"), str(root / "loaded"),
-                           *directories.values()], env=env, capture_output=True, text=True, timeout=600,
+                           str(root / "question.jpg"), *directories.values()], env=env, capture_output=True, text=True, timeout=600,
                           stdin=subprocess.DEVNULL)
     assert done.returncode == 0, done.stderr[-3000:]
     report = json.loads((root / "loaded.json").read_text())
     tensors = load_file(str(root / "loaded.safetensors"))
     return {name: (report[d], tensors[f"{d}:logits"], tensors[f"{d}:tokens"], root / f"{name}_adapter")
-            for name, d in directories.items()} | {"report": report}
+            for name, d in directories.items()} | {"report": report, "user": tensors}
 
 
 @pytest.mark.slow  # the exports and the loading process: about a minute on 2 cores, once for the module
@@ -153,6 +165,19 @@ def test_exported_model_loads_without_mole_and_not_without_trust_remote_code(exp
     assert report["mole_modules"] == [], f"mole modules loaded: {report['mole_modules']}"
     assert "contains custom code" in report["without_trust"] and "trust_remote_code=True" in report["without_trust"], \
         f"loading without trust_remote_code should fail with transformers' message, got: {report['without_trust'][:300]}"
+
+
+@pytest.mark.slow
+def test_exported_processor_builds_the_prompt_mole_builds(exported, jpg):
+    """A user's prompt (the saved processor's chat template and image processor) is the one mole's inference
+    builds: the same token ids, and the pixels of training's padding within 2 uint8 levels."""
+    user = exported["user"]
+    processor = load_processor(str(TINY_MODEL))
+    ours = PromptEncoder(processor)([Prompt(question_turns(QUESTION, True), Image.open(io.BytesIO(jpg)).convert("RGB"))])
+    assert user["user:input_ids"].tolist() == ours["input_ids"].tolist(), "the exported processor builds other tokens"
+    std = torch.tensor(processor.image_processor.image_std).view(1, 3, 1, 1)
+    levels = ((user["user:pixel_values"] - ours["pixel_values"]).abs() * std * 255).max().item()
+    assert levels <= 2, f"the exported processor prepares the image {levels:.1f} uint8 levels from mole's"
 
 
 def test_modeling_file_is_written_verbatim_for_llava_and_names_the_peft_weights_as_its_own():
