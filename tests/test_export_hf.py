@@ -199,3 +199,16 @@ def test_modeling_file_computes_the_adapter_format_mole_writes():
     from mole.spec import FORMAT_VERSION
 
     assert ADAPTER_FORMAT_VERSION == FORMAT_VERSION, "modeling_mole.py was not updated with the adapter format"
+
+
+def test_an_adapter_the_modelling_file_cannot_compute_is_refused_in_one_line(tmp_path, monkeypatch, capsys):
+    """A family without a FAMILIES entry (the next backbone, until it gets one) stops before anything loads."""
+    import mole.hf_export
+
+    make_adapter(tmp_path / "adapter", 3, "scaled")
+    monkeypatch.setattr(mole.hf_export, "FAMILIES", {})
+    capsys.readouterr()  # the base's loading bar
+    code = launch_module("export").main(["--adapter", str(tmp_path / "adapter"), "--format", "hf", "--out", str(tmp_path / "out")])
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(lines) == 1 and "'llava' family" in lines[0] and "--format mole" in lines[0], (code, lines)
+    assert not (tmp_path / "out").exists(), "nothing should be written"
