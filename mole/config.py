@@ -107,10 +107,9 @@ class DomainConfig(Section):
     """Held-out shard pattern(s) for the periodic validation loss (``train.eval_every``); none: the
     domain is not evaluated."""
     metric: Metric | list[Metric] = "normalized_match"
-    """How held-out answers are scored (``train.eval_every``, with ``train.eval_generate``) and the
-    metric a report names for this domain: one or more of exact_match, normalized_match,
-    relaxed_accuracy (ChartQA), anls (DocVQA), vqa_accuracy (VQAv2), closed_accuracy and open_recall
-    (PathVQA); see mole/scoring.py."""
+    """How held-out answers are scored during training (``train.eval_max_new_tokens``): one or more of
+    exact_match, normalized_match, relaxed_accuracy (ChartQA), anls (DocVQA), vqa_accuracy (VQAv2),
+    closed_accuracy and open_recall (PathVQA); see mole/scoring.py."""
 
     @property
     def metrics(self) -> tuple[str, ...]:
@@ -185,6 +184,10 @@ class TrainConfig(Section):
     """Held-out loss per domain (on each domain's val_shards) every N steps; 0 disables."""
     eval_batches: int = Field(8, ge=1)
     """At most this many micro-batches per domain and rank per evaluation."""
+    eval_max_new_tokens: int = Field(0, ge=0)
+    """With eval_every, also answer every held-out question greedily (at most this many new tokens) and
+    log each domain's metrics on the answers (``data.domains[].metric``) as eval/<metric>/<domain>;
+    0: held-out loss only."""
     log_routing_every: int = Field(50, ge=0)
     """Log the domain x expert routing heatmap to TensorBoard every N steps (0 disables)."""
     seed: int = 0
