@@ -58,6 +58,10 @@ class MoleLMM(lmms):
         unknown = sorted(set(unused) - {"max_batch_size"})  # lmms-eval hands every model max_batch_size
         if unknown:
             raise ValueError(f"--model mole: unknown model_args {', '.join(unknown)}; see mole.lmms_eval_model")
+        if not str(batch_size).isdigit() or not str(max_new_tokens).isdigit() or int(batch_size) < 1 or int(max_new_tokens) < 1:
+            raise ValueError(f"--model mole: --batch_size and max_new_tokens must be whole numbers >= 1 (no 'auto'), "
+                             f"got {batch_size!r} and {max_new_tokens!r}")
+        self.batch_size, self.max_new_tokens = int(batch_size), int(max_new_tokens)
         spec = read_adapter_spec(adapter)
         allow_remote = _flag(allow_remote_base)
         base = resolve_base(base or spec.base_model, "base" if base else "the adapter's base_model", allow_remote)
@@ -66,10 +70,6 @@ class MoleLMM(lmms):
         self.processor = load_processor(base, allow_remote)
         image = spec.image.overridden(image_aspect, image_backend)
         self.encoder = PromptEncoder(self.processor, image.aspect, image.backend)
-        self.batch_size = int(batch_size) if str(batch_size) != "auto" else 8
-        self.max_new_tokens = int(max_new_tokens)
-        if self.batch_size < 1 or self.max_new_tokens < 1:
-            raise ValueError(f"batch_size and max_new_tokens must be >= 1, got {batch_size} and {max_new_tokens}")
 
     # ------------------------------------------------------------------ what lmms-eval asks
 

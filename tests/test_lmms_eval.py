@@ -133,6 +133,18 @@ def test_the_mole_model_is_registered_through_lmms_evals_entry_points():
     assert get_model("mole").__name__ == "MoleLMM"
 
 
+def test_until_strings_cut_the_answer_and_bad_model_args_are_refused_before_loading(tmp_path):
+    from mole.lmms_eval_model import MoleLMM, cut_at
+
+    assert cut_at("4 sides\n\nQuestion: next", ["\n\n"]) == "4 sides"
+    assert cut_at("a. b, c", [",", "."]) == "a", "the first stop string in the answer wins"
+    assert cut_at(" red ", ["", "zzz"]) == "red", "empty and absent stop strings cut nothing"
+    with pytest.raises(ValueError, match="--batch_size and max_new_tokens must be whole numbers >= 1 \\(no 'auto'\\)"):
+        MoleLMM(adapter=str(tmp_path), batch_size="auto")
+    with pytest.raises(ValueError, match="unknown model_args adaptor"):
+        MoleLMM(adapter=str(tmp_path), adaptor="x")
+
+
 @pytest.mark.slow
 def test_lmms_eval_cli_scores_a_mole_adapter_as_eval_py_does(mode_runs, tmp_path):
     """Every other item's reference is the answer eval.py generates for it, so the score is not 0 by
