@@ -10,6 +10,7 @@ from __future__ import annotations
 import importlib.util
 import json
 import os
+import shutil
 import tarfile
 from importlib.metadata import entry_points
 from pathlib import Path
@@ -103,6 +104,20 @@ def with_answer(sample: dict, answer: str) -> dict:
     return {**sample, "json": {"conversations": [question, {"from": "gpt", "value": answer}]}}
 
 
+def random_adapter(trained: Path, out: Path, scale: float = 0.5) -> Path:
+    """A copy of a trained adapter with every tensor drawn at random (seeded): the tiny runs' adapters
+    answer every question with nothing, this one with different text per question."""
+    import torch
+    from safetensors.torch import load_file, save_file
+
+    shutil.copytree(trained, out)
+    generator = torch.Generator().manual_seed(0)
+    state = load_file(trained / "adapter.safetensors")
+    save_file({name: torch.randn(t.shape, generator=generator).mul(scale).to(t.dtype) for name, t in state.items()},
+              out / "adapter.safetensors")
+    return out
+
+
 def eval_py(adapter: Path, shard: Path, out: Path) -> tuple[dict[str, str], dict]:
     """``launch/eval.py`` on the first ITEMS samples of ``shard`` as domain charts scored by relaxed
     accuracy: its predictions by key and that metric's entry in metrics.json."""
@@ -149,10 +164,12 @@ def test_until_strings_cut_the_answer_and_bad_model_args_are_refused_before_load
 def test_lmms_eval_cli_scores_a_mole_adapter_as_eval_py_does(mode_runs, tmp_path):
     """Every other item's reference is the answer eval.py generates for it, so the score is not 0 by
     default; lmms-eval scores with its own ChartQA relaxed_correctness, eval.py with mole.scoring."""
-    adapter = mode_runs["scaled"] / "adapter"
+    adapter = random_adapter(mode_runs["scaled"] / "adapter", tmp_path / "adapter")
     samples = read_samples(SHARD, ITEMS)
     keys = [sample["__key__"] for sample in samples]
     generated, _ = eval_py(adapter, SHARD, tmp_path / "eval_first")
+    assert len(set(generated.values())) > 1 and all(answer.strip() for answer in generated.values()), \
+        f"the answers should differ and say something: {generated}"
     samples = [with_answer(s, generated[s["__key__"]]) if i % 2 == 0 else s for i, s in enumerate(samples)]
     shard = write_shard(tmp_path / "charts" / "test-000000.tar", samples)
     write_task(tmp_path / "task", samples)
