@@ -5,7 +5,7 @@
         --tasks chartqa --batch_size 8 --output_path eval/lmms
 
 lmms-eval finds the model through the ``lmms_eval.models`` entry-point group (``pyproject.toml``),
-whose payload is :data:`MANIFEST`. The model is loaded by :func:`mole.load_model` and answers with
+whose payload is :func:`manifest`. The model is loaded by :func:`mole.load_model` and answers with
 :func:`mole.inference.generate_answers`: greedy, batched, prompts rendered with the base's chat
 template and images prepared as the adapter's training prepared them, as ``launch/eval.py`` does. A
 task's context becomes one user turn (after the image placeholder when the document has an image);
@@ -24,7 +24,6 @@ from collections.abc import Callable
 import torch
 from lmms_eval.api.instance import Instance
 from lmms_eval.api.model import lmms
-from lmms_eval.models.registry_v2 import ModelManifest
 from PIL import Image
 
 from mole.adapter import read_adapter_spec
@@ -32,8 +31,12 @@ from mole.adapter_check import resolve_base
 from mole.data.conversation import IMAGE_PLACEHOLDER
 from mole.inference import Prompt, PromptEncoder, generate_answers, load_model, load_processor, question_turns
 
-MANIFEST = ModelManifest(model_id="mole", simple_class_path="mole.lmms_eval_model.MoleLMM")
-"""The ``lmms_eval.models`` entry point's payload: ``--model mole``."""
+def manifest():
+    """The ``lmms_eval.models`` entry point's payload: ``--model mole``. Called while lmms-eval builds its
+    model registry, so importing this module does not start that (it would import this module again)."""
+    from lmms_eval.models.registry_v2 import ModelManifest
+
+    return ModelManifest(model_id="mole", simple_class_path="mole.lmms_eval_model.MoleLMM")
 
 
 def _flag(value: bool | str) -> bool:

@@ -143,9 +143,9 @@ def offline_env(home: Path) -> dict:
 def test_the_mole_model_is_registered_through_lmms_evals_entry_points():
     names = [ep.name for ep in entry_points(group="lmms_eval.models")]
     assert "mole" in names, f"no 'mole' in lmms_eval.models entry points {names}: reinstall with pip install -e '.[eval]'"
-    from lmms_eval.models import get_model
-
-    assert get_model("mole").__name__ == "MoleLMM"
+    probe = "import mole.lmms_eval_model\nfrom lmms_eval.models import get_model\nprint(get_model('mole').__name__)"
+    proc = run_group([python(), "-c", probe], 120, env=cli_env())  # our module first: it must not break the registry
+    assert proc.returncode == 0 and proc.stdout.split()[-1:] == ["MoleLMM"], proc.stdout[-2000:] + proc.stderr[-2000:]
 
 
 def test_until_strings_cut_the_answer_and_bad_model_args_are_refused_before_loading(tmp_path):
