@@ -72,6 +72,15 @@ class TrainingModel(nn.Module):
         self.dummy_image_shape = (1, vision.num_channels, vision.image_size, vision.image_size)
 
     def forward(self, input_ids, attention_mask, labels, pixel_values=None):
+        embeds = self.embed(input_ids, pixel_values)
+        out = self.llava(inputs_embeds=embeds, attention_mask=attention_mask, labels=labels, use_cache=False)
+        aux = aux_loss(self.context.stats(), self.aux_kind).to(out.loss.device)
+        return {"loss": out.loss + self.aux_weight * aux, "lm_loss": out.loss.detach(), "aux_loss": aux.detach()}
+
+    def embed(self, input_ids: torch.Tensor, pixel_values: torch.Tensor | None = None) -> torch.Tensor:
+        """(batch, seq, hidden) input embeddings with the image features in the image-token positions;
+        the vision tower runs even without an image (on the blank one, weighted zero). Held-out
+        generation starts from these too, so every rank gathers the same parameters there as well."""
         llava = self.llava
         embeds = llava.get_input_embeddings()(input_ids)
         if torch.is_grad_enabled():
@@ -95,6 +104,4 @@ class TrainingModel(nn.Module):
                     f"{features.shape[0]} image features: the data and the model's processor disagree"
                 )
             embeds = embeds.masked_scatter(image_positions, features)
-        out = llava(inputs_embeds=embeds, attention_mask=attention_mask, labels=labels, use_cache=False)
-        aux = aux_loss(self.context.stats(), self.aux_kind).to(out.loss.device)
-        return {"loss": out.loss + self.aux_weight * aux, "lm_loss": out.loss.detach(), "aux_loss": aux.detach()}
+        return embeds
