@@ -27,8 +27,8 @@ from typing import Annotated, Any
 import yaml
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError
 
-from mole.choices import (AuxLoss, ImageAspect, ImageBackend, NonFinitePolicy, Optimizer, Precision,
-                          ResumeAcceptable, Routing)
+from mole.choices import (AuxLoss, Family, ImageAspect, ImageBackend, NonFinitePolicy, Optimizer, Precision,
+                          ResumeAcceptable, Routing, options)
 
 RESUME_WORDS = ("auto", "never")
 BUNDLED_DOMAINS = ("shapes", "charts", "tissue")
@@ -508,9 +508,9 @@ def validate(cfg: Config) -> None:
     model = _read_json(config_json, key)
     _require(isinstance(model, dict) and "model_type" in model, key,
              f"{config_json!r} declares no model_type; expected a LLaVA (model_type 'llava')")
-    _require(model["model_type"] == "llava", key,
-             f"{path!r} holds a {model['model_type']!r} model; expected a LLaVA (model_type 'llava', e.g. "
-             "llava-1.5-7b-hf): transformers would otherwise build a default 7B LLaVA around it")
+    _require(model["model_type"] in options(Family), key,
+             f"{path!r} holds a {model['model_type']!r} model; expected a LLaVA of a supported family "
+             f"(model_type {', '.join(options(Family))}, e.g. llava-1.5-7b-hf)")
 
     path, key = cfg.train.ds_config, "train.ds_config"
     _require(os.path.isfile(path), key, f"DeepSpeed config {path!r} does not exist")

@@ -83,7 +83,8 @@ def check_base_fits(spec: AdapterSpec, base_dir: str, adapter_dir: str = "the ad
         raise AdapterError(f"base model {base_dir!r} has no config.json; expected a local Hugging Face LLaVA directory")
     base = AutoConfig.from_pretrained(base_dir, local_files_only=True)
     if base.model_type != spec.family:
-        raise AdapterError(f"base model {base_dir!r} holds a {base.model_type!r} model; expected a LLaVA directory")
+        raise AdapterError(f"base model {base_dir!r} holds a {base.model_type!r} model; expected a LLaVA directory "
+                           f"of the adapter's family {spec.family!r}")
     mismatches = [change for change in spec.on_base(base).diff(spec) if change.impact == "shape"]
     if mismatches:
         change = mismatches[0]

@@ -137,7 +137,8 @@ class Trainer:
         """The training batches (this rank's stream, reseeded at ``start_step``) and the held-out sets."""
         cfg, info = self.cfg, self.info
         process = SampleProcessor(processor, cfg.data.max_length, cfg.data.image_aspect,
-                                  image_backend=cfg.data.image_backend, max_image_pixels=cfg.data.max_image_pixels)
+                                  image_backend=cfg.data.image_backend, max_image_pixels=cfg.data.max_image_pixels,
+                                  backbone=self.model.backbone)
         if cfg.data.max_length <= process.num_image_tokens:
             log.warning("data.max_length=%d is not above the %d tokens one image takes: every sample with an image "
                         "will be skipped as too_long (LLaVA-1.5 wants about 2048)", cfg.data.max_length,
