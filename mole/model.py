@@ -53,19 +53,21 @@ def build_mole_model(cfg: Config, dtype: torch.dtype, ds_config: dict | None = N
         for param in module.parameters(recurse=False):
             if param.requires_grad and param.dtype != dtype:
                 param.data = param.data.to(dtype)
-    processor = backbone_for(model.config).load_processor(cfg.model.name_or_path, local_files_only=False)
+    limits = {name: getattr(cfg.data, name) for name in ("min_pixels", "max_pixels") if getattr(cfg.data, name)}
+    processor = backbone_for(model.config).load_processor(cfg.model.name_or_path, local_files_only=False, **limits)
     return model, surgery, processor
 
 
 class TrainingModel(nn.Module):
     """One training forward of a MoLE backbone: LM loss + weighted balance loss.
 
-    It runs the steps the stock forward runs (embed tokens, vision tower + projector as the family
-    does it, scatter the image features into the image-token positions, LLM) but *always* runs the
-    vision tower: a batch with no image gets the family's minimal dummy image whose features are
-    multiplied by zero, as LLaVA's training code does. Under ZeRO-3 every rank must gather the same
-    parameters in the same order each step; transformers would skip the vision tower on a text-only
-    batch and desynchronise the ranks.
+    The family's :meth:`~mole.backbones.base.Backbone.forward` runs the stock model on the batch as the
+    family's own processing would feed it, but *always* runs the vision path: a batch with no image
+    gets the family's minimal dummy image whose features join the graph multiplied by zero, as LLaVA's
+    training code does. Under ZeRO-3 every rank must gather the same parameters in the same order each
+    step; transformers would skip the vision tower on a text-only batch and desynchronise the ranks.
+    ``image_sizes`` is each image's size input as the family's model takes it (LLaVA-NeXT's
+    ``image_sizes``, Qwen-VL's ``image_grid_thw``), or ``None``.
     """
 
     def __init__(self, llava: nn.Module, surgery: MoleSurgery, aux_kind: str, aux_weight: float):
@@ -76,32 +78,9 @@ class TrainingModel(nn.Module):
         self.aux_kind, self.aux_weight = aux_kind, aux_weight
 
     def forward(self, input_ids, attention_mask, labels, pixel_values=None, image_sizes=None):
-        llava, backbone = self.llava, self.backbone
-        embeds = llava.get_input_embeddings()(input_ids)
-        if torch.is_grad_enabled():
-            # ZeRO-3 reduces a leaf module's gradients (each MoLE MLP is one) from a full backward hook,
-            # which fires before the module's own backward when none of its inputs requires a gradient:
-            # with nothing trainable below the first MLP (no attention LoRA, frozen projector) it would
-            # reduce zeros. Its input carries a gradient anyway whenever the projector trains.
-            embeds.requires_grad_(True)
-        text_only = pixel_values is None
-        if text_only:
-            images = backbone.dummy_image(llava.config, embeds.dtype, embeds.device)
-        else:
+        images = None
+        if pixel_values is not None:
             images = {"pixel_values": pixel_values, "image_sizes": image_sizes}
-        extra = {name: images[name] for name in backbone.extra_image_inputs}
-        features = backbone.image_features(llava, images["pixel_values"].to(embeds.dtype), **extra)
-        features = features.to(embeds.dtype)  # (image tokens, hidden)
-        if text_only:
-            embeds = embeds + features.sum() * 0.0
-        else:
-            image_positions = (input_ids == llava.config.image_token_id).unsqueeze(-1).expand_as(embeds)
-            if image_positions.sum() != features.numel():
-                raise ValueError(
-                    f"{int(image_positions.sum()) // embeds.shape[-1]} image tokens in the batch but "
-                    f"{features.shape[0]} image features: the data and the model's processor disagree"
-                )
-            embeds = embeds.masked_scatter(image_positions, features)
-        out = llava(inputs_embeds=embeds, attention_mask=attention_mask, labels=labels, use_cache=False)
+        out = self.backbone.forward(self.llava, input_ids, attention_mask, labels, images)
         aux = aux_loss(self.context.stats(), self.aux_kind).to(out.loss.device)
         return {"loss": out.loss + self.aux_weight * aux, "lm_loss": out.loss.detach(), "aux_loss": aux.detach()}

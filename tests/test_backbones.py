@@ -37,9 +37,9 @@ def image_bytes(size: tuple[int, int], seed: int) -> bytes:
 def test_every_family_is_described_and_an_unknown_one_is_a_one_line_error():
     from transformers import Qwen2VLConfig
 
-    assert sorted(FAMILIES) == ["llava", "llava_next"]
+    assert sorted(FAMILIES) == ["llava", "llava_next", "qwen2_5_vl", "qwen3_vl"]
     with pytest.raises(UnsupportedBackbone, match=r"^model_type 'qwen2_vl' is not a supported backbone family; "
-                                                  r"supported: llava, llava_next$"):
+                                                  r"supported: llava, llava_next, qwen2_5_vl, qwen3_vl$"):
         backbone_for(Qwen2VLConfig())
 
 

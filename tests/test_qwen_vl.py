@@ -3,130 +3,157 @@ own processing feeds it, the text-only vision path, and surgery on the real 7-8B
 
 from __future__ import annotations
 
+import io
+import json
+
 import pytest
 import torch
 from PIL import Image
-from transformers import (
-    AutoModelForImageTextToText,
-    Qwen2_5_VLConfig,
-    Qwen2_5_VLForConditionalGeneration,
-    Qwen3VLConfig,
-    Qwen3VLForConditionalGeneration,
-)
+from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration, Qwen3VLConfig, Qwen3VLForConditionalGeneration
 
-from mole.backbones import qwen_vl
+from mole.backbones import backbone_for
+from mole.backbones.qwen_vl import IMAGE_TOKEN
+from mole.config import load_config
+from mole.data.collate import collate
+from mole.data.conversation import parse_conversation, render_conversation
+from mole.data.sample import SampleProcessor
+from mole.model import TrainingModel, build_mole_model
 from mole.spec import AdapterSpec
 from mole.surgery import apply_mole
-from tests.helpers import REPO
+from tests.helpers import REPO, one_thread_for_the_module, text_sample  # noqa: F401
 
-MODELS = {"qwen2_5_vl": REPO / "models" / "tiny-qwen2_5-vl", "qwen3_vl": REPO / "models" / "tiny-qwen3-vl"}
-SETTINGS = dict(num_experts=3, routing="scaled", aux_loss="switch", r=4, alpha=8.0, dropout=0.0,
-                attn_targets=("q_proj", "k_proj", "v_proj", "o_proj"),
-                mlp_targets=("gate_proj", "up_proj", "down_proj"), train_projector=True)
-CONVERSATIONS = [
-    ("What color is the main object?", "red"),
-    ("How many objects are there?", "two"),
-]
-IMAGES = [Image.new("RGB", (64, 64), (220, 40, 40)), Image.new("RGB", (130, 60), (40, 170, 60))]
+CONFIGS = {"qwen2_5_vl": REPO / "launch" / "configs" / "tiny_qwen2_5_vl.yaml",
+           "qwen3_vl": REPO / "launch" / "configs" / "tiny_qwen3_vl.yaml"}
+QUESTION = {"conversations": [{"from": "human", "value": "<image>\nWhat color is the main object?"},
+                              {"from": "gpt", "value": "red"}]}
+SIZES = [(64, 48), (130, 60), (100, 100)]  # (width, height): 4, 8-10 and 9-16 image tokens
 
 
-def stock_inputs(processor: qwen_vl.QwenProcessor, images: list[Image.Image] | None) -> dict:
-    """The batch ``Qwen2_5_VLProcessor`` / ``Qwen3VLProcessor`` would return for the chat-templated
-    conversations (one image each, or none): the image processor on all images at once,
-    ``<|image_pad|>`` repeated per image by its grid, right padding, ``mm_token_type_ids``."""
-    tokenizer = processor.tokenizer
-    texts = []
-    for index, (question, answer) in enumerate(CONVERSATIONS):
-        content = ([{"type": "image"}] if images else []) + [{"type": "text", "text": question}]
-        messages = [{"role": "user", "content": content}, {"role": "assistant", "content": [{"type": "text", "text": answer}]}]
-        texts.append(tokenizer.apply_chat_template(messages, tokenize=False))
+def image_bytes(size: tuple[int, int], seed: int) -> bytes:
+    generator = torch.Generator().manual_seed(seed)
+    pixels = torch.randint(0, 256, (size[1], size[0], 3), generator=generator, dtype=torch.uint8)
+    buffer = io.BytesIO()
+    Image.fromarray(pixels.numpy()).save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def samples(kind: str) -> list[dict]:
+    if kind == "images":
+        return [{"json": json.dumps(QUESTION).encode(), "png": image_bytes(size, seed)} for seed, size in enumerate(SIZES)]
+    return [{"json": json.dumps(text_sample(k, q, a)["json"]).encode()}
+            for k, q, a in [("a", "How many sides has a square?", "four"), ("b", "Count?", "two")]]
+
+
+def stock_inputs(processor, raws: list[dict]) -> dict:
+    """What ``Qwen2_5_VLProcessor`` / ``Qwen3VLProcessor`` (which need torchvision) return for the rendered
+    conversations and their images: the image processor on all images at once, ``<|image_pad|>``
+    repeated per image by its grid, right padding, ``mm_token_type_ids`` 1 at image tokens."""
+    texts, images = [], []
+    for raw in raws:
+        turns, _ = parse_conversation(raw["json"])
+        texts.append(render_conversation(turns, "png" in raw, processor.tokenizer)[0])
+        if "png" in raw:
+            images.append(Image.open(io.BytesIO(raw["png"])).convert("RGB"))
     out = {}
     if images:
         out = dict(processor.image_processor(images=images, return_tensors="pt"))
         merge = processor.image_processor.merge_size ** 2
-        texts = [text.replace(qwen_vl.IMAGE_TOKEN, qwen_vl.IMAGE_TOKEN * int(grid.prod() // merge))
-                 for text, grid in zip(texts, out["image_grid_thw"])]
-    encoded = tokenizer(texts, return_tensors="pt", padding=True)
-    image_token_id = tokenizer.convert_tokens_to_ids(qwen_vl.IMAGE_TOKEN)
+        grids = iter(out["image_grid_thw"])
+        texts = [text.replace(IMAGE_TOKEN, IMAGE_TOKEN * (int(next(grids).prod()) // merge)) if IMAGE_TOKEN in text
+                 else text for text in texts]
+    encoded = dict(processor.tokenizer(texts, return_tensors="pt", padding=True))
+    image_token_id = processor.tokenizer.convert_tokens_to_ids(IMAGE_TOKEN)
     return {**encoded, **out, "mm_token_type_ids": (encoded["input_ids"] == image_token_id).int()}
 
 
-@pytest.fixture(scope="module", params=list(MODELS))
+@pytest.fixture(scope="module", params=sorted(CONFIGS))
 def family(request):
-    """(family, stock model, MoLE model with its adapters at zero, processor), fp32."""
-    path = MODELS[request.param]
-    stock = AutoModelForImageTextToText.from_pretrained(path, dtype=torch.float32).eval()
-    model = AutoModelForImageTextToText.from_pretrained(path, dtype=torch.float32).eval()
-    torch.manual_seed(0)
-    surgery = apply_mole(model, AdapterSpec.from_base(model.config, **SETTINGS))
-    return request.param, stock, model, surgery, qwen_vl.load_processor(str(path))
+    """(family, MoLE training model with its adapters at zero, processor, stock model), fp32."""
+    cfg = load_config(str(CONFIGS[request.param]), ["lora.dropout=0.0", "train.train_projector=true"])
+    model, surgery, processor = build_mole_model(cfg, torch.float32)
+    assert not any(p.abs().sum() for n, p in model.named_parameters() if "lora_B" in n), "adapters start at zero"
+    stock = backbone_for(model.config).model_class.from_pretrained(cfg.model.name_or_path, dtype=torch.float32).eval()
+    return request.param, TrainingModel(model, surgery, "switch", 0.0).eval(), processor, stock
 
 
-def masked_max_difference(a: torch.Tensor, b: torch.Tensor, mask: torch.Tensor) -> float:
-    return float((a - b)[mask.bool()].abs().max())
+def mole_batch(model: TrainingModel, processor, raws: list[dict]) -> dict:
+    process = SampleProcessor(processor, 256, "crop", image_backend="processor", backbone=model.backbone)
+    return collate([process(raw) for raw in raws], processor.tokenizer.pad_token_id)
 
 
-def test_images_of_two_sizes_take_different_token_counts(family):
-    _, _, _, _, processor = family
-    per_image = [qwen_vl.QwenImages(processor.image_processor, "native")(image) for image in IMAGES]
-    counts = [qwen_vl.image_tokens(processor.image_processor, image["image_grid_thw"]) for image in per_image]
-    stock = stock_inputs(processor, IMAGES)
-    assert counts[0] != counts[1], f"both images take {counts[0]} tokens; the test needs two sizes"
-    assert [int(row.sum()) for row in stock["mm_token_type_ids"]] == counts
-    batched = qwen_vl.batch_images(per_image)
-    assert torch.equal(batched["pixel_values"], stock["pixel_values"]), "per-image processing differs from the batched processor"
-    assert torch.equal(batched["image_grid_thw"], stock["image_grid_thw"])
+def mole_logits(model: TrainingModel, batch: dict) -> torch.Tensor:
+    seen = []
+    handle = model.llava.lm_head.register_forward_hook(lambda module, args, out: seen.append(out))
+    try:
+        with torch.no_grad():
+            model(batch["input_ids"], batch["attention_mask"], batch["labels"], batch["pixel_values"], batch["image_sizes"])
+    finally:
+        handle.remove()
+    return seen[0]
 
 
-def test_forward_with_adapters_at_zero_equals_stock_logits_on_an_image_batch(family):
-    name, stock, model, _, processor = family
-    inputs = stock_inputs(processor, IMAGES)
+@pytest.mark.parametrize("kind", ["images", "text_only"])
+def test_training_forward_with_zero_adapters_equals_the_stock_model(family, kind):
+    """Images of three sizes (different token counts, several windows) and a text-only batch, from
+    shards through mole's data path, against the stock model on its own processing's inputs."""
+    name, model, processor, stock = family
+    raws = samples(kind)
+    batch = mole_batch(model, processor, raws)
+    reference = stock_inputs(processor, raws)
+    mask = batch["attention_mask"].bool()
+    assert torch.equal(reference["input_ids"][mask], batch["input_ids"][mask]), f"{name}: tokens differ from the processor's"
+    if kind == "images":
+        assert torch.equal(batch["pixel_values"], reference["pixel_values"]), f"{name}: pixels differ from the processor's"
+        assert torch.equal(batch["image_sizes"], reference["image_grid_thw"]), f"{name}: grids differ from the processor's"
+        tokens = reference["mm_token_type_ids"].sum(dim=1).tolist()
+        assert len(set(tokens)) == len(SIZES), f"precondition: each image takes its own number of tokens, {tokens}"
     with torch.no_grad():
-        expected = stock(**inputs).logits
-        got = qwen_vl.forward(model, inputs["input_ids"], inputs["attention_mask"], None,
-                              inputs["pixel_values"], inputs["image_grid_thw"]).logits
-        stock.model.rope_deltas = None
-        flat = stock(inputs_embeds=stock.get_input_embeddings()(inputs["input_ids"]),  # embeddings alone: 1-D positions
-                     attention_mask=inputs["attention_mask"], pixel_values=inputs["pixel_values"],
-                     image_grid_thw=inputs["image_grid_thw"]).logits
-    difference = masked_max_difference(got, expected, inputs["attention_mask"])
-    assert difference < 1e-5, f"{name}: mole's forward differs from the stock model's by {difference:.2e}"
-    one_dimensional = masked_max_difference(flat, expected, inputs["attention_mask"])
-    assert one_dimensional > 1e-4, f"{name}: 1-D positions give the same logits ({one_dimensional:.1e}); the check cannot fail"
-
-
-def test_forward_with_adapters_at_zero_equals_stock_logits_on_a_text_only_batch(family):
-    name, stock, model, _, processor = family
-    inputs = stock_inputs(processor, None)
-    with torch.no_grad():
-        expected = stock(**inputs).logits
-        got = qwen_vl.forward(model, inputs["input_ids"], inputs["attention_mask"], None).logits
-    difference = masked_max_difference(got, expected, inputs["attention_mask"])
-    assert difference < 1e-5, f"{name}: text-only logits differ from the stock model's by {difference:.2e}"
+        expected = stock(**reference).logits
+    got = mole_logits(model, batch)
+    torch.testing.assert_close(got[mask], expected[mask], rtol=1e-5, atol=1e-5,
+                               msg=f"{name}: mole's training forward differs from the stock model ({kind})")
+    if kind == "images":  # the check can fail: the same model fed embeddings alone numbers positions 0, 1, 2, ...
+        with torch.no_grad():
+            stock.model.rope_deltas = None
+            flat = stock(inputs_embeds=stock.get_input_embeddings()(reference["input_ids"]),
+                         attention_mask=reference["attention_mask"], pixel_values=reference["pixel_values"],
+                         image_grid_thw=reference["image_grid_thw"]).logits
+        assert float((flat - expected)[mask].abs().max()) > 1e-4, f"{name}: 1-D positions give the same logits"
 
 
 def test_text_only_batch_runs_the_whole_vision_path_and_reaches_its_projectors(family):
-    """Blocks, merger and (Qwen3-VL) every DeepStack merger run; the trainable ones get (zero) gradients."""
-    name, _, model, _, processor = family
-    inputs = stock_inputs(processor, None)
-    visual = model.model.visual
+    """Blocks, merger and (Qwen3-VL) every DeepStack merger run; the projector's parameters get (zero) gradients."""
+    name, model, processor, _ = family
+    batch = mole_batch(model, processor, samples("text_only"))
+    visual = model.llava.model.visual
     mergers = [visual.merger, *getattr(visual, "deepstack_merger_list", [])]
     ran = []
     hooks = [module.register_forward_hook(lambda m, a, o, i=i: ran.append(i))
              for i, module in enumerate([*visual.blocks, *mergers])]
     try:
         model.zero_grad()
-        for module in mergers:
-            module.requires_grad_(True)
-        qwen_vl.forward(model, inputs["input_ids"], inputs["attention_mask"], inputs["input_ids"]).loss.backward()
+        model(batch["input_ids"], batch["attention_mask"], batch["labels"])["loss"].backward()
     finally:
         for hook in hooks:
             hook.remove()
     assert sorted(ran) == list(range(len(visual.blocks) + len(mergers))), f"{name}: vision modules run: {sorted(ran)}"
     for index, module in enumerate(mergers):
-        grads = [p.grad for p in module.parameters()]
-        assert all(g is not None for g in grads), f"{name}: merger {index} is not in the graph of a text-only batch"
-        assert all(float(g.abs().max()) == 0 for g in grads), f"{name}: merger {index} got a non-zero gradient from no image"
+        grads = [(n, p.grad) for n, p in module.named_parameters()]
+        assert all(p.requires_grad for p in module.parameters()), f"{name}: merger {index} does not train with the projector"
+        assert all(g is not None for _, g in grads), f"{name}: merger {index} is not in the graph of a text-only batch"
+        assert all(float(g.abs().max()) == 0 for _, g in grads), f"{name}: merger {index} got a non-zero gradient from no image"
+
+
+def test_min_and_max_pixels_set_the_image_token_range(family):
+    name, model, _, _ = family
+    processor = model.backbone.load_processor(str(REPO / "models" / f"tiny-{name.replace('_vl', '-vl')}"),
+                                              min_pixels=1, max_pixels=(2 * 2 * 32) ** 2)
+    batch = mole_batch(model, processor, samples("images"))
+    tokens = (batch["input_ids"] == model.llava.config.image_token_id).sum(dim=1).tolist()
+    assert max(tokens) <= 4 * 4, f"{name}: max_pixels did not cap the image tokens: {tokens}"
+    with pytest.raises(ValueError, match="exceeds max_pixels"):
+        model.backbone.load_processor(str(REPO / "models" / f"tiny-{name.replace('_vl', '-vl')}"), min_pixels=10**6,
+                                      max_pixels=10)
 
 
 # -------------------------------------------------------------------------- real shapes, meta device
@@ -168,7 +195,9 @@ def test_surgery_on_the_real_shapes_adds_the_parameters_the_config_implies(confi
     with torch.device("meta"):
         model = model_class(config)
     base_params = sum(p.numel() for p in model.parameters())
-    spec = AdapterSpec.from_base(config, **{**SETTINGS, "train_projector": False})
+    spec = AdapterSpec.from_base(config, num_experts=3, routing="scaled", aux_loss="switch", r=4, alpha=8.0,
+                                 dropout=0.0, attn_targets=("q_proj", "k_proj", "v_proj", "o_proj"),
+                                 mlp_targets=("gate_proj", "up_proj", "down_proj"), train_projector=False)
     surgery = apply_mole(model, spec)
 
     text = config.text_config

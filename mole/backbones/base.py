@@ -73,6 +73,42 @@ class Backbone:
         return {"pixel_values": torch.zeros(1, vision.num_channels, vision.image_size, vision.image_size,
                                             dtype=dtype, device=device)}
 
+    def forward(self, model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                labels: torch.Tensor | None, images: ImageInputs | None):
+        """The stock model's output (``loss``, ``logits``) on a batch, the vision path run whether or not
+        the batch has an image (``images`` ``None``: the family's :meth:`dummy_image`, its features
+        joined to the graph times zero), so every rank gathers the same parameters under ZeRO-3.
+
+        This default embeds the tokens, scatters the image features into the image-token positions
+        and hands the model ``inputs_embeds``: right for a family whose positions are 0, 1, 2, ...
+        A family that numbers positions from its inputs (M-RoPE) or adds features deeper in the LLM
+        overrides it.
+        """
+        embeds = model.get_input_embeddings()(input_ids)
+        if torch.is_grad_enabled():
+            # ZeRO-3 reduces a leaf module's gradients (each MoLE MLP is one) from a full backward hook,
+            # which fires before the module's own backward when none of its inputs requires a gradient:
+            # with nothing trainable below the first MLP (no attention LoRA, frozen projector) it would
+            # reduce zeros. Its input carries a gradient anyway whenever the projector trains.
+            embeds.requires_grad_(True)
+        text_only = images is None
+        if text_only:
+            images = self.dummy_image(model.config, embeds.dtype, embeds.device)
+        extra = {name: images[name] for name in self.extra_image_inputs}
+        features = self.image_features(model, images["pixel_values"].to(embeds.dtype), **extra)
+        features = features.to(embeds.dtype)  # (image tokens, hidden)
+        if text_only:
+            embeds = embeds + features.sum() * 0.0
+        else:
+            image_positions = (input_ids == model.config.image_token_id).unsqueeze(-1).expand_as(embeds)
+            if image_positions.sum() != features.numel():
+                raise ValueError(
+                    f"{int(image_positions.sum()) // embeds.shape[-1]} image tokens in the batch but "
+                    f"{features.shape[0]} image features: the data and the model's processor disagree"
+                )
+            embeds = embeds.masked_scatter(image_positions, features)
+        return model(inputs_embeds=embeds, attention_mask=attention_mask, labels=labels, use_cache=False)
+
     def position_ids(self, length: int) -> torch.Tensor:
         """Position ids of one sample of ``length`` tokens, as the model numbers them: (length,)."""
         return torch.arange(length)

@@ -17,7 +17,9 @@ def collate(examples: list[Example], pad_token_id: int) -> dict:
     ``pixel_values`` holds only the images that exist, in sample order (the model scatters them into
     the image-token positions), or is ``None`` for a text-only batch: (images, 3, H, W), or for a
     tiling family every image's tiles concatenated, (tiles, 3, H, W), with ``image_sizes`` (images, 2)
-    saying where each image's tiles end (``None`` for a family without it). ``num_images`` counts them. ``domain`` carries each
+    saying where each image's tiles end (``None`` for a family without it), or for a dynamic-resolution
+    family (Qwen-VL) every image's patches concatenated, (patches, patch_dim), with ``image_sizes``
+    (images, 3) holding each image's patch grid (t, h, w). ``num_images`` counts them. ``domain`` carries each
     sample's domain index for per-domain metrics and routing analysis; ``keys`` the samples' tar keys.
     """
     length = max(len(example.input_ids) for example in examples)
@@ -30,7 +32,8 @@ def collate(examples: list[Example], pad_token_id: int) -> dict:
         labels[row, :n] = torch.tensor(example.labels)
         attention_mask[row, :n] = 1
     images = [example for example in examples if example.pixel_values is not None]
-    tiles = [example.pixel_values.reshape(-1, *example.pixel_values.shape[-3:]) for example in images]
+    tiles = [example.pixel_values.unsqueeze(0) if example.pixel_values.dim() == 3 else example.pixel_values
+             for example in images]  # one (3, H, W) image is one tile; tiles and patches are concatenated as they are
     sizes = [example.image_size for example in images if example.image_size is not None]
     return {
         "input_ids": input_ids,

@@ -26,12 +26,12 @@ class Example:
 
     input_ids: list[int]
     labels: list[int]
-    pixel_values: torch.Tensor | None  # (3, H, W), (tiles, 3, H, W) for a tiling family, None for text only
+    pixel_values: torch.Tensor | None  # (3, H, W), (tiles, 3, H, W) tiling, (patches, patch_dim) Qwen-VL, None: text only
     key: str  # the sample's tar key
     domain: int  # index of its domain, for per-domain metrics and routing
     turns: list[Turn]
     image: Image.Image | None = None
-    image_size: tuple[int, int] | None = None  # (height, width) for a family that takes ``image_sizes``
+    image_size: tuple[int, ...] | None = None  # (height, width) for a family that takes ``image_sizes``; Qwen-VL: grid (t, h, w)
 
 
 class SampleProcessor:
