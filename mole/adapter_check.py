@@ -25,7 +25,6 @@ import torch
 from mole.adapter import AdapterError
 from mole.backbones import FAMILIES, backbone_for
 from mole.spec import AdapterSpec
-from mole.surgery import PROJECTOR_PREFIX
 
 FLOAT_DTYPES = {"F32": torch.float32, "BF16": torch.bfloat16, "F16": torch.float16}
 """The safetensors dtypes an adapter tensor may have; the model computes in one of these."""
@@ -148,7 +147,7 @@ def check_against_spec(found: Shapes, spec: AdapterSpec, where: str) -> None:
                 if len(missing) >= 3:
                     break
             problems.append(f"missing {what} tensors for (layer, ...) {missing[:3]} of num_hidden_layers={layers}")
-    if spec.train_projector and not any(name.startswith(f"model.{PROJECTOR_PREFIX}.") for name in found):
+    if spec.train_projector and not any(_is_projector(name, spec) for name in found):
         problems.append("train_projector is set but there are no projector tensors")
     if problems:
         more = f" (and {len(problems) - 1} more)" if len(problems) > 1 else ""

@@ -28,8 +28,8 @@ from mole.adapter import ADAPTER_CONFIG, AdapterError, load_adapter, read_adapte
 from mole.adapter_check import ATTN_KEY as _ATTN_KEY
 from mole.adapter_check import EXPERT_KEY as _EXPERT_KEY
 from mole.adapter_check import check_state, resolve_base
+from mole.backbones import FAMILIES, backbone_for
 from mole.spec import AdapterSpec
-from mole.surgery import PROJECTOR_PREFIX
 from mole.train.checkpoint import TAG, find_resumable
 
 EXPORT_FORMATS = ("peft", "merged", "mole")
@@ -59,13 +59,14 @@ def peft_state_and_config(state: dict[str, torch.Tensor], spec: AdapterSpec):
     from peft import LoraConfig
 
     require_plain_lora(spec, "peft")
+    backbone = FAMILIES[spec.family]
     peft_state = {}
     for name, tensor in state.items():
         if match := _EXPERT_KEY.fullmatch(name):  # (1, r, in) / (1, out, r) -> (r, in) / (out, r)
             peft_state[f"{PEFT_PREFIX}{match['layer']}.{match['proj']}.lora_{match['ab']}.weight"] = tensor[0].contiguous()
         elif match := _ATTN_KEY.fullmatch(name):
             peft_state[f"{PEFT_PREFIX}{match['module']}.lora_{match['ab']}.weight"] = tensor.contiguous()
-        elif PROJECTOR_PREFIX in name:  # peft saves modules_to_save under the module's own name
+        elif backbone.is_projector(name):  # peft saves modules_to_save under the module's own name
             peft_state[PEFT_PREFIX + name] = tensor.contiguous()
         else:
             raise AdapterError(f"tensor {name} has no peft equivalent")
@@ -78,12 +79,26 @@ def peft_state_and_config(state: dict[str, torch.Tensor], spec: AdapterSpec):
         lora_alpha=spec.alpha,
         lora_dropout=spec.dropout,
         target_modules=rf".*language_model\.layers\.\d+\.({'|'.join(branches)})",
-        modules_to_save=[PROJECTOR_PREFIX] if any(PROJECTOR_PREFIX in n for n in state) else None,
+        modules_to_save=_projector_modules(state, backbone.projector_prefixes) or None,
         bias="none",
         base_model_name_or_path=spec.base_model,
         inference_mode=True,
     )
     return lora_config, peft_state
+
+
+def _projector_modules(state: dict[str, torch.Tensor], prefixes: tuple[str, ...]) -> list[str]:
+    """The projector modules whose tensors ``state`` holds, as peft's ``modules_to_save`` names them:
+    each prefix, or each member of a prefix that is a module list (peft wraps modules, not lists)."""
+    modules: list[str] = []
+    for name in state:
+        for prefix in prefixes:
+            if f"{prefix}." in name:
+                member = name.split(f"{prefix}.", 1)[1].split(".", 1)[0]
+                module = f"{prefix}.{member}" if member.isdigit() else prefix
+                if module not in modules:
+                    modules.append(module)
+    return modules
 
 
 def export_peft(adapter_dir: str, out_dir: str) -> list[str]:
@@ -102,7 +117,6 @@ def export_merged(adapter_dir: str, out_dir: str, base_dir: str | None = None, a
     """Merge a K=1 adapter into its base and save a Hugging Face LLaVA directory with the processor.
     The base is ``base_dir``, else the adapter's ``base_model``: a local directory unless ``allow_remote``."""
     from peft import get_peft_model, set_peft_model_state_dict
-    from transformers import AutoProcessor, LlavaForConditionalGeneration
 
     from mole.inference import check_base_fits
 
@@ -110,19 +124,28 @@ def export_merged(adapter_dir: str, out_dir: str, base_dir: str | None = None, a
     require_plain_lora(spec, "merged")
     named_by = "--base" if base_dir else f"base_model in {os.path.join(adapter_dir, 'mole_config.json')}"
     base_dir = resolve_base(base_dir or spec.base_model, named_by, allow_remote)
-    state, spec = load_adapter(adapter_dir, check_base_fits(spec, base_dir, adapter_dir))
+    base_config = check_base_fits(spec, base_dir, adapter_dir)
+    backbone = backbone_for(base_config)
+    if spec.image.aspect == "pad" and backbone.family != "llava":
+        raise ExportError(f"--format merged: training padded images to squares (image_aspect pad) and no {backbone.family} "
+                          "image processor pads; the merged model would see other pixels. Use --format peft or mole")
+    state, spec = load_adapter(adapter_dir, base_config)
     lora_config, peft_state = peft_state_and_config(state, spec)
-    base = LlavaForConditionalGeneration.from_pretrained(base_dir, local_files_only=True)
+    base = backbone.model_class.from_pretrained(base_dir, local_files_only=True)
     model = get_peft_model(base, lora_config)
     loaded = set_peft_model_state_dict(model, peft_state)
     if loaded.unexpected_keys:
         raise AdapterError(f"peft did not place tensors {loaded.unexpected_keys[:3]}")
     merged = model.merge_and_unload()
     merged.save_pretrained(out_dir)
-    processor = AutoProcessor.from_pretrained(base_dir, local_files_only=True)
+    processor = backbone.load_processor(base_dir, local_files_only=True)
     if spec.image.aspect == "pad":
         processor.image_processor = padding_image_processor(processor.image_processor)
-    processor.save_pretrained(out_dir)
+    if hasattr(processor, "save_pretrained"):
+        processor.save_pretrained(out_dir)
+    else:  # a family whose combined processor does not load here: its parts
+        processor.tokenizer.save_pretrained(out_dir)
+        processor.image_processor.save_pretrained(out_dir)
     return out_dir
 
 

@@ -5,22 +5,28 @@ from __future__ import annotations
 
 import io
 import json
+import math
 
 import pytest
 import torch
 from PIL import Image
-from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration, Qwen3VLConfig, Qwen3VLForConditionalGeneration
+from peft import PeftModel
+from transformers import AutoConfig, Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration, Qwen3VLConfig, Qwen3VLForConditionalGeneration
 
+from mole.adapter import gather_trainable_state, save_adapter
 from mole.backbones import backbone_for
 from mole.backbones.qwen_vl import IMAGE_TOKEN
 from mole.config import load_config
 from mole.data.collate import collate
 from mole.data.conversation import parse_conversation, render_conversation
 from mole.data.sample import SampleProcessor
+from mole.evaluate import EvalDomain, evaluate
+from mole.export import export_merged, export_peft
+from mole.inference import Prompt, generate_answers, load_model, load_processor, question_turns
 from mole.model import TrainingModel, build_mole_model
 from mole.spec import AdapterSpec
 from mole.surgery import apply_mole
-from tests.helpers import REPO, one_thread_for_the_module, text_sample  # noqa: F401
+from tests.helpers import REPO, one_thread_for_the_module, text_sample, write_shard  # noqa: F401
 
 CONFIGS = {"qwen2_5_vl": REPO / "launch" / "configs" / "tiny_qwen2_5_vl.yaml",
            "qwen3_vl": REPO / "launch" / "configs" / "tiny_qwen3_vl.yaml"}
@@ -154,6 +160,80 @@ def test_min_and_max_pixels_set_the_image_token_range(family):
     with pytest.raises(ValueError, match="exceeds max_pixels"):
         model.backbone.load_processor(str(REPO / "models" / f"tiny-{name.replace('_vl', '-vl')}"), min_pixels=10**6,
                                       max_pixels=10)
+
+
+# --------------------------------------------------------------- a saved K=1 adapter: load, infer, eval, export
+
+
+@pytest.fixture(scope="module")
+def lora_adapter(family, tmp_path_factory):
+    """(family, adapter directory, base directory, stock inputs of an image batch): a K=1 adapter with
+    every LoRA B and the projector moved off the base, saved as training saves it (aspect crop)."""
+    name = family[0]
+    cfg = load_config(str(CONFIGS[name]), ["lora.dropout=0.0", "train.train_projector=true", "mole.num_experts=1"])
+    model, _, processor = build_mole_model(cfg, torch.float32)
+    generator = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for param_name, param in model.named_parameters():
+            if param.requires_grad and ("lora_B" in param_name or backbone_for(model.config).is_projector(param_name)):
+                param.add_(torch.randn(param.shape, generator=generator) * 0.05)
+    out = tmp_path_factory.mktemp(f"adapter_{name}")
+    save_adapter(str(out), gather_trainable_state(model), model.mole_spec)
+    return name, out, cfg.model.name_or_path, stock_inputs(processor, samples("images"))
+
+
+def loaded_logits(adapter, inputs) -> torch.Tensor:
+    _, adapter_dir, base, _ = adapter
+    model = load_model(base, str(adapter_dir))
+    images = {"pixel_values": inputs["pixel_values"], "image_sizes": inputs["image_grid_thw"]}
+    with torch.no_grad():
+        return backbone_for(model.config).forward(model, inputs["input_ids"], inputs["attention_mask"], None, images).logits
+
+
+def test_k1_adapter_equals_peft_lora_and_its_merged_export(lora_adapter, tmp_path):
+    """K=1 is plain LoRA: mole.load_model, peft's PeftModel on the stock model and the merged stock model
+    give the same logits on an image batch."""
+    name, adapter_dir, base, inputs = lora_adapter
+    mask = inputs["attention_mask"].bool()
+    ours = loaded_logits(lora_adapter, inputs)
+    stock_class = backbone_for(AutoConfig.from_pretrained(base)).model_class
+    export_peft(str(adapter_dir), str(tmp_path / "peft"))
+    peft_model = PeftModel.from_pretrained(stock_class.from_pretrained(base), str(tmp_path / "peft")).eval()
+    export_merged(str(adapter_dir), str(tmp_path / "merged"))
+    merged = stock_class.from_pretrained(tmp_path / "merged").eval()
+    with torch.no_grad():
+        plain = stock_class.from_pretrained(base).eval()(**inputs).logits
+        peft_logits, merged_logits = peft_model(**inputs).logits, merged(**inputs).logits
+    assert float((ours - plain)[mask].abs().max()) > 1e-2, f"{name}: the adapter barely changes the logits"
+    torch.testing.assert_close(peft_logits[mask], ours[mask], rtol=1e-5, atol=1e-5, msg=f"{name}: peft != mole (K=1)")
+    torch.testing.assert_close(merged_logits[mask], ours[mask], rtol=1e-4, atol=1e-4, msg=f"{name}: merged != mole")
+    assert not any("lora" in n for n, _ in merged.named_parameters()), f"{name}: LoRA modules left after merging"
+    assert load_processor(str(tmp_path / "merged")).image_processor.size == load_processor(base).image_processor.size
+
+
+def test_batched_generation_with_left_padding_equals_one_by_one(lora_adapter):
+    """Left padding moves every prompt's M-RoPE positions: the model must number them past the padding."""
+    name, adapter_dir, base, _ = lora_adapter
+    model, processor = load_model(base, str(adapter_dir)), load_processor(base)
+    images = [Image.open(io.BytesIO(image_bytes(size, seed))).convert("RGB") for seed, size in enumerate(SIZES[:2])]
+    prompts = [Prompt(question_turns("What color is the main object?", True), images[0]),
+               Prompt(question_turns("How many sides has a square?", False)),
+               Prompt(question_turns("What is it?", True), images[1])]
+    batched = generate_answers(model, processor, prompts, max_new_tokens=6, batch_size=3)
+    alone = [generate_answers(model, processor, [prompt], max_new_tokens=6)[0] for prompt in prompts]
+    assert batched == alone, f"{name}: batched {batched} != one by one {alone}"
+    assert any(batched), f"{name}: nothing generated"
+
+
+def test_evaluate_scores_image_and_text_samples(lora_adapter, tmp_path):
+    name, adapter_dir, base, _ = lora_adapter
+    shard = write_shard(tmp_path / "eval.tar", [
+        {"__key__": f"i{seed}", "json": QUESTION, "png": image_bytes(size, seed)} for seed, size in enumerate(SIZES)
+    ] + [text_sample("t0", "How many sides has a square?", "four")])
+    results = evaluate(load_model(base, str(adapter_dir)), load_processor(base), [EvalDomain("mixed", [str(shard)])],
+                       batch_size=2, max_new_tokens=4)
+    domain = results["domains"]["mixed"]
+    assert domain["samples"] == len(SIZES) + 1 and math.isfinite(domain["loss"]), f"{name}: {domain}"
 
 
 # -------------------------------------------------------------------------- real shapes, meta device

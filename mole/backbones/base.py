@@ -109,6 +109,14 @@ class Backbone:
             embeds = embeds.masked_scatter(image_positions, features)
         return model(inputs_embeds=embeds, attention_mask=attention_mask, labels=labels, use_cache=False)
 
+    def generation_inputs(self, model: nn.Module, input_ids: torch.Tensor, images: ImageInputs | None) -> dict:
+        """What ``generate`` takes beside ``input_ids`` and ``attention_mask`` for a batch's images
+        (:meth:`batch_images` of them, on the model's device), none for a batch without one."""
+        if images is None:
+            return {}
+        return {"pixel_values": images["pixel_values"].to(model.dtype),
+                **{name: images[name] for name in self.extra_image_inputs}}
+
     def position_ids(self, length: int) -> torch.Tensor:
         """Position ids of one sample of ``length`` tokens, as the model numbers them: (length,)."""
         return torch.arange(length)

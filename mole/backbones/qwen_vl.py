@@ -124,6 +124,14 @@ class QwenVLBackbone(Backbone):
             if hook is not None:
                 hook.remove()
 
+    def generation_inputs(self, model: nn.Module, input_ids: torch.Tensor, images: ImageInputs | None) -> dict:
+        """The processor's inputs for ``generate``: it numbers M-RoPE positions from ``mm_token_type_ids``
+        and ``image_grid_thw`` (left padding is masked out of them)."""
+        if images is None:
+            return {}
+        return {"pixel_values": images["pixel_values"].to(model.dtype), "image_grid_thw": images["image_sizes"],
+                "mm_token_type_ids": (input_ids == model.config.image_token_id).int() * IMAGE_TYPE}
+
     def load_processor(self, path: str, local_files_only: bool = True, *, min_pixels: int | None = None,
                        max_pixels: int | None = None) -> QwenProcessor:
         """The tokenizer and PIL image processor of a model directory; ``min_pixels`` / ``max_pixels``
