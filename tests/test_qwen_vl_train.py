@@ -16,6 +16,9 @@ from safetensors.torch import load_file
 from transformers import AutoConfig
 
 from mole.backbones import backbone_for
+from mole.evaluate import EvalDomain, evaluate
+from mole.export import export_mole
+from mole.inference import load_model, load_processor
 
 from tests.helpers import REPO, launch_training, read_rank_log, step_records, text_sample, write_shard
 
@@ -56,6 +59,9 @@ def qwen_runs(request, tmp_path_factory):
     for name, ds in {"zero3": "zero3_partition_all.json", "zero2": "zero2.json"}.items():
         runs[name] = root / name
         launch_training(runs[name], f"train.ds_config={REPO / 'ds_configs' / ds}", *common)
+    runs["resumed"] = root / "resumed"  # the ZeRO-3 run's last checkpoint, two steps further in a new directory
+    launch_training(runs["resumed"], f"train.ds_config={REPO / 'ds_configs' / 'zero3_partition_all.json'}",
+                    *common, f"train.resume={runs['zero3'] / 'checkpoints' / f'step_{STEPS}'}", f"train.max_steps={STEPS + 2}")
     return family, runs
 
 
@@ -98,3 +104,32 @@ def test_the_adapter_holds_the_mergers_and_they_trained(qwen_runs):
     assert not any("visual.blocks." in key for key in weights), f"{family}: the vision tower must stay frozen"
     recorded = json.loads((runs["zero3"] / "adapter" / "mole_config.json").read_text())
     assert recorded["family"] == family and recorded["train_projector"] is True
+
+
+def test_a_resumed_run_continues_from_the_checkpoint(qwen_runs):
+    family, runs = qwen_runs
+    records = step_records(runs["resumed"], 0)
+    assert [r["step"] for r in records] == [STEPS + 1, STEPS + 2], f"{family}: resumed steps {[r['step'] for r in records]}"
+    assert all(torch.isfinite(torch.tensor(r["loss"])) for r in records)
+    before = load_file(runs["zero3"] / "adapter" / "adapter.safetensors")
+    after = load_file(runs["resumed"] / "adapter" / "adapter.safetensors")
+    assert before.keys() == after.keys() and any(not torch.equal(before[k], after[k]) for k in before), \
+        f"{family}: the resumed run did not continue training the checkpoint's adapter"
+
+
+def test_the_checkpoint_exports_to_the_adapter_and_loads_for_evaluation(qwen_runs, tmp_path):
+    """export --format mole from the DeepSpeed checkpoint equals the saved adapter; load_model + evaluate use it."""
+    family, runs = qwen_runs
+    export_mole(str(runs["zero3"]), str(tmp_path / "exported"))
+    saved = load_file(runs["zero3"] / "adapter" / "adapter.safetensors")
+    exported = load_file(tmp_path / "exported" / "adapter.safetensors")
+    assert saved.keys() == exported.keys()
+    for key in saved:
+        torch.testing.assert_close(exported[key], saved[key], rtol=0, atol=0, msg=f"{family}: {key}")
+    shard = next((runs["zero3"].parent / "images").glob("*.tar"))
+    model = load_model(str(MODELS[family]), str(tmp_path / "exported"))
+    results = evaluate(model, load_processor(str(MODELS[family])), [EvalDomain("images", [str(shard)])],
+                       batch_size=4, max_new_tokens=2, max_samples=4)
+    images = results["domains"]["images"]
+    assert images["samples"] == 4 and images["loss"] is not None and images["loss"] < 20, f"{family}: {images}"
+    assert results["routing"]["num_experts"] == 3
