@@ -29,6 +29,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 
 from mole.answers import answers_match, exact_match
+from mole.backbones import backbone_for
 from mole.data.collate import collate, to_device
 from mole.data.conversation import IGNORE_INDEX
 from mole.data.examples import shard_examples
@@ -84,8 +85,10 @@ def evaluate(
     are prepared as the adapter's training prepared them unless ``image_aspect``/``image_backend`` say
     otherwise."""
     image_aspect, image_backend = model_image_settings(model, image_aspect, image_backend)
-    sample_processor = SampleProcessor(processor, max_length, image_aspect, image_backend=image_backend, keep_image=True)
-    encoder = PromptEncoder(processor, image_aspect, image_backend)
+    backbone = backbone_for(model.config)
+    sample_processor = SampleProcessor(processor, max_length, image_aspect, image_backend=image_backend, keep_image=True,
+                                       backbone=backbone)
+    encoder = PromptEncoder(processor, image_aspect, image_backend, backbone=backbone)
     num_domains, num_layers = len(domains), len(mole_layers(model))
     num_experts = mole_layers(model)[0].num_experts if num_layers else 1
     sums = torch.zeros(num_domains, len(SUMS), dtype=torch.float64)
