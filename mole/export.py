@@ -102,25 +102,26 @@ def export_merged(adapter_dir: str, out_dir: str, base_dir: str | None = None, a
     """Merge a K=1 adapter into its base and save a Hugging Face LLaVA directory with the processor.
     The base is ``base_dir``, else the adapter's ``base_model``: a local directory unless ``allow_remote``."""
     from peft import get_peft_model, set_peft_model_state_dict
-    from transformers import AutoProcessor, LlavaForConditionalGeneration
-
+    from mole.backbones import backbone_for
     from mole.inference import check_base_fits
 
     spec = read_adapter_spec(adapter_dir)
     require_plain_lora(spec, "merged")
     named_by = "--base" if base_dir else f"base_model in {os.path.join(adapter_dir, 'mole_config.json')}"
     base_dir = resolve_base(base_dir or spec.base_model, named_by, allow_remote)
-    state, spec = load_adapter(adapter_dir, check_base_fits(spec, base_dir, adapter_dir))
+    base_config = check_base_fits(spec, base_dir, adapter_dir)
+    state, spec = load_adapter(adapter_dir, base_config)
     lora_config, peft_state = peft_state_and_config(state, spec)
-    base = LlavaForConditionalGeneration.from_pretrained(base_dir, local_files_only=True)
+    backbone = backbone_for(base_config)
+    base = backbone.model_class.from_pretrained(base_dir, local_files_only=True)
     model = get_peft_model(base, lora_config)
     loaded = set_peft_model_state_dict(model, peft_state)
     if loaded.unexpected_keys:
         raise AdapterError(f"peft did not place tensors {loaded.unexpected_keys[:3]}")
     merged = model.merge_and_unload()
     merged.save_pretrained(out_dir)
-    processor = AutoProcessor.from_pretrained(base_dir, local_files_only=True)
-    if spec.image.aspect == "pad":
+    processor = backbone.load_processor(base_dir)
+    if spec.image.aspect == "pad" and backbone.family == "llava":
         processor.image_processor = padding_image_processor(processor.image_processor)
     processor.save_pretrained(out_dir)
     return out_dir
