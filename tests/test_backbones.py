@@ -23,7 +23,8 @@ from tests.helpers import SHORT_RUN_STEPS as STEPS
 from tests.helpers import (REPO, TINY_CONFIG, launch_training, one_thread_for_the_module,  # noqa: F401
                            step_records, text_sample, write_shard)
 
-TINY_MODELS = {"llava": REPO / "models" / "tiny-llava", "llava_next": REPO / "models" / "tiny-llava-next"}
+TINY_MODELS = {family: REPO / "models" / f"tiny-{family.replace('_', '-')}" for family in ("llava", "llava_next",
+                                                                                          "llava_onevision")}
 QUESTION = {"conversations": [{"from": "human", "value": "<image>\nWhat color is the main object?"},
                               {"from": "gpt", "value": "red"}]}
 
@@ -40,9 +41,9 @@ def image_bytes(size: tuple[int, int], seed: int) -> bytes:
 def test_every_family_is_described_and_an_unknown_one_is_a_one_line_error():
     from transformers import Qwen2VLConfig
 
-    assert sorted(FAMILIES) == ["llava", "llava_next"]
+    assert sorted(FAMILIES) == sorted(TINY_MODELS)
     with pytest.raises(UnsupportedBackbone, match=r"^model_type 'qwen2_vl' is not a supported backbone family; "
-                                                  r"supported: llava, llava_next$"):
+                                                  r"supported: llava, llava_next, llava_onevision$"):
         backbone_for(Qwen2VLConfig())
 
 
@@ -114,9 +115,19 @@ def test_training_forward_with_zero_adapters_equals_the_stock_model(family, kind
 
 def real_7b_config(family: str):
     """The family's 7B checkpoint's config, values typed in from its config.json (nothing downloaded)."""
-    from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig, LlavaNextConfig
+    from transformers import (CLIPVisionConfig, LlamaConfig, LlavaConfig, LlavaNextConfig, LlavaOnevisionConfig,
+                              Qwen2Config, SiglipVisionConfig)
 
-    text = LlamaConfig(vocab_size=32064 if family == "llava_next" else 32064, hidden_size=4096,
+    if family == "llava_onevision":  # llava-hf/llava-onevision-qwen2-7b-ov-hf
+        text = Qwen2Config(vocab_size=152128, hidden_size=3584, intermediate_size=18944, num_hidden_layers=28,
+                           num_attention_heads=28, num_key_value_heads=4, max_position_embeddings=32768)
+        vision = SiglipVisionConfig(hidden_size=1152, intermediate_size=4304, num_hidden_layers=26,
+                                    num_attention_heads=16, image_size=384, patch_size=14)
+        pinpoints = [[384 * h, 384 * w] for h in range(1, 7) for w in range(1, 7)]
+        return LlavaOnevisionConfig(vision_config=vision, text_config=text, image_token_id=151646,
+                                    video_token_id=151647, image_grid_pinpoints=pinpoints, vision_feature_layer=-1,
+                                    vision_feature_select_strategy="full", vision_aspect_ratio="anyres_max_9")
+    text = LlamaConfig(vocab_size=32064, hidden_size=4096,
                        intermediate_size=11008, num_hidden_layers=32, num_attention_heads=32, num_key_value_heads=32,
                        max_position_embeddings=4096, rms_norm_eps=1e-5)
     vision = CLIPVisionConfig(hidden_size=1024, intermediate_size=4096, num_hidden_layers=24, num_attention_heads=16,
@@ -146,10 +157,10 @@ def test_surgery_on_the_real_7b_shapes_adapts_every_layer_and_trains_what_the_si
     router = k * h + k
     attention = r * (h + h) + r * (h + kv)  # q: h -> h, v: h -> kv
     projector = vision.hidden_size * h + h + h * h + h
-    projector += h if name == "llava_next" else 0  # image_newline
+    projector += h if name != "llava" else 0  # image_newline
     expected = layers * (experts + router + attention) + projector
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    assert len(surgery.mole_layers) == layers == 32, surgery.mole_layers[:3]
+    assert len(surgery.mole_layers) == layers == (28 if name == "llava_onevision" else 32), surgery.mole_layers[:3]
     assert len(surgery.lora_layers) == layers * len(attn), surgery.lora_layers[:3]
     assert trainable == expected, f"{name}: {trainable:,} trainable parameters, the sizes say {expected:,}"
     vision_trainable = [n for n, p in model.named_parameters() if p.requires_grad and backbone.vision_tower_prefix in n]
@@ -158,7 +169,7 @@ def test_surgery_on_the_real_7b_shapes_adapts_every_layer_and_trains_what_the_si
 
 # ------------------------------------------------------------------------- 2-rank training per family
 
-TRAINED_FAMILIES = ["llava_next"]  # LLaVA-1.5's own runs are tests/test_train_distributed.py's
+TRAINED_FAMILIES = ["llava_next", "llava_onevision"]  # LLaVA-1.5's own runs are tests/test_train_distributed.py's
 
 
 @pytest.fixture(scope="module", params=TRAINED_FAMILIES)
