@@ -20,7 +20,7 @@ from mole.model import TrainingModel, build_mole_model
 from mole.spec import AdapterSpec
 from mole.surgery import apply_mole
 from tests.helpers import SHORT_RUN_STEPS as STEPS
-from tests.helpers import (REPO, TINY_CONFIG, launch_training, one_thread_for_the_module,  # noqa: F401
+from tests.helpers import (REPO, TINY_CONFIG, launch_trainings_together, one_thread_for_the_module,  # noqa: F401
                            step_records, text_sample, write_shard)
 
 TINY_MODELS = {family: REPO / "models" / f"tiny-{family.replace('_', '-')}" for family in ("llava", "llava_next",
@@ -186,10 +186,9 @@ def family_runs(request, tmp_path_factory):
     common = [f"model.name_or_path={TINY_MODELS[name]}", f"train.max_steps={STEPS}", "train.optimizer=sgd",
               "train.lr=0.05", "train.projector_lr=0.05", "train.micro_batch_size=1", "lora.dropout=0.0",
               "train.warmup_steps=0", "train.eval_every=0", "train.log_routing_every=0", domains]
-    runs = {}
-    for stage, ds in {"zero3": "zero3_partition_all.json", "zero2": "zero2.json"}.items():
-        runs[stage] = root / stage
-        launch_training(runs[stage], f"train.ds_config={REPO / 'ds_configs' / ds}", *common)
+    runs = {stage: root / stage for stage in ("zero3", "zero2")}
+    launch_trainings_together({runs["zero3"]: [f"train.ds_config={REPO / 'ds_configs' / 'zero3_partition_all.json'}", *common],
+                               runs["zero2"]: [f"train.ds_config={REPO / 'ds_configs' / 'zero2.json'}", *common]})
     return name, runs
 
 
