@@ -88,7 +88,7 @@ def evaluate(
     backbone = backbone_for(model.config)
     sample_processor = SampleProcessor(processor, max_length, image_aspect, image_backend=image_backend, keep_image=True,
                                        backbone=backbone)
-    encoder = PromptEncoder(processor, image_aspect, image_backend, backbone)
+    encoder = PromptEncoder(processor, image_aspect, image_backend, backbone=backbone)
     num_domains, num_layers = len(domains), len(mole_layers(model))
     num_experts = mole_layers(model)[0].num_experts if num_layers else 1
     sums = torch.zeros(num_domains, len(SUMS), dtype=torch.float64)

@@ -66,7 +66,8 @@ def peft_state_and_config(state: dict[str, torch.Tensor], spec: AdapterSpec):
             peft_state[f"{PEFT_PREFIX}{match['layer']}.{match['proj']}.lora_{match['ab']}.weight"] = tensor[0].contiguous()
         elif match := _ATTN_KEY.fullmatch(name):
             peft_state[f"{PEFT_PREFIX}{match['module']}.lora_{match['ab']}.weight"] = tensor.contiguous()
-        elif backbone.is_projector(name):  # peft saves modules_to_save under the module's own name
+        elif any(f"{prefix}." in name for prefix in backbone.projector_prefixes):  # a projector module's tensor:
+            # peft saves modules_to_save under the module's own name (a bare parameter has no peft form)
             peft_state[PEFT_PREFIX + name] = tensor.contiguous()
         else:
             raise AdapterError(f"tensor {name} has no peft equivalent")
@@ -117,7 +118,6 @@ def export_merged(adapter_dir: str, out_dir: str, base_dir: str | None = None, a
     """Merge a K=1 adapter into its base and save a Hugging Face LLaVA directory with the processor.
     The base is ``base_dir``, else the adapter's ``base_model``: a local directory unless ``allow_remote``."""
     from peft import get_peft_model, set_peft_model_state_dict
-
     from mole.inference import check_base_fits
 
     spec = read_adapter_spec(adapter_dir)
@@ -125,12 +125,9 @@ def export_merged(adapter_dir: str, out_dir: str, base_dir: str | None = None, a
     named_by = "--base" if base_dir else f"base_model in {os.path.join(adapter_dir, 'mole_config.json')}"
     base_dir = resolve_base(base_dir or spec.base_model, named_by, allow_remote)
     base_config = check_base_fits(spec, base_dir, adapter_dir)
-    backbone = backbone_for(base_config)
-    if spec.image.aspect == "pad" and backbone.family != "llava":
-        raise ExportError(f"--format merged: training padded images to squares (image_aspect pad) and no {backbone.family} "
-                          "image processor pads; the merged model would see other pixels. Use --format peft or mole")
     state, spec = load_adapter(adapter_dir, base_config)
     lora_config, peft_state = peft_state_and_config(state, spec)
+    backbone = backbone_for(base_config)
     base = backbone.model_class.from_pretrained(base_dir, local_files_only=True)
     model = get_peft_model(base, lora_config)
     loaded = set_peft_model_state_dict(model, peft_state)
@@ -138,14 +135,10 @@ def export_merged(adapter_dir: str, out_dir: str, base_dir: str | None = None, a
         raise AdapterError(f"peft did not place tensors {loaded.unexpected_keys[:3]}")
     merged = model.merge_and_unload()
     merged.save_pretrained(out_dir)
-    processor = backbone.load_processor(base_dir, local_files_only=True)
-    if spec.image.aspect == "pad":
+    processor = backbone.load_processor(base_dir)
+    if spec.image.aspect == "pad" and backbone.family == "llava":
         processor.image_processor = padding_image_processor(processor.image_processor)
-    if hasattr(processor, "save_pretrained"):
-        processor.save_pretrained(out_dir)
-    else:  # a family whose combined processor does not load here: its parts
-        processor.tokenizer.save_pretrained(out_dir)
-        processor.image_processor.save_pretrained(out_dir)
+    processor.save_pretrained(out_dir)
     return out_dir
 
 

@@ -157,60 +157,47 @@ class Prompt:
 
 
 class PromptEncoder:
-    """Prompts -> a left-padded generation batch (``input_ids``, ``attention_mask``, ``pixel_values``).
+    """Prompts -> a left-padded generation batch (``input_ids``, ``attention_mask``, ``pixel_values``,
+    ``image_sizes``: ``None`` where the batch or the family has none).
 
     Left padding keeps every prompt's last token in the last column, where ``generate`` appends.
     Images take the path training took (``image_aspect``, ``image_backend``: the adapter records
-    them, :attr:`mole.spec.AdapterSpec.image`), so the model sees the pixels it was trained on, not
-    ones a level or two apart.
+    them, :attr:`mole.spec.AdapterSpec.image`; the family's image path, ``backbone``, LLaVA-1.5 when
+    not given), so the model sees the pixels it was trained on, not ones a level or two apart.
     """
 
     def __init__(self, processor, image_aspect: str = "pad", image_backend: str = "fast", backbone: Backbone = LLAVA):
         self.processor, self.tokenizer, self.backbone = processor, processor.tokenizer, backbone
         self.pixels = backbone.image_transform(processor.image_processor, image_aspect, image_backend)
         self.image_token_id = self.tokenizer.convert_tokens_to_ids(processor.image_token)
-        self._fixed_tokens: int | None = None
+        self.num_image_tokens = backbone.tile_image_tokens(processor)
 
-    def image_tokens(self, size: tuple[int, ...] | None) -> int:
-        """Image tokens of an image whose transform gave ``size`` (``None``: the family's fixed count)."""
-        if size is not None:
-            return self.backbone.image_tokens(self.processor, size)
-        if self._fixed_tokens is None:
-            from mole.data.stream import count_image_tokens
-
-            self._fixed_tokens = count_image_tokens(self.processor)
-        return self._fixed_tokens
-
-    def token_ids(self, prompt: Prompt, image_tokens: int | None = None) -> list[int]:
-        """The prompt's token ids, its image placeholder expanded to ``image_tokens`` (by default the
-        count of its image as this encoder prepares it)."""
-        if image_tokens is None:
-            image_tokens = 0 if prompt.image is None else self.image_tokens(self.pixels(prompt.image.convert("RGB"))[1])
+    def token_ids(self, prompt: Prompt, image_size: tuple[int, int] | None = None) -> list[int]:
         text = prompt_text(prompt.turns, prompt.image is not None, self.tokenizer)
+        count = self.num_image_tokens if image_size is None else self.backbone.image_tokens(self.processor, image_size)
         ids: list[int] = []
         for token in self.tokenizer(text, add_special_tokens=True)["input_ids"]:
-            ids += [token] * (image_tokens if token == self.image_token_id else 1)
-        if ids.count(self.image_token_id) != (image_tokens if prompt.image is not None else 0):
+            ids += [token] * (count if token == self.image_token_id else 1)
+        if ids.count(self.image_token_id) != (count if prompt.image is not None else 0):
             raise ValueError("a prompt needs exactly one image placeholder when it has an image, none otherwise")
         return ids
 
     def __call__(self, prompts: list[Prompt]) -> dict:
-        """``input_ids``, ``attention_mask`` and the batch's image inputs (:meth:`Backbone.batch_images`:
-        ``pixel_values``, ``None`` without an image, and the family's size input ``image_sizes``)."""
-        prepared = [self.pixels(prompt.image.convert("RGB")) if prompt.image is not None else None for prompt in prompts]
-        rows = [self.token_ids(prompt, 0 if image is None else self.image_tokens(image[1]))
-                for prompt, image in zip(prompts, prepared)]
+        prepared = [self.pixels(prompt.image.convert("RGB")) if prompt.image is not None else (None, None)
+                    for prompt in prompts]
+        rows = [self.token_ids(prompt, size) for prompt, (_, size) in zip(prompts, prepared)]
         length = max(len(row) for row in rows)
         input_ids = torch.full((len(rows), length), self.tokenizer.pad_token_id, dtype=torch.long)
         attention_mask = torch.zeros((len(rows), length), dtype=torch.long)
         for i, row in enumerate(rows):
             input_ids[i, length - len(row) :] = torch.tensor(row)
             attention_mask[i, length - len(row) :] = 1
-        images = [{"pixel_values": pixels.unsqueeze(0) if pixels.dim() == 3 else pixels,
-                   **({} if size is None else {"image_sizes": torch.tensor(size)})}
-                  for pixels, size in filter(None, prepared)]
-        return {"input_ids": input_ids, "attention_mask": attention_mask, "pixel_values": None,
-                **(self.backbone.batch_images(images) or {})}
+        tiles = [pixels.unsqueeze(0) if pixels.dim() == 3 else pixels  # one (3, H, W) image is one tile
+                 for pixels, _ in prepared if pixels is not None]
+        sizes = [size for _, size in prepared if size is not None]
+        return {"input_ids": input_ids, "attention_mask": attention_mask,
+                "pixel_values": torch.cat(tiles) if tiles else None,
+                "image_sizes": torch.tensor(sizes, dtype=torch.long) if sizes else None}
 
 
 @torch.no_grad()
@@ -233,7 +220,8 @@ def generate_answers(
     if max_new_tokens < 1 or batch_size < 1:
         raise ValueError(f"max_new_tokens and batch_size must be >= 1, got {max_new_tokens} and {batch_size}")
     backbone = backbone_for(model.config)
-    encoder = encoder or PromptEncoder(processor, *model_image_settings(model, image_aspect, image_backend), backbone)
+    encoder = encoder or PromptEncoder(processor, *model_image_settings(model, image_aspect, image_backend),
+                                       backbone=backbone)
     device = model.device
     answers: list[str] = []
     for start in range(0, len(prompts), batch_size):
@@ -241,7 +229,9 @@ def generate_answers(
         input_ids = batch["input_ids"].to(device)
         images = None
         if batch["pixel_values"] is not None:
-            images = {k: v.to(device) for k, v in batch.items() if k not in ("input_ids", "attention_mask")}
+            images = {"pixel_values": batch["pixel_values"].to(device)}
+            if batch["image_sizes"] is not None:
+                images["image_sizes"] = batch["image_sizes"].to(device)
         out = model.generate(
             input_ids=input_ids,
             attention_mask=batch["attention_mask"].to(device),

@@ -9,6 +9,7 @@ import json
 import pytest
 import torch
 from PIL import Image
+from safetensors.torch import load_file
 
 from mole.backbones import FAMILIES, UnsupportedBackbone, backbone_for
 from mole.config import load_config
@@ -18,9 +19,12 @@ from mole.data.sample import SampleProcessor
 from mole.model import TrainingModel, build_mole_model
 from mole.spec import AdapterSpec
 from mole.surgery import apply_mole
-from tests.helpers import REPO, TINY_CONFIG, one_thread_for_the_module, text_sample  # noqa: F401
+from tests.helpers import SHORT_RUN_STEPS as STEPS
+from tests.helpers import (REPO, TINY_CONFIG, launch_trainings_together, one_thread_for_the_module,  # noqa: F401
+                           step_records, text_sample, write_shard)
 
-TINY_MODELS = {"llava": REPO / "models" / "tiny-llava", "llava_next": REPO / "models" / "tiny-llava-next"}
+TINY_MODELS = {family: REPO / "models" / f"tiny-{family.replace('_', '-')}" for family in ("llava", "llava_next",
+                                                                                          "llava_onevision")}
 QUESTION = {"conversations": [{"from": "human", "value": "<image>\nWhat color is the main object?"},
                               {"from": "gpt", "value": "red"}]}
 
@@ -37,9 +41,9 @@ def image_bytes(size: tuple[int, int], seed: int) -> bytes:
 def test_every_family_is_described_and_an_unknown_one_is_a_one_line_error():
     from transformers import Qwen2VLConfig
 
-    assert sorted(FAMILIES) == ["llava", "llava_next", "qwen2_5_vl", "qwen3_vl"]
+    assert sorted(FAMILIES) == sorted([*TINY_MODELS, "qwen2_5_vl", "qwen3_vl"])  # Qwen-VL: tests/test_qwen_vl.py
     with pytest.raises(UnsupportedBackbone, match=r"^model_type 'qwen2_vl' is not a supported backbone family; "
-                                                  r"supported: llava, llava_next, qwen2_5_vl, qwen3_vl$"):
+                                                  r"supported: llava, llava_next, llava_onevision, qwen2_5_vl, qwen3_vl$"):
         backbone_for(Qwen2VLConfig())
 
 
@@ -111,9 +115,19 @@ def test_training_forward_with_zero_adapters_equals_the_stock_model(family, kind
 
 def real_7b_config(family: str):
     """The family's 7B checkpoint's config, values typed in from its config.json (nothing downloaded)."""
-    from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig, LlavaNextConfig
+    from transformers import (CLIPVisionConfig, LlamaConfig, LlavaConfig, LlavaNextConfig, LlavaOnevisionConfig,
+                              Qwen2Config, SiglipVisionConfig)
 
-    text = LlamaConfig(vocab_size=32064 if family == "llava_next" else 32064, hidden_size=4096,
+    if family == "llava_onevision":  # llava-hf/llava-onevision-qwen2-7b-ov-hf
+        text = Qwen2Config(vocab_size=152128, hidden_size=3584, intermediate_size=18944, num_hidden_layers=28,
+                           num_attention_heads=28, num_key_value_heads=4, max_position_embeddings=32768)
+        vision = SiglipVisionConfig(hidden_size=1152, intermediate_size=4304, num_hidden_layers=26,
+                                    num_attention_heads=16, image_size=384, patch_size=14)
+        pinpoints = [[384 * h, 384 * w] for h in range(1, 7) for w in range(1, 7)]
+        return LlavaOnevisionConfig(vision_config=vision, text_config=text, image_token_id=151646,
+                                    video_token_id=151647, image_grid_pinpoints=pinpoints, vision_feature_layer=-1,
+                                    vision_feature_select_strategy="full", vision_aspect_ratio="anyres_max_9")
+    text = LlamaConfig(vocab_size=32064, hidden_size=4096,
                        intermediate_size=11008, num_hidden_layers=32, num_attention_heads=32, num_key_value_heads=32,
                        max_position_embeddings=4096, rms_norm_eps=1e-5)
     vision = CLIPVisionConfig(hidden_size=1024, intermediate_size=4096, num_hidden_layers=24, num_attention_heads=16,
@@ -143,11 +157,73 @@ def test_surgery_on_the_real_7b_shapes_adapts_every_layer_and_trains_what_the_si
     router = k * h + k
     attention = r * (h + h) + r * (h + kv)  # q: h -> h, v: h -> kv
     projector = vision.hidden_size * h + h + h * h + h
-    projector += h if name == "llava_next" else 0  # image_newline
+    projector += h if name != "llava" else 0  # image_newline
     expected = layers * (experts + router + attention) + projector
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    assert len(surgery.mole_layers) == layers == 32, surgery.mole_layers[:3]
+    assert len(surgery.mole_layers) == layers == (28 if name == "llava_onevision" else 32), surgery.mole_layers[:3]
     assert len(surgery.lora_layers) == layers * len(attn), surgery.lora_layers[:3]
     assert trainable == expected, f"{name}: {trainable:,} trainable parameters, the sizes say {expected:,}"
     vision_trainable = [n for n, p in model.named_parameters() if p.requires_grad and backbone.vision_tower_prefix in n]
     assert not vision_trainable, vision_trainable[:3]
+
+
+# ------------------------------------------------------------------------- 2-rank training per family
+
+TRAINED_FAMILIES = ["llava_next", "llava_onevision"]  # LLaVA-1.5's own runs are tests/test_train_distributed.py's
+
+
+@pytest.fixture(scope="module", params=TRAINED_FAMILIES)
+def family_runs(request, tmp_path_factory):
+    """The same data and seed under ZeRO-3 (every tensor partitioned) and ZeRO-2, with SGD and one
+    sample per micro-batch on a shapes domain and a text-only domain: the ranks see text-only and
+    image batches at different steps."""
+    name = request.param
+    root = tmp_path_factory.mktemp(f"runs_{name}")
+    text_shard = write_shard(root / "text" / "train-000000.tar",
+                             [text_sample(f"t{i}", f"How many sides has shape {i}?", f"{3 + i % 4} sides") for i in range(40)])
+    domains = (f'data.domains=[{{name: shapes, shards: "{REPO}/data_shards/shapes/train-{{000000..000001}}.tar"}},'
+               f' {{name: text, shards: "{text_shard}"}}]')
+    common = [f"model.name_or_path={TINY_MODELS[name]}", f"train.max_steps={STEPS}", "train.optimizer=sgd",
+              "train.lr=0.05", "train.projector_lr=0.05", "train.micro_batch_size=1", "lora.dropout=0.0",
+              "train.warmup_steps=0", "train.eval_every=0", "train.log_routing_every=0", domains]
+    runs = {stage: root / stage for stage in ("zero3", "zero2")}
+    launch_trainings_together({runs["zero3"]: [f"train.ds_config={REPO / 'ds_configs' / 'zero3_partition_all.json'}", *common],
+                               runs["zero2"]: [f"train.ds_config={REPO / 'ds_configs' / 'zero2.json'}", *common]})
+    return name, runs
+
+
+@pytest.mark.distributed
+def test_family_trains_under_zero3_as_under_zero2_with_text_only_batches_beside_image_ones(family_runs):
+    name, runs = family_runs
+    z3, z2 = runs["zero3"], runs["zero2"]
+    mixed = [a["images"] != b["images"] for a, b in zip(step_records(z3, 0), step_records(z3, 1))]
+    assert any(mixed), f"{name}: no step had one rank text-only and the other with an image: precondition unmet"
+    for rank in (0, 1):
+        assert len(step_records(z3, rank)) == len(step_records(z2, rank)) == STEPS
+        for a, b in zip(step_records(z3, rank), step_records(z2, rank)):
+            assert a["expert_load"] == b["expert_load"], f"{name}: routing differs at step {a['step']} rank {rank}"
+            assert a["loss"] == pytest.approx(b["loss"], rel=1e-5, abs=1e-6), f"{name}: loss at step {a['step']} rank {rank}"
+    w3, w2 = (load_file(out / "adapter" / "adapter.safetensors") for out in (z3, z2))
+    assert w3.keys() == w2.keys()
+    moved = 0
+    for key in w3:
+        torch.testing.assert_close(w3[key], w2[key], rtol=1e-4, atol=1e-6, msg=f"{name}: {key}, ZeRO-3 != ZeRO-2")
+        moved += "lora_B" in key and w3[key].abs().sum() > 0
+    assert moved > 0, "training did not move the LoRA B matrices: nothing was compared"
+    assert json.loads((z3 / "adapter" / "mole_config.json").read_text())["family"] == name
+
+
+@pytest.mark.distributed
+def test_trained_family_adapter_loads_and_answers_with_images_prepared_as_in_training(family_runs):
+    from mole.inference import Prompt, generate_answers, load_model, load_processor
+    from mole.data.conversation import Turn
+
+    name, runs = family_runs
+    model = load_model(str(TINY_MODELS[name]), str(runs["zero3"] / "adapter"))
+    assert type(model).__name__ == backbone_for(model.config).model_class_name
+    processor = load_processor(str(TINY_MODELS[name]))
+    images = [Image.open(io.BytesIO(image_bytes(size, seed))) for seed, size in enumerate([(64, 48), (30, 90)])]
+    prompts = [Prompt([Turn("user", "<image>\nWhat shape is it?")], image) for image in images]
+    prompts.append(Prompt([Turn("user", "How many sides has a square?")]))
+    answers = generate_answers(model, processor, prompts, max_new_tokens=4, batch_size=3)
+    assert len(answers) == 3 and all(isinstance(answer, str) for answer in answers), answers

@@ -20,7 +20,7 @@ from mole.choices import Family, ImageAspect, ImageBackend, options
 from mole.data.images import PixelTransform, make_pixel_transform, mean_colour, pad_to_square
 
 ImageInputs = dict[str, torch.Tensor]
-"""One image's model inputs: ``pixel_values`` (tiles, 3, H, W) and the family's extras (``image_sizes`` (2,))."""
+"""Image inputs of the model: ``pixel_values`` and the family's extras (``image_sizes``)."""
 
 
 @dataclass(frozen=True)
@@ -111,7 +111,8 @@ class Backbone:
 
     def generation_inputs(self, model: nn.Module, input_ids: torch.Tensor, images: ImageInputs | None) -> dict:
         """What ``generate`` takes beside ``input_ids`` and ``attention_mask`` for a batch's images
-        (:meth:`batch_images` of them, on the model's device), none for a batch without one."""
+        (``pixel_values`` and the family's size input ``image_sizes``, on the model's device), none for
+        a batch without one."""
         if images is None:
             return {}
         return {"pixel_values": images["pixel_values"].to(model.dtype),
@@ -138,15 +139,12 @@ class Backbone:
         """How many image tokens an image of ``image_size`` (height, width) expands to."""
         return fixed_image_tokens(processor)
 
-    def batch_images(self, images: list[ImageInputs]) -> ImageInputs | None:
-        """One batch's image inputs from each image's (``None`` for a text-only batch): tiles
-        concatenated in image order, extras stacked."""
-        if not images:
-            return None
-        out = {"pixel_values": torch.cat([image["pixel_values"] for image in images])}
-        for name in self.extra_image_inputs:
-            out[name] = torch.stack([image[name] for image in images])
-        return out
+    def tile_image_tokens(self, processor) -> int:
+        """The image-token count of an image at the vision tower's own size (a tiling family's
+        larger images take more): what every image takes at least, near enough, for length checks."""
+        crop = getattr(processor.image_processor, "crop_size", None) or processor.image_processor.size
+        side = crop.get("height") or crop.get("shortest_edge")
+        return self.image_tokens(processor, (side, side))
 
 
 def fixed_image_tokens(processor) -> int:

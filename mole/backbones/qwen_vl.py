@@ -58,6 +58,10 @@ class QwenProcessor:
     image_processor: object
     image_token: str = IMAGE_TOKEN
 
+    def save_pretrained(self, path: str) -> None:
+        self.image_processor.save_pretrained(path)
+        self.tokenizer.save_pretrained(path)
+
 
 class QwenImages:
     """One decoded RGB image -> ``(pixel_values (patches, patch_dim), grid (t, h, w))`` by the family's

@@ -49,9 +49,7 @@ class SampleProcessor:
                  max_image_pixels: int = MAX_PIXELS, keep_image: bool = False, backbone: Backbone = LLAVA):
         self.processor, self.backbone, self.tokenizer = processor, backbone, processor.tokenizer
         self.image_token_id = self.tokenizer.convert_tokens_to_ids(processor.image_token)
-        crop = getattr(processor.image_processor, "crop_size", None) or processor.image_processor.size
-        side = crop.get("height") or crop.get("shortest_edge")
-        self.num_image_tokens = backbone.image_tokens(processor, (side, side))
+        self.num_image_tokens = backbone.tile_image_tokens(processor)
         self.pixels = backbone.image_transform(processor.image_processor, image_aspect, image_backend)
         self.max_length, self.max_image_pixels = max_length, max_image_pixels
         self.padded, self.keep_image = image_aspect == "pad", keep_image
