@@ -1,7 +1,8 @@
 """``step`` bench: one full ZeRO-3 training step of a LLaVA-shaped model, MoLE (K experts) vs plain LoRA (K=1).
 
 ``--backbone`` picks the family (:mod:`mole.backbones`) built at the preset's sizes: ``llava``
-(default), ``llava_next`` or ``llava_onevision`` (one tile-size image per sample, AnyRes: two tiles).
+(default), ``llava_next`` or ``llava_onevision`` (one tile-size image per sample, AnyRes: two tiles),
+``qwen2_5_vl`` or ``qwen3_vl`` (one image of the tile's size, one token per 2x2 patches).
 
 The model is built locally with random weights at a preset size (``tiny`` for smoke tests, ``mid``
 for 2 CPU ranks, ``7b`` for LLaVA-1.5-7B's shapes on a GPU), *partitioned while it is built*
@@ -36,6 +37,7 @@ import torch
 
 from benchmarks import interleaved, machine, print_table, summarize, synchronize, write_json, write_profile
 from mole.choices import DType, Family, Routing, options
+from mole.config import DYNAMIC_RESOLUTION
 
 PRESETS = {
     "tiny": dict(hidden=64, intermediate=172, layers=2, heads=4, vocab=512, vision_hidden=32,
@@ -168,10 +170,47 @@ def llava_config(shape: dict, family: str = "llava"):
     return LlavaConfig(**common, image_seq_length=image_tokens(shape))
 
 
+def qwen_vl_config(shape: dict, family: str):
+    """Qwen2.5-VL (window attention, the last of every 8 ViT blocks global) or Qwen3-VL (DeepStack from
+    three ViT blocks) at ``shape``: the ViT at the preset's patch size with 2x2 merging, a Qwen2/Qwen3
+    LLM with the real models' M-RoPE split of each head (16/24/24 of 64, 24/20/20 interleaved)."""
+    from transformers import Qwen2_5_VLConfig, Qwen3VLConfig
+
+    vocab, layers, half = shape["vocab"], shape["vision_layers"], shape["hidden"] // shape["heads"] // 2
+    ids = dict(image_token_id=vocab - 1, video_token_id=vocab - 2, vision_start_token_id=vocab - 3,
+               vision_end_token_id=vocab - 4, tie_word_embeddings=False)
+    text = dict(vocab_size=vocab, hidden_size=shape["hidden"], intermediate_size=shape["intermediate"],
+                num_hidden_layers=shape["layers"], num_attention_heads=shape["heads"], num_key_value_heads=shape["heads"],
+                max_position_embeddings=max(4096, shape["seq"]), tie_word_embeddings=False, bos_token_id=1,
+                eos_token_id=2, pad_token_id=None)
+    vision = dict(depth=layers, hidden_size=shape["vision_hidden"], intermediate_size=shape["vision_intermediate"],
+                  num_heads=shape["vision_heads"], in_channels=3, patch_size=shape["patch"], spatial_merge_size=2,
+                  temporal_patch_size=2, out_hidden_size=shape["hidden"])
+    if family == "qwen2_5_vl":
+        side = half * 3 // 8
+        text["rope_parameters"] = {"rope_type": "default", "rope_theta": 1e6, "mrope_section": [half - 2 * side, side, side]}
+        vision.update(hidden_act="silu", window_size=8 * shape["patch"], tokens_per_second=2,
+                      fullatt_block_indexes=[i for i in range(layers) if i % 8 == 7] or [layers - 1])
+        return Qwen2_5_VLConfig(text_config=text, vision_config=vision, **ids)
+    side = half * 5 // 16
+    text.update(head_dim=2 * half, rope_parameters={"rope_type": "default", "rope_theta": 5e6, "mrope_interleaved": True,
+                                                    "mrope_section": [half - 2 * side, side, side]})
+    vision.update(hidden_act="gelu_pytorch_tanh", num_position_embeddings=2304,
+                  deepstack_visual_indexes=sorted({min(layers - 1, i * layers // 3) for i in (1, 2, 3)}))
+    return Qwen3VLConfig(text_config=text, vision_config=vision, **ids)
+
+
+def build_config(shape: dict, family: str):
+    """The config the bench builds ``family`` from at ``shape``."""
+    return qwen_vl_config(shape, family) if family in DYNAMIC_RESOLUTION else llava_config(shape, family)
+
+
 def image_tokens(shape: dict, family: str = "llava") -> int:
     """Image tokens of one tile-size image: one tile's patches, or for an AnyRes family two tiles'
-    (the grid's one and the whole image's) plus a newline per row."""
+    (the grid's one and the whole image's) plus a newline per row, or for Qwen-VL one per 2x2 patches."""
     side = shape["image_size"] // shape["patch"]
+    if family in DYNAMIC_RESOLUTION:
+        return (side // 2) ** 2
     return side**2 if family == "llava" else 2 * side**2 + side
 
 
@@ -186,13 +225,19 @@ def make_batch(shape: dict, device: torch.device, dtype: torch.dtype, seed: int 
     ids[:, 1 : 1 + n_img] = shape["vocab"] - 1
     labels = ids.clone()
     labels[:, : 1 + n_img] = -100
-    tiles = 1 if family == "llava" else 2
-    pixels = torch.randn(batch * tiles, 3, shape["image_size"], shape["image_size"], generator=gen)
+    side = shape["image_size"] // shape["patch"]
+    if family in DYNAMIC_RESOLUTION:  # every image's patches, flattened, and its grid
+        pixels = torch.randn(batch * side * side, 3 * 2 * shape["patch"] ** 2, generator=gen)
+    else:
+        tiles = 1 if family == "llava" else 2
+        pixels = torch.randn(batch * tiles, 3, shape["image_size"], shape["image_size"], generator=gen)
     out = {
         "input_ids": ids.to(device), "attention_mask": torch.ones_like(ids).to(device),
         "labels": labels.to(device), "pixel_values": pixels.to(device=device, dtype=dtype),
     }
-    if family != "llava":
+    if family in DYNAMIC_RESOLUTION:
+        out["image_sizes"] = torch.tensor([[1, side, side]] * batch, device=device)
+    elif family != "llava":
         out["image_sizes"] = torch.tensor([[shape["image_size"]] * 2] * batch, device=device)
     return out
 
@@ -218,8 +263,9 @@ def build_engine(args: argparse.Namespace, num_experts: int, ds_config: dict, dt
     torch.manual_seed(0)  # the same frozen weights for every variant
     # No dtype argument: zero.Init takes it from the config's bf16/fp16 sections (its explicit dtype
     # argument turns fp32 into bf16 on a CPU accelerator in deepspeed 0.19).
+    model_class = FAMILIES[args.backbone].model_class  # imported outside zero.Init, which patches tensor creation
     with deepspeed.zero.Init(config_dict_or_path=ds_config):
-        llava = FAMILIES[args.backbone].model_class(llava_config(args.shape, args.backbone))
+        llava = model_class(build_config(args.shape, args.backbone))
     llava.config.use_cache = False
     torch.manual_seed(1)
     surgery = apply_mole(llava, bench_spec(llava.config, num_experts, args.routing, args.rank, train_projector=True))
@@ -228,7 +274,8 @@ def build_engine(args: argparse.Namespace, num_experts: int, ds_config: dict, dt
             if param.requires_grad and param.dtype != dtype:
                 param.data = param.data.to(dtype)
     model = TrainingModel(llava, surgery, "switch", 0.01)
-    optimizer = build_optimizer(param_groups(model, 1e-4, 2e-5), "adamw", 1e-4, weight_decay=0.01)  # as training builds it
+    optimizer = build_optimizer(param_groups(model, 1e-4, 2e-5, FAMILIES[args.backbone]), "adamw", 1e-4,
+                                weight_decay=0.01)  # as training builds it
     engine, *_ = deepspeed.initialize(model=model, optimizer=optimizer, config=ds_config)
     return engine
 
@@ -285,6 +332,8 @@ def step_flops(shape: dict, counts: Counts, family: str = "llava") -> float:
     batch, seq, n_img = shape["batch"], shape["seq"], image_tokens(shape, family)
     tile_tokens = image_tokens(shape) + (family != "llava_onevision")  # CLIP adds a CLS token, SigLIP none
     tiles = 1 if family == "llava" else 2
+    if family in DYNAMIC_RESOLUTION:  # one ViT token per patch, attention counted as global (Qwen2.5-VL's windows less)
+        tile_tokens, tiles = (shape["image_size"] // shape["patch"]) ** 2, 1
     tokens, img_tokens = batch * seq, batch * tiles * tile_tokens
     vision_attention = 4 * shape["vision_layers"] * shape["vision_hidden"] * tile_tokens**2 * batch * tiles
     llm = 4 * counts.llm_frozen * tokens + 12 * shape["layers"] * shape["hidden"] * seq**2 * batch

@@ -152,13 +152,13 @@ def test_text_only_batch_runs_the_whole_vision_path_and_reaches_its_projectors(f
 
 def test_min_and_max_pixels_set_the_image_token_range(family):
     name, model, _, _ = family
-    processor = model.backbone.load_processor(str(REPO / "models" / f"tiny-{name.replace('_vl', '-vl')}"),
+    processor = model.backbone.load_processor(str(REPO / "models" / f"tiny-{name.replace('_', '-')}"),
                                               min_pixels=1, max_pixels=(2 * 2 * 32) ** 2)
     batch = mole_batch(model, processor, samples("images"))
     tokens = (batch["input_ids"] == model.llava.config.image_token_id).sum(dim=1).tolist()
     assert max(tokens) <= 4 * 4, f"{name}: max_pixels did not cap the image tokens: {tokens}"
     with pytest.raises(ValueError, match="exceeds max_pixels"):
-        model.backbone.load_processor(str(REPO / "models" / f"tiny-{name.replace('_vl', '-vl')}"), min_pixels=10**6,
+        model.backbone.load_processor(str(REPO / "models" / f"tiny-{name.replace('_', '-')}"), min_pixels=10**6,
                                       max_pixels=10)
 
 

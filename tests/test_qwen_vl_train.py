@@ -1,7 +1,7 @@
 """Real 2-rank DeepSpeed runs of the tiny Qwen2.5-VL and Qwen3-VL: ZeRO-3 == ZeRO-2 with a text-only domain.
 
-One pair of launches per family serves every assertion here (a launch costs about half a minute of
-start-up on 2 cores before any work).
+Per family, one pair of launches started together and one resumed launch serve every assertion here
+(a launch costs about half a minute of start-up on 2 cores before any work).
 """
 
 from __future__ import annotations
@@ -20,12 +20,13 @@ from mole.evaluate import EvalDomain, evaluate
 from mole.export import export_mole
 from mole.inference import load_model, load_processor
 
-from tests.helpers import REPO, launch_training, read_rank_log, step_records, text_sample, write_shard
+from tests.helpers import (REPO, launch_training, launch_trainings_together, read_rank_log, step_records, text_sample,
+                           write_shard)
 
 pytestmark = pytest.mark.distributed
 
 STEPS = 6
-MODELS = {"qwen2_5_vl": REPO / "models" / "tiny-qwen2_5-vl", "qwen3_vl": REPO / "models" / "tiny-qwen3-vl"}
+MODELS = {"qwen2_5_vl": REPO / "models" / "tiny-qwen2-5-vl", "qwen3_vl": REPO / "models" / "tiny-qwen3-vl"}
 PROJECTOR = {"qwen2_5_vl": ("visual.merger.",), "qwen3_vl": ("visual.merger.", "visual.deepstack_merger_list.")}
 SIZES = [(64, 48), (130, 60), (100, 100), (40, 90)]  # (width, height): each takes its own number of image tokens
 
@@ -55,10 +56,9 @@ def qwen_runs(request, tmp_path_factory):
               "train.optimizer=sgd", "train.lr=0.05", "train.projector_lr=0.05", "train.micro_batch_size=1",
               "lora.dropout=0.0", "train.warmup_steps=0", "train.eval_every=0", "train.log_routing_every=0",
               "train.train_projector=true", domains]
-    runs = {}
-    for name, ds in {"zero3": "zero3_partition_all.json", "zero2": "zero2.json"}.items():
-        runs[name] = root / name
-        launch_training(runs[name], f"train.ds_config={REPO / 'ds_configs' / ds}", *common)
+    runs = {name: root / name for name in ("zero3", "zero2")}
+    launch_trainings_together({runs[name]: [f"train.ds_config={REPO / 'ds_configs' / ds}", *common]
+                               for name, ds in (("zero3", "zero3_partition_all.json"), ("zero2", "zero2.json"))})
     runs["resumed"] = root / "resumed"  # the ZeRO-3 run's last checkpoint, two steps further in a new directory
     launch_training(runs["resumed"], f"train.ds_config={REPO / 'ds_configs' / 'zero3_partition_all.json'}",
                     *common, f"train.resume={runs['zero3'] / 'checkpoints' / f'step_{STEPS}'}", f"train.max_steps={STEPS + 2}")

@@ -1,4 +1,4 @@
-"""Write tiny *random* Qwen2.5-VL- and Qwen3-VL-shaped checkpoints to ``models/tiny-qwen2_5-vl/`` and
+"""Write tiny *random* Qwen2.5-VL- and Qwen3-VL-shaped checkpoints to ``models/tiny-qwen2-5-vl/`` and
 ``models/tiny-qwen3-vl/`` for CPU tests and smoke runs.
 
 Each directory loads like ``Qwen/Qwen2.5-VL-7B-Instruct`` / ``Qwen/Qwen3-VL-8B-Instruct``:
@@ -42,7 +42,7 @@ from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLIm
 from tools.make_tiny_llava import data_corpus
 
 FAMILIES = ("qwen2_5_vl", "qwen3_vl")
-OUT = {"qwen2_5_vl": Path("models/tiny-qwen2_5-vl"), "qwen3_vl": Path("models/tiny-qwen3-vl")}
+OUT = {family: Path(f"models/tiny-{family.replace('_', '-')}") for family in FAMILIES}
 
 # Verbatim from Qwen/Qwen2.5-VL-7B-Instruct's chat_template.json.
 QWEN2_5_VL_CHAT_TEMPLATE = (
