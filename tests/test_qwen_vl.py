@@ -113,6 +113,9 @@ def test_training_forward_with_zero_adapters_equals_the_stock_model(family, kind
         assert torch.equal(batch["image_sizes"], reference["image_grid_thw"]), f"{name}: grids differ from the processor's"
         tokens = reference["mm_token_type_ids"].sum(dim=1).tolist()
         assert len(set(tokens)) == len(SIZES), f"precondition: each image takes its own number of tokens, {tokens}"
+        with torch.no_grad():
+            features = model.backbone.image_features(model.llava, batch["pixel_values"], image_sizes=batch["image_sizes"])
+        assert features.shape == (sum(tokens), stock.config.text_config.hidden_size), f"{name}: {tuple(features.shape)}"
     with torch.no_grad():
         expected = stock(**reference).logits
     got = mole_logits(model, batch)

@@ -82,7 +82,8 @@ class QwenVLBackbone(Backbone):
     """Qwen2.5-VL / Qwen3-VL: dynamic resolution, M-RoPE, (Qwen3-VL) DeepStack; see the module docstring."""
 
     def image_features(self, model: nn.Module, pixel_values: torch.Tensor, **extra: torch.Tensor) -> torch.Tensor:
-        out = model.model.get_image_features(pixel_values, extra["image_grid_thw"], return_dict=True)
+        """The merged features (image tokens, hidden); :meth:`forward` also passes on the DeepStack ones."""
+        out = model.model.get_image_features(pixel_values, extra["image_sizes"], return_dict=True)
         return torch.cat(list(out.pooler_output), dim=0)
 
     def dummy_image(self, config, dtype: torch.dtype, device: torch.device) -> ImageInputs:
