@@ -16,7 +16,7 @@ from transformers import AutoConfig, Qwen2_5_VLConfig, Qwen2_5_VLForConditionalG
 from mole.adapter import gather_trainable_state, save_adapter
 from mole.backbones import backbone_for
 from mole.backbones.qwen_vl import IMAGE_TOKEN
-from mole.config import load_config
+from mole.config import ConfigError, load_config
 from mole.data.collate import collate
 from mole.data.conversation import parse_conversation, render_conversation
 from mole.data.sample import SampleProcessor
@@ -163,6 +163,16 @@ def test_min_and_max_pixels_set_the_image_token_range(family):
     with pytest.raises(ValueError, match="exceeds max_pixels"):
         model.backbone.load_processor(str(REPO / "models" / f"tiny-{name.replace('_', '-')}"), min_pixels=10**6,
                                       max_pixels=10)
+
+
+@pytest.mark.parametrize("overrides, message", [
+    ([f"model.name_or_path={REPO / 'models' / 'tiny-llava'}", "data.max_pixels=50000"],
+     r"data.max_pixels: applies to dynamic-resolution families \(qwen2_5_vl, qwen3_vl\)"),
+    (["data.min_pixels=9000", "data.max_pixels=3000"], r"data.min_pixels: 9000 exceeds data.max_pixels 3000"),
+])
+def test_pixel_limits_are_refused_where_they_cannot_apply(overrides, message):
+    with pytest.raises(ConfigError, match=message):
+        load_config(str(CONFIGS["qwen2_5_vl"]), overrides)
 
 
 # --------------------------------------------------------------- a saved K=1 adapter: load, infer, eval, export
