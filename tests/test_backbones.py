@@ -240,3 +240,35 @@ def test_trained_family_adapter_loads_and_answers_with_images_prepared_as_in_tra
     prompts.append(Prompt([Turn("user", "How many sides has a square?")]))
     answers = generate_answers(model, processor, prompts, max_new_tokens=4, batch_size=3)
     assert len(answers) == 3 and all(isinstance(answer, str) for answer in answers), answers
+
+
+@pytest.mark.parametrize("name", ["llava_next", "llava_onevision"])
+def test_plain_lora_adapter_of_a_family_exports_to_peft_with_our_logits(name, tmp_path):
+    """K=1: mole.load_model and peft's LoRA on the stock class give the same logits on image inputs."""
+    from peft import PeftModel
+
+    from mole.adapter import gather_trainable_state, save_adapter
+    from mole.export import export_peft
+    from mole.inference import load_model
+
+    cfg = load_config(str(TINY_CONFIG), [f"model.name_or_path={TINY_MODELS[name]}", "mole.num_experts=1",
+                                          "lora.dropout=0.0", "train.train_projector=false"])
+    trained, _, processor = build_mole_model(cfg, torch.float32)
+    torch.manual_seed(3)
+    for param_name, param in trained.named_parameters():  # B starts at zero: make the adapter matter
+        if param.requires_grad and "lora_B" in param_name:
+            torch.nn.init.normal_(param, std=0.2)
+    save_adapter(str(tmp_path / "adapter"), gather_trainable_state(trained), trained.mole_spec)
+    export_peft(str(tmp_path / "adapter"), str(tmp_path / "peft"))
+    ours = load_model(str(TINY_MODELS[name]), str(tmp_path / "adapter"))
+    stock_class = backbone_for(ours.config).model_class
+    peft_model = PeftModel.from_pretrained(stock_class.from_pretrained(TINY_MODELS[name]), str(tmp_path / "peft")).eval()
+    base = stock_class.from_pretrained(TINY_MODELS[name]).eval()
+    raws = [{"json": json.dumps(QUESTION).encode(), "png": image_bytes(size, seed)}
+            for seed, size in enumerate([(64, 48), (40, 90)])]
+    inputs = stock_inputs(processor, raws)
+    with torch.no_grad():
+        expected, got, unadapted = (model(**inputs).logits for model in (peft_model, ours, base))
+    mask = inputs["attention_mask"].bool()
+    assert (got - unadapted)[mask].abs().max() > 1e-3, "precondition: the adapter changes the logits"
+    torch.testing.assert_close(got[mask], expected[mask], rtol=1e-5, atol=1e-5, msg=f"{name}: K=1 != peft LoRA")
