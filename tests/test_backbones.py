@@ -20,8 +20,8 @@ from mole.model import TrainingModel, build_mole_model
 from mole.spec import AdapterSpec
 from mole.surgery import apply_mole
 from tests.helpers import SHORT_RUN_STEPS as STEPS
-from tests.helpers import (REPO, TINY_CONFIG, launch_trainings_together, one_thread_for_the_module,  # noqa: F401
-                           step_records, text_sample, write_shard)
+from tests.helpers import (REPO, TINY_CONFIG, launch_module, launch_trainings_together,  # noqa: F401
+                           one_thread_for_the_module, step_records, text_sample, write_shard)
 
 TINY_MODELS = {family: REPO / "models" / f"tiny-{family.replace('_', '-')}" for family in ("llava", "llava_next",
                                                                                           "llava_onevision")}
@@ -224,6 +224,21 @@ def test_family_trains_under_zero3_as_under_zero2_with_text_only_batches_beside_
         moved += "lora_B" in key and w3[key].abs().sum() > 0
     assert moved > 0, "training did not move the LoRA B matrices: nothing was compared"
     assert json.loads((z3 / "adapter" / "mole_config.json").read_text())["family"] == name
+
+
+@pytest.mark.distributed
+def test_trained_family_adapter_evaluates_per_domain_with_the_eval_cli(family_runs, tmp_path, capsys):
+    name, runs = family_runs
+    args = ["--adapter", str(runs["zero3"] / "adapter"), "--out", str(tmp_path / "eval"), "--max-samples", "3",
+            "--max-new-tokens", "3"]
+    code = launch_module("eval").main(args)
+    stdout, stderr = capsys.readouterr()
+    assert code == 0, stderr[-3000:]
+    rows = {line.split()[0]: line.split() for line in stdout.splitlines() if line.strip()}
+    for domain, expected in (("shapes", 3), ("text", 3), ("all", 6)):
+        assert domain in rows, f"{name}: no table row for {domain}:\n{stdout}"
+        samples, loss = int(rows[domain][1]), float(rows[domain][3])
+        assert samples == expected and 0 < loss < 20, f"{name} {domain}: {samples} samples, loss {loss}"
 
 
 @pytest.mark.distributed
