@@ -258,12 +258,12 @@ def test_trained_family_adapter_loads_and_answers_with_images_prepared_as_in_tra
 
 
 @pytest.mark.parametrize("name", ["llava_next", "llava_onevision"])
-def test_plain_lora_adapter_of_a_family_exports_to_peft_with_our_logits(name, tmp_path):
-    """K=1: mole.load_model and peft's LoRA on the stock class give the same logits on image inputs."""
+def test_plain_lora_adapter_of_a_family_exports_to_peft_and_merged_with_our_logits(name, tmp_path):
+    """K=1: mole.load_model, peft's LoRA on the stock class and the merged export give the same logits."""
     from peft import PeftModel
 
     from mole.adapter import gather_trainable_state, save_adapter
-    from mole.export import export_peft
+    from mole.export import export_merged, export_peft
     from mole.inference import load_model
 
     cfg = load_config(str(TINY_CONFIG), [f"model.name_or_path={TINY_MODELS[name]}", "mole.num_experts=1",
@@ -287,3 +287,10 @@ def test_plain_lora_adapter_of_a_family_exports_to_peft_with_our_logits(name, tm
     mask = inputs["attention_mask"].bool()
     assert (got - unadapted)[mask].abs().max() > 1e-3, "precondition: the adapter changes the logits"
     torch.testing.assert_close(got[mask], expected[mask], rtol=1e-5, atol=1e-5, msg=f"{name}: K=1 != peft LoRA")
+    export_merged(str(tmp_path / "adapter"), str(tmp_path / "merged"))
+    merged = stock_class.from_pretrained(tmp_path / "merged").eval()
+    reloaded = backbone_for(merged.config).load_processor(str(tmp_path / "merged"))
+    assert torch.equal(stock_inputs(reloaded, raws)["input_ids"], inputs["input_ids"]), "the merged processor differs"
+    with torch.no_grad():
+        merged_logits = merged(**inputs).logits
+    torch.testing.assert_close(merged_logits[mask], got[mask], rtol=1e-4, atol=1e-4, msg=f"{name}: merged != K=1 LoRA")
