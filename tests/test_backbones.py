@@ -229,8 +229,9 @@ def test_family_trains_under_zero3_as_under_zero2_with_text_only_batches_beside_
 @pytest.mark.distributed
 def test_trained_family_adapter_evaluates_per_domain_with_the_eval_cli(family_runs, tmp_path, capsys):
     name, runs = family_runs
+    text_shard = runs["zero3"].parent / "text" / "train-000000.tar"
     args = ["--adapter", str(runs["zero3"] / "adapter"), "--out", str(tmp_path / "eval"), "--max-samples", "3",
-            "--max-new-tokens", "3"]
+            "--max-new-tokens", "3", "--shards", f"shapes={REPO}/data_shards/shapes/val-000000.tar", "--shards", f"text={text_shard}"]
     code = launch_module("eval").main(args)
     stdout, stderr = capsys.readouterr()
     assert code == 0, stderr[-3000:]
