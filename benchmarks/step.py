@@ -263,9 +263,13 @@ def build_engine(args: argparse.Namespace, num_experts: int, ds_config: dict, dt
     torch.manual_seed(0)  # the same frozen weights for every variant
     # No dtype argument: zero.Init takes it from the config's bf16/fp16 sections (its explicit dtype
     # argument turns fp32 into bf16 on a CPU accelerator in deepspeed 0.19).
-    model_class = FAMILIES[args.backbone].model_class  # imported outside zero.Init, which patches tensor creation
-    with deepspeed.zero.Init(config_dict_or_path=ds_config):
-        llava = model_class(build_config(args.shape, args.backbone))
+    model_class, config = FAMILIES[args.backbone].model_class, build_config(args.shape, args.backbone)  # imported
+    # outside zero.Init: it patches tensor constructors, which torch._dynamo's import-time checks refuse
+    if args.backbone == "llava_onevision":  # SigLIP's weight init needs the whole tensors zero.Init has
+        llava = model_class(config)        # already partitioned; deepspeed.initialize partitions it instead
+    else:
+        with deepspeed.zero.Init(config_dict_or_path=ds_config):
+            llava = model_class(config)
     llava.config.use_cache = False
     torch.manual_seed(1)
     surgery = apply_mole(llava, bench_spec(llava.config, num_experts, args.routing, args.rank, train_projector=True))

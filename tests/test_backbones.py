@@ -20,8 +20,8 @@ from mole.model import TrainingModel, build_mole_model
 from mole.spec import AdapterSpec
 from mole.surgery import apply_mole
 from tests.helpers import SHORT_RUN_STEPS as STEPS
-from tests.helpers import (REPO, TINY_CONFIG, launch_trainings_together, one_thread_for_the_module,  # noqa: F401
-                           step_records, text_sample, write_shard)
+from tests.helpers import (REPO, TINY_CONFIG, launch_module, launch_trainings_together,  # noqa: F401
+                           one_thread_for_the_module, step_records, text_sample, write_shard)
 
 TINY_MODELS = {family: REPO / "models" / f"tiny-{family.replace('_', '-')}" for family in ("llava", "llava_next",
                                                                                           "llava_onevision")}
@@ -111,6 +111,19 @@ def test_training_forward_with_zero_adapters_equals_the_stock_model(family, kind
     got = mole_logits(model, batch)
     torch.testing.assert_close(got[mask], expected[mask], rtol=1e-5, atol=1e-5,
                                msg=f"{name}: mole's training forward differs from the stock model ({kind})")
+
+
+def test_one_samples_position_ids_are_those_the_stock_model_numbers_it_with(family):
+    """What packing will feed per sample: the family's position ids must leave the stock logits unchanged."""
+    name, model, processor, stock = family
+    raw = {"json": json.dumps(QUESTION).encode(), "png": image_bytes((64, 48), 7)}
+    reference = stock_inputs(processor, [raw])
+    positions = model.backbone.position_ids(reference["input_ids"].shape[1])[None]
+    with torch.no_grad():
+        expected = stock(**reference).logits
+        got = stock(**reference, position_ids=positions).logits
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5, msg=f"{name}: position ids differ from the model's")
+    assert not torch.equal(positions, torch.zeros_like(positions)), "precondition: the ids are not trivially zero"
 
 
 def real_7b_config(family: str):
@@ -214,6 +227,22 @@ def test_family_trains_under_zero3_as_under_zero2_with_text_only_batches_beside_
 
 
 @pytest.mark.distributed
+def test_trained_family_adapter_evaluates_per_domain_with_the_eval_cli(family_runs, tmp_path, capsys):
+    name, runs = family_runs
+    text_shard = runs["zero3"].parent / "text" / "train-000000.tar"
+    args = ["--adapter", str(runs["zero3"] / "adapter"), "--out", str(tmp_path / "eval"), "--max-samples", "3",
+            "--max-new-tokens", "3", "--shards", f"shapes={REPO}/data_shards/shapes/val-000000.tar", "--shards", f"text={text_shard}"]
+    code = launch_module("eval").main(args)
+    stdout, stderr = capsys.readouterr()
+    assert code == 0, stderr[-3000:]
+    rows = {line.split()[0]: line.split() for line in stdout.splitlines() if line.strip()}
+    for domain, expected in (("shapes", 3), ("text", 3), ("all", 6)):
+        assert domain in rows, f"{name}: no table row for {domain}:\n{stdout}"
+        samples, loss = int(rows[domain][1]), float(rows[domain][3])
+        assert samples == expected and 0 < loss < 20, f"{name} {domain}: {samples} samples, loss {loss}"
+
+
+@pytest.mark.distributed
 def test_trained_family_adapter_loads_and_answers_with_images_prepared_as_in_training(family_runs):
     from mole.inference import Prompt, generate_answers, load_model, load_processor
     from mole.data.conversation import Turn
@@ -227,3 +256,42 @@ def test_trained_family_adapter_loads_and_answers_with_images_prepared_as_in_tra
     prompts.append(Prompt([Turn("user", "How many sides has a square?")]))
     answers = generate_answers(model, processor, prompts, max_new_tokens=4, batch_size=3)
     assert len(answers) == 3 and all(isinstance(answer, str) for answer in answers), answers
+
+
+@pytest.mark.parametrize("name", ["llava_next", "llava_onevision"])
+def test_plain_lora_adapter_of_a_family_exports_to_peft_and_merged_with_our_logits(name, tmp_path):
+    """K=1: mole.load_model, peft's LoRA on the stock class and the merged export give the same logits."""
+    from peft import PeftModel
+
+    from mole.adapter import gather_trainable_state, save_adapter
+    from mole.export import export_merged, export_peft
+    from mole.inference import load_model
+
+    cfg = load_config(str(TINY_CONFIG), [f"model.name_or_path={TINY_MODELS[name]}", "mole.num_experts=1",
+                                          "lora.dropout=0.0", "train.train_projector=false"])
+    trained, _, processor = build_mole_model(cfg, torch.float32)
+    torch.manual_seed(3)
+    for param_name, param in trained.named_parameters():  # B starts at zero: make the adapter matter
+        if param.requires_grad and "lora_B" in param_name:
+            torch.nn.init.normal_(param, std=0.2)
+    save_adapter(str(tmp_path / "adapter"), gather_trainable_state(trained), trained.mole_spec)
+    export_peft(str(tmp_path / "adapter"), str(tmp_path / "peft"))
+    ours = load_model(str(TINY_MODELS[name]), str(tmp_path / "adapter"))
+    stock_class = backbone_for(ours.config).model_class
+    peft_model = PeftModel.from_pretrained(stock_class.from_pretrained(TINY_MODELS[name]), str(tmp_path / "peft")).eval()
+    base = stock_class.from_pretrained(TINY_MODELS[name]).eval()
+    raws = [{"json": json.dumps(QUESTION).encode(), "png": image_bytes(size, seed)}
+            for seed, size in enumerate([(64, 48), (40, 90)])]
+    inputs = stock_inputs(processor, raws)
+    with torch.no_grad():
+        expected, got, unadapted = (model(**inputs).logits for model in (peft_model, ours, base))
+    mask = inputs["attention_mask"].bool()
+    assert (got - unadapted)[mask].abs().max() > 1e-3, "precondition: the adapter changes the logits"
+    torch.testing.assert_close(got[mask], expected[mask], rtol=1e-5, atol=1e-5, msg=f"{name}: K=1 != peft LoRA")
+    export_merged(str(tmp_path / "adapter"), str(tmp_path / "merged"))
+    merged = stock_class.from_pretrained(tmp_path / "merged").eval()
+    reloaded = backbone_for(merged.config).load_processor(str(tmp_path / "merged"))
+    assert torch.equal(stock_inputs(reloaded, raws)["input_ids"], inputs["input_ids"]), "the merged processor differs"
+    with torch.no_grad():
+        merged_logits = merged(**inputs).logits
+    torch.testing.assert_close(merged_logits[mask], got[mask], rtol=1e-4, atol=1e-4, msg=f"{name}: merged != K=1 LoRA")
