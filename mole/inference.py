@@ -168,9 +168,13 @@ class PromptEncoder:
 
     def __init__(self, processor, image_aspect: str = "pad", image_backend: str = "fast", backbone: Backbone = LLAVA):
         self.processor, self.tokenizer, self.backbone = processor, processor.tokenizer, backbone
-        self.pixels = backbone.image_transform(processor.image_processor, image_aspect, image_backend)
+        self.images = backbone.image_transform(processor.image_processor, image_aspect, image_backend)
         self.image_token_id = self.tokenizer.convert_tokens_to_ids(processor.image_token)
         self.num_image_tokens = backbone.tile_image_tokens(processor)
+
+    def pixels(self, image: Image.Image) -> torch.Tensor:
+        """One image's pixels as training prepared them: (3, H, W), or (tiles, 3, H, W) for AnyRes."""
+        return self.images(image)[0]
 
     def token_ids(self, prompt: Prompt, image_size: tuple[int, int] | None = None) -> list[int]:
         text = prompt_text(prompt.turns, prompt.image is not None, self.tokenizer)
@@ -183,7 +187,7 @@ class PromptEncoder:
         return ids
 
     def __call__(self, prompts: list[Prompt]) -> dict:
-        prepared = [self.pixels(prompt.image.convert("RGB")) if prompt.image is not None else (None, None)
+        prepared = [self.images(prompt.image.convert("RGB")) if prompt.image is not None else (None, None)
                     for prompt in prompts]
         rows = [self.token_ids(prompt, size) for prompt, (_, size) in zip(prompts, prepared)]
         length = max(len(row) for row in rows)

@@ -50,7 +50,7 @@ class SampleProcessor:
         self.processor, self.backbone, self.tokenizer = processor, backbone, processor.tokenizer
         self.image_token_id = self.tokenizer.convert_tokens_to_ids(processor.image_token)
         self.num_image_tokens = backbone.tile_image_tokens(processor)
-        self.pixels = backbone.image_transform(processor.image_processor, image_aspect, image_backend)
+        self.images = backbone.image_transform(processor.image_processor, image_aspect, image_backend)
         self.max_length, self.max_image_pixels = max_length, max_image_pixels
         self.padded, self.keep_image = image_aspect == "pad", keep_image
 
@@ -90,7 +90,7 @@ class SampleProcessor:
         num_image_tokens = 0
         if image_members:
             image = decode_image(raw[image_members[0]], self.max_image_pixels, square=self.padded)
-            pixels, image_size = self.pixels(image)
+            pixels, image_size = self.images(image)
             num_image_tokens = self.num_image_tokens if image_size is None else self.backbone.image_tokens(
                 self.processor, image_size)
         ids, labels = tokenize_conversation(
