@@ -25,7 +25,7 @@ ImageAspect = Literal["pad", "crop"]
 ImageBackend = Literal["fast", "processor"]
 """Who turns an image into pixels: mole's tensor path (checked against the processor) or the processor."""
 
-Family = Literal["llava"]
+Family = Literal["llava", "llava_next", "llava_onevision", "qwen2_5_vl", "qwen3_vl"]
 """Backbone family an adapter is built on, named as its base config's ``model_type``: which modules
 surgery finds and replaces."""
 

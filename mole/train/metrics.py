@@ -105,7 +105,7 @@ class StepMetrics:
         for key in self.sums:
             self.sums[key] += float(out[key].detach())
         self.micro_batches += 1
-        self.images += 0 if batch["pixel_values"] is None else batch["pixel_values"].shape[0]
+        self.images += batch["num_images"]
         self.tokens += int(batch["attention_mask"].sum())
         self.samples += batch["input_ids"].shape[0]
         self.domains += torch.bincount(batch["domain"].cpu(), minlength=len(self.domain_names)).double()
