@@ -130,6 +130,13 @@ def test_training_forward_with_zero_adapters_equals_the_stock_model(family, kind
         assert float((flat - expected)[mask].abs().max()) > 1e-4, f"{name}: 1-D positions give the same logits"
 
 
+def test_positions_are_left_to_the_model(family):
+    """M-RoPE positions depend on the image grids: the family offers no per-length numbering to get wrong."""
+    name, model, _, _ = family
+    with pytest.raises(NotImplementedError, match="M-RoPE"):
+        model.backbone.position_ids(8)
+
+
 def test_text_only_batch_runs_the_whole_vision_path_and_reaches_its_projectors(family):
     """Blocks, merger and (Qwen3-VL) every DeepStack merger run; the projector's parameters get (zero) gradients."""
     name, model, processor, _ = family

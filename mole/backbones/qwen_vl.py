@@ -142,6 +142,12 @@ class QwenVLBackbone(Backbone):
         return {"pixel_values": images["pixel_values"].to(model.dtype), "image_grid_thw": images["image_sizes"],
                 "mm_token_type_ids": (input_ids == model.config.image_token_id).int() * IMAGE_TYPE}
 
+    def position_ids(self, length: int) -> torch.Tensor:
+        """None from a length alone: M-RoPE numbers an image's tokens by its grid, so the model computes
+        positions itself (``get_rope_index``) from the token ids, ``mm_token_type_ids`` and ``image_grid_thw``."""
+        raise NotImplementedError(f"{self.family} positions are M-RoPE (3, batch, seq), computed by the model from its "
+                                  "inputs; see QwenVLBackbone.forward")
+
     def load_processor(self, path: str, local_files_only: bool = True, *, min_pixels: int | None = None,
                        max_pixels: int | None = None) -> QwenProcessor:
         """The tokenizer and PIL image processor of a model directory; ``min_pixels`` / ``max_pixels``
