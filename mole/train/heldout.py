@@ -125,6 +125,19 @@ def heldout_loss(engine, batches: list[dict], device: torch.device) -> float:
 
 
 @torch.no_grad()
+def parameters_held_by_the_model(model):
+    """Gather (under ZeRO-3) the parameters the model's top modules hold themselves, LLaVA-NeXT's and
+    OneVision's ``image_newline``. The vision path reads it in ``get_image_features``, outside any
+    module's own forward; DeepSpeed fetches such a parameter only while the engine runs its forward,
+    so embedding held-out prompts outside it would find it still partitioned (empty). Every rank
+    enters this together (a collective); without ZeRO-3 it does nothing."""
+    import deepspeed
+
+    held = [param for module in (model, getattr(model, "model", None)) if module is not None
+            for param in module.parameters(recurse=False)]
+    return deepspeed.zero.GatheredParameters(held)
+
+
 def heldout_scores(engine, held: HeldoutSet, encoder: PromptEncoder, max_new_tokens: int, batch_size: int,
                    device: torch.device) -> dict[str, float]:
     """Each of the set's metrics, the mean over every rank's questions it applies to (a metric that
@@ -148,8 +161,9 @@ def heldout_scores(engine, held: HeldoutSet, encoder: PromptEncoder, max_new_tok
         prompts, references = held.prompts[start : start + batch_size], held.references[start : start + batch_size]
         batch = encoder(prompts)
         pixels, sizes = batch["pixel_values"], batch["image_sizes"]
-        embeds = model.embed(batch["input_ids"].to(device), None if pixels is None else pixels.to(device),
-                             None if sizes is None else sizes.to(device))
+        with parameters_held_by_the_model(model.llava):
+            embeds = model.embed(batch["input_ids"].to(device), None if pixels is None else pixels.to(device),
+                                 None if sizes is None else sizes.to(device))
         out = model.llava.generate(inputs_embeds=embeds, attention_mask=batch["attention_mask"].to(device),
                                    max_new_tokens=max_new_tokens, do_sample=False, use_cache=True, synced_gpus=synced,
                                    pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id)
