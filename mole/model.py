@@ -12,6 +12,7 @@ from transformers import AutoProcessor, LlavaForConditionalGeneration
 
 from mole.balance import aux_loss
 from mole.config import Config
+from mole.lm_loss import answer_tokens, lm_loss_sum
 from mole.spec import AdapterSpec
 from mole.surgery import MoleSurgery, apply_mole
 
@@ -71,8 +72,14 @@ class TrainingModel(nn.Module):
         vision = llava.config.vision_config
         self.dummy_image_shape = (1, vision.num_channels, vision.image_size, vision.image_size)
 
-    def forward(self, input_ids, attention_mask, labels, pixel_values=None):
+    def forward(self, input_ids, attention_mask, labels, pixel_values=None, position_ids=None, sample_ids=None,
+                num_samples=0, loss_normaliser=None):
+        """``loss_normaliser``: what the LM loss's sum over this micro-batch's answer tokens is divided by
+        (:mod:`mole.lm_loss`); ``None`` takes this batch's own mean (held-out loss). A packed batch
+        (:mod:`mole.data.packing`) gives ``position_ids`` restarting per sample and no attention mask,
+        and ``sample_ids``/``num_samples`` so that routing counts per sample."""
         llava = self.llava
+        self.context.pack(sample_ids, num_samples)
         embeds = llava.get_input_embeddings()(input_ids)
         if torch.is_grad_enabled():
             # ZeRO-3 reduces a leaf module's gradients (each MoLE MLP is one) from a full backward hook,
@@ -95,6 +102,13 @@ class TrainingModel(nn.Module):
                     f"{features.shape[0]} image features: the data and the model's processor disagree"
                 )
             embeds = embeds.masked_scatter(image_positions, features)
-        out = llava(inputs_embeds=embeds, attention_mask=attention_mask, labels=labels, use_cache=False)
-        aux = aux_loss(self.context.stats(), self.aux_kind).to(out.loss.device)
-        return {"loss": out.loss + self.aux_weight * aux, "lm_loss": out.loss.detach(), "aux_loss": aux.detach()}
+        if position_ids is not None and attention_mask is not None:
+            # transformers finds packed samples from restarting position ids only without a mask (and
+            # without a cache): with one, the samples of a row would silently attend to each other
+            raise ValueError("a packed batch (position_ids) must come without an attention mask")
+        out = llava(inputs_embeds=embeds, attention_mask=attention_mask, position_ids=position_ids, use_cache=False)
+        lm_sum = lm_loss_sum(out.logits, labels)
+        normaliser = loss_normaliser if loss_normaliser is not None else answer_tokens(labels).clamp(min=1)
+        lm = lm_sum / normaliser
+        aux = aux_loss(self.context.stats(), self.aux_kind).to(lm.device)
+        return {"loss": lm + self.aux_weight * aux, "lm_loss": lm.detach(), "aux_loss": aux.detach()}

@@ -9,6 +9,7 @@ from mole.data.conversation import IGNORE_INDEX
 from mole.data.sample import Example
 
 MODEL_INPUTS = ("input_ids", "attention_mask", "labels", "pixel_values")
+PACKED_INPUTS = ("position_ids", "sample_ids", "num_samples")  # only a packed batch has them (mole.data.packing)
 
 
 def collate(examples: list[Example], pad_token_id: int) -> dict:
@@ -16,7 +17,8 @@ def collate(examples: list[Example], pad_token_id: int) -> dict:
 
     ``pixel_values`` holds only the images that exist, in sample order (the model scatters them into
     the image-token positions), or is ``None`` for a text-only batch. ``domain`` carries each
-    sample's domain index for per-domain metrics and routing analysis; ``keys`` the samples' tar keys.
+    sample's domain index for per-domain metrics and routing analysis; ``keys`` the samples' tar keys;
+    ``tokens`` how many real (not padding) tokens the batch holds.
     """
     length = max(len(example.input_ids) for example in examples)
     input_ids = torch.full((len(examples), length), pad_token_id, dtype=torch.long)
@@ -35,15 +37,18 @@ def collate(examples: list[Example], pad_token_id: int) -> dict:
         "pixel_values": torch.stack(images) if images else None,
         "domain": torch.tensor([example.domain for example in examples], dtype=torch.long),
         "keys": [example.key for example in examples],
+        "tokens": sum(len(example.input_ids) for example in examples),
     }
 
 
 def to_device(batch: dict, device: torch.device, pixel_dtype: torch.dtype | None = None) -> dict:
-    """The model's inputs of a collated batch (``MODEL_INPUTS``, ``pixel_values`` possibly ``None``) on
-    ``device``, the images cast to ``pixel_dtype`` if given. Non-blocking: from pinned memory the copies
-    overlap with compute, and kernels on the device's stream still see them complete."""
+    """The model's inputs of a collated batch (``MODEL_INPUTS``, ``pixel_values`` possibly ``None``, and
+    a packed batch's ``PACKED_INPUTS``) on ``device``, the images cast to ``pixel_dtype`` if given.
+    Non-blocking: from pinned memory the copies overlap with compute, and kernels on the device's
+    stream still see them complete."""
+    names = MODEL_INPUTS + tuple(k for k in PACKED_INPUTS if batch.get(k) is not None)
     return {
-        k: None if batch[k] is None else batch[k].to(
-            device, dtype=pixel_dtype if k == "pixel_values" else None, non_blocking=True)
-        for k in MODEL_INPUTS
+        k: batch[k].to(device, dtype=pixel_dtype if k == "pixel_values" else None, non_blocking=True)
+        if torch.is_tensor(batch[k]) else batch[k]
+        for k in names
     }

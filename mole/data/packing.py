@@ -1,0 +1,131 @@
+"""Batches that spend no compute on padding: length-grouped batches and packed rows (``data.packing``).
+
+* ``grouped``: a buffer of samples from the mix is sorted by length and cut into micro-batches, which
+  are shuffled: each batch pads to a length close to all of its samples'. The buffer is refilled from
+  the weighted mix, so the domain proportions hold over time (LLaVA's ``group_by_modality_length``).
+* ``packed``: several samples share a row of up to ``data.max_length`` tokens. Position ids restart at
+  0 for each sample, which is how transformers tells samples apart without an attention mask (its
+  SDPA/eager path builds a block-diagonal causal mask from them when the mask is ``None`` and there is
+  no cache; flash attention's varlen path reads the same position ids). Each sample's first label is
+  ignored, so no token predicts across a boundary; ``sample_ids`` say which sample each token is, so
+  routing statistics and the balance losses count samples, not rows.
+
+How one sample's position ids are made is the backbone family's: :data:`SAMPLE_POSITIONS` holds one
+function per family that packing covers (LLaVA: ``arange``). A family with another rule (Qwen-VL's
+M-RoPE: three position streams per token from the image grid) adds its own; a family without one
+refuses ``packed`` (:func:`sample_positions`).
+"""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Callable, Iterator
+
+import torch
+
+from mole.data.conversation import IGNORE_INDEX
+from mole.data.sample import Example
+
+PositionIds = Callable[[Example], torch.Tensor]
+
+
+def arange_positions(example: Example) -> torch.Tensor:
+    """LLaVA-1.5: one position per token, 0, 1, 2, ... (image tokens included). (seq,) long."""
+    return torch.arange(len(example.input_ids))
+
+
+SAMPLE_POSITIONS: dict[str, PositionIds] = {"llava": arange_positions}
+"""Per backbone family (its config's ``model_type``): the position ids of one sample on its own."""
+
+
+def sample_positions(family: str) -> PositionIds:
+    """The family's position-id rule for one sample; a one-line error for a family packing does not cover."""
+    if family not in SAMPLE_POSITIONS:
+        raise ValueError(f"data.packing=packed does not cover the {family!r} backbone family yet (covered: "
+                         f"{', '.join(sorted(SAMPLE_POSITIONS))}); use data.packing=grouped or none")
+    return SAMPLE_POSITIONS[family]
+
+
+def consecutive_batches(examples: Iterator[Example], batch_size: int) -> Iterator[list[Example]]:
+    """``none``: the mix's samples ``batch_size`` at a time, in the order drawn."""
+    while True:
+        yield [next(examples) for _ in range(batch_size)]
+
+
+def grouped_batches(examples: Iterator[Example], batch_size: int, buffer: int, rng: random.Random) -> Iterator[list[Example]]:
+    """Micro-batches of similar length: fill a buffer of ``buffer`` samples (rounded up to whole
+    batches), sort it by length, cut it into batches and yield them in random order; repeat."""
+    size = max(buffer, batch_size) // batch_size * batch_size
+    while True:
+        pool = sorted((next(examples) for _ in range(size)), key=lambda e: len(e.input_ids))
+        batches = [pool[i : i + batch_size] for i in range(0, size, batch_size)]
+        rng.shuffle(batches)
+        yield from batches
+
+
+def packed_batches(examples: Iterator[Example], rows: int, max_length: int, buffer: int) -> Iterator[list[list[Example]]]:
+    """Micro-batches of ``rows`` rows of at most ``max_length`` tokens each, filled from a buffer of
+    ``buffer`` samples: longest first, each into the fullest row it fits (best fit). A batch is yielded
+    when no buffered sample fits any of its rows; its samples are replaced from ``examples``. A sample
+    too long for one row must have been truncated before (``SampleProcessor`` does, to ``max_length``)."""
+    pool: list[Example] = []
+    while True:
+        while len(pool) < max(buffer, 1):
+            pool.append(next(examples))
+        pool.sort(key=lambda e: len(e.input_ids), reverse=True)
+        batch: list[list[Example]] = [[] for _ in range(rows)]
+        free = [max_length] * rows
+        left = []
+        for example in pool:
+            length = len(example.input_ids)
+            fits = [r for r in range(rows) if free[r] >= length]
+            if not fits:
+                left.append(example)
+                continue
+            row = min(fits, key=lambda r: free[r])
+            batch[row].append(example)
+            free[row] -= length
+        pool = left
+        yield [row for row in batch if row]
+
+
+def collate_packed(rows: list[list[Example]], pad_token_id: int, positions: PositionIds = arange_positions) -> dict:
+    """Packed rows -> one batch: each row the concatenation of its samples, right-padded to the longest row.
+
+    Samples are numbered in row-major order (``sample_ids``, -1 on padding), which is also the order of
+    ``pixel_values``, ``domain`` and ``keys`` (the model scatters image features in token order).
+    ``attention_mask`` is ``None``; ``position_ids`` restart per sample (and at the padding, which then
+    attends only to itself); each sample's first label is ``IGNORE_INDEX``. ``tokens`` counts the real
+    tokens, ``num_samples`` the samples.
+    """
+    length = max(sum(len(e.input_ids) for e in row) for row in rows)
+    shape = (len(rows), length)
+    input_ids = torch.full(shape, pad_token_id, dtype=torch.long)
+    labels = torch.full(shape, IGNORE_INDEX, dtype=torch.long)
+    position_ids = torch.zeros(shape, dtype=torch.long)
+    sample_ids = torch.full(shape, -1, dtype=torch.long)
+    ordered = [example for row in rows for example in row]
+    sample = 0
+    for r, row in enumerate(rows):
+        start = 0
+        for example in row:
+            n = len(example.input_ids)
+            input_ids[r, start : start + n] = torch.tensor(example.input_ids)
+            labels[r, start + 1 : start + n] = torch.tensor(example.labels[1:], dtype=torch.long)
+            position_ids[r, start : start + n] = positions(example)
+            sample_ids[r, start : start + n] = sample
+            start, sample = start + n, sample + 1
+        position_ids[r, start:] = torch.arange(length - start)
+    images = [example.pixel_values for example in ordered if example.pixel_values is not None]
+    return {
+        "input_ids": input_ids,
+        "labels": labels,
+        "attention_mask": None,
+        "position_ids": position_ids,
+        "sample_ids": sample_ids,
+        "num_samples": len(ordered),
+        "pixel_values": torch.stack(images) if images else None,
+        "domain": torch.tensor([example.domain for example in ordered], dtype=torch.long),
+        "keys": [example.key for example in ordered],
+        "tokens": sum(len(example.input_ids) for example in ordered),
+    }
