@@ -186,3 +186,12 @@ def test_grouped_batches_hold_similar_lengths_and_every_sample():
 def test_packing_refuses_a_family_it_does_not_cover():
     with pytest.raises(ValueError, match="does not cover the 'qwen2_vl' backbone family"):
         sample_positions("qwen2_vl")
+
+
+def test_best_fill_finds_the_fullest_subset_that_fits():
+    from mole.data.packing import best_fill
+
+    lengths = [7, 5, 9, 3]
+    for capacity, best in ((10, 10), (11, 10), (13, 12), (2, 0), (24, 24), (100, 24)):
+        chosen = best_fill(lengths, capacity)
+        assert len(set(chosen)) == len(chosen) and sum(lengths[i] for i in chosen) == best, (capacity, chosen)

@@ -65,28 +65,39 @@ def grouped_batches(examples: Iterator[Example], batch_size: int, buffer: int, r
 
 def packed_batches(examples: Iterator[Example], rows: int, max_length: int, buffer: int) -> Iterator[list[list[Example]]]:
     """Micro-batches of ``rows`` rows of at most ``max_length`` tokens each, filled from a buffer of
-    ``buffer`` samples: longest first, each into the fullest row it fits (best fit). A batch is yielded
-    when no buffered sample fits any of its rows; its samples are replaced from ``examples``. A sample
-    too long for one row must have been truncated before (``SampleProcessor`` does, to ``max_length``)."""
+    ``buffer`` samples (refilled from ``examples`` before each row): each row takes the buffer's oldest
+    sample, so none waits for ever and the mix's proportions hold over time, then the subset of the
+    others that fills the row best (:func:`best_fill`). A sample must fit one row (``SampleProcessor``
+    truncates to ``max_length``)."""
     pool: list[Example] = []
     while True:
-        while len(pool) < max(buffer, 1):
-            pool.append(next(examples))
-        pool.sort(key=lambda e: len(e.input_ids), reverse=True)
-        batch: list[list[Example]] = [[] for _ in range(rows)]
-        free = [max_length] * rows
-        left = []
-        for example in pool:
-            length = len(example.input_ids)
-            fits = [r for r in range(rows) if free[r] >= length]
-            if not fits:
-                left.append(example)
-                continue
-            row = min(fits, key=lambda r: free[r])
-            batch[row].append(example)
-            free[row] -= length
-        pool = left
-        yield [row for row in batch if row]
+        batch = []
+        for _ in range(rows):
+            while len(pool) < max(buffer, 1):
+                pool.append(next(examples))
+            first, rest = pool[0], pool[1:]
+            chosen = set(best_fill([len(e.input_ids) for e in rest], max_length - len(first.input_ids)))
+            batch.append([first] + [e for i, e in enumerate(rest) if i in chosen])
+            pool = [e for i, e in enumerate(rest) if i not in chosen]
+        yield batch
+
+
+def best_fill(lengths: list[int], capacity: int) -> list[int]:
+    """Indices of a subset of ``lengths`` whose sum is the largest not above ``capacity`` (subset sum,
+    exact: the sums reachable with the first i items are the bits of one integer)."""
+    if capacity <= 0:
+        return []
+    mask = (1 << (capacity + 1)) - 1
+    reach = [1]  # reach[i]: bit s set when the first i items can sum to s
+    for n in lengths:
+        reach.append(reach[-1] | ((reach[-1] << n) & mask))
+    total = reach[-1].bit_length() - 1
+    chosen = []
+    for i in range(len(lengths), 0, -1):
+        if not (reach[i - 1] >> total) & 1:  # this sum needs item i-1
+            chosen.append(i - 1)
+            total -= lengths[i - 1]
+    return chosen[::-1]
 
 
 def collate_packed(rows: list[list[Example]], pad_token_id: int, positions: PositionIds = arange_positions) -> dict:
