@@ -55,7 +55,8 @@ def build_mole_model(cfg: Config, dtype: torch.dtype, ds_config: dict | None = N
 
 
 class TrainingModel(nn.Module):
-    """One training forward of a MoLE LLaVA: LM loss + weighted balance loss.
+    """One training forward of a MoLE LLaVA: LM loss (:mod:`mole.lm_loss`) + weighted balance loss, on a
+    padded or a packed batch (:mod:`mole.data.packing`).
 
     It runs the steps LLaVA's own forward runs (embed tokens, vision tower + projector, scatter the
     image features into the image-token positions, LLM) but *always* runs the vision tower: a batch
@@ -78,6 +79,10 @@ class TrainingModel(nn.Module):
         (:mod:`mole.lm_loss`); ``None`` takes this batch's own mean (held-out loss). A packed batch
         (:mod:`mole.data.packing`) gives ``position_ids`` restarting per sample and no attention mask,
         and ``sample_ids``/``num_samples`` so that routing counts per sample."""
+        if position_ids is not None and attention_mask is not None:
+            # transformers finds packed samples from restarting position ids only without a mask (and
+            # without a cache): with one, the samples of a row would silently attend to each other
+            raise ValueError("a packed batch (position_ids) must come without an attention mask")
         llava = self.llava
         self.context.pack(sample_ids, num_samples)
         embeds = llava.get_input_embeddings()(input_ids)
@@ -102,10 +107,6 @@ class TrainingModel(nn.Module):
                     f"{features.shape[0]} image features: the data and the model's processor disagree"
                 )
             embeds = embeds.masked_scatter(image_positions, features)
-        if position_ids is not None and attention_mask is not None:
-            # transformers finds packed samples from restarting position ids only without a mask (and
-            # without a cache): with one, the samples of a row would silently attend to each other
-            raise ValueError("a packed batch (position_ids) must come without an attention mask")
         out = llava(inputs_embeds=embeds, attention_mask=attention_mask, position_ids=position_ids, use_cache=False)
         lm_sum = lm_loss_sum(out.logits, labels)
         normaliser = loss_normaliser if loss_normaliser is not None else answer_tokens(labels).clamp(min=1)
