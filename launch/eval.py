@@ -6,7 +6,8 @@
 
 Every rank loads a full model copy (no ZeRO). By default the domains are the bundled ones, read from
 ``<data-root>/<name>/<split>-*.tar``; ``--shards NAME=PATTERN`` (repeatable) names the domains and
-their shards instead. Rank 0 prints the table and writes ``metrics.json``, ``predictions.jsonl`` and
+their shards instead. ``--metric NAME=METRIC[,METRIC]`` (repeatable) chooses a domain's benchmark
+metrics (``charts=relaxed_accuracy``, ``docs=anls``; ``mole.scoring``), normalized_match otherwise. Rank 0 prints the table and writes ``metrics.json``, ``predictions.jsonl`` and
 (K>1) ``routing.png`` to ``--out`` (default: ``eval/`` next to the adapter directory).
 """
 
@@ -15,6 +16,7 @@ import contextlib
 import os
 import sys
 
+from mole.choices import Metric, options
 from mole.cli import add_adapter_args, add_preparation_args
 
 
@@ -26,6 +28,8 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--domains", nargs="+", default=["shapes", "charts", "tissue"], help="default domain names")
     parser.add_argument("--shards", action="append", default=[], metavar="NAME=PATTERN",
                         help="a domain and its shards (glob or brace pattern); replaces the default domains")
+    parser.add_argument("--metric", action="append", default=[], metavar="NAME=METRIC[,METRIC]",
+                        help=f"a domain's metrics, one or more of: {', '.join(options(Metric))} (default: normalized_match)")
     parser.add_argument("--max-samples", type=int, help="samples per domain (default: all)")
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--max-new-tokens", type=int, default=16)
@@ -42,17 +46,19 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
 
 def eval_domains(args: argparse.Namespace):
     from mole.evaluate import expand_eval_shards
+    from mole.scoring import DEFAULT_METRICS, parse_metric_choices
 
     if args.shards:
         pairs = [item.split("=", 1) for item in args.shards]
         if any(len(pair) != 2 or not all(pair) for pair in pairs):
             raise ValueError(f"--shards takes NAME=PATTERN, got {args.shards}")
-        return [expand_eval_shards(name, pattern) for name, pattern in pairs]
-    if not os.path.isdir(args.data_root):
-        raise ValueError(f"--data-root {args.data_root!r} is not a directory (relative paths start at the working "
-                         f"directory {os.getcwd()!r}; run from the repository root or pass --data-root or --shards)")
-    pairs = [(name, os.path.join(args.data_root, name, f"{args.split}-*.tar")) for name in args.domains]
-    return [expand_eval_shards(name, pattern) for name, pattern in pairs]
+    else:
+        if not os.path.isdir(args.data_root):
+            raise ValueError(f"--data-root {args.data_root!r} is not a directory (relative paths start at the working "
+                             f"directory {os.getcwd()!r}; run from the repository root or pass --data-root or --shards)")
+        pairs = [(name, os.path.join(args.data_root, name, f"{args.split}-*.tar")) for name in args.domains]
+    metrics = parse_metric_choices(args.metric, [name for name, _ in pairs])
+    return [expand_eval_shards(name, pattern, metrics.get(name, DEFAULT_METRICS)) for name, pattern in pairs]
 
 
 def main(argv: list[str]) -> int:
@@ -68,11 +74,11 @@ def main(argv: list[str]) -> int:
     from mole.inference import load_model, load_processor
 
     try:
+        domains = eval_domains(args)
         spec = read_adapter_spec(args.adapter)
         named_by = "--base" if args.base else f"base_model in {os.path.join(args.adapter, 'mole_config.json')}"
         base = resolve_base(args.base or spec.base_model, named_by, args.allow_remote_base)
         image = spec.image.overridden(args.image_aspect, args.image_backend)
-        domains = eval_domains(args)
     except (AdapterError, FileNotFoundError, ValueError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2

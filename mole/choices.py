@@ -44,8 +44,15 @@ Optimizer = Literal["adamw", "sgd"]
 NonFinitePolicy = Literal["stop", "skip"]
 """What a NaN/inf loss does: stop the run naming the step, or skip that micro-batch on every rank."""
 
-ExportFormat = Literal["peft", "merged", "mole"]
-"""peft: a peft LoRA directory (K=1); merged: LoRA merged into the base weights (K=1); mole: an adapter."""
+ExportFormat = Literal["peft", "merged", "mole", "hf"]
+"""peft: a peft LoRA directory (K=1); merged: LoRA merged into the base weights (K=1); mole: an adapter;
+hf: base + adapter + a modelling file, a model directory plain transformers loads (any K)."""
+
+Metric = Literal["exact_match", "normalized_match", "relaxed_accuracy", "anls", "vqa_accuracy", "closed_accuracy",
+                 "open_recall"]
+"""How a generated answer is scored against its references (:mod:`mole.scoring`): as written, VQAv2-normalised,
+ChartQA relaxed accuracy, DocVQA ANLS, VQAv2 accuracy over several references, PathVQA yes/no accuracy and
+open-answer recall."""
 
 ResumeAcceptable = Literal["lora.alpha", "mole.routing", "model.name_or_path", "data.image_aspect", "data.image_backend"]
 """The run settings that change what an adapter's saved weights compute (:data:`mole.spec.Impact`

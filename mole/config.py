@@ -27,7 +27,7 @@ from typing import Annotated, Any
 import yaml
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError
 
-from mole.choices import (AuxLoss, ImageAspect, ImageBackend, NonFinitePolicy, Optimizer, Packing, Precision,
+from mole.choices import (AuxLoss, ImageAspect, ImageBackend, Metric, NonFinitePolicy, Optimizer, Packing, Precision,
                           ResumeAcceptable, Routing)
 
 RESUME_WORDS = ("auto", "never")
@@ -106,6 +106,15 @@ class DomainConfig(Section):
     val_shards: Patterns | None = None
     """Held-out shard pattern(s) for the periodic validation loss (``train.eval_every``); none: the
     domain is not evaluated."""
+    metric: Metric | list[Metric] = "normalized_match"
+    """How held-out answers are scored during training (``train.eval_max_new_tokens``): one or more of
+    exact_match, normalized_match, relaxed_accuracy (ChartQA), anls (DocVQA), vqa_accuracy (VQAv2),
+    closed_accuracy and open_recall (PathVQA); see mole/scoring.py."""
+
+    @property
+    def metrics(self) -> tuple[str, ...]:
+        """``metric`` as a tuple of names."""
+        return (self.metric,) if isinstance(self.metric, str) else tuple(self.metric)
 
 
 class DataConfig(Section):
@@ -183,6 +192,10 @@ class TrainConfig(Section):
     """Held-out loss per domain (on each domain's val_shards) every N steps; 0 disables."""
     eval_batches: int = Field(8, ge=1)
     """At most this many micro-batches per domain and rank per evaluation."""
+    eval_max_new_tokens: int = Field(0, ge=0)
+    """With eval_every, also answer every held-out question greedily (at most this many new tokens) and
+    log each domain's metrics on the answers (``data.domains[].metric``) as eval/<metric>/<domain>;
+    0: held-out loss only."""
     log_routing_every: int = Field(50, ge=0)
     """Log the domain x expert routing heatmap to TensorBoard every N steps (0 disables)."""
     seed: int = 0
@@ -298,8 +311,11 @@ def _config_error(error: ValidationError) -> ConfigError:
     if kind == "extra_forbidden":
         return _unknown_key(f"{key}." if key else "", str(e["loc"][-1]), list(hint.model_fields))
     if kind == "literal_error":
-        close = difflib.get_close_matches(str(value), typing.get_args(hint), n=1)
-        problem = f"must be one of {', '.join(typing.get_args(hint))}; got {value!r}"
+        choices = _choices(hint)
+        if isinstance(value, list):  # a list of choices: name the first that is not one
+            value = next((item for item in value if item not in choices), value)
+        close = difflib.get_close_matches(str(value), choices, n=1)
+        problem = f"must be one of {', '.join(choices)}; got {value!r}"
         problem += f" (did you mean '{close[0]}'?)" if close else ""
     elif kind in _PROBLEMS:
         problem = _PROBLEMS[kind].format(value=value, **e.get("ctx", {}))
@@ -308,6 +324,13 @@ def _config_error(error: ValidationError) -> ConfigError:
     else:
         problem = e["msg"]
     return ConfigError(f"{key or 'config'}: {problem}", key or None)
+
+
+def _choices(hint: Any) -> tuple[str, ...]:
+    """The names a ``Literal`` allows, or the first ``Literal``'s inside a union or list of them."""
+    if typing.get_origin(hint) is typing.Literal:
+        return typing.get_args(hint)
+    return next((choices for arg in typing.get_args(hint) if (choices := _choices(arg))), ())
 
 
 def _validated(data: Any) -> Config:
@@ -498,6 +521,8 @@ def validate(cfg: Config) -> None:
     for i, dom in enumerate(cfg.data.domains):
         key = f"data.domains[{i}]"
         _require(dom.name not in seen, f"{key}.name", f"duplicate domain name {dom.name!r}")
+        _require(bool(dom.metrics), f"{key}.metric", "names no metric")
+        _require(len(set(dom.metrics)) == len(dom.metrics), f"{key}.metric", f"names a metric twice: {dom.metric!r}")
         seen.add(dom.name)
     resume = cfg.train.resume
     _require(resume.lower() not in RESUME_WORDS or resume in RESUME_WORDS, "train.resume",

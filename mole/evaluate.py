@@ -6,7 +6,10 @@ For every domain (one or more tar shards, read in order, nothing resampled):
   summed over tokens and divided once per domain (a token-weighted mean);
 * **accuracy / exact match** — every answer turn is asked as a question (earlier turns of the
   conversation, reference answers included, as history) and greedily generated; accuracy compares
-  the VQAv2-normalised strings (:mod:`mole.answers`), exact match the stripped raw strings;
+  the VQAv2-normalised strings (:mod:`mole.answers`), exact match the stripped raw strings, each
+  against the best of the turn's references (its ``"answers"``, else its text);
+* **the domain's metrics** — the benchmark metrics chosen for the domain (:mod:`mole.scoring`,
+  ``normalized_match`` unless chosen), each the mean over the questions it applies to;
 * **routing** — the (layers, domains, K) token counts of the teacher-forced forward
   (:mod:`mole.routing_analysis`), non-padding tokens only, image and prompt tokens included.
 
@@ -28,7 +31,6 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
-from mole.answers import answers_match, exact_match
 from mole.data.collate import collate, to_device
 from mole.data.conversation import IGNORE_INDEX
 from mole.data.examples import shard_examples
@@ -36,6 +38,7 @@ from mole.data.sample import Example, SampleProcessor
 from mole.data.shards import expand_shards
 from mole.inference import Prompt, PromptEncoder, generate_answers, model_image_settings, mole_layers, routing_context
 from mole.routing_analysis import domain_expert_counts, domain_expert_shares, layer_nmi
+from mole.scoring import DEFAULT_METRICS, check_metrics, score
 
 # per-domain sums, reduced over ranks: one column each
 SUMS = ("samples", "answer_tokens", "loss_sum", "questions", "correct", "exact")
@@ -45,22 +48,26 @@ SUMS = ("samples", "answer_tokens", "loss_sum", "questions", "correct", "exact")
 class EvalDomain:
     name: str
     urls: list[str]  # tar shard paths, read in this order
+    metrics: tuple[str, ...] = DEFAULT_METRICS  # names in mole.scoring.METRICS
+
+    def __post_init__(self) -> None:
+        check_metrics(self.metrics, f"domain {self.name!r}")
 
 
-def expand_eval_shards(name: str, pattern: str) -> EvalDomain:
+def expand_eval_shards(name: str, pattern: str, metrics: tuple[str, ...] = DEFAULT_METRICS) -> EvalDomain:
     """A domain from a glob (``test-*.tar``) or webdataset brace pattern (``test-{000000..000003}.tar``);
     a missing shard is an error, not a warning."""
-    return EvalDomain(name, expand_shards(name, pattern, strict=True))
+    return EvalDomain(name, expand_shards(name, pattern, strict=True), metrics)
 
 
-def _questions(example: Example) -> tuple[list[Prompt], list[str]]:
+def questions(example: Example) -> tuple[list[Prompt], list[list[str]]]:
     """Every answer turn that follows a user turn as a question (the turns before it as history, its
-    image) and its reference answer."""
+    image) and its reference answers."""
     turns, prompts, references = example.turns, [], []
     for index, turn in enumerate(turns):
         if turn.role == "assistant" and index > 0 and turns[index - 1].role == "user":
             prompts.append(Prompt(turns[:index], example.image))
-            references.append(turn.text)
+            references.append(list(turn.references or (turn.text,)))
     return prompts, references
 
 
@@ -124,21 +131,23 @@ def _ask_questions(model, processor, encoder: PromptEncoder, chunk: list[Example
                    max_new_tokens: int, batch_size: int, sums: torch.Tensor) -> list[dict]:
     """Generate an answer to every question of a batch of examples; count matches into ``sums`` and
     return the predictions."""
-    questions = [_questions(example) for example in chunk]
-    prompts = [prompt for example_prompts, _ in questions for prompt in example_prompts]
+    asked = [questions(example) for example in chunk]
+    prompts = [prompt for example_prompts, _ in asked for prompt in example_prompts]
     answers = iter(generate_answers(model, processor, prompts, max_new_tokens, batch_size, encoder=encoder))
     predictions = []
-    for example, (example_prompts, references) in zip(chunk, questions):
-        for turn, reference in enumerate(references):
+    for example, (example_prompts, references) in zip(chunk, asked):
+        domain = domains[example.domain]
+        for turn, turn_references in enumerate(references):
             prediction = next(answers)
-            match, exact = answers_match(prediction, reference), exact_match(prediction, reference)
+            match = bool(score("normalized_match", prediction, turn_references))
+            exact = bool(score("exact_match", prediction, turn_references))
             sums[example.domain, SUMS.index("questions")] += 1
             sums[example.domain, SUMS.index("correct")] += match
             sums[example.domain, SUMS.index("exact")] += exact
             predictions.append({
-                "domain": domains[example.domain].name, "key": example.key, "turn": turn,
-                "question": example_prompts[turn].turns[-1].text, "reference": reference,
-                "prediction": prediction, "match": match, "exact_match": exact,
+                "domain": domain.name, "key": example.key, "turn": turn,
+                "question": example_prompts[turn].turns[-1].text, "references": turn_references, "prediction": prediction, "match": match, "exact_match": exact,
+                "scores": {metric: score(metric, prediction, turn_references) for metric in domain.metrics},
             })
     return predictions
 
@@ -185,6 +194,7 @@ def _results(domains: list[EvalDomain], sums: torch.Tensor, routing: torch.Tenso
         per_domain[domain.name]["skipped"] = {k.split("/", 1)[1]: v for k, v in skipped.items() if k.split("/", 1)[0] == domain.name}
         per_domain[domain.name]["top_expert_share"] = float(shares[:, d].max(dim=-1).values.mean()) if len(shares) else None
         per_domain[domain.name]["shards"] = domain.urls
+        per_domain[domain.name]["metrics"] = domain_scores(domain, predictions)
     return {
         "domains": per_domain,
         "overall": metrics(sums.sum(dim=0)),
@@ -199,9 +209,30 @@ def _results(domains: list[EvalDomain], sums: torch.Tensor, routing: torch.Tenso
     }
 
 
+def domain_scores(domain: EvalDomain, predictions: list[dict]) -> dict[str, dict]:
+    """Each of the domain's metrics: ``{"score": mean over the questions it applies to (None for none),
+    "questions": how many}``."""
+    scores = {}
+    for metric in domain.metrics:
+        values = [p["scores"][metric] for p in predictions if p["domain"] == domain.name and p["scores"][metric] is not None]
+        scores[metric] = {"score": sum(values) / len(values) if values else None, "questions": len(values)}
+    return scores
+
+
+def format_metrics(metrics: dict[str, dict], questions: int) -> str:
+    """``relaxed_accuracy 0.667``; a metric that applies to only some of the domain's questions says to
+    how many (``closed_accuracy 0.500 (4 q) open_recall 0.250 (2 q)``)."""
+    parts = []
+    for name, value in metrics.items():
+        number = "-" if value["score"] is None else f"{value['score']:.3f}"
+        parts.append(f"{name} {number}" + (f" ({value['questions']} q)" if value["questions"] != questions else ""))
+    return " ".join(parts)
+
+
 def format_table(results: dict) -> str:
     """The per-domain metrics and the per-layer routing NMI as a plain-text table."""
-    header = f"{'domain':<12} {'samples':>7} {'questions':>9} {'loss':>8} {'accuracy':>8} {'exact':>7} {'top-expert':>10}"
+    header = (f"{'domain':<12} {'samples':>7} {'questions':>9} {'loss':>8} {'accuracy':>8} {'exact':>7} {'top-expert':>10}  "
+              "metric score")
     lines = [header, "-" * len(header)]
 
     def fmt(value, spec):
@@ -211,7 +242,8 @@ def format_table(results: dict) -> str:
     for name, m in rows:
         lines.append(
             f"{name:<12} {m['samples']:>7} {m['questions']:>9} {fmt(m['loss'], '8.4f')} {fmt(m['accuracy'], '8.3f')} "
-            f"{fmt(m['exact_match'], '7.3f')} {fmt(m.get('top_expert_share'), '10.3f')}"
+            f"{fmt(m['exact_match'], '7.3f')} {fmt(m.get('top_expert_share'), '10.3f')}  "
+            + (format_metrics(m["metrics"], m["questions"]) if "metrics" in m else "-")
         )
     routing = results["routing"]
     nmi = " ".join(f"{v:.3f}" for v in routing["nmi_per_layer"])

@@ -1,5 +1,6 @@
 """Export a trained adapter: as a standard peft LoRA (K=1), merged into the base (K=1), or as a
-validated, self-contained mole adapter, also consolidated from a DeepSpeed ZeRO checkpoint.
+validated, self-contained mole adapter, also consolidated from a DeepSpeed ZeRO checkpoint. The
+``hf`` format (any K, a model directory transformers loads) is :mod:`mole.hf_export`.
 
 * ``peft``: ``adapter_config.json`` + ``adapter_model.safetensors`` with peft's key names, for
   ``PeftModel.from_pretrained(base, dir)``. Plain LoRA on attention and MLP projections, and the
@@ -9,7 +10,7 @@ validated, self-contained mole adapter, also consolidated from a DeepSpeed ZeRO 
 * ``mole``: ``adapter.safetensors`` + ``mole_config.json``, what :func:`mole.load_model` reads.
 
 K>1 adapters have a router per layer choosing among expert LoRAs per token; peft has no such
-layer, so only ``mole`` exports them.
+layer, so only ``mole`` and ``hf`` export them.
 
 DeepSpeed checkpoint files are ``torch.load``-ed by DeepSpeed with ``weights_only=False``, i.e.
 unpickled: consolidate only checkpoints you trust (your own training runs' local files).
@@ -32,7 +33,6 @@ from mole.spec import AdapterSpec
 from mole.surgery import PROJECTOR_PREFIX
 from mole.train.checkpoint import TAG, find_resumable
 
-EXPORT_FORMATS = ("peft", "merged", "mole")
 PEFT_PREFIX = "base_model.model."
 
 
@@ -47,7 +47,8 @@ def require_plain_lora(spec: AdapterSpec, fmt: str) -> None:
     if spec.num_experts != 1:
         raise ExportError(
             f"--format {fmt} needs a plain LoRA adapter (K=1), but this one has K={spec.num_experts} experts with "
-            f"routers, which have no {fmt} form; use --format mole (read by mole.load_model)"
+            f"routers, which have no {fmt} form; use --format hf (transformers with trust_remote_code) or --format mole "
+            f"(read by mole.load_model)"
         )
 
 
@@ -102,7 +103,7 @@ def export_merged(adapter_dir: str, out_dir: str, base_dir: str | None = None, a
     """Merge a K=1 adapter into its base and save a Hugging Face LLaVA directory with the processor.
     The base is ``base_dir``, else the adapter's ``base_model``: a local directory unless ``allow_remote``."""
     from peft import get_peft_model, set_peft_model_state_dict
-    from transformers import AutoProcessor, LlavaForConditionalGeneration
+    from transformers import LlavaForConditionalGeneration
 
     from mole.inference import check_base_fits
 
@@ -119,11 +120,19 @@ def export_merged(adapter_dir: str, out_dir: str, base_dir: str | None = None, a
         raise AdapterError(f"peft did not place tensors {loaded.unexpected_keys[:3]}")
     merged = model.merge_and_unload()
     merged.save_pretrained(out_dir)
+    save_processor(base_dir, spec, out_dir)
+    return out_dir
+
+
+def save_processor(base_dir: str, spec: AdapterSpec, out_dir: str) -> None:
+    """The base's processor into ``out_dir``, preparing images as the adapter's training did (a padding
+    image processor for ``data.image_aspect: pad``)."""
+    from transformers import AutoProcessor
+
     processor = AutoProcessor.from_pretrained(base_dir, local_files_only=True)
     if spec.image.aspect == "pad":
         processor.image_processor = padding_image_processor(processor.image_processor)
     processor.save_pretrained(out_dir)
-    return out_dir
 
 
 def padding_image_processor(image_processor):

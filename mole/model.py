@@ -83,8 +83,20 @@ class TrainingModel(nn.Module):
             # transformers finds packed samples from restarting position ids only without a mask (and
             # without a cache): with one, the samples of a row would silently attend to each other
             raise ValueError("a packed batch (position_ids) must come without an attention mask")
-        llava = self.llava
         self.context.pack(sample_ids, num_samples)
+        embeds = self.embed(input_ids, pixel_values)
+        out = self.llava(inputs_embeds=embeds, attention_mask=attention_mask, position_ids=position_ids, use_cache=False)
+        lm_sum = lm_loss_sum(out.logits, labels)
+        normaliser = loss_normaliser if loss_normaliser is not None else answer_tokens(labels).clamp(min=1)
+        lm = lm_sum / normaliser
+        aux = aux_loss(self.context.stats(), self.aux_kind).to(lm.device)
+        return {"loss": lm + self.aux_weight * aux, "lm_loss": lm.detach(), "aux_loss": aux.detach()}
+
+    def embed(self, input_ids: torch.Tensor, pixel_values: torch.Tensor | None = None) -> torch.Tensor:
+        """(batch, seq, hidden) input embeddings with the image features in the image-token positions;
+        the vision tower runs even without an image (on the blank one, weighted zero). Held-out
+        generation starts from these too, so every rank gathers the same parameters there as well."""
+        llava = self.llava
         embeds = llava.get_input_embeddings()(input_ids)
         if torch.is_grad_enabled():
             # ZeRO-3 reduces a leaf module's gradients (each MoLE MLP is one) from a full backward hook,
@@ -107,9 +119,4 @@ class TrainingModel(nn.Module):
                     f"{features.shape[0]} image features: the data and the model's processor disagree"
                 )
             embeds = embeds.masked_scatter(image_positions, features)
-        out = llava(inputs_embeds=embeds, attention_mask=attention_mask, position_ids=position_ids, use_cache=False)
-        lm_sum = lm_loss_sum(out.logits, labels)
-        normaliser = loss_normaliser if loss_normaliser is not None else answer_tokens(labels).clamp(min=1)
-        lm = lm_sum / normaliser
-        aux = aux_loss(self.context.stats(), self.aux_kind).to(lm.device)
-        return {"loss": lm + self.aux_weight * aux, "lm_loss": lm.detach(), "aux_loss": aux.detach()}
+        return embeds

@@ -224,6 +224,8 @@ def test_wrong_type_in_yaml_names_file(workdir: Path) -> None:
         ("data.domains=[{name: a, shards: x.tar, weight: 0}]", "data.domains[0].weight"),
         ("data.domains=[{name: a, shards: x.tar, val_shards: []}]", "data.domains[0].val_shards"),
         ("data.max_length=8", "data.max_length"),
+        ("data.domains=[{name: a, shards: x.tar, metric: [anls, anls]}]", "data.domains[0].metric"),
+        ("data.domains=[{name: a, shards: x.tar, metric: []}]", "data.domains[0].metric"),
         ("data.num_workers=-1", "data.num_workers"),
     ],
 )
@@ -401,3 +403,14 @@ def test_an_output_dir_that_is_a_file_and_experts_without_targets_are_refused(wo
     msg = error_of(["lora.mlp_targets=[]"])
     assert msg.startswith("lora.mlp_targets: ") and "3 experts" in msg, msg
     load_config(None, ["lora.mlp_targets=[]", "mole.num_experts=1"])  # plain LoRA on attention alone is fine
+
+
+def test_a_domain_names_its_metrics_and_an_unknown_one_lists_them(workdir: Path) -> None:
+    cfg = load_config(None, ["data.domains=[{name: c, shards: x.tar, metric: relaxed_accuracy},"
+                             " {name: p, shards: y.tar, metric: [closed_accuracy, open_recall]}, {name: s, shards: z.tar}]"])
+    assert [d.metrics for d in cfg.data.domains] == [("relaxed_accuracy",), ("closed_accuracy", "open_recall"),
+                                                      ("normalized_match",)]
+    msg = error_of(["data.domains=[{name: c, shards: x.tar, metric: [anls, relaxd_accuracy]}]"])
+    assert msg.startswith("data.domains[0].metric: must be one of exact_match, normalized_match, relaxed_accuracy, anls, "
+                          "vqa_accuracy, closed_accuracy, open_recall; got 'relaxd_accuracy' (did you mean 'relaxed_accuracy'?)"), msg
+    assert "metric: anl" in error_of(["data.domains=[{name: c, shards: x.tar, metric: anl}]"]).replace("'", ""), "names the value"

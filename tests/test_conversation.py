@@ -117,6 +117,9 @@ def test_truncation_never_cuts_image_tokens(processor):
         (b'{"conversations": [{"from": {"a": 1}, "value": "hi"}, {"from": "gpt", "value": "a"}]}', "wrong_type"),
         (b'{"conversations": [{"from": "human", "value": "\\udfff"}, {"from": "gpt", "value": "a"}]}', "non_utf8"),
         (b"[" * 100_000, "invalid_json"),
+        (b'{"conversations": [{"from": "human", "value": "q"}, {"from": "gpt", "value": "a", "answers": "a"}]}', "wrong_type"),
+        (b'{"conversations": [{"from": "human", "value": "q"}, {"from": "gpt", "value": "a", "answers": []}]}', "wrong_type"),
+        (b'{"conversations": [{"from": "human", "value": "q", "answers": ["a"]}, {"from": "gpt", "value": "a"}]}', "wrong_type"),
     ],
 )
 def test_bad_conversations_name_their_reason(raw, reason):
@@ -143,3 +146,10 @@ def test_an_image_sample_whose_user_turn_lies_beyond_the_cut_is_too_long(process
     with pytest.raises(BadSample) as err:
         encode(processor, record, max_length=64)
     assert err.value.reason == "too_long"
+
+
+def test_an_answer_carries_its_reference_answers_for_evaluation():
+    raw = b'{"conversations": [{"from": "human", "value": "q"}, {"from": "gpt", "value": "two", "answers": ["2", "two", "2"]}]}'
+    turns, _ = parse_conversation(raw)
+    assert turns[1].text == "two" and turns[1].references == ("2", "two", "2"), turns[1]
+    assert parse_conversation(b'{"conversations": [{"from": "human", "value": "q"}, {"from": "gpt", "value": "a"}]}')[0][1].references == ()

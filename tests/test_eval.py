@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from mole.evaluate import expand_eval_shards
+from mole.evaluate import EvalDomain, domain_scores, expand_eval_shards, format_table
 from mole.experts import RoutingStats
 from mole.routing_analysis import domain_expert_counts, domain_expert_shares, normalized_mutual_information
 from mole.routing_plots import routing_heatmap_array, routing_heatmap_png
@@ -62,7 +62,8 @@ def test_routing_heatmap_is_a_png_and_an_rgb_array():
 
 
 def eval_args(adapter, out) -> list[str]:
-    return ["--adapter", str(adapter), "--out", str(out), "--max-samples", "3", "--max-new-tokens", "3"]
+    return ["--adapter", str(adapter), "--out", str(out), "--max-samples", "3", "--max-new-tokens", "3",
+            "--metric", "charts=relaxed_accuracy", "--metric", "tissue=closed_accuracy,open_recall"]
 
 
 @pytest.mark.parametrize("run, experts, in_process", [("lora", 1, True), ("scaled", 3, False)])
@@ -90,8 +91,18 @@ def test_eval_cli_prints_per_domain_loss_accuracy_and_nmi(mode_runs, tmp_path, c
     shares = torch.tensor(metrics["routing"]["shares"])
     assert shares.shape == (2, 3, experts), f"shares shape {tuple(shares.shape)}"
     assert torch.allclose(shares.sum(-1), torch.ones(2, 3, dtype=shares.dtype)), "each domain's shares should sum to 1"
-    predictions = (tmp_path / "eval" / "predictions.jsonl").read_text().splitlines()
+    predictions = [json.loads(line) for line in (tmp_path / "eval" / "predictions.jsonl").read_text().splitlines()]
     assert len(predictions) == metrics["overall"]["questions"] >= 9, f"{len(predictions)} predictions"
+    assert metrics["domains"]["shapes"]["metrics"].keys() == {"normalized_match"}, "the default metric"
+    assert metrics["domains"]["charts"]["metrics"].keys() == {"relaxed_accuracy"}
+    assert metrics["domains"]["tissue"]["metrics"].keys() == {"closed_accuracy", "open_recall"}
+    for domain, chosen in metrics["domains"].items():
+        for metric, value in chosen["metrics"].items():
+            scores = [p["scores"][metric] for p in predictions if p["domain"] == domain and p["scores"][metric] is not None]
+            expected = sum(scores) / len(scores) if scores else None
+            assert value == {"score": expected, "questions": len(scores)}, f"{domain} {metric}: {value}, predictions say {expected}"
+            shown = "-" if expected is None else f"{expected:.3f}"
+            assert f"{metric} {shown}" in " ".join(rows[domain]), f"the table should name {metric} for {domain}:\n{stdout}"
     if experts == 1:
         assert nmi == [0.0, 0.0], "one expert carries no domain information"
         assert not (tmp_path / "eval" / "routing.png").exists(), "no heatmap for plain LoRA"
@@ -127,6 +138,36 @@ def test_eval_counts_a_torn_shard_and_scores_the_samples_before_the_damage(mode_
     torn_metrics = json.loads((out / "metrics.json").read_text())["domains"]["torn"]
     assert torn_metrics["skipped"] == {"corrupt_tar": 1}, torn_metrics["skipped"]
     assert torn_metrics["samples"] >= 1, "the samples before the damage are still scored"
+
+
+def test_domain_scores_average_each_metric_over_the_questions_it_applies_to():
+    domain = EvalDomain("path", [], ("closed_accuracy", "open_recall"))
+    predictions = [
+        {"domain": "path", "scores": {"closed_accuracy": 1.0, "open_recall": None}},
+        {"domain": "path", "scores": {"closed_accuracy": 0.0, "open_recall": None}},
+        {"domain": "path", "scores": {"closed_accuracy": None, "open_recall": 0.5}},
+        {"domain": "other", "scores": {"closed_accuracy": 1.0, "open_recall": 1.0}},
+    ]
+    scores = domain_scores(domain, predictions)
+    assert scores == {"closed_accuracy": {"score": 0.5, "questions": 2}, "open_recall": {"score": 0.5, "questions": 1}}, scores
+    row = {"samples": 3, "questions": 3, "loss": 1.0, "accuracy": 0.0, "exact_match": 0.0, "top_expert_share": None,
+           "skipped": {}, "metrics": scores}
+    overall = {k: v for k, v in row.items() if k not in ("metrics", "skipped")}
+    table = format_table({"domains": {"path": row}, "overall": overall,
+                          "routing": {"num_experts": 1, "nmi_per_layer": [], "mean_nmi": None}})
+    assert "closed_accuracy 0.500 (2 q) open_recall 0.500 (1 q)" in table, table
+    with pytest.raises(ValueError, match="domain 'd': unknown metric 'f1'; the metrics are exact_match"):
+        EvalDomain("d", [], ("f1",))
+
+
+@pytest.mark.parametrize("metric, message", [
+    ("docs=anls", "no domain 'docs'; the domains are shapes, charts, tissue"),
+    ("charts=relaxed", "unknown metric 'relaxed'; the metrics are exact_match, normalized_match, relaxed_accuracy"),
+])
+def test_eval_names_a_wrong_metric_choice_before_loading_anything(tmp_path, capsys, metric, message):
+    code = launch_module("eval").main(["--adapter", str(tmp_path / "none"), "--data-root", str(REPO / "data_shards"),
+                                       "--metric", metric])
+    assert code == 2 and message in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("option", ["--batch-size", "--max-samples", "--max-new-tokens", "--max-length"])

@@ -25,6 +25,9 @@ CUT_MARGIN_TOKENS = 64  # kept past max_length when text is cut before tokenisin
 class Turn:
     role: str  # "user" | "assistant"
     text: str
+    references: tuple[str, ...] = ()
+    """An answer's reference answers for evaluation, from the sample's optional ``"answers"`` list
+    (VQAv2's ten human answers, DocVQA's several); empty: ``text`` is the one reference."""
 
 
 def parse_conversation(raw: bytes) -> tuple[list[Turn], bool]:
@@ -56,13 +59,23 @@ def parse_conversation(raw: bytes) -> tuple[list[Turn], bool]:
             message["value"].encode("utf-8")
         except UnicodeEncodeError as err:  # JSON's \ud800 escapes decode to lone surrogates
             raise BadSample("non_utf8", f"turn {index}: {err}") from None
-        turns.append(Turn(role, message["value"]))
+        turns.append(Turn(role, message["value"], _references(message, index)))
     if not any(turn.role == "assistant" and turn.text.strip() for turn in turns):
         raise BadSample("no_answer", "no non-empty assistant turn")
     placeholders = sum(turn.text.count(IMAGE_PLACEHOLDER) for turn in turns)
     if placeholders > 1:
         raise BadSample("image_placeholder", f"{placeholders} {IMAGE_PLACEHOLDER} placeholders; a sample has one image")
     return turns, placeholders == 1
+
+
+def _references(message: dict, index: int) -> tuple[str, ...]:
+    """An assistant turn's optional ``"answers"``: a non-empty list of strings."""
+    answers = message.get("answers")
+    if answers is None:
+        return ()
+    if message["from"] != "gpt" or not isinstance(answers, list) or not answers or not all(isinstance(a, str) for a in answers):
+        raise BadSample("wrong_type", f"turn {index}: 'answers' must be a non-empty list of strings on an assistant turn")
+    return tuple(answers)
 
 
 def to_chat_messages(turns: list[Turn], has_image: bool) -> list[dict]:
@@ -125,7 +138,7 @@ def cut_turns(turns: list[Turn], has_image: bool, max_chars: int) -> list[Turn]:
         return turns
     kept, left = [], max_chars
     for turn in turns:
-        kept.append(Turn(turn.role, turn.text[:left]))
+        kept.append(Turn(turn.role, turn.text[:left], turn.references))
         left -= len(turn.text)
         if left <= 0:
             break

@@ -1,15 +1,22 @@
-"""Held-out loss per domain during training, on each domain's ``val_shards``.
+"""Held-out loss per domain during training, on each domain's ``val_shards``, and with
+``train.eval_max_new_tokens`` the domain's metrics (``data.domains[].metric``, :mod:`mole.scoring`) on
+greedily generated answers.
 
 Every rank reads the same validation samples in the same order and takes its share (usable sample i
 goes to rank i mod world size, :mod:`mole.data.examples`). Ranks may hold different numbers of
 batches, but under ZeRO-3 every forward is a sequence of collectives, so every rank runs the same
-number of forwards: ranks that run out repeat a batch with weight zero.
+number of forwards: ranks that run out repeat a batch with weight zero. Generation keeps them in step
+the same way: as many ``generate`` calls on every rank, each running until every rank's batch is done
+(``synced_gpus``), each starting from :meth:`~mole.model.TrainingModel.embed`, which runs the vision
+tower whether or not the batch has an image.
 """
 
 from __future__ import annotations
 
+import copy
 import logging
 from collections import Counter
+from dataclasses import dataclass, field
 
 import torch
 import torch.distributed as dist
@@ -21,45 +28,76 @@ from mole.data.examples import shard_examples
 from mole.data.sample import SampleProcessor
 from mole.data.shards import expand_shards
 from mole.distributed import DistInfo
+from mole.evaluate import questions
+from mole.inference import Prompt, PromptEncoder, decode_answers
+from mole.scoring import score
 
 log = logging.getLogger("mole.train")  # its warnings are the trainer's start-up lines
 
 
-def heldout_sets(cfg: Config, process: SampleProcessor, pad_token_id: int, info: DistInfo) -> dict[str, list[dict]]:
-    """Validation batches per domain with ``val_shards``, read once (they are small by design).
+@dataclass
+class HeldoutSet:
+    """One domain's held-out data on this rank: the loss batches and, when answers are generated, every
+    answer turn as a question with its references, scored by ``metrics``."""
 
-    Every rank must hold a batch of each domain (the forwards are collectives): checked now, on all
-    ranks alike, rather than at the first evaluation on one of them.
+    batches: list[dict]
+    prompts: list[Prompt] = field(default_factory=list)
+    references: list[list[str]] = field(default_factory=list)
+    metrics: tuple[str, ...] = ()
+
+
+def heldout_sets(cfg: Config, process: SampleProcessor, pad_token_id: int, info: DistInfo) -> dict[str, HeldoutSet]:
+    """Held-out sets per domain with ``val_shards``, read once (they are small by design).
+
+    Every rank must hold a batch of each domain (the forwards are collectives), and a question when
+    answers are generated: checked now, on all ranks alike, rather than at the first evaluation on one
+    of them.
     """
     if not cfg.train.eval_every:
         return {}
+    generate = cfg.train.eval_max_new_tokens > 0
+    if generate:  # the same samples, keeping their images to build the questions' prompts from
+        process = copy.copy(process)
+        process.keep_image = True
     sets = {}
     for domain in cfg.data.domains:
         if domain.val_shards is None:
             continue
         urls = expand_shards(domain.name, domain.val_shards)
-        sets[domain.name] = heldout_batches(urls, process, cfg.train.micro_batch_size, pad_token_id,
-                                            cfg.train.eval_batches, info.rank, info.world_size)
+        sets[domain.name] = heldout_set(urls, process, cfg.train.micro_batch_size, pad_token_id, cfg.train.eval_batches,
+                                        info.rank, info.world_size, domain.metrics if generate else ())
     if not sets and info.is_main:
         log.warning("train.eval_every is set but no domain has val_shards: nothing to evaluate")
-    fewest = torch.tensor([len(batches) for batches in sets.values()], dtype=torch.long)
+    fewest = torch.tensor([[len(held.batches), len(held.prompts) if generate else 1] for held in sets.values()],
+                          dtype=torch.long).reshape(-1, 2)
     if dist.is_initialized() and len(fewest):
         dist.all_reduce(fewest, op=dist.ReduceOp.MIN)
-    for (name, _), count in zip(sets.items(), fewest.tolist()):
+    for (name, _), (batches, prompts) in zip(sets.items(), fewest.tolist()):
         index = next(i for i, d in enumerate(cfg.data.domains) if d.name == name)
-        if count == 0:
+        if batches == 0:
             raise ConfigError(f"data.domains[{index}].val_shards: domain {name!r} has fewer usable held-out samples "
                               f"than the {info.world_size} ranks that share them", f"data.domains[{index}].val_shards")
+        if prompts == 0:
+            raise ConfigError(f"data.domains[{index}].val_shards: a rank's share of domain {name!r}'s held-out samples "
+                              "has no question (an answer after a user turn) to generate an answer to",
+                              f"data.domains[{index}].val_shards")
     return sets
 
 
-def heldout_batches(urls: list[str], process: SampleProcessor, batch_size: int, pad_token_id: int,
-                    max_batches: int, rank: int, world_size: int) -> list[dict]:
+def heldout_set(urls: list[str], process: SampleProcessor, batch_size: int, pad_token_id: int, max_batches: int,
+                rank: int, world_size: int, metrics: tuple[str, ...] = ()) -> HeldoutSet:
     """This rank's share of the first ``max_batches * batch_size * world_size`` usable samples, batched
-    (their domain ids are 0: only the loss is wanted)."""
+    (their domain ids are 0: only the loss is wanted), with their questions when ``metrics`` are."""
     examples = list(shard_examples(urls, process, Counter(), rank=rank, world_size=world_size,
                                    limit=max_batches * batch_size * world_size, deal="usable"))
-    return [collate(examples[i : i + batch_size], pad_token_id) for i in range(0, len(examples), batch_size)]
+    held = HeldoutSet([collate(examples[i : i + batch_size], pad_token_id) for i in range(0, len(examples), batch_size)],
+                      metrics=metrics)
+    if metrics:
+        for example in examples:
+            prompts, references = questions(example)
+            held.prompts += prompts
+            held.references += references
+    return held
 
 
 @torch.no_grad()
@@ -84,3 +122,45 @@ def heldout_loss(engine, batches: list[dict], device: torch.device) -> float:
     if dist.is_initialized():
         dist.all_reduce(total)
     return (total[0] / total[1].clamp(min=1)).item()
+
+
+@torch.no_grad()
+def heldout_scores(engine, held: HeldoutSet, encoder: PromptEncoder, max_new_tokens: int, batch_size: int,
+                   device: torch.device) -> dict[str, float]:
+    """Each of the set's metrics, the mean over every rank's questions it applies to (a metric that
+    applies to none is left out), from greedy answers of at most ``max_new_tokens`` tokens.
+
+    ``engine`` wraps a :class:`mole.model.TrainingModel`; every rank runs as many ``generate`` calls (a
+    rank that runs out repeats its last batch and does not count it), all kept in step.
+    """
+    model = engine.module
+    batches = -(-len(held.prompts) // batch_size)
+    count = torch.tensor([batches], dtype=torch.long)
+    synced = dist.is_initialized() and dist.get_world_size() > 1
+    if synced:
+        dist.all_reduce(count, op=dist.ReduceOp.MAX)
+    sums = torch.zeros(len(held.metrics), 2, dtype=torch.float64)  # (sum of scores, questions scored)
+    tokenizer = encoder.tokenizer
+    was_training = engine.training
+    engine.eval()
+    for i in range(int(count)):
+        start = min(i, batches - 1) * batch_size
+        prompts, references = held.prompts[start : start + batch_size], held.references[start : start + batch_size]
+        batch = encoder(prompts)
+        pixels = batch["pixel_values"]
+        embeds = model.embed(batch["input_ids"].to(device), None if pixels is None else pixels.to(device))
+        out = model.llava.generate(inputs_embeds=embeds, attention_mask=batch["attention_mask"].to(device),
+                                   max_new_tokens=max_new_tokens, do_sample=False, use_cache=True, synced_gpus=synced,
+                                   pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id)
+        if i >= batches:
+            continue
+        for answer, answer_references in zip(decode_answers(tokenizer, out), references):  # out: the new tokens only
+            for m, metric in enumerate(held.metrics):
+                value = score(metric, answer, answer_references)
+                if value is not None:
+                    sums[m] += torch.tensor([value, 1.0], dtype=torch.float64)
+    if was_training:
+        engine.train()
+    if synced:
+        dist.all_reduce(sums)
+    return {metric: (total / scored).item() for metric, (total, scored) in zip(held.metrics, sums) if scored > 0}

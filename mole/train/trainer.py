@@ -30,12 +30,13 @@ from mole.data.shards import expand_shards
 from mole.data.stream import Domain, MixedStream, derive_seed, make_loader
 from mole.distributed import DistInfo, release_shared_memory
 from mole.ds_config import build_ds_config, effective_precision
+from mole.inference import PromptEncoder
 from mole.lm_loss import window_normaliser
 from mole.model import DTYPES, TrainingModel, build_mole_model
 from mole.train.checkpoint import (CheckpointError, Checkpoints, check_resumable_config, record_start, resolve_resume,
                                    restore_rng)
 from mole.train.finite import all_finite, any_rank, local_gradients, local_weights
-from mole.train.heldout import heldout_loss, heldout_sets
+from mole.train.heldout import heldout_loss, heldout_scores, heldout_sets
 from mole.train.metrics import StepMetrics, count_parameters
 from mole.train.optim import build_optimizer, param_groups, run_settings_kept, warmup_cosine
 from mole.train.signals import StopRequest
@@ -157,6 +158,7 @@ class Trainer:
                              packing=cfg.data.packing, packing_buffer=cfg.data.packing_buffer, positions=positions)
         self.batches = iter(make_loader(stream, cfg.data.num_workers, pin_memory=info.device.type == "cuda"))
         self.heldout = heldout_sets(cfg, process, pad_token_id, info)
+        self.answer_encoder = PromptEncoder(processor, cfg.data.image_aspect, cfg.data.image_backend)  # held-out questions
 
     def run(self) -> dict:
         """Train to ``train.max_steps``; the last step's reduced metrics, with ``stopped`` set if a
@@ -284,15 +286,23 @@ class Trainer:
             self.metrics.log_routing(step)
 
     def maybe_eval(self, step: int) -> None:
-        """Held-out loss per domain every ``eval_every`` steps (the same forwards on every rank)."""
-        if not self.cfg.train.eval_every or step % self.cfg.train.eval_every != 0:
+        """Held-out loss per domain every ``eval_every`` steps, and each domain's metrics on generated
+        answers with ``eval_max_new_tokens`` (the same forwards on every rank)."""
+        train = self.cfg.train
+        if not train.eval_every or step % train.eval_every != 0:
             return
         self.phase.enter("eval")
-        losses = {f"eval/loss/{name}": heldout_loss(self.engine, batches, self.info.device)
-                  for name, batches in self.heldout.items()}
-        self.metrics.write_scalars(step, losses)
-        if losses:
-            log.info("step %d held-out %s", step, ", ".join(f"{k.split('/')[-1]} {v:.4f}" for k, v in losses.items()))
+        scalars, shown = {}, []
+        for name, held in self.heldout.items():
+            values = {"loss": heldout_loss(self.engine, held.batches, self.info.device)}
+            if held.metrics:
+                values |= heldout_scores(self.engine, held, self.answer_encoder, train.eval_max_new_tokens,
+                                         train.micro_batch_size, self.info.device)
+            scalars |= {f"eval/{metric}/{name}": value for metric, value in values.items()}
+            shown.append(f"{name} " + " ".join(f"{metric} {value:.4f}" for metric, value in values.items()))
+        self.metrics.write_scalars(step, scalars)
+        if scalars:
+            log.info("step %d held-out %s", step, ", ".join(shown))
 
     def save(self, step: int) -> None:
         """A resumable checkpoint of ``step`` and the adapter as of it. The adapter is gathered and
