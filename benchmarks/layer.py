@@ -18,7 +18,9 @@ are LLaVA-1.5-7B's MLP (hidden 4096, intermediate 11008), 256 tokens, K=3, r=128
 from __future__ import annotations
 
 import argparse
+import json
 import math
+from pathlib import Path
 
 import torch
 from torch import nn
@@ -26,7 +28,7 @@ from transformers.models.llama.configuration_llama import LlamaConfig
 from transformers.models.llama.modeling_llama import LlamaMLP
 
 from benchmarks import add_clock_args, apply_threads, interleaved, machine, print_table, summarize, write_json, write_profile
-from mole.choices import DType, Routing, options
+from mole.choices import DType, Family, Routing, options
 from mole.experts import MoleMLP, RoutingContext
 from mole.model import DTYPES
 
@@ -36,14 +38,18 @@ CPU_VARIANTS = VARIANTS[:-1]
 ``mole`` only where ``mole`` takes the grouped-GEMM path, a GPU, so it runs by default only there."""
 DEFAULT_ROUTING: Routing = "scaled"
 DROPOUT = 0.05
+TINY_MODELS = Path(__file__).resolve().parents[1] / "models"
 
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m benchmarks layer", description=__doc__.splitlines()[0])
     p.add_argument("--rank", type=int, default=128, help="LoRA rank r (alpha = 2r)")
     p.add_argument("--tokens", type=int, default=256)
-    p.add_argument("--hidden", type=int, default=4096)
-    p.add_argument("--intermediate", type=int, default=11008)
+    p.add_argument("--backbone", choices=options(Family),
+                   help="take hidden and intermediate from the family's bundled tiny model (models/tiny-<family>); "
+                        "every family's LLM MLP is the same gated SiLU block")
+    p.add_argument("--hidden", type=int, help="default 4096, or the --backbone's")
+    p.add_argument("--intermediate", type=int, help="default 11008, or the --backbone's")
     p.add_argument("--experts", type=int, default=3)
     p.add_argument("--repeats", type=int, default=12, help="timed rounds")
     p.add_argument("--warmup", type=int, default=2, help="uncounted rounds first")
@@ -55,7 +61,15 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--json", help="write the result here")
     add_clock_args(p)
     p.add_argument("--profile", help="after timing, profile one more call per variant and write the tables here")
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    sizes = {"hidden": 4096, "intermediate": 11008}
+    if args.backbone:
+        text = json.loads((TINY_MODELS / f"tiny-{args.backbone.replace('_', '-')}" / "config.json").read_text())["text_config"]
+        sizes = {"hidden": text["hidden_size"], "intermediate": text["intermediate_size"]}
+    for key, value in sizes.items():
+        if getattr(args, key) is None:
+            setattr(args, key, value)
+    return args
 
 
 def shared_mlp(base: LlamaMLP, config: LlamaConfig) -> LlamaMLP:
@@ -194,7 +208,7 @@ def main(argv: list[str]) -> dict:
         write_profile(args.profile, fns, device, result["medians_s"])
     result["setup"] = {
         "bench": "layer", "what": "one MLP block forward + backward, base frozen, input requires grad",
-        "tokens": args.tokens, "hidden": args.hidden, "intermediate": args.intermediate,
+        "backbone": args.backbone, "tokens": args.tokens, "hidden": args.hidden, "intermediate": args.intermediate,
         "experts": args.experts, "rank": args.rank, "alpha": 2 * args.rank, "dropout": DROPOUT,
         "dtype": args.dtype, "default_routing": DEFAULT_ROUTING, "repeats": args.repeats, "warmup": args.warmup, "clock": args.clock,
         "trainable_params": trainable_params(modules), "machine": machine(device), "notes": notes,

@@ -17,7 +17,7 @@ import random
 import torch
 
 from mole.data.collate import collate
-from mole.data.packing import arange_positions, collate_packed, consecutive_batches, grouped_batches, packed_batches
+from mole.data.packing import collate_packed, consecutive_batches, grouped_batches, packed_batches
 from mole.data.sample import Example
 
 FULL_BUDGET, FULL_IMAGE_TOKENS = 2048, 576
@@ -65,6 +65,6 @@ def mode_batches(examples: list[Example], mode: str, rows: int, max_length: int,
     stream = endless()
     if mode == "packed":
         made = packed_batches(stream, rows, max_length, buffer)
-        return [collate_packed(next(made), pad, arange_positions) for _ in range(count)]
+        return [collate_packed(next(made), pad) for _ in range(count)]
     made = grouped_batches(stream, rows, buffer, random.Random(seed)) if mode == "grouped" else consecutive_batches(stream, rows)
     return [collate(next(made), pad) for _ in range(count)]

@@ -1,5 +1,9 @@
 """``step`` bench: one full ZeRO-3 training step of a LLaVA-shaped model, MoLE (K experts) vs plain LoRA (K=1).
 
+``--backbone`` picks the family (:mod:`mole.backbones`) built at the preset's sizes: ``llava``
+(default), ``llava_next`` or ``llava_onevision`` (one tile-size image per sample, AnyRes: two tiles),
+``qwen2_5_vl`` or ``qwen3_vl`` (one image of the tile's size, one token per 2x2 patches).
+
 The model is built locally with random weights at a preset size (``tiny`` for smoke tests, ``mid``
 for 2 CPU ranks, ``7b`` for LLaVA-1.5-7B's shapes on a GPU), *partitioned while it is built*
 (``deepspeed.zero.Init``), then given MoLE by :func:`mole.surgery.apply_mole` exactly as training does,
@@ -32,7 +36,8 @@ from dataclasses import dataclass
 import torch
 
 from benchmarks import interleaved, machine, print_table, summarize, synchronize, write_json, write_profile
-from mole.choices import DType, Packing, Routing, options
+from mole.choices import DType, Family, Packing, Routing, options
+from mole.config import DYNAMIC_RESOLUTION
 
 PRESETS = {
     "tiny": dict(hidden=64, intermediate=172, layers=2, heads=4, vocab=512, vision_hidden=32,
@@ -50,6 +55,8 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     cuda = torch.cuda.is_available()
     p = argparse.ArgumentParser(prog="python -m benchmarks step", description=__doc__.splitlines()[0])
     p.add_argument("--size", choices=list(PRESETS), default="mid")
+    p.add_argument("--backbone", choices=options(Family), default="llava",
+                   help="the family whose model is built at the preset's sizes (AnyRes families: one tile-size image)")
     for key in ("layers", "seq", "batch", "hidden", "intermediate", "heads", "vision_layers"):
         p.add_argument(f"--{key.replace('_', '-')}", type=int, help=f"override the preset's {key}")
     p.add_argument("--experts", type=int, default=3, help="K of the MoLE variant (the baseline has K=1)")
@@ -73,6 +80,8 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--local_rank", type=int, default=0, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
+    if args.packing and args.backbone != "llava":  # benchmarks/ragged.py writes LLaVA-1.5 samples
+        p.error(f"--packing measures the llava family's samples; --backbone {args.backbone} is not covered")
     shape = dict(PRESETS[args.size])
     for key in shape:
         if getattr(args, key, None) is not None:
@@ -130,36 +139,92 @@ def _free_port() -> int:
         return sock.getsockname()[1]
 
 
-def llava_config(shape: dict):
-    from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig
+def llava_config(shape: dict, family: str = "llava"):
+    """The family's config at ``shape``: LLaVA-1.5 and LLaVA-NeXT a CLIP tower and a Llama LLM,
+    OneVision a SigLIP tower and a Qwen2 LLM; the AnyRes grids start at one tile (a tile-size image
+    takes that grid plus the whole-image tile)."""
+    from transformers import (CLIPVisionConfig, LlamaConfig, LlavaConfig, LlavaNextConfig, LlavaOnevisionConfig,
+                              Qwen2Config, SiglipVisionConfig)
 
-    vision = CLIPVisionConfig(
-        hidden_size=shape["vision_hidden"], intermediate_size=shape["vision_intermediate"],
-        num_hidden_layers=shape["vision_layers"], num_attention_heads=shape["vision_heads"],
-        image_size=shape["image_size"], patch_size=shape["patch"], projection_dim=shape["vision_hidden"],
-        hidden_act="quick_gelu",
-    )
+    vision_sizes = dict(hidden_size=shape["vision_hidden"], intermediate_size=shape["vision_intermediate"],
+                        num_hidden_layers=shape["vision_layers"], num_attention_heads=shape["vision_heads"],
+                        image_size=shape["image_size"], patch_size=shape["patch"])
+    side = shape["image_size"]
+    pinpoints = [[side, side], [side, 2 * side], [2 * side, side], [2 * side, 2 * side]]
+    if family == "llava_onevision":
+        text = Qwen2Config(
+            vocab_size=shape["vocab"], hidden_size=shape["hidden"], intermediate_size=shape["intermediate"],
+            num_hidden_layers=shape["layers"], num_attention_heads=shape["heads"], num_key_value_heads=shape["heads"],
+            max_position_embeddings=max(4096, shape["seq"]), tie_word_embeddings=False,
+            bos_token_id=1, eos_token_id=2, pad_token_id=None,
+        )
+        return LlavaOnevisionConfig(
+            vision_config=SiglipVisionConfig(**vision_sizes), text_config=text, image_token_id=shape["vocab"] - 1,
+            video_token_id=shape["vocab"] - 2, image_grid_pinpoints=pinpoints, vision_feature_layer=-1,
+            vision_feature_select_strategy="full", projector_hidden_act="gelu",
+        )
+    vision = CLIPVisionConfig(**vision_sizes, projection_dim=shape["vision_hidden"], hidden_act="quick_gelu")
     text = LlamaConfig(
         vocab_size=shape["vocab"], hidden_size=shape["hidden"], intermediate_size=shape["intermediate"],
         num_hidden_layers=shape["layers"], num_attention_heads=shape["heads"], num_key_value_heads=shape["heads"],
         max_position_embeddings=max(4096, shape["seq"]), tie_word_embeddings=False,
         bos_token_id=1, eos_token_id=2, pad_token_id=None,  # no padding_idx row to zero in a partitioned embedding
     )
-    return LlavaConfig(
-        vision_config=vision, text_config=text, image_token_id=shape["vocab"] - 1,
-        image_seq_length=image_tokens(shape), projector_hidden_act="gelu",
-        vision_feature_layer=-2, vision_feature_select_strategy="default",
-    )
+    common = dict(vision_config=vision, text_config=text, image_token_id=shape["vocab"] - 1, projector_hidden_act="gelu",
+                  vision_feature_layer=-2, vision_feature_select_strategy="default")
+    if family == "llava_next":
+        return LlavaNextConfig(**common, image_grid_pinpoints=pinpoints)
+    return LlavaConfig(**common, image_seq_length=image_tokens(shape))
 
 
-def image_tokens(shape: dict) -> int:
-    return (shape["image_size"] // shape["patch"]) ** 2
+def qwen_vl_config(shape: dict, family: str):
+    """Qwen2.5-VL (window attention, the last of every 8 ViT blocks global) or Qwen3-VL (DeepStack from
+    three ViT blocks) at ``shape``: the ViT at the preset's patch size with 2x2 merging, a Qwen2/Qwen3
+    LLM with the real models' M-RoPE split of each head (16/24/24 of 64, 24/20/20 interleaved)."""
+    from transformers import Qwen2_5_VLConfig, Qwen3VLConfig
+
+    vocab, layers, half = shape["vocab"], shape["vision_layers"], shape["hidden"] // shape["heads"] // 2
+    ids = dict(image_token_id=vocab - 1, video_token_id=vocab - 2, vision_start_token_id=vocab - 3,
+               vision_end_token_id=vocab - 4, tie_word_embeddings=False)
+    text = dict(vocab_size=vocab, hidden_size=shape["hidden"], intermediate_size=shape["intermediate"],
+                num_hidden_layers=shape["layers"], num_attention_heads=shape["heads"], num_key_value_heads=shape["heads"],
+                max_position_embeddings=max(4096, shape["seq"]), tie_word_embeddings=False, bos_token_id=1,
+                eos_token_id=2, pad_token_id=None)
+    vision = dict(depth=layers, hidden_size=shape["vision_hidden"], intermediate_size=shape["vision_intermediate"],
+                  num_heads=shape["vision_heads"], in_channels=3, patch_size=shape["patch"], spatial_merge_size=2,
+                  temporal_patch_size=2, out_hidden_size=shape["hidden"])
+    if family == "qwen2_5_vl":
+        side = half * 3 // 8
+        text["rope_parameters"] = {"rope_type": "default", "rope_theta": 1e6, "mrope_section": [half - 2 * side, side, side]}
+        vision.update(hidden_act="silu", window_size=8 * shape["patch"], tokens_per_second=2,
+                      fullatt_block_indexes=[i for i in range(layers) if i % 8 == 7] or [layers - 1])
+        return Qwen2_5_VLConfig(text_config=text, vision_config=vision, **ids)
+    side = half * 5 // 16
+    text.update(head_dim=2 * half, rope_parameters={"rope_type": "default", "rope_theta": 5e6, "mrope_interleaved": True,
+                                                    "mrope_section": [half - 2 * side, side, side]})
+    vision.update(hidden_act="gelu_pytorch_tanh", num_position_embeddings=2304,
+                  deepstack_visual_indexes=sorted({min(layers - 1, i * layers // 3) for i in (1, 2, 3)}))
+    return Qwen3VLConfig(text_config=text, vision_config=vision, **ids)
 
 
-def make_batch(shape: dict, device: torch.device, dtype: torch.dtype, seed: int = 0) -> dict:
-    """One image per sample at the start of the sequence, random text after it, loss on the text."""
+def build_config(shape: dict, family: str):
+    """The config the bench builds ``family`` from at ``shape``."""
+    return qwen_vl_config(shape, family) if family in DYNAMIC_RESOLUTION else llava_config(shape, family)
+
+
+def image_tokens(shape: dict, family: str = "llava") -> int:
+    """Image tokens of one tile-size image: one tile's patches, or for an AnyRes family two tiles'
+    (the grid's one and the whole image's) plus a newline per row, or for Qwen-VL one per 2x2 patches."""
+    side = shape["image_size"] // shape["patch"]
+    if family in DYNAMIC_RESOLUTION:
+        return (side // 2) ** 2
+    return side**2 if family == "llava" else 2 * side**2 + side
+
+
+def make_batch(shape: dict, device: torch.device, dtype: torch.dtype, seed: int = 0, family: str = "llava") -> dict:
+    """One tile-size image per sample at the start of the sequence, random text after it, loss on the text."""
     gen = torch.Generator().manual_seed(seed)
-    batch, seq, n_img = shape["batch"], shape["seq"], image_tokens(shape)
+    batch, seq, n_img = shape["batch"], shape["seq"], image_tokens(shape, family)
     if seq <= n_img + 2:
         raise ValueError(f"seq {seq} leaves no room for text after {n_img} image tokens")
     ids = torch.randint(3, shape["vocab"] - 2, (batch, seq), generator=gen)
@@ -167,11 +232,21 @@ def make_batch(shape: dict, device: torch.device, dtype: torch.dtype, seed: int 
     ids[:, 1 : 1 + n_img] = shape["vocab"] - 1
     labels = ids.clone()
     labels[:, : 1 + n_img] = -100
-    pixels = torch.randn(batch, 3, shape["image_size"], shape["image_size"], generator=gen)
-    return {
+    side = shape["image_size"] // shape["patch"]
+    if family in DYNAMIC_RESOLUTION:  # every image's patches, flattened, and its grid
+        pixels = torch.randn(batch * side * side, 3 * 2 * shape["patch"] ** 2, generator=gen)
+    else:
+        tiles = 1 if family == "llava" else 2
+        pixels = torch.randn(batch * tiles, 3, shape["image_size"], shape["image_size"], generator=gen)
+    out = {
         "input_ids": ids.to(device), "attention_mask": torch.ones_like(ids).to(device),
         "labels": labels.to(device), "pixel_values": pixels.to(device=device, dtype=dtype),
     }
+    if family in DYNAMIC_RESOLUTION:
+        out["image_sizes"] = torch.tensor([[1, side, side]] * batch, device=device)
+    elif family != "llava":
+        out["image_sizes"] = torch.tensor([[shape["image_size"]] * 2] * batch, device=device)
+    return out
 
 
 def bench_spec(base_config, num_experts: int, routing: str, rank: int, train_projector: bool):
@@ -186,8 +261,8 @@ def bench_spec(base_config, num_experts: int, routing: str, rank: int, train_pro
 def build_engine(args: argparse.Namespace, num_experts: int, ds_config: dict, dtype: torch.dtype):
     """A partitioned random LLaVA with MoLE surgery in a DeepSpeed engine, as the trainer builds one."""
     import deepspeed
-    from transformers import LlavaForConditionalGeneration
 
+    from mole.backbones import FAMILIES
     from mole.model import TrainingModel
     from mole.surgery import apply_mole
     from mole.train.optim import build_optimizer, param_groups
@@ -195,8 +270,13 @@ def build_engine(args: argparse.Namespace, num_experts: int, ds_config: dict, dt
     torch.manual_seed(0)  # the same frozen weights for every variant
     # No dtype argument: zero.Init takes it from the config's bf16/fp16 sections (its explicit dtype
     # argument turns fp32 into bf16 on a CPU accelerator in deepspeed 0.19).
-    with deepspeed.zero.Init(config_dict_or_path=ds_config):
-        llava = LlavaForConditionalGeneration(llava_config(args.shape))
+    model_class, config = FAMILIES[args.backbone].model_class, build_config(args.shape, args.backbone)  # imported
+    # outside zero.Init: it patches tensor constructors, which torch._dynamo's import-time checks refuse
+    if args.backbone == "llava_onevision":  # SigLIP's weight init needs the whole tensors zero.Init has
+        llava = model_class(config)        # already partitioned; deepspeed.initialize partitions it instead
+    else:
+        with deepspeed.zero.Init(config_dict_or_path=ds_config):
+            llava = model_class(config)
     llava.config.use_cache = False
     torch.manual_seed(1)
     surgery = apply_mole(llava, bench_spec(llava.config, num_experts, args.routing, args.rank, train_projector=True))
@@ -205,7 +285,8 @@ def build_engine(args: argparse.Namespace, num_experts: int, ds_config: dict, dt
             if param.requires_grad and param.dtype != dtype:
                 param.data = param.data.to(dtype)
     model = TrainingModel(llava, surgery, "switch", 0.01)
-    optimizer = build_optimizer(param_groups(model, 1e-4, 2e-5), "adamw", 1e-4, weight_decay=0.01)  # as training builds it
+    optimizer = build_optimizer(param_groups(model, 1e-4, 2e-5, FAMILIES[args.backbone]), "adamw", 1e-4,
+                                weight_decay=0.01)  # as training builds it
     engine, *_ = deepspeed.initialize(model=model, optimizer=optimizer, config=ds_config)
     return engine
 
@@ -257,13 +338,18 @@ def count_for_flops(model: torch.nn.Module, num_experts: int) -> Counts:
     return Counts(llm_frozen, vision, projector, active, router)
 
 
-def step_flops(shape: dict, counts: Counts) -> float:
+def step_flops(shape: dict, counts: Counts, family: str = "llava") -> float:
     """Model FLOPs of one micro-batch step, by the formula in the module docstring."""
-    batch, seq, n_img = shape["batch"], shape["seq"], image_tokens(shape)
-    tokens, img_tokens = batch * seq, batch * (n_img + 1)  # CLIP adds a CLS token
+    batch, seq, n_img = shape["batch"], shape["seq"], image_tokens(shape, family)
+    tile_tokens = image_tokens(shape) + (family != "llava_onevision")  # CLIP adds a CLS token, SigLIP none
+    tiles = 1 if family == "llava" else 2
+    if family in DYNAMIC_RESOLUTION:  # one ViT token per patch, attention counted as global (Qwen2.5-VL's windows less)
+        tile_tokens, tiles = (shape["image_size"] // shape["patch"]) ** 2, 1
+    tokens, img_tokens = batch * seq, batch * tiles * tile_tokens
+    vision_attention = 4 * shape["vision_layers"] * shape["vision_hidden"] * tile_tokens**2 * batch * tiles
     llm = 4 * counts.llm_frozen * tokens + 12 * shape["layers"] * shape["hidden"] * seq**2 * batch
     adapters = 6 * (counts.adapter_active + counts.router) * tokens + 6 * counts.projector * batch * n_img
-    vision = 2 * counts.vision_frozen * img_tokens + 4 * shape["vision_layers"] * shape["vision_hidden"] * (n_img + 1) ** 2 * batch
+    vision = 2 * counts.vision_frozen * img_tokens + vision_attention
     return float(llm + adapters + vision)
 
 
@@ -319,7 +405,7 @@ def _measure(args: argparse.Namespace, info) -> dict:
     engines = {name: build_engine(args, k, ds_config, dtype) for name, k in variants.items()}
     if args.packing:
         return _measure_packing(args, info, engines, dtype)
-    batch = make_batch(args.shape, info.device, dtype, seed=info.rank)
+    batch = make_batch(args.shape, info.device, dtype, seed=info.rank, family=args.backbone)
 
     phases = {name: {"forward": [], "backward": [], "optimizer": []} for name in engines}
 
@@ -349,14 +435,15 @@ def _measure(args: argparse.Namespace, info) -> dict:
     mfu = {}
     for name, engine in engines.items():
         counts = count_for_flops(engine.module, variants[name])
-        flops = step_flops(args.shape, counts)
+        flops = step_flops(args.shape, counts, args.backbone)
         achieved = flops / result["medians_s"][name]
         mfu[name] = {"model_flops_per_rank": flops, "achieved_tflops_per_rank": round(achieved / 1e12, 3),
                      "mfu": round(achieved / peak, 4) if peak else None, "param_counts": vars(counts)}
     result["mfu"] = mfu
     result["setup"] = {
         "bench": "step", "what": "forward + backward + AdamW step of a partitioned LLaVA under ZeRO-3, per rank",
-        "size": args.size, "shape": args.shape, "image_tokens": image_tokens(args.shape),
+        "size": args.size, "backbone": args.backbone, "shape": args.shape,
+        "image_tokens": image_tokens(args.shape, args.backbone),
         "experts": args.experts, "routing": args.routing, "rank": args.rank, "alpha": 2 * args.rank,
         "ranks": info.world_size, "dtype": args.dtype, "ds_config": os.path.basename(args.ds_config),
         "bucket_size": args.bucket_size,

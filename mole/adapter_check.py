@@ -23,8 +23,8 @@ import re
 import torch
 
 from mole.adapter import AdapterError
+from mole.backbones import FAMILIES, backbone_for
 from mole.spec import AdapterSpec
-from mole.surgery import PROJECTOR_PREFIX
 
 FLOAT_DTYPES = {"F32": torch.float32, "BF16": torch.bfloat16, "F16": torch.float16}
 """The safetensors dtypes an adapter tensor may have; the model computes in one of these."""
@@ -76,12 +76,10 @@ def read_header(path: str) -> Shapes:
 def expected_shapes(spec: AdapterSpec, base_config, where: str = "mole_config.json") -> Shapes:
     """Name -> shape of every tensor :func:`mole.surgery.apply_mole` makes trainable on the base that
     ``base_config`` describes: the surgery itself, run on the meta device (no memory, no values)."""
-    from transformers import LlavaForConditionalGeneration
-
     from mole.surgery import SurgeryError, apply_mole
 
     with torch.device("meta"), torch.random.fork_rng(devices=[]):
-        model = LlavaForConditionalGeneration(base_config)
+        model = backbone_for(base_config).model_class(base_config)
         try:
             apply_mole(model, spec)
         except SurgeryError as err:
@@ -133,7 +131,7 @@ def check_against_spec(found: Shapes, spec: AdapterSpec, where: str) -> None:
             if len(shape) != 2 or shape[0 if match["ab"] == "A" else 1] != r:
                 problems.append(f"{name} has the wrong shape {shape}, expected rank r={r}")
         else:
-            if not (spec.train_projector and name.startswith(f"model.{PROJECTOR_PREFIX}.")):
+            if not (spec.train_projector and _is_projector(name, spec)):
                 problems.append(f"unexpected tensor {name}")
             continue
         index = match["index"]
@@ -149,11 +147,17 @@ def check_against_spec(found: Shapes, spec: AdapterSpec, where: str) -> None:
                 if len(missing) >= 3:
                     break
             problems.append(f"missing {what} tensors for (layer, ...) {missing[:3]} of num_hidden_layers={layers}")
-    if spec.train_projector and not any(name.startswith(f"model.{PROJECTOR_PREFIX}.") for name in found):
+    if spec.train_projector and not any(_is_projector(name, spec) for name in found):
         problems.append("train_projector is set but there are no projector tensors")
     if problems:
         more = f" (and {len(problems) - 1} more)" if len(problems) > 1 else ""
         raise AdapterError(f"{where}: weights do not match mole_config.json: {problems[0]}{more}")
+
+
+def _is_projector(name: str, spec: AdapterSpec) -> bool:
+    """Whether ``name`` is a tensor of the projection the family trains with ``train_projector``."""
+    backbone = FAMILIES[spec.family]
+    return any(name == f"model.{prefix}" or name.startswith(f"model.{prefix}.") for prefix in backbone.projector_prefixes)
 
 
 def check_finite(name: str, tensor: torch.Tensor, where: str) -> None:

@@ -27,10 +27,12 @@ from typing import Annotated, Any
 import yaml
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError
 
-from mole.choices import (AuxLoss, ImageAspect, ImageBackend, Metric, NonFinitePolicy, Optimizer, Packing, Precision,
-                          ResumeAcceptable, Routing)
+from mole.choices import (AuxLoss, Family, ImageAspect, ImageBackend, Metric, NonFinitePolicy, Optimizer, Packing,
+                          Precision, ResumeAcceptable, Routing, options)
 
 RESUME_WORDS = ("auto", "never")
+DYNAMIC_RESOLUTION = ("qwen2_5_vl", "qwen3_vl")
+"""Families whose image processor takes ``data.min_pixels`` / ``data.max_pixels``."""
 BUNDLED_DOMAINS = ("shapes", "charts", "tissue")
 
 
@@ -141,6 +143,12 @@ class DataConfig(Section):
     image_backend: ImageBackend = "fast"
     """fast: resize/crop/normalise on uint8 tensors, within 2 uint8 levels of the processor per pixel and
     about twice the samples per second of a worker (the image path alone about 3x); processor: the model's own image processor (see mole/data/images.py)."""
+    min_pixels: int | None = Field(None, ge=1)
+    """Dynamic-resolution families (Qwen-VL) only: the fewest pixels the image processor resizes an image
+    to (more pixels, more image tokens); none: the model directory's (the family's default)."""
+    max_pixels: int | None = Field(None, ge=1)
+    """Dynamic-resolution families (Qwen-VL) only: the most pixels an image is resized to, which caps its
+    image tokens; none: the model directory's (the family's default)."""
     max_image_pixels: int = Field(64_000_000, ge=1)
     """Images declaring more pixels than this are skipped undecoded (decompression bombs); with
     image_aspect pad, the square an image is padded to counts."""
@@ -541,9 +549,19 @@ def validate(cfg: Config) -> None:
     model = _read_json(config_json, key)
     _require(isinstance(model, dict) and "model_type" in model, key,
              f"{config_json!r} declares no model_type; expected a LLaVA (model_type 'llava')")
-    _require(model["model_type"] == "llava", key,
-             f"{path!r} holds a {model['model_type']!r} model; expected a LLaVA (model_type 'llava', e.g. "
-             "llava-1.5-7b-hf): transformers would otherwise build a default 7B LLaVA around it")
+    _require(model["model_type"] in options(Family), key,
+             f"{path!r} holds a {model['model_type']!r} model; expected a LLaVA of a supported family "
+             f"(model_type {', '.join(options(Family))}, e.g. llava-1.5-7b-hf)")
+
+    for name in ("min_pixels", "max_pixels"):
+        _require(getattr(cfg.data, name) is None or model["model_type"] in DYNAMIC_RESOLUTION, f"data.{name}",
+                 f"applies to dynamic-resolution families ({', '.join(DYNAMIC_RESOLUTION)}); "
+                 f"{path!r} holds a {model['model_type']!r} model")
+    _require(not cfg.train.eval_max_new_tokens or model["model_type"] not in DYNAMIC_RESOLUTION,
+             "train.eval_max_new_tokens", f"held-out answers are generated from embeddings, whose M-RoPE positions "
+             f"a {model['model_type']!r} model cannot number; answer the held-out sets after training (launch/eval.py)")
+    low, high = cfg.data.min_pixels, cfg.data.max_pixels
+    _require(low is None or high is None or low <= high, "data.min_pixels", f"{low} exceeds data.max_pixels {high}")
 
     path, key = cfg.train.ds_config, "train.ds_config"
     _require(os.path.isfile(path), key, f"DeepSpeed config {path!r} does not exist")

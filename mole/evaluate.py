@@ -31,6 +31,8 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
+from mole.answers import answers_match, exact_match
+from mole.backbones import backbone_for
 from mole.data.collate import collate, to_device
 from mole.data.conversation import IGNORE_INDEX
 from mole.data.examples import shard_examples
@@ -91,8 +93,10 @@ def evaluate(
     are prepared as the adapter's training prepared them unless ``image_aspect``/``image_backend`` say
     otherwise."""
     image_aspect, image_backend = model_image_settings(model, image_aspect, image_backend)
-    sample_processor = SampleProcessor(processor, max_length, image_aspect, image_backend=image_backend, keep_image=True)
-    encoder = PromptEncoder(processor, image_aspect, image_backend)
+    backbone = backbone_for(model.config)
+    sample_processor = SampleProcessor(processor, max_length, image_aspect, image_backend=image_backend, keep_image=True,
+                                       backbone=backbone)
+    encoder = PromptEncoder(processor, image_aspect, image_backend, backbone=backbone)
     num_domains, num_layers = len(domains), len(mole_layers(model))
     num_experts = mole_layers(model)[0].num_experts if num_layers else 1
     sums = torch.zeros(num_domains, len(SUMS), dtype=torch.float64)
@@ -157,7 +161,10 @@ def _score_batch(model, chunk: list[Example], pad_token_id: int, sums: torch.Ten
     batch = collate(chunk, pad_token_id)
     inputs = to_device(batch, model.device, pixel_dtype=model.dtype)
     labels = inputs.pop("labels")[:, 1:]  # the loss is taken here, per sample, not by the model
-    out = model(**inputs, use_cache=False)
+    images = None
+    if inputs["pixel_values"] is not None:
+        images = {"pixel_values": inputs["pixel_values"], "image_sizes": inputs.get("image_sizes")}
+    out = backbone_for(model.config).forward(model, inputs["input_ids"], inputs["attention_mask"], images)
     logits = out.logits[:, :-1].float()  # (batch, seq-1, vocab): position t predicts token t+1
     token_loss = F.cross_entropy(logits.transpose(1, 2), labels, ignore_index=IGNORE_INDEX, reduction="none")
     per_sample = token_loss.sum(dim=1).double().cpu()

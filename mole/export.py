@@ -29,8 +29,8 @@ from mole.adapter import ADAPTER_CONFIG, AdapterError, load_adapter, read_adapte
 from mole.adapter_check import ATTN_KEY as _ATTN_KEY
 from mole.adapter_check import EXPERT_KEY as _EXPERT_KEY
 from mole.adapter_check import check_state, resolve_base
+from mole.backbones import FAMILIES, backbone_for
 from mole.spec import AdapterSpec
-from mole.surgery import PROJECTOR_PREFIX
 from mole.train.checkpoint import TAG, find_resumable
 
 PEFT_PREFIX = "base_model.model."
@@ -60,13 +60,15 @@ def peft_state_and_config(state: dict[str, torch.Tensor], spec: AdapterSpec):
     from peft import LoraConfig
 
     require_plain_lora(spec, "peft")
+    backbone = FAMILIES[spec.family]
     peft_state = {}
     for name, tensor in state.items():
         if match := _EXPERT_KEY.fullmatch(name):  # (1, r, in) / (1, out, r) -> (r, in) / (out, r)
             peft_state[f"{PEFT_PREFIX}{match['layer']}.{match['proj']}.lora_{match['ab']}.weight"] = tensor[0].contiguous()
         elif match := _ATTN_KEY.fullmatch(name):
             peft_state[f"{PEFT_PREFIX}{match['module']}.lora_{match['ab']}.weight"] = tensor.contiguous()
-        elif PROJECTOR_PREFIX in name:  # peft saves modules_to_save under the module's own name
+        elif any(f"{prefix}." in name for prefix in backbone.projector_prefixes):  # a projector module's tensor:
+            # peft saves modules_to_save under the module's own name (a bare parameter has no peft form)
             peft_state[PEFT_PREFIX + name] = tensor.contiguous()
         else:
             raise AdapterError(f"tensor {name} has no peft equivalent")
@@ -79,12 +81,26 @@ def peft_state_and_config(state: dict[str, torch.Tensor], spec: AdapterSpec):
         lora_alpha=spec.alpha,
         lora_dropout=spec.dropout,
         target_modules=rf".*language_model\.layers\.\d+\.({'|'.join(branches)})",
-        modules_to_save=[PROJECTOR_PREFIX] if any(PROJECTOR_PREFIX in n for n in state) else None,
+        modules_to_save=_projector_modules(state, backbone.projector_prefixes) or None,
         bias="none",
         base_model_name_or_path=spec.base_model,
         inference_mode=True,
     )
     return lora_config, peft_state
+
+
+def _projector_modules(state: dict[str, torch.Tensor], prefixes: tuple[str, ...]) -> list[str]:
+    """The projector modules whose tensors ``state`` holds, as peft's ``modules_to_save`` names them:
+    each prefix, or each member of a prefix that is a module list (peft wraps modules, not lists)."""
+    modules: list[str] = []
+    for name in state:
+        for prefix in prefixes:
+            if f"{prefix}." in name:
+                member = name.split(f"{prefix}.", 1)[1].split(".", 1)[0]
+                module = f"{prefix}.{member}" if member.isdigit() else prefix
+                if module not in modules:
+                    modules.append(module)
+    return modules
 
 
 def export_peft(adapter_dir: str, out_dir: str) -> list[str]:
@@ -103,7 +119,6 @@ def export_merged(adapter_dir: str, out_dir: str, base_dir: str | None = None, a
     """Merge a K=1 adapter into its base and save a Hugging Face LLaVA directory with the processor.
     The base is ``base_dir``, else the adapter's ``base_model``: a local directory unless ``allow_remote``."""
     from peft import get_peft_model, set_peft_model_state_dict
-    from transformers import LlavaForConditionalGeneration
 
     from mole.inference import check_base_fits
 
@@ -111,9 +126,11 @@ def export_merged(adapter_dir: str, out_dir: str, base_dir: str | None = None, a
     require_plain_lora(spec, "merged")
     named_by = "--base" if base_dir else f"base_model in {os.path.join(adapter_dir, 'mole_config.json')}"
     base_dir = resolve_base(base_dir or spec.base_model, named_by, allow_remote)
-    state, spec = load_adapter(adapter_dir, check_base_fits(spec, base_dir, adapter_dir))
+    base_config = check_base_fits(spec, base_dir, adapter_dir)
+    state, spec = load_adapter(adapter_dir, base_config)
     lora_config, peft_state = peft_state_and_config(state, spec)
-    base = LlavaForConditionalGeneration.from_pretrained(base_dir, local_files_only=True)
+    backbone = backbone_for(base_config)
+    base = backbone.model_class.from_pretrained(base_dir, local_files_only=True)
     model = get_peft_model(base, lora_config)
     loaded = set_peft_model_state_dict(model, peft_state)
     if loaded.unexpected_keys:
@@ -125,12 +142,11 @@ def export_merged(adapter_dir: str, out_dir: str, base_dir: str | None = None, a
 
 
 def save_processor(base_dir: str, spec: AdapterSpec, out_dir: str) -> None:
-    """The base's processor into ``out_dir``, preparing images as the adapter's training did (a padding
-    image processor for ``data.image_aspect: pad``)."""
-    from transformers import AutoProcessor
-
-    processor = AutoProcessor.from_pretrained(base_dir, local_files_only=True)
-    if spec.image.aspect == "pad":
+    """The base's processor into ``out_dir``, preparing images as the adapter's training did (for
+    LLaVA-1.5, a padding image processor for ``data.image_aspect: pad``)."""
+    backbone = FAMILIES[spec.family]
+    processor = backbone.load_processor(base_dir)
+    if spec.image.aspect == "pad" and backbone.family == "llava":
         processor.image_processor = padding_image_processor(processor.image_processor)
     processor.save_pretrained(out_dir)
 

@@ -19,12 +19,13 @@ from dataclasses import dataclass
 import torch
 from PIL import Image
 from torch import nn
-from transformers import AutoConfig, AutoProcessor, LlavaForConditionalGeneration
+from transformers import AutoConfig
 
 from mole.adapter import AdapterError, load_adapter, read_adapter_spec
 from mole.adapter_check import resolve_base
+from mole.backbones import Backbone, backbone_for
+from mole.backbones.llava import LLAVA
 from mole.data.conversation import IMAGE_PLACEHOLDER, Turn, render_conversation, to_chat_messages
-from mole.data.images import make_pixel_transform
 from mole.experts import MoleMLP, RoutingContext
 from mole.model import DTYPES
 from mole.spec import AdapterSpec, ImageSpec
@@ -45,8 +46,8 @@ def load_model(
     device: torch.device | str = "cpu",
     dtype: torch.dtype | str = torch.float32,
     allow_remote: bool = False,
-) -> LlavaForConditionalGeneration:
-    """The base LLaVA with the adapter's MoLE layers (K>1) or plain LoRA (K=1) in place, in eval mode.
+) -> nn.Module:
+    """The base model (its family's stock class) with the adapter's MoLE layers (K>1) or plain LoRA (K=1) in place, in eval mode.
 
     The adapter directory is untrusted input (:mod:`mole.adapter_check`): before the base weights load
     or any adapter tensor is allocated, its spec must record the base's family and shapes and its file
@@ -58,8 +59,9 @@ def load_model(
     dtype = resolve_dtype(dtype)
     base_dir = resolve_base(base_dir, "base_dir", allow_remote)
     spec = read_adapter_spec(adapter_dir)
-    state, spec = load_adapter(adapter_dir, check_base_fits(spec, base_dir, adapter_dir))
-    model = LlavaForConditionalGeneration.from_pretrained(base_dir, dtype=dtype, local_files_only=True)
+    base_config = check_base_fits(spec, base_dir, adapter_dir)
+    state, spec = load_adapter(adapter_dir, base_config)
+    model = backbone_for(base_config).model_class.from_pretrained(base_dir, dtype=dtype, local_files_only=True)
     with torch.random.fork_rng(devices=[]):  # surgery initialises modules we overwrite; keep the caller's RNG
         apply_mole(model, spec)  # the model keeps the spec (model.mole_spec), e.g. how training prepared images
     _load_adapter_weights(model, state, adapter_dir, dtype)
@@ -83,7 +85,8 @@ def check_base_fits(spec: AdapterSpec, base_dir: str, adapter_dir: str = "the ad
         raise AdapterError(f"base model {base_dir!r} has no config.json; expected a local Hugging Face LLaVA directory")
     base = AutoConfig.from_pretrained(base_dir, local_files_only=True)
     if base.model_type != spec.family:
-        raise AdapterError(f"base model {base_dir!r} holds a {base.model_type!r} model; expected a LLaVA directory")
+        raise AdapterError(f"base model {base_dir!r} holds a {base.model_type!r} model; expected a LLaVA directory "
+                           f"of the adapter's family {spec.family!r}")
     mismatches = [change for change in spec.on_base(base).diff(spec) if change.impact == "shape"]
     if mismatches:
         change = mismatches[0]
@@ -154,47 +157,56 @@ class Prompt:
 
 
 class PromptEncoder:
-    """Prompts -> a left-padded generation batch (``input_ids``, ``attention_mask``, ``pixel_values``).
+    """Prompts -> a left-padded generation batch (``input_ids``, ``attention_mask``, ``pixel_values``,
+    ``image_sizes``: ``None`` where the batch or the family has none).
 
     Left padding keeps every prompt's last token in the last column, where ``generate`` appends.
     Images take the path training took (``image_aspect``, ``image_backend``: the adapter records
-    them, :attr:`mole.spec.AdapterSpec.image`), so the model sees the pixels it was trained on, not
-    ones a level or two apart.
+    them, :attr:`mole.spec.AdapterSpec.image`; the family's image path, ``backbone``, LLaVA-1.5 when
+    not given), so the model sees the pixels it was trained on, not ones a level or two apart.
     """
 
-    def __init__(self, processor, image_aspect: str = "pad", image_backend: str = "fast"):
-        from mole.data.stream import count_image_tokens
-
-        self.processor, self.tokenizer = processor, processor.tokenizer
-        self.pixels = make_pixel_transform(processor.image_processor, image_aspect, image_backend)
+    def __init__(self, processor, image_aspect: str = "pad", image_backend: str = "fast", backbone: Backbone = LLAVA):
+        self.processor, self.tokenizer, self.backbone = processor, processor.tokenizer, backbone
+        self.images = backbone.image_transform(processor.image_processor, image_aspect, image_backend)
         self.image_token_id = self.tokenizer.convert_tokens_to_ids(processor.image_token)
-        self.num_image_tokens = count_image_tokens(processor)
+        self.num_image_tokens = backbone.tile_image_tokens(processor)
 
-    def token_ids(self, prompt: Prompt) -> list[int]:
+    def pixels(self, image: Image.Image) -> torch.Tensor:
+        """One image's pixels as training prepared them: (3, H, W), or (tiles, 3, H, W) for AnyRes."""
+        return self.images(image)[0]
+
+    def token_ids(self, prompt: Prompt, image_size: tuple[int, int] | None = None) -> list[int]:
         text = prompt_text(prompt.turns, prompt.image is not None, self.tokenizer)
+        count = self.num_image_tokens if image_size is None else self.backbone.image_tokens(self.processor, image_size)
         ids: list[int] = []
         for token in self.tokenizer(text, add_special_tokens=True)["input_ids"]:
-            ids += [token] * (self.num_image_tokens if token == self.image_token_id else 1)
-        if ids.count(self.image_token_id) != (self.num_image_tokens if prompt.image is not None else 0):
+            ids += [token] * (count if token == self.image_token_id else 1)
+        if ids.count(self.image_token_id) != (count if prompt.image is not None else 0):
             raise ValueError("a prompt needs exactly one image placeholder when it has an image, none otherwise")
         return ids
 
     def __call__(self, prompts: list[Prompt]) -> dict:
-        rows = [self.token_ids(prompt) for prompt in prompts]
+        prepared = [self.images(prompt.image.convert("RGB")) if prompt.image is not None else (None, None)
+                    for prompt in prompts]
+        rows = [self.token_ids(prompt, size) for prompt, (_, size) in zip(prompts, prepared)]
         length = max(len(row) for row in rows)
         input_ids = torch.full((len(rows), length), self.tokenizer.pad_token_id, dtype=torch.long)
         attention_mask = torch.zeros((len(rows), length), dtype=torch.long)
         for i, row in enumerate(rows):
             input_ids[i, length - len(row) :] = torch.tensor(row)
             attention_mask[i, length - len(row) :] = 1
-        images = [self.pixels(prompt.image.convert("RGB")) for prompt in prompts if prompt.image is not None]
-        pixel_values = torch.stack(images) if images else None
-        return {"input_ids": input_ids, "attention_mask": attention_mask, "pixel_values": pixel_values}
+        tiles = [pixels.unsqueeze(0) if pixels.dim() == 3 else pixels  # one (3, H, W) image is one tile
+                 for pixels, _ in prepared if pixels is not None]
+        sizes = [size for _, size in prepared if size is not None]
+        return {"input_ids": input_ids, "attention_mask": attention_mask,
+                "pixel_values": torch.cat(tiles) if tiles else None,
+                "image_sizes": torch.tensor(sizes, dtype=torch.long) if sizes else None}
 
 
 @torch.no_grad()
 def generate_answers(
-    model: LlavaForConditionalGeneration,
+    model: nn.Module,
     processor,
     prompts: list[Prompt],
     max_new_tokens: int = 32,
@@ -211,18 +223,23 @@ def generate_answers(
     """
     if max_new_tokens < 1 or batch_size < 1:
         raise ValueError(f"max_new_tokens and batch_size must be >= 1, got {max_new_tokens} and {batch_size}")
-    encoder = encoder or PromptEncoder(processor, *model_image_settings(model, image_aspect, image_backend))
-    device, dtype = model.device, model.dtype
+    backbone = backbone_for(model.config)
+    encoder = encoder or PromptEncoder(processor, *model_image_settings(model, image_aspect, image_backend),
+                                       backbone=backbone)
+    device = model.device
     answers: list[str] = []
     for start in range(0, len(prompts), batch_size):
         batch = encoder(prompts[start : start + batch_size])
-        images = {}  # generate() must not be handed pixel_values=None
+        input_ids = batch["input_ids"].to(device)
+        images = None
         if batch["pixel_values"] is not None:
-            images["pixel_values"] = batch["pixel_values"].to(device=device, dtype=dtype)
+            images = {"pixel_values": batch["pixel_values"].to(device)}
+            if batch["image_sizes"] is not None:
+                images["image_sizes"] = batch["image_sizes"].to(device)
         out = model.generate(
-            input_ids=batch["input_ids"].to(device),
+            input_ids=input_ids,
             attention_mask=batch["attention_mask"].to(device),
-            **images,
+            **backbone.generation_inputs(model, input_ids, images),  # never pixel_values=None
             max_new_tokens=max_new_tokens,
             do_sample=False,
             use_cache=True,
@@ -241,5 +258,7 @@ def decode_answers(tokenizer, new_tokens: torch.Tensor) -> list[str]:
 
 
 def load_processor(base_dir: str, allow_remote: bool = False):
-    """The base's processor, from its local directory unless ``allow_remote`` (:func:`mole.adapter_check.resolve_base`)."""
-    return AutoProcessor.from_pretrained(base_dir, local_files_only=not allow_remote)
+    """The base's processor as its family loads it, from its local directory unless ``allow_remote``
+    (:func:`mole.adapter_check.resolve_base`)."""
+    config = AutoConfig.from_pretrained(base_dir, local_files_only=not allow_remote)
+    return backbone_for(config).load_processor(base_dir, local_files_only=not allow_remote)

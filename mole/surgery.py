@@ -1,4 +1,6 @@
-"""Turn a Hugging Face LLaVA into a MoLE LLaVA: experts in every LLM MLP, plain LoRA on attention.
+"""Turn a Hugging Face multimodal LLM into a MoLE one: experts in every LLM MLP, plain LoRA on attention.
+
+Where the MLPs, attention projections and projector are is the family's (:mod:`mole.backbones`).
 
 Surgery only moves module references and adds new modules; it never reads a frozen weight, so it
 works the same on a model whose weights ZeRO-3 has already partitioned across ranks. It refuses
@@ -13,12 +15,15 @@ from dataclasses import dataclass, field
 
 from torch import nn
 
+from mole.backbones import Backbone, backbone_for
+from mole.backbones.llava import LLAVA
 from mole.experts import MoleMLP, RoutingContext
 from mole.spec import AdapterSpec
 
-MLP_PATTERN = re.compile(r"(.*\.)?language_model\.layers\.\d+\.mlp")
-ATTENTION_PATTERN = r"(.*\.)?language_model\.layers\.\d+\.self_attn\.({targets})"
-PROJECTOR_PREFIX = "multi_modal_projector"
+MLP_PATTERN = re.compile(LLAVA.mlp_pattern)
+"""LLaVA-1.5's (every family of the LLaVA line shares it); surgery reads the model's family's."""
+PROJECTOR_PREFIX = LLAVA.projector_prefixes[0]
+"""The multimodal projector's module name in every family of the LLaVA line."""
 
 
 class SurgeryError(ValueError):
@@ -46,13 +51,16 @@ def apply_mole(model: nn.Module, spec: AdapterSpec) -> MoleSurgery:
     if misfit:
         raise SurgeryError("the adapter spec does not describe this model: " + ", ".join(
             f"{c.field} {c.before!r} in the spec, {c.after!r} in the model" for c in misfit))
+    backbone = backbone_for(model.config)
     for param in model.parameters():
         param.requires_grad_(False)
     surgery = MoleSurgery(context=RoutingContext())
     if spec.attn_targets:
-        surgery.lora_layers = _add_attention_lora(model, list(spec.attn_targets), spec.r, spec.alpha, spec.dropout)
+        surgery.lora_layers = _add_attention_lora(model, backbone, list(spec.attn_targets), spec.r, spec.alpha,
+                                                  spec.dropout)
+    mlp_pattern = re.compile(backbone.mlp_pattern)
     for name, module in list(model.named_modules()):
-        if not MLP_PATTERN.fullmatch(name):
+        if not mlp_pattern.fullmatch(name):
             continue
         missing = [t for t in spec.mlp_targets if not isinstance(getattr(module, t, None), nn.Linear)]
         if missing:
@@ -63,26 +71,29 @@ def apply_mole(model: nn.Module, spec: AdapterSpec) -> MoleSurgery:
         setattr(model.get_submodule(parent_name), child, mole)
         surgery.mole_layers.append(name)
     if not surgery.mole_layers:
-        raise SurgeryError(f"no module matches {MLP_PATTERN.pattern!r}: is this a LLaVA with a LLaMA-style LLM?")
+        raise SurgeryError(f"no module matches {mlp_pattern.pattern!r}: does this {backbone.family} model have "
+                           "a LLaMA-style LLM?")
     model.register_forward_pre_hook(_remember_padding_mask(surgery.context), with_kwargs=True)
     for name, param in model.named_parameters():
-        param.requires_grad_(is_trainable(name, spec.train_projector))
+        param.requires_grad_(is_trainable(name, spec.train_projector, backbone))
     model.mole_spec = spec
     return surgery
 
 
-def is_trainable(name: str, train_projector: bool) -> bool:
-    """The one rule for what trains: experts, routers, LoRA, and optionally the projector."""
+def is_trainable(name: str, train_projector: bool, backbone: Backbone = LLAVA) -> bool:
+    """The one rule for what trains: experts, routers, LoRA, and optionally the projector (the
+    family's projection modules, e.g. LLaVA-NeXT's ``image_newline`` too)."""
     if ".experts." in name or ".router." in name or "lora_" in name:
         return True
-    return train_projector and PROJECTOR_PREFIX in name
+    return train_projector and backbone.is_projector(name)
 
 
-def _add_attention_lora(model: nn.Module, targets: list[str], r: int, alpha: float, dropout: float) -> list[str]:
+def _add_attention_lora(model: nn.Module, backbone: Backbone, targets: list[str], r: int, alpha: float,
+                        dropout: float) -> list[str]:
     """Plain LoRA on the LLM's attention projections, by peft itself."""
     from peft import LoraConfig, inject_adapter_in_model
 
-    pattern = ATTENTION_PATTERN.format(targets="|".join(re.escape(t) for t in targets))
+    pattern = backbone.attention_regex(targets)
     matched = [name for name, _ in model.named_modules() if re.fullmatch(pattern, name)]
     unmatched = [t for t in targets if not any(name.endswith(f".{t}") for name in matched)]
     if unmatched:

@@ -58,6 +58,29 @@ def launch_training(output_dir: Path, *overrides: str, ranks: int = 2, timeout: 
     return proc
 
 
+def launch_trainings_together(runs: dict[Path, list[str]], timeout: int = 400) -> None:
+    """:func:`launch_training` of each ``output_dir: overrides`` at the same time (their start-up, most
+    of a tiny run, overlaps); fails the test naming the first that failed or hung."""
+    started = {out: (cmd, subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                                          start_new_session=True))
+               for out, overrides in runs.items() for cmd in [training_command(out, *overrides)]}
+    problems = []
+    for out, (cmd, proc) in started.items():
+        try:
+            stdout, stderr = proc.communicate(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            for _, other in started.values():
+                if other.poll() is None:
+                    os.killpg(other.pid, signal.SIGKILL)
+            stdout, stderr = proc.communicate()
+            problems.append(f"timed out after {timeout} s (hung collective?): {' '.join(cmd)}\n{stderr[-3000:]}")
+            continue
+        if proc.returncode != 0:
+            problems.append(f"training failed ({proc.returncode}): {' '.join(cmd)}\n{stdout[-3000:]}\n{stderr[-3000:]}")
+    if problems:
+        raise AssertionError(problems[0])
+
+
 def run_group(cmd: list[str], timeout: int, **kwargs) -> subprocess.CompletedProcess:
     """Run a command in its own process group and kill the whole group on timeout, ranks included
     (a hung collective must fail the test, not leave orphaned ranks behind)."""

@@ -67,6 +67,21 @@ def test_layer_bench_runs_every_variant_with_the_right_trainable_parameters(tmp_
         assert params["mixlora"] == K * one + K * H, "K experts + router without bias"
 
 
+@pytest.mark.parametrize("family", ["llava", "llava_next", "llava_onevision", "qwen2_5_vl", "qwen3_vl"])
+def test_layer_bench_takes_the_mlp_shapes_of_the_family_it_is_given(family):
+    from benchmarks import layer
+
+    text = json.loads((REPO / "models" / f"tiny-{family.replace('_', '-')}" / "config.json").read_text())["text_config"]
+    result = layer.main(["--backbone", family, "--tokens", str(T), "--rank", str(R), "--variants", "mole",
+                         "--repeats", "1", "--warmup", "0"])
+    setup = result["setup"]
+    assert (setup["backbone"], setup["hidden"], setup["intermediate"]) == (family, text["hidden_size"],
+                                                                           text["intermediate_size"]), setup
+    h, i = text["hidden_size"], text["intermediate_size"]
+    assert setup["trainable_params"]["mole"] == K * 3 * R * (h + i) + K * h + K, "K experts + router on the family's MLP"
+    assert result["ratios"]["lora"] == 1.0 and result["medians_s"]["mole"] > 0
+
+
 def test_layer_bench_with_one_expert_is_plain_lora_on_our_code(tmp_path):
     from benchmarks import layer
 

@@ -1,53 +1,83 @@
-"""Packed rows and length-grouped batches: the same losses, gradients and routing as padded batches."""
+"""Packed rows and length-grouped batches: the same losses, gradients and routing as padded batches, for
+the tiny model of every backbone family."""
 
 from __future__ import annotations
 
+import functools
+import io
 import json
 import random
 from types import SimpleNamespace
 
 import pytest
 import torch
+from PIL import Image
 
 from mole.balance import aux_loss
 from mole.config import load_config
 from mole.data.collate import collate, to_device
-from mole.data.packing import collate_packed, grouped_batches, packed_batches, sample_positions
+from mole.data.packing import collate_packed, grouped_batches, packed_batches
 from mole.data.stream import SampleProcessor
 from mole.lm_loss import answer_tokens
 from mole.model import TrainingModel, build_mole_model
-from tests.helpers import TINY_CONFIG, one_thread_for_the_module  # noqa: F401 (autouse fixture)
-from tests.test_model import jpeg
+from tests.helpers import REPO, TINY_CONFIG, one_thread_for_the_module  # noqa: F401 (autouse fixture)
+
+CONFIGS = {"llava": TINY_CONFIG, **{family: REPO / "launch" / "configs" / f"tiny_{family}.yaml"
+                                   for family in ("llava_next", "llava_onevision", "qwen2_5_vl", "qwen3_vl")}}
 
 
-def conversation(question: str, answer: str, image: bool) -> dict:
-    turns = [{"from": "human", "value": ("<image>\n" if image else "") + question}, {"from": "gpt", "value": answer}]
+def image(size: tuple[int, int], seed: int) -> bytes:
+    """A noisy RGB PNG of ``size`` (width, height): sizes differ, so the tiling and dynamic-resolution
+    families give the images different numbers of tiles, patches and image tokens."""
+    pixels = torch.randint(0, 256, (size[1], size[0], 3), generator=torch.Generator().manual_seed(seed), dtype=torch.uint8)
+    buffer = io.BytesIO()
+    Image.fromarray(pixels.numpy()).save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def conversation(question: str, answer: str, image_size: tuple[int, int] | None) -> dict:
+    turns = [{"from": "human", "value": ("<image>\n" if image_size else "") + question}, {"from": "gpt", "value": answer}]
     raw = {"json": json.dumps({"conversations": turns}).encode()}
-    if image:
-        raw["jpg"] = jpeg(("red", "blue", "green", "white")[len(question) % 4])
+    if image_size:
+        raw["png"] = image(image_size, len(question))
     return raw
 
 
-RAGGED = [  # (question, answer, with an image): lengths from a few tokens to a few dozen, text-only included
-    ("What color is the main object?", "red", True),
-    ("How many sides has a triangle?", "three sides, as every triangle has", False),
-    ("Describe the picture in detail, please, naming every shape and its colour.", "a blue square on white", True),
-    ("Hi", "hello there, how can I help you today with shapes or charts?", False),
-    ("Which bar is tallest?", "B", True),
+RAGGED = [  # (question, answer, image size): lengths from a few tokens to a few dozen, text-only included
+    ("What color is the main object?", "red", (64, 48)),
+    ("How many sides has a triangle?", "three sides, as every triangle has", None),
+    ("Describe the picture in detail, please, naming every shape and its colour.", "a blue square on white", (40, 90)),
+    ("Hi", "hello there, how can I help you today with shapes or charts?", None),
+    ("Which bar is tallest?", "B", (100, 100)),
 ]
 
 
-@pytest.fixture(scope="module")
-def tiny():
-    cfg = load_config(str(TINY_CONFIG), ["lora.dropout=0.0"])
+@functools.cache
+def tiny_family(family: str) -> tuple[TrainingModel, list, int]:
+    """The family's tiny model as a MoLE model with non-zero experts, fp32, and the RAGGED samples
+    through the family's data path (its own image processor)."""
+    cfg = load_config(str(CONFIGS[family]), ["lora.dropout=0.0", "train.train_projector=true"])
     llava, surgery, processor = build_mole_model(cfg, torch.float32)
     torch.manual_seed(0)
     for name, param in llava.named_parameters():  # B starts at zero: make the experts matter
         if param.requires_grad and "lora_B" in name:
             torch.nn.init.normal_(param, std=0.2)
-    process = SampleProcessor(processor, 256, "pad")
+    model = TrainingModel(llava, surgery, "switch", 0.05)
+    backend = "fast" if family == "llava" else "processor"
+    process = SampleProcessor(processor, 256, cfg.data.image_aspect, image_backend=backend, backbone=model.backbone)
     examples = [process(conversation(*sample), index % 2) for index, sample in enumerate(RAGGED)]
-    return TrainingModel(llava, surgery, "switch", 0.05), examples, processor.tokenizer.pad_token_id
+    return model, examples, processor.tokenizer.pad_token_id
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    return tiny_family("llava")
+
+
+@pytest.fixture(scope="module", params=sorted(CONFIGS))
+def family(request):
+    yield request.param, *tiny_family(request.param)
+    tiny_family.cache_clear()  # one family's model at a time
 
 
 def run(model: TrainingModel, batch: dict, normaliser: float) -> dict:
@@ -80,32 +110,35 @@ def padded_samples(batch: dict) -> torch.Tensor:
 
 def padded_and_packed(examples: list, pad: int) -> tuple[dict, dict]:
     rows = [[examples[0], examples[1], examples[2]], [examples[3], examples[4]]]  # rows of 3 and 2 samples
-    packed = collate_packed(rows, pad, sample_positions("llava"))
+    packed = collate_packed(rows, pad)
     return collate(examples, pad), packed
 
 
 @pytest.mark.parametrize("aux_kind", ["switch", "per_sample"])
-def test_packed_and_padded_give_the_same_per_sample_losses_routing_and_gradients(tiny, aux_kind):
-    model, examples, pad = tiny
+def test_packed_and_padded_give_the_same_per_sample_losses_routing_and_gradients(family, aux_kind):
+    name, model, examples, pad = family
     model.aux_kind = aux_kind
     padded, packed = padded_and_packed(examples, pad)
     assert packed["input_ids"].shape[0] == 2 and packed["num_samples"] == 5
-    assert packed["pixel_values"].shape[0] == 3 and (packed["input_ids"] == pad).sum() > 0, "a row must have padding"
+    assert packed["num_images"] == 3 and (packed["input_ids"] == pad).sum() > 0, "a row must have padding"
+    if packed["image_sizes"] is not None:
+        assert torch.equal(packed["image_sizes"], padded["image_sizes"]), "the images' sizes must keep their order"
     total = float(answer_tokens(padded["labels"]))
     assert float(answer_tokens(packed["labels"])) == total, "packing must not change which tokens are predicted"
     a, b = run(model, padded, total), run(model, packed, total)
     losses_a = per_sample_losses(a["logits"], padded["labels"], padded_samples(padded), 5)
     losses_b = per_sample_losses(b["logits"], packed["labels"], packed["sample_ids"], 5)
-    torch.testing.assert_close(losses_b, losses_a, rtol=1e-5, atol=1e-6, msg="per-sample LM losses differ")
+    torch.testing.assert_close(losses_b, losses_a, rtol=1e-5, atol=1e-6, msg=f"{name}: per-sample LM losses differ")
     for key in ("lm_loss", "aux_loss", "loss"):
-        torch.testing.assert_close(b["out"][key], a["out"][key], rtol=1e-5, atol=1e-6, msg=f"{key} differs")
+        torch.testing.assert_close(b["out"][key], a["out"][key], rtol=1e-5, atol=1e-6, msg=f"{name}: {key} differs")
     for layer, (sa, sb) in enumerate(zip(a["stats"], b["stats"])):
         for field in ("prob_sum", "count", "tokens"):
             torch.testing.assert_close(getattr(sb, field), getattr(sa, field), rtol=1e-5, atol=1e-5,
-                                       msg=f"layer {layer} per-sample routing {field} differs")
+                                       msg=f"{name}: layer {layer} per-sample routing {field} differs")
     assert a["grads"].keys() == b["grads"].keys() and any("router" in n for n in a["grads"])
-    for name, grad in a["grads"].items():
-        torch.testing.assert_close(b["grads"][name], grad, rtol=1e-4, atol=1e-6, msg=f"d/d{name} differs")
+    assert any("lora_A" in n and "self_attn" in n for n in a["grads"]), "precondition: attention adapters train"
+    for param, grad in a["grads"].items():
+        torch.testing.assert_close(b["grads"][param], grad, rtol=1e-4, atol=1e-6, msg=f"{name}: d/d{param} differs")
 
 
 def test_packed_rows_are_exact_under_eager_attention_too(tiny):
@@ -181,11 +214,6 @@ def test_grouped_batches_hold_similar_lengths_and_every_sample():
     assert 1 - sum(lengths) / padded < 0.1, "length-grouped batches should pad little"
     firsts = [b[0].key for b in drawn[:16]]
     assert firsts != sorted(firsts), "batches must be shuffled, not in length order"
-
-
-def test_packing_refuses_a_family_it_does_not_cover():
-    with pytest.raises(ValueError, match="does not cover the 'qwen2_vl' backbone family"):
-        sample_positions("qwen2_vl")
 
 
 def test_best_fill_finds_the_fullest_subset_that_fits():

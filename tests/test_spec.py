@@ -94,7 +94,7 @@ def test_diff_ignores_the_order_of_targets(spec):
     ("dropout", 1.0, "dropout: must be in [0, 1), got 1.0"),
     ("routing", "top2", "routing: must be one of hard, scaled, dense; got 'top2'"),
     ("aux_loss", None, "aux_loss: must be one of switch, per_sample; got None"),
-    ("family", "llama", "family: must be one of llava; got 'llama'"),
+    ("family", "llama", "family: must be one of llava, llava_next, llava_onevision, qwen2_5_vl, qwen3_vl; got 'llama'"),
     ("attn_targets", "q_proj", "attn_targets: must be a list of distinct module names"),
     ("mlp_targets", ("up_proj", "up_proj"), "mlp_targets: must be a list of distinct module names"),
     ("mlp_targets", (), "mlp_targets: is empty, so the 3 experts would have nothing to adapt"),

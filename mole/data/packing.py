@@ -10,40 +10,23 @@
   ignored, so no token predicts across a boundary; ``sample_ids`` say which sample each token is, so
   routing statistics and the balance losses count samples, not rows.
 
-How one sample's position ids are made is the backbone family's: :data:`SAMPLE_POSITIONS` holds one
-function per family that packing covers (LLaVA: ``arange``). A family with another rule (Qwen-VL's
-M-RoPE: three position streams per token from the image grid) adds its own; a family without one
-refuses ``packed`` (:func:`sample_positions`).
+The position ids a packed batch carries are the text positions, 0, 1, 2, ... per sample: what every
+family's model reads to keep the samples apart. A family whose rotary positions follow another rule
+(Qwen-VL's M-RoPE: three position streams per token from the image grid) numbers each sample its own
+way in its forward, from these boundaries (:meth:`mole.backbones.base.Backbone.forward`), since that
+rule needs the model's config and collation runs in data workers.
 """
 
 from __future__ import annotations
 
 import random
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 
 import torch
 
+from mole.data.collate import image_inputs
 from mole.data.conversation import IGNORE_INDEX
 from mole.data.sample import Example
-
-PositionIds = Callable[[Example], torch.Tensor]
-
-
-def arange_positions(example: Example) -> torch.Tensor:
-    """LLaVA-1.5: one position per token, 0, 1, 2, ... (image tokens included). (seq,) long."""
-    return torch.arange(len(example.input_ids))
-
-
-SAMPLE_POSITIONS: dict[str, PositionIds] = {"llava": arange_positions}
-"""Per backbone family (its config's ``model_type``): the position ids of one sample on its own."""
-
-
-def sample_positions(family: str) -> PositionIds:
-    """The family's position-id rule for one sample; a one-line error for a family packing does not cover."""
-    if family not in SAMPLE_POSITIONS:
-        raise ValueError(f"data.packing=packed does not cover the {family!r} backbone family yet (covered: "
-                         f"{', '.join(sorted(SAMPLE_POSITIONS))}); use data.packing=grouped or none")
-    return SAMPLE_POSITIONS[family]
 
 
 def consecutive_batches(examples: Iterator[Example], batch_size: int) -> Iterator[list[Example]]:
@@ -100,11 +83,12 @@ def best_fill(lengths: list[int], capacity: int) -> list[int]:
     return chosen[::-1]
 
 
-def collate_packed(rows: list[list[Example]], pad_token_id: int, positions: PositionIds = arange_positions) -> dict:
+def collate_packed(rows: list[list[Example]], pad_token_id: int) -> dict:
     """Packed rows -> one batch: each row the concatenation of its samples, right-padded to the longest row.
 
     Samples are numbered in row-major order (``sample_ids``, -1 on padding), which is also the order of
-    ``pixel_values``, ``domain`` and ``keys`` (the model scatters image features in token order).
+    the images (``pixel_values``, ``image_sizes``: see :func:`mole.data.collate.collate`), ``domain`` and
+    ``keys`` (the model scatters image features in token order).
     ``attention_mask`` is ``None``; ``position_ids`` restart per sample (and at the padding, which then
     attends only to itself); each sample's first label is ``IGNORE_INDEX``. ``tokens`` counts the real
     tokens, ``num_samples`` the samples.
@@ -123,11 +107,10 @@ def collate_packed(rows: list[list[Example]], pad_token_id: int, positions: Posi
             n = len(example.input_ids)
             input_ids[r, start : start + n] = torch.tensor(example.input_ids)
             labels[r, start + 1 : start + n] = torch.tensor(example.labels[1:], dtype=torch.long)
-            position_ids[r, start : start + n] = positions(example)
+            position_ids[r, start : start + n] = torch.arange(n)
             sample_ids[r, start : start + n] = sample
             start, sample = start + n, sample + 1
         position_ids[r, start:] = torch.arange(length - start)
-    images = [example.pixel_values for example in ordered if example.pixel_values is not None]
     return {
         "input_ids": input_ids,
         "labels": labels,
@@ -135,7 +118,7 @@ def collate_packed(rows: list[list[Example]], pad_token_id: int, positions: Posi
         "position_ids": position_ids,
         "sample_ids": sample_ids,
         "num_samples": len(ordered),
-        "pixel_values": torch.stack(images) if images else None,
+        **image_inputs(ordered),
         "domain": torch.tensor([example.domain for example in ordered], dtype=torch.long),
         "keys": [example.key for example in ordered],
         "tokens": sum(len(example.input_ids) for example in ordered),

@@ -7,9 +7,11 @@ from dataclasses import dataclass
 import torch
 from PIL import Image
 
+from mole.backbones.base import Backbone, fixed_image_tokens
+from mole.backbones.llava import LLAVA
 from mole.data.conversation import Turn, parse_conversation, tokenize_conversation
 from mole.data.errors import BadSample
-from mole.data.images import IMAGE_EXTENSIONS, MAX_PIXELS, decode_image, make_pixel_transform
+from mole.data.images import IMAGE_EXTENSIONS, MAX_PIXELS, decode_image
 
 
 @dataclass(frozen=True)
@@ -24,11 +26,12 @@ class Example:
 
     input_ids: list[int]
     labels: list[int]
-    pixel_values: torch.Tensor | None  # (3, H, W), or None for a text-only sample
+    pixel_values: torch.Tensor | None  # (3, H, W), (tiles, 3, H, W) tiling, (patches, patch_dim) Qwen-VL, None: text only
     key: str  # the sample's tar key
     domain: int  # index of its domain, for per-domain metrics and routing
     turns: list[Turn]
     image: Image.Image | None = None
+    image_size: tuple[int, ...] | None = None  # (height, width) for a family that takes ``image_sizes``; Qwen-VL: grid (t, h, w)
 
 
 class SampleProcessor:
@@ -37,14 +40,17 @@ class SampleProcessor:
     ``image_backend``: ``fast`` (default) or ``processor``; see :mod:`mole.data.images`. An image
     member without an ``<image>`` in the text is placed at the start of the first user turn.
     ``keep_image``: keep the decoded image in each :class:`Example` (evaluation builds prompts from it).
+    ``backbone``: the model's family (:func:`mole.backbones.backbone_for`), which says how an image
+    becomes pixels and how many tokens it takes; LLaVA-1.5 when not given. ``num_image_tokens`` is
+    the count of an image at the vision tower's own size (a tiling family's images may take more).
     """
 
     def __init__(self, processor, max_length: int, image_aspect: str, *, image_backend: str = "fast",
-                 max_image_pixels: int = MAX_PIXELS, keep_image: bool = False):
-        self.tokenizer = processor.tokenizer
+                 max_image_pixels: int = MAX_PIXELS, keep_image: bool = False, backbone: Backbone = LLAVA):
+        self.processor, self.backbone, self.tokenizer = processor, backbone, processor.tokenizer
         self.image_token_id = self.tokenizer.convert_tokens_to_ids(processor.image_token)
-        self.num_image_tokens = count_image_tokens(processor)
-        self.pixels = make_pixel_transform(processor.image_processor, image_aspect, image_backend)
+        self.num_image_tokens = backbone.tile_image_tokens(processor)
+        self.images = backbone.image_transform(processor.image_processor, image_aspect, image_backend)
         self.max_length, self.max_image_pixels = max_length, max_image_pixels
         self.padded, self.keep_image = image_aspect == "pad", keep_image
 
@@ -80,20 +86,21 @@ class SampleProcessor:
             raise BadSample("image_missing", "<image> in the text but no image member")
         if image_members and not any(turn.role == "user" for turn in turns):
             raise BadSample("image_placeholder", "an image but no user turn to show it in")
-        image = pixels = None
+        image = pixels = image_size = None
+        num_image_tokens = 0
         if image_members:
             image = decode_image(raw[image_members[0]], self.max_image_pixels, square=self.padded)
-            pixels = self.pixels(image)
+            pixels, image_size = self.images(image)
+            num_image_tokens = self.num_image_tokens if image_size is None else self.backbone.image_tokens(
+                self.processor, image_size)
         ids, labels = tokenize_conversation(
-            turns, pixels is not None, self.tokenizer, self.image_token_id, self.num_image_tokens, self.max_length
+            turns, pixels is not None, self.tokenizer, self.image_token_id, num_image_tokens, self.max_length
         )
-        return Example(ids, labels, pixels, raw.get("__key__", ""), domain, turns, image if self.keep_image else None)
+        return Example(ids, labels, pixels, raw.get("__key__", ""), domain, turns, image if self.keep_image else None,
+                       image_size)
 
 
 def count_image_tokens(processor) -> int:
-    """How many tokens one image expands to, asked of the processor itself (16 tiny, 576 LLaVA-1.5)."""
-    size = processor.image_processor.crop_size
-    image = Image.new("RGB", (size["width"], size["height"]))
-    ids = processor(text=processor.image_token, images=image, return_tensors="pt")["input_ids"][0]
-    image_token_id = processor.tokenizer.convert_tokens_to_ids(processor.image_token)
-    return int((ids == image_token_id).sum())
+    """How many tokens one image expands to in a fixed-resolution family, asked of the processor itself
+    (16 tiny, 576 LLaVA-1.5)."""
+    return fixed_image_tokens(processor)

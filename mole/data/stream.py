@@ -28,8 +28,7 @@ from torch.utils.data import IterableDataset, get_worker_info
 
 from mole.choices import Packing
 from mole.data.collate import collate
-from mole.data.packing import (PositionIds, arange_positions, collate_packed, consecutive_batches, grouped_batches,
-                                packed_batches)
+from mole.data.packing import collate_packed, consecutive_batches, grouped_batches, packed_batches
 from mole.data.errors import BadSample, DataError
 from mole.data.sample import Example, SampleProcessor, count_image_tokens  # noqa: F401  (re-exported)
 from mole.data.shards import expand_shards, read_shard, resampled_urls  # noqa: F401  (expand_shards re-exported)
@@ -56,8 +55,7 @@ class MixedStream(IterableDataset):
     """Infinite batches drawn from weighted domains; each batch carries the skip counts since the last.
 
     ``packing`` (``data.packing``) says how samples become batches (:mod:`mole.data.packing`); packed
-    rows hold up to the sample processor's ``max_length`` tokens, with ``positions`` the backbone
-    family's position ids of one sample. Yields dicts from :func:`mole.data.collate.collate` (or
+    rows hold up to the sample processor's ``max_length`` tokens. Yields dicts from :func:`mole.data.collate.collate` (or
     :func:`mole.data.packing.collate_packed`) plus ``skipped``: a Counter of
     ``"<domain>/<reason>"`` -> samples (or shard reads) skipped in this consumer since its previous
     batch. Skip counters live in DataLoader worker processes, so they travel with the batches.
@@ -78,7 +76,6 @@ class MixedStream(IterableDataset):
         on_read: Callable[[str, str], None] | None = None,
         packing: Packing = "none",
         packing_buffer: int = 64,
-        positions: PositionIds = arange_positions,
     ):
         super().__init__()
         if not domains:
@@ -87,7 +84,7 @@ class MixedStream(IterableDataset):
         self.batch_size, self.pad_token_id = batch_size, pad_token_id
         self.seed, self.rank, self.start_step, self.shuffle_buffer = seed, rank, start_step, shuffle_buffer
         self.on_read = on_read
-        self.packing, self.packing_buffer, self.positions = packing, packing_buffer, positions
+        self.packing, self.packing_buffer = packing, packing_buffer
         total = sum(domain.weight for domain in domains)
         self.probabilities = [domain.weight / total for domain in domains]
 
@@ -103,7 +100,7 @@ class MixedStream(IterableDataset):
         pad = self.pad_token_id
         if self.packing == "packed":
             rows = packed_batches(examples, self.batch_size, self.process.max_length, self.packing_buffer)
-            batches = (collate_packed(batch, pad, self.positions) for batch in rows)
+            batches = (collate_packed(batch, pad) for batch in rows)
         elif self.packing == "grouped":
             rng = random.Random(derive_seed("group", *consumer))
             batches = (collate(batch, pad) for batch in grouped_batches(examples, self.batch_size, self.packing_buffer, rng))

@@ -147,8 +147,9 @@ def heldout_scores(engine, held: HeldoutSet, encoder: PromptEncoder, max_new_tok
         start = min(i, batches - 1) * batch_size
         prompts, references = held.prompts[start : start + batch_size], held.references[start : start + batch_size]
         batch = encoder(prompts)
-        pixels = batch["pixel_values"]
-        embeds = model.embed(batch["input_ids"].to(device), None if pixels is None else pixels.to(device))
+        pixels, sizes = batch["pixel_values"], batch["image_sizes"]
+        embeds = model.embed(batch["input_ids"].to(device), None if pixels is None else pixels.to(device),
+                             None if sizes is None else sizes.to(device))
         out = model.llava.generate(inputs_embeds=embeds, attention_mask=batch["attention_mask"].to(device),
                                    max_new_tokens=max_new_tokens, do_sample=False, use_cache=True, synced_gpus=synced,
                                    pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id)

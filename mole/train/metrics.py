@@ -108,7 +108,7 @@ class StepMetrics:
         for key in self.sums:
             self.sums[key] += float(out[key].detach())
         self.micro_batches += 1
-        self.images += 0 if batch["pixel_values"] is None else batch["pixel_values"].shape[0]
+        self.images += batch["num_images"]
         self.tokens += int(batch["tokens"])  # real tokens: a packed batch has no attention mask
         self.slots += batch["input_ids"].numel()
         self.samples += len(batch["domain"])

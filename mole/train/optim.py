@@ -16,15 +16,16 @@ from contextlib import contextmanager
 import torch
 from torch import nn
 
-from mole.surgery import PROJECTOR_PREFIX
+from mole.backbones.base import Backbone
+from mole.backbones.llava import LLAVA
 
 
-def param_groups(model: nn.Module, lr: float, projector_lr: float) -> list[dict]:
+def param_groups(model: nn.Module, lr: float, projector_lr: float, backbone: Backbone = LLAVA) -> list[dict]:
     """The trainable parameters in two groups: the adapters at ``lr``, the projector (if it trains) at
-    ``projector_lr``."""
+    ``projector_lr``; which parameters are the projector is the ``backbone`` family's."""
     trainable = [(name, p) for name, p in model.named_parameters() if p.requires_grad]
-    groups = [{"params": [p for name, p in trainable if PROJECTOR_PREFIX not in name], "lr": lr}]
-    projector = [p for name, p in trainable if PROJECTOR_PREFIX in name]
+    groups = [{"params": [p for name, p in trainable if not backbone.is_projector(name)], "lr": lr}]
+    projector = [p for name, p in trainable if backbone.is_projector(name)]
     if projector:
         groups.append({"params": projector, "lr": projector_lr})
     return groups

@@ -24,7 +24,6 @@ from tqdm import tqdm
 from mole.adapter import ADAPTER_CONFIG, check_finite, gather_trainable_state, save_adapter
 from mole.config import Config, ConfigError, save_config
 from mole.data.collate import to_device
-from mole.data.packing import arange_positions, sample_positions
 from mole.data.sample import SampleProcessor
 from mole.data.shards import expand_shards
 from mole.data.stream import Domain, MixedStream, derive_seed, make_loader
@@ -105,7 +104,7 @@ class Trainer:
             llava.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
         self.llava, self.llava_config = llava, llava.config
         self.model = TrainingModel(llava, self.surgery, cfg.mole.aux_loss, cfg.mole.aux_weight)
-        groups = param_groups(self.model, cfg.train.lr, cfg.train.projector_lr)
+        groups = param_groups(self.model, cfg.train.lr, cfg.train.projector_lr, self.model.backbone)
         optimizer = build_optimizer(groups, cfg.train.optimizer, cfg.train.lr, cfg.train.weight_decay)
         schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_cosine(cfg.train.warmup_steps, cfg.train.max_steps))
         self.engine, _, _, _ = deepspeed.initialize(model=self.model, optimizer=optimizer, lr_scheduler=schedule,
@@ -140,25 +139,21 @@ class Trainer:
         """The training batches (this rank's stream, reseeded at ``start_step``) and the held-out sets."""
         cfg, info = self.cfg, self.info
         process = SampleProcessor(processor, cfg.data.max_length, cfg.data.image_aspect,
-                                  image_backend=cfg.data.image_backend, max_image_pixels=cfg.data.max_image_pixels)
+                                  image_backend=cfg.data.image_backend, max_image_pixels=cfg.data.max_image_pixels,
+                                  backbone=self.model.backbone)
         if cfg.data.max_length <= process.num_image_tokens:
             log.warning("data.max_length=%d is not above the %d tokens one image takes: every sample with an image "
                         "will be skipped as too_long (LLaVA-1.5 wants about 2048)", cfg.data.max_length,
                         process.num_image_tokens)
         pad_token_id = processor.tokenizer.pad_token_id
-        positions = arange_positions
-        if cfg.data.packing == "packed":
-            try:
-                positions = sample_positions(self.llava_config.model_type)
-            except ValueError as err:
-                raise ConfigError(str(err), "data.packing") from None
         stream = MixedStream(self.domains, process, batch_size=cfg.train.micro_batch_size, pad_token_id=pad_token_id,
                              seed=cfg.train.seed, rank=info.rank, start_step=self.start_step,
                              shuffle_buffer=cfg.data.shuffle_buffer, on_read=self.phase.reading,
-                             packing=cfg.data.packing, packing_buffer=cfg.data.packing_buffer, positions=positions)
+                             packing=cfg.data.packing, packing_buffer=cfg.data.packing_buffer)
         self.batches = iter(make_loader(stream, cfg.data.num_workers, pin_memory=info.device.type == "cuda"))
         self.heldout = heldout_sets(cfg, process, pad_token_id, info)
-        self.answer_encoder = PromptEncoder(processor, cfg.data.image_aspect, cfg.data.image_backend)  # held-out questions
+        self.answer_encoder = PromptEncoder(processor, cfg.data.image_aspect, cfg.data.image_backend,  # held-out questions
+                                            backbone=self.model.backbone)
 
     def run(self) -> dict:
         """Train to ``train.max_steps``; the last step's reduced metrics, with ``stopped`` set if a

@@ -1,0 +1,41 @@
+"""LLaVA-NeXT / 1.6 (``LlavaNextForConditionalGeneration``): AnyRes tiles.
+
+An image is resized to the best of the ``image_grid_pinpoints`` resolutions, cut into tiles of the
+vision tower's size plus one whole-image tile; the features of the tiles are unpadded back to the
+image's aspect ratio with a learned ``image_newline`` after each row. So the model takes each image's
+``image_sizes`` (height, width) beside ``pixel_values``, and the image-token count depends on them.
+``image_newline`` is part of the projection and trains with the projector.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from mole.backbones.base import Backbone, ProcessorTiles
+
+
+class AnyResBackbone(Backbone):
+    """A family of tiles and ``image_sizes``: token counts asked of the processor per image size."""
+
+    def dummy_image(self, config, dtype: torch.dtype, device: torch.device):
+        from transformers.models.llava_next.modeling_llava_next import image_size_to_num_patches
+
+        side = config.vision_config.image_size
+        tiles = image_size_to_num_patches((side, side), config.image_grid_pinpoints, side)
+        return {"pixel_values": torch.zeros(tiles, config.vision_config.num_channels, side, side, dtype=dtype, device=device),
+                "image_sizes": torch.tensor([[side, side]], device=device)}
+
+    def image_transform(self, image_processor, aspect, backend):
+        return ProcessorTiles(image_processor, aspect)
+
+    def image_tokens(self, processor, image_size: tuple[int, int]) -> int:
+        return int(processor._get_num_multimodal_tokens(image_sizes=[list(image_size)]).num_image_tokens[0])
+
+
+LLAVA_NEXT = AnyResBackbone(
+    family="llava_next",
+    model_class_name="LlavaNextForConditionalGeneration",
+    projector_prefixes=("multi_modal_projector", "image_newline"),
+    extra_image_inputs=("image_sizes",),
+    fast_images=False,
+)

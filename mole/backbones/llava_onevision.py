@@ -1,0 +1,93 @@
+"""LLaVA-OneVision (``LlavaOnevisionForConditionalGeneration``): SigLIP (no CLS, ``full`` features),
+AnyRes tiles with ``image_sizes`` as LLaVA-NeXT, but *AnyRes-max*: a grid of more than
+``anyres_max_N`` tiles' worth of features is downscaled, so the token count saturates; a Qwen2 LLM
+with the ChatML template.
+
+transformers builds OneVision's combined processor only beside its video processor, which needs
+torchvision; mole needs neither videos nor torchvision, so :class:`OnevisionProcessing` is the
+combined processor's image-and-text half: the family's image processor (the PIL backend without
+torchvision), the tokenizer, and the image-token count by the processor's own code.
+"""
+
+from __future__ import annotations
+
+from PIL import Image
+
+from mole.backbones.llava_next import AnyResBackbone
+
+
+class OnevisionProcessing:
+    """``LlavaOnevisionProcessor`` for single images and text: ``tokenizer``, ``image_processor``,
+    ``image_token``, and ``processor(text=..., images=...)`` giving what the stock processor gives
+    (``input_ids``, ``attention_mask``, ``pixel_values``, ``image_sizes``, ``batch_num_images``).
+
+    The settings the count needs come from the model's config, which decides the features: tokens per
+    tile (``(image_size / patch_size)**2``), ``vision_aspect_ratio``, ``vision_feature_select_strategy``.
+    """
+
+    def __init__(self, image_processor, tokenizer, config, image_token: str = "<image>"):
+        from transformers import LlavaOnevisionProcessor
+
+        self.image_processor, self.tokenizer, self.image_token = image_processor, tokenizer, image_token
+        self.image_token_id = tokenizer.convert_tokens_to_ids(image_token)
+        vision = config.vision_config
+        self.num_image_tokens = (vision.image_size // vision.patch_size) ** 2
+        self.vision_aspect_ratio = config.vision_aspect_ratio
+        self.vision_feature_select_strategy = config.vision_feature_select_strategy
+        self._counts = LlavaOnevisionProcessor  # its counting methods read only the attributes above
+
+    def image_tokens(self, height: int, width: int) -> int:
+        """Tokens of one image of (``height``, ``width``) as the processor saw it."""
+        side = self.image_processor.size["height"]
+        count = self._counts._get_number_of_features(self, height, width, side, side)
+        return count - 1 if self.vision_feature_select_strategy == "default" else count
+
+    def _get_unpadded_features(self, *args):
+        return self._counts._get_unpadded_features(self, *args)
+
+    def __call__(self, text: str | list[str], images: Image.Image | list[Image.Image] | None = None,
+                 padding: bool = False, return_tensors: str = "pt", **kwargs) -> dict:
+        texts = [text] if isinstance(text, str) else list(text)
+        images = [images] if isinstance(images, Image.Image) else list(images or [])
+        out = {}
+        if images:
+            pixels = self.image_processor(images=images, return_tensors=return_tensors)
+            out.update(pixels)
+            sizes = iter(pixels["image_sizes"].tolist())
+            expanded = []
+            for piece in texts:
+                parts = piece.split(self.image_token)
+                counts = [self.image_tokens(*next(sizes)) for _ in parts[1:]]
+                expanded.append(parts[0] + "".join(self.image_token * n + part for n, part in zip(counts, parts[1:])))
+            texts = expanded
+        out.update(self.tokenizer(texts, padding=padding, return_tensors=return_tensors, **kwargs))
+        return out
+
+    def save_pretrained(self, path: str) -> None:
+        self.image_processor.save_pretrained(path)
+        self.tokenizer.save_pretrained(path)
+
+
+class OnevisionBackbone(AnyResBackbone):
+    def load_processor(self, path: str, local_files_only: bool = True):
+        from transformers import AutoConfig, AutoImageProcessor, AutoTokenizer
+
+        kwargs = {"local_files_only": local_files_only}
+        return OnevisionProcessing(AutoImageProcessor.from_pretrained(path, **kwargs),
+                                   AutoTokenizer.from_pretrained(path, **kwargs), AutoConfig.from_pretrained(path, **kwargs))
+
+    def image_tokens(self, processor, image_size: tuple[int, int]) -> int:
+        return processor.image_tokens(*image_size)
+
+    def tile_image_tokens(self, processor) -> int:
+        side = processor.image_processor.size["height"]
+        return self.image_tokens(processor, (side, side))
+
+
+LLAVA_ONEVISION = OnevisionBackbone(
+    family="llava_onevision",
+    model_class_name="LlavaOnevisionForConditionalGeneration",
+    projector_prefixes=("multi_modal_projector", "image_newline"),
+    extra_image_inputs=("image_sizes",),
+    fast_images=False,
+)
