@@ -1,7 +1,8 @@
-"""Real 2-rank runs of the tiny model: packed batches under ZeRO-3 equal ZeRO-2, and the LM loss of
-``grad_accum`` micro-batches equals one batch of their size (the loss is the global batch's mean).
+"""Real 2-rank runs of the tiny models: packed batches under ZeRO-3 equal ZeRO-2 (LLaVA-1.5, and
+Qwen3-VL, whose packed samples each get their own M-RoPE positions), and the LM loss of ``grad_accum``
+micro-batches equals one batch of their size (the loss is the global batch's mean).
 
-All four runs share one launch (``tests/several_runs.py``): the ranks start once.
+All six runs share one launch (``tests/several_runs.py``): the ranks start once.
 """
 
 from __future__ import annotations
@@ -29,9 +30,12 @@ def packing_runs(tmp_path_factory):
     zero3, zero2 = (f"train.ds_config={REPO / 'ds_configs' / name}.json" for name in ("zero3_partition_all", "zero2"))
     packed = ["data.packing=packed", "train.micro_batch_size=1", "train.grad_accum=2", "data.max_length=160"]
     plain = ["train.grad_clip=0", "mole.aux_weight=0", zero2]
+    qwen = [f"model.name_or_path={REPO / 'models' / 'tiny-qwen3-vl'}", "data.image_aspect=crop"]
     runs = {
         "zero3_packed": [zero3, *packed],
         "zero2_packed": [zero2, *packed],
+        "qwen3_vl_zero3_packed": [zero3, *packed, *qwen],
+        "qwen3_vl_zero2_packed": [zero2, *packed, *qwen],
         "accum2": [*plain, "train.micro_batch_size=2", "train.grad_accum=2"],
         "batch4": [*plain, "train.micro_batch_size=4", "train.grad_accum=1"],
     }
@@ -62,13 +66,19 @@ def test_packed_rows_hold_different_numbers_of_samples_on_the_two_ranks(packing_
     assert all(r["tokens"] <= r["slots"] <= 2 * 160 for r in rank0 + rank1), "rows exceed data.max_length"
 
 
-def test_zero3_with_packing_equals_zero2(packing_runs):
-    z3, z2 = packing_runs["zero3_packed"], packing_runs["zero2_packed"]
+@pytest.mark.parametrize("family", ["llava", "qwen3_vl"])
+def test_zero3_with_packing_equals_zero2(packing_runs, family):
+    prefix = "" if family == "llava" else f"{family}_"
+    z3, z2 = packing_runs[f"{prefix}zero3_packed"], packing_runs[f"{prefix}zero2_packed"]
     for rank in (0, 1):
-        for a, b in zip(step_records(z3, rank), step_records(z2, rank)):
-            assert a["expert_load"] == b["expert_load"], f"routing differs at step {a['step']} rank {rank}"
-            assert a["loss"] == pytest.approx(b["loss"], rel=1e-5, abs=1e-6), f"loss at step {a['step']} rank {rank}"
-    assert_same_adapter(z3, z2, "packed ZeRO-3 != packed ZeRO-2")
+        records = step_records(z3, rank)
+        assert len(records) == STEPS and all(r["samples"] > 2 for r in records), f"{family}: rows must hold several samples"
+        for a, b in zip(records, step_records(z2, rank)):
+            assert a["expert_load"] == b["expert_load"], f"{family}: routing differs at step {a['step']} rank {rank}"
+            assert a["loss"] == pytest.approx(b["loss"], rel=1e-5, abs=1e-6), f"{family}: loss at step {a['step']} rank {rank}"
+    assert any(r["images"] for rank in (0, 1) for r in step_records(z3, rank)), f"{family}: no step packed an image"
+    assert json.loads((z3 / "adapter" / "mole_config.json").read_text())["family"] == family
+    assert_same_adapter(z3, z2, f"{family}: packed ZeRO-3 != packed ZeRO-2")
 
 
 def test_two_accumulated_micro_batches_train_as_one_batch_of_their_size(packing_runs):
