@@ -21,7 +21,7 @@ from mole.spec import AdapterSpec
 from mole.surgery import apply_mole
 from tests.helpers import SHORT_RUN_STEPS as STEPS
 from tests.helpers import (REPO, TINY_CONFIG, launch_module, launch_trainings_together,  # noqa: F401
-                           one_thread_for_the_module, step_records, text_sample, write_shard)
+                           one_thread_for_the_module, read_rank_log, step_records, text_sample, write_shard)
 
 TINY_MODELS = {family: REPO / "models" / f"tiny-{family.replace('_', '-')}" for family in ("llava", "llava_next",
                                                                                           "llava_onevision")}
@@ -185,10 +185,12 @@ def family_runs(request, tmp_path_factory):
                f' {{name: text, shards: "{text_shard}"}}]')
     common = [f"model.name_or_path={TINY_MODELS[name]}", f"train.max_steps={STEPS}", "train.optimizer=sgd",
               "train.lr=0.05", "train.projector_lr=0.05", "train.micro_batch_size=1", "lora.dropout=0.0",
-              "train.warmup_steps=0", "train.eval_every=0", "train.log_routing_every=0", domains]
-    runs = {stage: root / stage for stage in ("zero3", "zero2")}
-    launch_trainings_together({runs["zero3"]: [f"train.ds_config={REPO / 'ds_configs' / 'zero3_partition_all.json'}", *common],
+              "train.warmup_steps=0", "train.eval_every=0", "train.log_routing_every=0", "train.save_every=4", domains]
+    zero3 = f"train.ds_config={REPO / 'ds_configs' / 'zero3_partition_all.json'}"
+    runs = {stage: root / stage for stage in ("zero3", "zero2", "resumed")}
+    launch_trainings_together({runs["zero3"]: [zero3, *common],
                                runs["zero2"]: [f"train.ds_config={REPO / 'ds_configs' / 'zero2.json'}", *common]})
+    launch_trainings_together({runs["resumed"]: [zero3, *common, f"train.resume={runs['zero3']}/checkpoints/step_4"]})
     return name, runs
 
 
@@ -211,6 +213,20 @@ def test_family_trains_under_zero3_as_under_zero2_with_text_only_batches_beside_
         moved += "lora_B" in key and w3[key].abs().sum() > 0
     assert moved > 0, "training did not move the LoRA B matrices: nothing was compared"
     assert json.loads((z3 / "adapter" / "mole_config.json").read_text())["family"] == name
+
+
+@pytest.mark.distributed
+def test_family_run_resumes_from_a_zero3_checkpoint(family_runs):
+    name, runs = family_runs
+    resumed = runs["resumed"]
+    starts = [r for r in read_rank_log(resumed, 0) if r.get("event") == "start"]
+    assert [s["from_step"] for s in starts] == [4], f"{name}: expected one start from step 4: {starts}"
+    for rank in (0, 1):
+        steps = [r["step"] for r in step_records(resumed, rank)]
+        assert steps == list(range(5, STEPS + 1)), f"{name}: rank {rank} resumed steps {steps}"
+    assert json.loads((resumed / "done.json").read_text())["step"] == STEPS
+    weights = load_file(resumed / "adapter" / "adapter.safetensors")
+    assert weights.keys() == load_file(runs["zero3"] / "adapter" / "adapter.safetensors").keys()
 
 
 @pytest.mark.distributed
