@@ -1,8 +1,8 @@
-"""Real 2-rank runs of the tiny models: packed batches under ZeRO-3 equal ZeRO-2 (LLaVA-1.5, and
-Qwen3-VL, whose packed samples each get their own M-RoPE positions), and the LM loss of ``grad_accum``
-micro-batches equals one batch of their size (the loss is the global batch's mean).
+"""Real 2-rank runs of the tiny models: packed batches under ZeRO-3 equal ZeRO-2 for every family (the
+Qwen-VL ones number each packed sample's M-RoPE positions on their own), and the LM loss of
+``grad_accum`` micro-batches equals one batch of their size (the loss is the global batch's mean).
 
-All six runs share one launch (``tests/several_runs.py``): the ranks start once.
+All twelve runs share one launch (``tests/several_runs.py``): the ranks start once.
 """
 
 from __future__ import annotations
@@ -17,6 +17,7 @@ from tests.helpers import REPO, free_port, python, run_group, step_records, text
 
 pytestmark = pytest.mark.distributed
 STEPS = 3
+FAMILIES = ["llava", "llava_next", "llava_onevision", "qwen2_5_vl", "qwen3_vl"]  # each family's tiny model, packed
 
 
 @pytest.fixture(scope="session")
@@ -30,12 +31,12 @@ def packing_runs(tmp_path_factory):
     zero3, zero2 = (f"train.ds_config={REPO / 'ds_configs' / name}.json" for name in ("zero3_partition_all", "zero2"))
     packed = ["data.packing=packed", "train.micro_batch_size=1", "train.grad_accum=2", "data.max_length=160"]
     plain = ["train.grad_clip=0", "mole.aux_weight=0", zero2]
-    qwen = [f"model.name_or_path={REPO / 'models' / 'tiny-qwen3-vl'}", "data.image_aspect=crop"]
-    runs = {
-        "zero3_packed": [zero3, *packed],
-        "zero2_packed": [zero2, *packed],
-        "qwen3_vl_zero3_packed": [zero3, *packed, *qwen],
-        "qwen3_vl_zero2_packed": [zero2, *packed, *qwen],
+    runs = {"zero3_packed": [zero3, *packed], "zero2_packed": [zero2, *packed]}
+    for family in FAMILIES[1:]:
+        model = [f"model.name_or_path={REPO / 'models' / ('tiny-' + family.replace('_', '-'))}"]
+        model += ["data.image_aspect=crop"] if family.startswith("qwen") else []  # as Qwen takes images
+        runs |= {f"{family}_zero3_packed": [zero3, *packed, *model], f"{family}_zero2_packed": [zero2, *packed, *model]}
+    runs |= {
         "accum2": [*plain, "train.micro_batch_size=2", "train.grad_accum=2"],
         "batch4": [*plain, "train.micro_batch_size=4", "train.grad_accum=1"],
     }
@@ -66,7 +67,7 @@ def test_packed_rows_hold_different_numbers_of_samples_on_the_two_ranks(packing_
     assert all(r["tokens"] <= r["slots"] <= 2 * 160 for r in rank0 + rank1), "rows exceed data.max_length"
 
 
-@pytest.mark.parametrize("family", ["llava", "qwen3_vl"])
+@pytest.mark.parametrize("family", FAMILIES)
 def test_zero3_with_packing_equals_zero2(packing_runs, family):
     prefix = "" if family == "llava" else f"{family}_"
     z3, z2 = packing_runs[f"{prefix}zero3_packed"], packing_runs[f"{prefix}zero2_packed"]
