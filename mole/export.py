@@ -142,8 +142,9 @@ def export_merged(adapter_dir: str, out_dir: str, base_dir: str | None = None, a
 
 
 def save_processor(base_dir: str, spec: AdapterSpec, out_dir: str) -> None:
-    """The base's processor into ``out_dir``, preparing images as the adapter's training did (for
-    LLaVA-1.5, a padding image processor for ``data.image_aspect: pad``)."""
+    """The base's processor as its family loads it (:meth:`~mole.backbones.base.Backbone.load_processor`)
+    into ``out_dir``, preparing images as the adapter's training did (for LLaVA-1.5, a padding image
+    processor for ``data.image_aspect: pad``)."""
     backbone = FAMILIES[spec.family]
     processor = backbone.load_processor(base_dir)
     if spec.image.aspect == "pad" and backbone.family == "llava":

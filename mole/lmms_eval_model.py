@@ -28,6 +28,7 @@ from PIL import Image
 
 from mole.adapter import read_adapter_spec
 from mole.adapter_check import resolve_base
+from mole.backbones import backbone_for
 from mole.data.conversation import IMAGE_PLACEHOLDER
 from mole.inference import Prompt, PromptEncoder, generate_answers, load_model, load_processor, question_turns
 
@@ -72,7 +73,8 @@ class MoleLMM(lmms):
         self.model = load_model(base, adapter, device=device, dtype=dtype, allow_remote=allow_remote)
         self.processor = load_processor(base, allow_remote)
         image = spec.image.overridden(image_aspect, image_backend)
-        self.encoder = PromptEncoder(self.processor, image.aspect, image.backend)
+        self.encoder = PromptEncoder(self.processor, image.aspect, image.backend,
+                                     backbone=backbone_for(self.model.config))
 
     # ------------------------------------------------------------------ what lmms-eval asks
 

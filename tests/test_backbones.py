@@ -16,6 +16,7 @@ from mole.config import load_config
 from mole.data.collate import collate
 from mole.data.conversation import parse_conversation, render_conversation
 from mole.data.sample import SampleProcessor
+from mole.inference import Prompt, PromptEncoder, question_turns
 from mole.model import TrainingModel, build_mole_model
 from mole.spec import AdapterSpec
 from mole.surgery import apply_mole
@@ -111,6 +112,25 @@ def test_training_forward_with_zero_adapters_equals_the_stock_model(family, kind
     got = mole_logits(model, batch)
     torch.testing.assert_close(got[mask], expected[mask], rtol=1e-5, atol=1e-5,
                                msg=f"{name}: mole's training forward differs from the stock model ({kind})")
+
+
+def test_held_out_generation_from_the_familys_embeddings_is_the_stock_models(family):
+    """Held-out answers during training start ``generate`` from :meth:`TrainingModel.embed` (the vision
+    path run on every rank): on a padded batch of images of different tile counts and a text-only
+    question, the tokens the stock model generates from its own inputs."""
+    name, model, processor, stock = family
+    prompts = [Prompt(question_turns("What color is it?", True), Image.open(io.BytesIO(image_bytes(size, seed))))
+               for seed, size in enumerate([(64, 48), (40, 90)])] + [Prompt(question_turns("How many sides?", False))]
+    batch = PromptEncoder(processor, "crop", "processor", backbone=model.backbone)(prompts)
+    inputs = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"],
+              **model.backbone.generation_inputs(stock, batch["input_ids"], {"pixel_values": batch["pixel_values"],
+                                                                            "image_sizes": batch["image_sizes"]})}
+    settings = {"max_new_tokens": 4, "do_sample": False, "use_cache": True, "pad_token_id": processor.tokenizer.pad_token_id}
+    with torch.no_grad():
+        expected = stock.generate(**inputs, **settings)[:, batch["input_ids"].shape[1]:]
+        embeds = model.embed(batch["input_ids"], batch["pixel_values"], batch["image_sizes"])
+        got = model.llava.generate(inputs_embeds=embeds, attention_mask=batch["attention_mask"], **settings)
+    assert torch.equal(got, expected), f"{name}: generation from mole's embeddings differs:\n{got}\n{expected}"
 
 
 def real_7b_config(family: str):

@@ -175,10 +175,10 @@ def test_pixel_limits_are_refused_where_they_cannot_apply(overrides, message):
         load_config(str(CONFIGS["qwen2_5_vl"]), overrides)
 
 
-def test_held_out_generation_during_training_is_refused_for_m_rope():
-    """Held-out answers during training are generated from embeddings, which would number M-RoPE as 1-D."""
-    with pytest.raises(ConfigError, match=r"^train.eval_max_new_tokens: held-out answers are generated from embeddings"):
-        load_config(str(CONFIGS["qwen3_vl"]), ["train.eval_max_new_tokens=8"])
+def test_held_out_generation_during_training_is_refused_for_m_rope_families():
+    """Held-out answers start ``generate`` from input embeddings, from which the model numbers no M-RoPE positions."""
+    with pytest.raises(ConfigError, match=r"train.eval_max_new_tokens: held-out generation .* 'qwen2_5_vl' \(M-RoPE\)"):
+        load_config(str(CONFIGS["qwen2_5_vl"]), ["train.eval_max_new_tokens=4"])
 
 
 # --------------------------------------------------------------- a saved K=1 adapter: load, infer, eval, export

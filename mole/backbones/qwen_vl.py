@@ -161,6 +161,11 @@ class QwenVLBackbone(Backbone):
                 image += images
         return torch.cat([text_positions[None].to(rope), rope])
 
+    def embed(self, model: nn.Module, input_ids: torch.Tensor, images: ImageInputs | None) -> torch.Tensor:
+        """Refused: the stock model numbers M-RoPE positions from token ids, not from embeddings."""
+        raise ValueError(f"{self.family}: the model numbers its M-RoPE positions from token ids, so it cannot "
+                         "start from input embeddings (held-out generation during training)")
+
     def generation_inputs(self, model: nn.Module, input_ids: torch.Tensor, images: ImageInputs | None) -> dict:
         """The processor's inputs for ``generate``: it numbers M-RoPE positions from ``mm_token_type_ids``
         and ``image_grid_thw`` (left padding is masked out of them)."""

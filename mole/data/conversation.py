@@ -1,7 +1,7 @@
 """LLaVA conversation JSON -> token ids and labels, with the model's own chat template.
 
-Labels cover each assistant answer plus the EOS token (the chat template alone adds no EOS, and a
-model that never learns to stop breaks generation); everything else is masked with ``IGNORE_INDEX``.
+Labels cover each assistant answer plus the EOS token (LLaVA-1.5's chat template alone adds no EOS, and
+a model that never learns to stop breaks generation); everything else is masked with ``IGNORE_INDEX``.
 Each turn is rendered through the tokenizer's chat template and the rendering of the conversation so
 far is subtracted, so the prompt format is exactly the template's, whatever model directory is used.
 """
@@ -167,12 +167,14 @@ def refuse_special_tokens(turns: list[Turn], tokenizer) -> None:
 
 def render_conversation(turns: list[Turn], has_image: bool, tokenizer) -> tuple[str, list[tuple[int, int]]]:
     """The conversation as one string in the chat template's format, each answer followed by EOS,
-    with the character spans of the answers (leading space and EOS included) to be labelled.
+    with the character spans of the answers (leading spaces and EOS included) to be labelled.
 
     The whole string is tokenised at once (tokenising turns separately splits tokens differently at
     turn boundaries than the inference prompt does). Each turn's text is what the template renders
-    for the conversation up to it minus what it rendered before; the template's separator after an
-    answer is replaced by EOS, as LLaVA-1.5's own training format has it (``... ASSISTANT: a</s>USER: ...``).
+    for the conversation up to it minus what it rendered before. A template that closes an answer
+    with EOS keeps its own text (ChatML: ``<|im_start|>assistant\\na<|im_end|>\\n``, the string is the
+    template's rendering of the whole conversation, the newlines unlabelled); any other separator after
+    an answer is replaced by EOS, as LLaVA-1.5's own training format has it (``... ASSISTANT: a</s>USER: ...``).
     """
     messages = to_chat_messages(turns, has_image)
     # Rendered with a marker in place of each answer, so that where an answer starts is found as the
@@ -189,16 +191,20 @@ def render_conversation(turns: list[Turn], has_image: bool, tokenizer) -> tuple[
         if message["role"] != "assistant":
             text += piece
             continue
-        before_answer, found, _ = piece.partition(ANSWER_MARKER)
+        before_answer, found, after_answer = piece.partition(ANSWER_MARKER)
         if not found:
             raise ValueError("the chat template does not render an assistant turn's text as given")
         answer = messages[index]["content"][-1]["text"]
-        header = before_answer.rstrip()
-        spacing = before_answer[len(header) :]  # the space before an answer belongs to it
+        # Spaces before an answer belong to it (a tokenizer joins them to its first word: "▁a", "Ġa");
+        # a newline, as after ChatML's "<|im_start|>assistant", stays with the prompt.
+        header = before_answer.rstrip(" ")
+        spacing = before_answer[len(header) :]
         text += header
         start = len(text)
         text += spacing + answer + tokenizer.eos_token
         spans.append((start, len(text)))
+        if after_answer.startswith(tokenizer.eos_token):
+            text += after_answer[len(tokenizer.eos_token) :]  # ChatML's "\n" after "<|im_end|>", unlabelled
     return text, spans
 
 

@@ -10,9 +10,13 @@ the model type ``mole_<family>`` and names both classes in ``auto_map``, so
 returns the MoLE model without mole installed, and without ``trust_remote_code`` transformers refuses
 to load it (it does not know the model type) rather than return the base without its experts.
 
-Supporting another backbone family is one :data:`FAMILIES` entry: its stock config and model classes,
-which ``modeling_mole.py`` subclasses (the LLM must keep its decoder layers at
-``model.language_model.layers``, with LLaMA-style MLPs).
+Every backbone family mole trains exports (LLaVA-1.5, LLaVA-NeXT, LLaVA-OneVision, Qwen2.5-VL,
+Qwen3-VL): one :data:`FAMILIES` entry each, its stock config and model classes, which
+``modeling_mole.py`` subclasses. The file is the same for every family: each keeps its LLM's decoder
+layers at ``model.language_model.layers`` with LLaMA-style MLPs, and the stock forward and ``generate``
+(image scatter, AnyRes, M-RoPE, DeepStack) are inherited unchanged. The processor saved beside is
+the one mole's inference loads (:func:`mole.export.save_processor`): for LLaVA-OneVision and Qwen-VL,
+whose combined processors need torchvision, the PIL image processor and the tokenizer.
 """
 
 from __future__ import annotations
@@ -45,7 +49,13 @@ class HfFamily:
     model_class: str
 
 
-FAMILIES: dict[Family, HfFamily] = {"llava": HfFamily("LlavaConfig", "LlavaForConditionalGeneration")}
+FAMILIES: dict[Family, HfFamily] = {
+    "llava": HfFamily("LlavaConfig", "LlavaForConditionalGeneration"),
+    "llava_next": HfFamily("LlavaNextConfig", "LlavaNextForConditionalGeneration"),
+    "llava_onevision": HfFamily("LlavaOnevisionConfig", "LlavaOnevisionForConditionalGeneration"),
+    "qwen2_5_vl": HfFamily("Qwen2_5_VLConfig", "Qwen2_5_VLForConditionalGeneration"),
+    "qwen3_vl": HfFamily("Qwen3VLConfig", "Qwen3VLForConditionalGeneration"),
+}
 
 _FAMILY_IMPORTS = re.compile(
     r"^from transformers import \w+ as FamilyConfig\nfrom transformers import \w+ as FamilyForConditionalGeneration\n",

@@ -1,7 +1,8 @@
 """A MoLE model (LLaVA-MoLE, Chen et al. 2024, arXiv 2401.16160) that plain transformers loads.
 
 Written beside the weights by mole's ``launch/export.py --format hf``; it needs only torch and
-transformers. The model is the family's stock model with, in every decoder layer of its LLM:
+transformers. The model is the family's stock model (LLaVA-1.5, LLaVA-NeXT, LLaVA-OneVision, Qwen2.5-VL
+or Qwen3-VL; its forward and ``generate`` unchanged) with, in every decoder layer of its LLM:
 
 * the MLP's projections (``mole.mlp_targets``) each given K LoRA experts, and a router
   ``Linear(hidden, K)`` on the MLP input choosing one expert per token (``hard``: its LoRA delta;

@@ -152,8 +152,8 @@ class Trainer:
                              packing=cfg.data.packing, packing_buffer=cfg.data.packing_buffer)
         self.batches = iter(make_loader(stream, cfg.data.num_workers, pin_memory=info.device.type == "cuda"))
         self.heldout = heldout_sets(cfg, process, pad_token_id, info)
-        self.answer_encoder = PromptEncoder(processor, cfg.data.image_aspect, cfg.data.image_backend,  # held-out questions
-                                            backbone=self.model.backbone)
+        self.answer_encoder = PromptEncoder(processor, cfg.data.image_aspect, cfg.data.image_backend,
+                                            backbone=self.model.backbone)  # held-out questions
 
     def run(self) -> dict:
         """Train to ``train.max_steps``; the last step's reduced metrics, with ``stopped`` set if a
