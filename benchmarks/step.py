@@ -36,7 +36,7 @@ from dataclasses import dataclass
 import torch
 
 from benchmarks import interleaved, machine, print_table, summarize, synchronize, write_json, write_profile
-from mole.choices import DType, Family, Routing, options
+from mole.choices import DType, Family, Packing, Routing, options
 from mole.config import DYNAMIC_RESOLUTION
 
 PRESETS = {
@@ -67,6 +67,11 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--ds-config", default=os.path.join(_repo_root(), "ds_configs", "zero3.json"))
     p.add_argument("--bucket-size", type=int, help="override the JSON's reduce and prefetch bucket sizes "
                    "(elements); each engine allocates such buffers, so a small machine needs smaller ones")
+    p.add_argument("--packing", nargs="+", choices=options(Packing),
+                   help="time these data.packing modes instead (MoLE in each, LoRA packed) on ragged samples shaped "
+                        "like llava_v1_5_mix665k: --batch rows of --max-length tokens per micro-batch in every mode")
+    p.add_argument("--max-length", type=int, help="data.max_length with --packing (default: the preset's seq)")
+    p.add_argument("--packing-buffer", type=int, default=64, help="data.packing_buffer with --packing")
     p.add_argument("--repeats", type=int, default=10)
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--peak-tflops", type=float, help="device peak for MFU (default: from the GPU's name)")
@@ -75,6 +80,8 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--local_rank", type=int, default=0, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
+    if args.packing and args.backbone != "llava":  # benchmarks/ragged.py writes LLaVA-1.5 samples
+        p.error(f"--packing measures the llava family's samples; --backbone {args.backbone} is not covered")
     shape = dict(PRESETS[args.size])
     for key in shape:
         if getattr(args, key, None) is not None:
@@ -396,6 +403,8 @@ def _measure(args: argparse.Namespace, info) -> dict:
     ds_config = filled_ds_config(args, info.world_size)
     variants = {"lora": 1, "mole": args.experts}
     engines = {name: build_engine(args, k, ds_config, dtype) for name, k in variants.items()}
+    if args.packing:
+        return _measure_packing(args, info, engines, dtype)
     batch = make_batch(args.shape, info.device, dtype, seed=info.rank, family=args.backbone)
 
     phases = {name: {"forward": [], "backward": [], "optimizer": []} for name in engines}
@@ -447,6 +456,66 @@ def _measure(args: argparse.Namespace, info) -> dict:
         print_table(result, "lora")
         for name, m in mfu.items():
             print(f"{name}: {m['achieved_tflops_per_rank']} TFLOP/s per rank, MFU {m['mfu']}")
+        write_json(args.json, result)
+    return result
+
+
+def _measure_packing(args: argparse.Namespace, info, engines: dict, dtype: torch.dtype) -> dict:
+    """``--packing``: MoLE in each mode and LoRA packed, interleaved, each call on its mode's next
+    micro-batch of ragged samples (``benchmarks/ragged.py``); real tokens per second (all ranks) and
+    the padding fraction of each, and the MoLE/LoRA step-time ratio with packing."""
+    import torch.distributed as dist
+
+    from benchmarks.ragged import mode_batches, ragged_examples
+    from mole.data.collate import to_device
+
+    shape, rounds = args.shape, args.warmup + args.repeats
+    max_length = args.max_length or shape["seq"]
+    examples = ragged_examples(rounds * shape["batch"] * 8 + args.packing_buffer, info.rank, max_length,
+                               image_tokens(shape), shape["image_size"], shape["vocab"], shape["vocab"] - 1)
+    lora_mode = "packed" if "packed" in args.packing else args.packing[-1]
+    runs = {f"mole/{mode}": ("mole", mode) for mode in args.packing} | {f"lora/{lora_mode}": ("lora", lora_mode)}
+    batches = {mode: mode_batches(examples, mode, shape["batch"], max_length, args.packing_buffer, 0, rounds, info.rank)
+               for mode in args.packing}
+    counts = {name: [] for name in runs}  # (real tokens, slots) of each call
+
+    def step(name):
+        engine, mode = engines[runs[name][0]], runs[name][1]
+
+        def go():
+            batch = batches[mode][len(counts[name])]
+            counts[name].append((batch["tokens"], batch["input_ids"].numel()))
+            out = engine(**to_device(batch, info.device, pixel_dtype=dtype))
+            engine.backward(out["loss"])
+            engine.step()
+        return go
+
+    times = interleaved({name: step(name) for name in runs}, args.repeats, args.warmup, info.device)
+    result = summarize(times, baseline=f"lora/{lora_mode}")
+    totals = torch.tensor([[sum(c[0] for c in counts[n][args.warmup:]), sum(c[1] for c in counts[n][args.warmup:])]
+                           for n in runs], dtype=torch.float64)  # (variants, 2): this rank's timed calls
+    dist.all_reduce(totals)
+    per_s = {n: totals[i, 0].item() / sum(times[n]) for i, n in enumerate(runs)}
+    result["packing"] = {
+        n: {"real_tokens_per_s": round(per_s[n], 1), "padding_fraction": round(1 - totals[i, 0].item() / totals[i, 1].item(), 4),
+            "real_tokens_per_step": round(totals[i, 0].item() / args.repeats, 1),
+            "vs_mole_none": round(per_s[n] / per_s["mole/none"], 3) if "mole/none" in per_s else None}
+        for i, n in enumerate(runs)
+    }
+    result["setup"] = {
+        "bench": "step --packing", "what": "forward + backward + AdamW step under ZeRO-3 per data.packing mode, "
+        "ragged samples shaped like llava_v1_5_mix665k (benchmarks/ragged.py)", "size": args.size, "shape": shape,
+        "image_tokens": image_tokens(shape), "max_length": max_length, "rows": shape["batch"],
+        "packing_buffer": args.packing_buffer, "experts": args.experts, "routing": args.routing, "rank": args.rank,
+        "ranks": info.world_size, "dtype": args.dtype, "ds_config": os.path.basename(args.ds_config),
+        "repeats": args.repeats, "warmup": args.warmup, "machine": machine(info.device),
+    }
+    if info.is_main:
+        print(f"{'variant':14s} {'step s':>8s} {'real tok/s':>11s} {'padding':>8s} {'vs none':>8s}")
+        for n, p in result["packing"].items():
+            print(f"{n:14s} {result['medians_s'][n]:8.3f} {p['real_tokens_per_s']:11.1f} {p['padding_fraction']:8.3f} "
+                  f"{p['vs_mole_none'] if p['vs_mole_none'] is not None else '':>8}")
+        print(f"MoLE/LoRA step time, {lora_mode}: {result['ratios'].get(f'mole/{lora_mode}')}")
         write_json(args.json, result)
     return result
 

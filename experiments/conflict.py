@@ -109,13 +109,17 @@ def domain_entry(root: str, name: str) -> str:
 
 def recipe_digest(train_config: str, base_model: str) -> str:
     """What every run starts from besides its own spec: the trainer YAML's text and the base's recipe
-    and pretraining config (its ``base.json``). Part of each spec, so that a cached result is reused
-    only under the recipe it was trained with, not relabelled with an edited one."""
+    and pretraining config (its ``base.json``), and what the LM loss means (``LM_LOSS_VERSION``). Part of
+    each spec, so that a cached result is reused only under the recipe it was trained with, not
+    relabelled with an edited one."""
     with open(train_config, "rb") as handle:
         text = handle.read()
     with open(os.path.join(base_model, "base.json")) as handle:
         base = json.load(handle)
-    made_from = json.dumps({k: base.get(k) for k in ("recipe", "pretrain_config")}, sort_keys=True).encode()
+    from mole.lm_loss import LM_LOSS_VERSION
+
+    made_from = json.dumps({**{k: base.get(k) for k in ("recipe", "pretrain_config")}, "lm_loss": LM_LOSS_VERSION},
+                           sort_keys=True).encode()
     return hashlib.sha256(text + b"\0" + made_from).hexdigest()[:16]
 
 

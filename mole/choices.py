@@ -25,6 +25,10 @@ ImageAspect = Literal["pad", "crop"]
 ImageBackend = Literal["fast", "processor"]
 """Who turns an image into pixels: mole's tensor path (checked against the processor) or the processor."""
 
+Packing = Literal["none", "grouped", "packed"]
+"""How samples become micro-batches: one per row padded to the longest (none), batched by similar length
+(grouped), or several per row up to data.max_length tokens (packed); see mole/data/packing.py."""
+
 Family = Literal["llava", "llava_next", "llava_onevision", "qwen2_5_vl", "qwen3_vl"]
 """Backbone family an adapter is built on, named as its base config's ``model_type``: which modules
 surgery finds and replaces."""

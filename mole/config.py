@@ -27,8 +27,8 @@ from typing import Annotated, Any
 import yaml
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError
 
-from mole.choices import (AuxLoss, Family, ImageAspect, ImageBackend, Metric, NonFinitePolicy, Optimizer, Precision,
-                          ResumeAcceptable, Routing, options)
+from mole.choices import (AuxLoss, Family, ImageAspect, ImageBackend, Metric, NonFinitePolicy, Optimizer, Packing,
+                          Precision, ResumeAcceptable, Routing, options)
 
 RESUME_WORDS = ("auto", "never")
 DYNAMIC_RESOLUTION = ("qwen2_5_vl", "qwen3_vl")
@@ -125,7 +125,15 @@ class DataConfig(Section):
         min_length=1)
     """Domains mixed into one training stream; the default is the three bundled toy domains."""
     max_length: int = Field(512, ge=16)
-    """Token budget per sample (image tokens included); longer samples are truncated."""
+    """Token budget per sample (image tokens included); longer samples are truncated. With packing=packed
+    also the token budget of a row, which holds as many samples as fit."""
+    packing: Packing = "packed"
+    """packed: train.micro_batch_size rows of up to max_length tokens, several samples per row (no
+    attention across samples); grouped: train.micro_batch_size samples of similar length (from a buffer
+    of packing_buffer samples) padded to the longest; none: the same in the order drawn. packed has the
+    most real tokens per second and the least padding (docs/performance.md, step --packing)."""
+    packing_buffer: int = Field(64, ge=1)
+    """Samples held to group (grouped) or to choose from when filling rows (packed)."""
     num_workers: int = Field(0, ge=0)
     """DataLoader worker processes per rank; 0 reads in the training process."""
     image_aspect: ImageAspect = "pad"

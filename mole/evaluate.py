@@ -31,6 +31,7 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
+from mole.answers import answers_match, exact_match
 from mole.backbones import backbone_for
 from mole.data.collate import collate, to_device
 from mole.data.conversation import IGNORE_INDEX
@@ -163,7 +164,7 @@ def _score_batch(model, chunk: list[Example], pad_token_id: int, sums: torch.Ten
     images = None
     if inputs["pixel_values"] is not None:
         images = {"pixel_values": inputs["pixel_values"], "image_sizes": inputs.get("image_sizes")}
-    out = backbone_for(model.config).forward(model, inputs["input_ids"], inputs["attention_mask"], None, images)
+    out = backbone_for(model.config).forward(model, inputs["input_ids"], inputs["attention_mask"], images)
     logits = out.logits[:, :-1].float()  # (batch, seq-1, vocab): position t predicts token t+1
     token_loss = F.cross_entropy(logits.transpose(1, 2), labels, ignore_index=IGNORE_INDEX, reduction="none")
     per_sample = token_loss.sum(dim=1).double().cpu()

@@ -68,7 +68,8 @@ class Routes:
 
 @dataclass
 class RoutingStats:
-    """Per-sample routing sums of one layer, over non-padding tokens only.
+    """Per-sample routing sums of one layer, over non-padding tokens only (a packed row holds several
+    samples: each is counted on its own).
 
     Kept as sums (not means) so the balance losses and the logged expert load can be pooled over
     samples, layers or ranks exactly.
@@ -83,12 +84,21 @@ class RoutingContext:
     """State shared by the model and all its MoLE layers for one forward.
 
     The decoder calls ``mlp(hidden_states)`` with no padding mask, so a model-level pre-forward hook
-    stores the batch's attention mask here (see :mod:`mole.surgery`), and each layer reads it.
+    stores the batch's attention mask here (see :mod:`mole.surgery`), and each layer reads it: a padded
+    batch's samples are its rows. A packed batch has no attention mask (several samples share a row);
+    its forward sets ``sample_ids`` instead, so that routing is still counted per sample, never per row.
     """
 
     def __init__(self) -> None:
         self.token_mask: torch.Tensor | None = None  # (batch, seq) bool, True = real token
+        self.sample_ids: torch.Tensor | None = None  # (batch, seq) long: each token's sample, -1 = padding
+        self.num_samples = 0  # how many samples ``sample_ids`` numbers (0 .. num_samples - 1)
         self.layers: list[MoleMLP] = []
+
+    def pack(self, sample_ids: torch.Tensor | None, num_samples: int = 0) -> None:
+        """Count routing per sample by ``sample_ids`` (a packed batch) or, with ``None``, per row of the
+        attention mask (a padded batch). Set before each forward: it holds until changed."""
+        self.sample_ids, self.num_samples = sample_ids, num_samples
 
     def stats(self) -> list[RoutingStats]:
         """Routing statistics of every routed layer from the latest forward, in layer order."""
@@ -99,12 +109,23 @@ class RoutingContext:
         for layer in self.layers:
             layer.clear_routing()
 
+    def snapshot(self) -> tuple:
+        """What says which sample each token of the current forward is: read by :func:`_token_samples`."""
+        return self.sample_ids, self.num_samples, self.token_mask
 
-def _tokens_mask(mask: torch.Tensor | None, batch: int, seq: int, device: torch.device) -> torch.Tensor:
-    """The (batch, seq) mask of a forward's tokens from the batch's mask; with a KV cache the newest columns."""
+
+def _token_samples(sample_ids: torch.Tensor | None, num_samples: int, mask: torch.Tensor | None, batch: int, seq: int,
+                   device: torch.device) -> tuple[torch.Tensor, int]:
+    """Each of a forward's ``batch x seq`` tokens' sample (flat, -1 = padding) and how many samples.
+
+    From ``sample_ids`` when they describe this forward (a packed batch), else the rows of the attention
+    ``mask`` (with a KV cache, its newest columns; without a mask every token is real)."""
+    if sample_ids is not None and sample_ids.shape == (batch, seq):
+        return sample_ids.reshape(-1).to(device), num_samples
     if mask is None or mask.shape[0] != batch or mask.shape[1] < seq:
-        return torch.ones(batch, seq, dtype=torch.bool, device=device)
-    return mask[:, -seq:].to(device=device, dtype=torch.bool)
+        mask = torch.ones(batch, seq, dtype=torch.bool, device=device)
+    rows = torch.arange(batch, device=device).unsqueeze(1).expand(batch, seq)
+    return torch.where(mask[:, -seq:].to(device=device, dtype=torch.bool), rows, -1).reshape(-1), batch
 
 
 class LoraExperts(nn.Module):
@@ -207,10 +228,10 @@ class MoleMLP(nn.Module):
         and a decode step then saves the host the ops that would compute them in every layer.
         """
         if self._stats is None and self._routing is not None:
-            probs, top_expert, mask, batch, seq = self._routing
+            probs, top_expert, snapshot, batch, seq = self._routing
             # one-hot by scatter: F.one_hot reads its input's range back to the host (on a CPU)
             chosen = torch.zeros_like(probs).scatter_(1, top_expert.unsqueeze(1), 1.0)  # (tokens, K)
-            self._stats = _routing_stats(probs, chosen, _tokens_mask(mask, batch, seq, probs.device), batch)
+            self._stats = _routing_stats(probs, chosen, *_token_samples(*snapshot, batch, seq, probs.device))
             self._routing = None
         return self._stats
 
@@ -244,7 +265,7 @@ class MoleMLP(nn.Module):
             return Routes(slices=[slice(0, tokens.shape[0])]), None, None
         probs = self.router(tokens).float().softmax(dim=-1)  # (tokens, K)
         top_prob, top_expert = probs.max(dim=-1)
-        self._stats, self._routing = None, (probs, top_expert, self.context.token_mask, batch, seq)
+        self._stats, self._routing = None, (probs, top_expert, self.context.snapshot(), batch, seq)
         if self.routing == "dense":
             return Routes(dense_weights=probs.to(tokens.dtype)), None, None
         # one token (a decode step of one sequence) is sorted already: no permutation to make or undo
@@ -278,12 +299,12 @@ class MoleMLP(nn.Module):
         return self.grouped_mm == "always"
 
 
-def _routing_stats(probs: torch.Tensor, chosen: torch.Tensor, mask: torch.Tensor, batch: int) -> RoutingStats:
-    """Sum probabilities and top-1 choices (``chosen``, one-hot) per sample over the non-padding tokens."""
+def _routing_stats(probs: torch.Tensor, chosen: torch.Tensor, samples: torch.Tensor, num_samples: int) -> RoutingStats:
+    """Sum probabilities and top-1 choices (``chosen``, one-hot) per sample over the tokens that belong to
+    one: ``samples`` (tokens,) holds each token's sample, -1 for padding (summed into a dropped extra row)."""
     num_experts = probs.shape[-1]
-    keep = mask.reshape(-1, 1).to(probs.dtype)  # (tokens, 1)
-    return RoutingStats(
-        prob_sum=(probs * keep).reshape(batch, -1, num_experts).sum(dim=1),
-        count=(chosen * keep).reshape(batch, -1, num_experts).sum(dim=1),
-        tokens=keep.reshape(batch, -1).sum(dim=1),
-    )
+    index = torch.where(samples < 0, num_samples, samples)  # (tokens,)
+    ones = torch.ones(probs.shape[0], 1, dtype=probs.dtype, device=probs.device)
+    sums = probs.new_zeros(num_samples + 1, 2 * num_experts + 1).index_add(0, index, torch.cat([probs, chosen, ones], 1))
+    return RoutingStats(prob_sum=sums[:num_samples, :num_experts], count=sums[:num_samples, num_experts:-1].detach(),
+                        tokens=sums[:num_samples, -1].detach())

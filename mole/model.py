@@ -14,6 +14,7 @@ from transformers import AutoConfig
 from mole.backbones import Backbone, backbone_for
 from mole.balance import aux_loss
 from mole.config import Config
+from mole.lm_loss import answer_tokens, lm_loss_sum
 from mole.spec import AdapterSpec
 from mole.surgery import MoleSurgery, apply_mole
 
@@ -59,7 +60,8 @@ def build_mole_model(cfg: Config, dtype: torch.dtype, ds_config: dict | None = N
 
 
 class TrainingModel(nn.Module):
-    """One training forward of a MoLE backbone: LM loss + weighted balance loss.
+    """One training forward of a MoLE backbone: LM loss (:mod:`mole.lm_loss`) + weighted balance loss, on a
+    padded or a packed batch (:mod:`mole.data.packing`).
 
     The family's :meth:`~mole.backbones.base.Backbone.forward` runs the stock model on the batch as the
     family's own processing would feed it, but *always* runs the vision path: a batch with no image
@@ -77,20 +79,32 @@ class TrainingModel(nn.Module):
         self.context = surgery.context
         self.aux_kind, self.aux_weight = aux_kind, aux_weight
 
-    def forward(self, input_ids, attention_mask, labels, pixel_values=None, image_sizes=None):
-        images = None
-        if pixel_values is not None:
-            images = {"pixel_values": pixel_values, "image_sizes": image_sizes}
-        out = self.backbone.forward(self.llava, input_ids, attention_mask, labels, images)
-        aux = aux_loss(self.context.stats(), self.aux_kind).to(out.loss.device)
-        return {"loss": out.loss + self.aux_weight * aux, "lm_loss": out.loss.detach(), "aux_loss": aux.detach()}
+    def forward(self, input_ids, attention_mask, labels, pixel_values=None, image_sizes=None, position_ids=None,
+                sample_ids=None, num_samples=0, loss_normaliser=None):
+        """``loss_normaliser``: what the LM loss's sum over this micro-batch's answer tokens is divided by
+        (:mod:`mole.lm_loss`); ``None`` takes this batch's own mean (held-out loss). A packed batch
+        (:mod:`mole.data.packing`) gives ``position_ids`` (batch, seq) restarting per sample and no
+        attention mask, and ``sample_ids``/``num_samples`` so that routing counts per sample."""
+        if position_ids is not None and attention_mask is not None:
+            # transformers finds packed samples from restarting position ids only without a mask (and
+            # without a cache): with one, the samples of a row would silently attend to each other
+            raise ValueError("a packed batch (position_ids) must come without an attention mask")
+        self.context.pack(sample_ids, num_samples)
+        logits = self.backbone.forward(self.llava, input_ids, attention_mask, self.images(pixel_values, image_sizes),
+                                       position_ids).logits
+        lm_sum = lm_loss_sum(logits, labels)
+        normaliser = loss_normaliser if loss_normaliser is not None else answer_tokens(labels).clamp(min=1)
+        lm = lm_sum / normaliser
+        aux = aux_loss(self.context.stats(), self.aux_kind).to(lm.device)
+        return {"loss": lm + self.aux_weight * aux, "lm_loss": lm.detach(), "aux_loss": aux.detach()}
 
     def embed(self, input_ids: torch.Tensor, pixel_values: torch.Tensor | None = None,
               image_sizes: torch.Tensor | None = None) -> torch.Tensor:
         """(batch, seq, hidden) input embeddings with the image features in the image-token positions
-        (:meth:`~mole.backbones.base.Backbone.embed`; the vision path runs even without an image).
-        Held-out generation starts from these, so every rank gathers the same parameters there too."""
-        images = None
-        if pixel_values is not None:
-            images = {"pixel_values": pixel_values, "image_sizes": image_sizes}
-        return self.backbone.embed(self.llava, input_ids, images)
+        (:meth:`~mole.backbones.base.Backbone.embed`); the vision path runs even without an image.
+        Held-out generation starts from these, so every rank gathers the same parameters there as well."""
+        return self.backbone.embed(self.llava, input_ids, self.images(pixel_values, image_sizes))
+
+    @staticmethod
+    def images(pixel_values: torch.Tensor | None, image_sizes: torch.Tensor | None):
+        return None if pixel_values is None else {"pixel_values": pixel_values, "image_sizes": image_sizes}

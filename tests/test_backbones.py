@@ -133,19 +133,6 @@ def test_held_out_generation_from_the_familys_embeddings_is_the_stock_models(fam
     assert torch.equal(got, expected), f"{name}: generation from mole's embeddings differs:\n{got}\n{expected}"
 
 
-def test_one_samples_position_ids_are_those_the_stock_model_numbers_it_with(family):
-    """What packing will feed per sample: the family's position ids must leave the stock logits unchanged."""
-    name, model, processor, stock = family
-    raw = {"json": json.dumps(QUESTION).encode(), "png": image_bytes((64, 48), 7)}
-    reference = stock_inputs(processor, [raw])
-    positions = model.backbone.position_ids(reference["input_ids"].shape[1])[None]
-    with torch.no_grad():
-        expected = stock(**reference).logits
-        got = stock(**reference, position_ids=positions).logits
-    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5, msg=f"{name}: position ids differ from the model's")
-    assert not torch.equal(positions, torch.zeros_like(positions)), "precondition: the ids are not trivially zero"
-
-
 def real_7b_config(family: str):
     """The family's 7B checkpoint's config, values typed in from its config.json (nothing downloaded)."""
     from transformers import (CLIPVisionConfig, LlamaConfig, LlavaConfig, LlavaNextConfig, LlavaOnevisionConfig,

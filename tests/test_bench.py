@@ -176,6 +176,23 @@ def test_step_bench_one_rank_reports_ratio_and_model_flops(tmp_path):
     assert flops == {"lora": 20_720_064, "mole": 20_794_944}, flops
 
 
+def test_ragged_llava665k_samples_pad_a_fifth_of_padded_batches_and_under_5_percent_of_packed_rows():
+    """The step bench's --packing data (benchmarks/ragged.py) at LLaVA-1.5's scale: 576 image tokens,
+    2,048-token rows, 4 rows per micro-batch; real tokens per step packed >= 2x padded."""
+    from benchmarks.ragged import mode_batches, ragged_examples
+
+    examples = ragged_examples(400, 0, 2048, 576, 2, 32000, 31999)
+    assert 0.03 < sum(e.pixel_values is None for e in examples) / 400 < 0.1, "about 6 % text-only samples"
+    stats = {}
+    for mode in ("none", "grouped", "packed"):
+        batches = mode_batches(examples, mode, 4, 2048, 64, 0, 20, 0)
+        tokens, slots = sum(b["tokens"] for b in batches), sum(b["input_ids"].numel() for b in batches)
+        assert all(b["input_ids"].shape[1] <= 2048 for b in batches)
+        stats[mode] = (tokens / 20, 1 - tokens / slots)
+    assert stats["none"][1] > 0.2 and stats["grouped"][1] < stats["none"][1] / 2, stats
+    assert stats["packed"][1] < 0.05 and stats["packed"][0] > 2 * stats["none"][0], stats
+
+
 @pytest.mark.distributed
 def test_step_bench_launches_two_ranks_and_leaves_no_shared_memory(tmp_path):
     before, seen = set(Path("/dev/shm").glob("deepspeed_allreduce_buffer_*")), set()

@@ -96,3 +96,14 @@ def test_a_cached_run_is_reused_only_under_the_recipe_it_was_trained_with(tmp_pa
     recipe.write_text("lora: {r: 8}\n")
     (base / "base.json").write_text(json.dumps({**record, "pretrain_config": {"steps": 20}}))
     assert all(a != b for a, b in zip(keys(), first)), "a base pretrained otherwise must not reuse the old results"
+
+
+def test_runs_trained_under_another_lm_loss_definition_are_stale(tmp_path, monkeypatch):
+    """The LM loss became the global batch's mean (mole.lm_loss): results cached before are retrained."""
+    from experiments.conflict import recipe_digest
+
+    (tmp_path / "base.json").write_text(json.dumps({"recipe": {}, "pretrain_config": {}}))
+    (tmp_path / "recipe.yaml").write_text("lora: {r: 8}\n")
+    now = recipe_digest(str(tmp_path / "recipe.yaml"), str(tmp_path))
+    monkeypatch.setattr("mole.lm_loss.LM_LOSS_VERSION", 1)
+    assert recipe_digest(str(tmp_path / "recipe.yaml"), str(tmp_path)) != now, "a cached run would be reused"

@@ -134,3 +134,24 @@ def test_image_and_text_samples_batch_together_with_images_in_sample_order(tmp_p
         has_image = (batch["input_ids"] == image_token).any(1)
         assert batch["pixel_values"].shape == (int(has_image.sum()), 3, 56, 56), "one pixel tensor per sample with an image"
     assert any(not (b["input_ids"] == image_token).any(1).all() for b in batches), "precondition: a text-only sample in a batch"
+
+
+@pytest.mark.parametrize("packing", ["grouped", "packed"])
+def test_grouped_and_packed_streams_keep_every_drawn_sample_in_the_mixs_order(text_domains, sample_processor, processor,
+                                                                               packing):
+    """The plain stream's samples, in its order up to a buffer, through a DataLoader worker (worker 0 draws
+    what the process would): grouping and packing only rearrange them into batches."""
+    plain = keys_of(b for _, b in zip(range(30), make_stream(text_domains, sample_processor, processor)))
+    stream = make_stream(text_domains, sample_processor, processor, packing=packing, packing_buffer=8)
+    batches = [b for _, b in zip(range(6), iter(make_loader(stream, num_workers=1, pin_memory=False)))]
+    drawn = keys_of(batches)
+    if packing == "grouped":  # three buffers of 8: exactly the first 24 samples
+        assert Counter(drawn) == Counter(plain[:24]), "grouping lost, repeated or invented samples"
+    else:  # the oldest buffered sample goes first: at most a buffer beyond what was placed
+        assert Counter(drawn) <= Counter(plain[: len(drawn) + 8]), "packing drew samples out of the mix's order"
+    if packing == "packed":
+        assert all(b["attention_mask"] is None and b["input_ids"].shape[1] <= 64 for b in batches)
+        assert sum(b["num_samples"] for b in batches) > 6 * 4, "rows of 64 tokens should hold several short samples"
+        assert all(b["position_ids"].shape == b["input_ids"].shape for b in batches)
+    else:
+        assert all(len(b["keys"]) == 4 for b in batches)

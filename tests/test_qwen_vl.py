@@ -130,13 +130,6 @@ def test_training_forward_with_zero_adapters_equals_the_stock_model(family, kind
         assert float((flat - expected)[mask].abs().max()) > 1e-4, f"{name}: 1-D positions give the same logits"
 
 
-def test_positions_are_left_to_the_model(family):
-    """M-RoPE positions depend on the image grids: the family offers no per-length numbering to get wrong."""
-    name, model, _, _ = family
-    with pytest.raises(NotImplementedError, match="M-RoPE"):
-        model.backbone.position_ids(8)
-
-
 def test_text_only_batch_runs_the_whole_vision_path_and_reaches_its_projectors(family):
     """Blocks, merger and (Qwen3-VL) every DeepStack merger run; the projector's parameters get (zero) gradients."""
     name, model, processor, _ = family
@@ -213,7 +206,7 @@ def loaded_logits(adapter, inputs) -> torch.Tensor:
     model = load_model(base, str(adapter_dir))
     images = {"pixel_values": inputs["pixel_values"], "image_sizes": inputs["image_grid_thw"]}
     with torch.no_grad():
-        return backbone_for(model.config).forward(model, inputs["input_ids"], inputs["attention_mask"], None, images).logits
+        return backbone_for(model.config).forward(model, inputs["input_ids"], inputs["attention_mask"], images).logits
 
 
 def test_k1_adapter_equals_peft_lora_and_its_merged_export(lora_adapter, tmp_path):

@@ -3,7 +3,7 @@
 A family description says only what differs between the multimodal LLMs mole adapts through their
 stock Hugging Face classes: where the decoder's MLPs and attention projections are, which modules
 are the vision tower and the projector, how an image becomes pixels and image tokens, the extra
-inputs the model takes beside ``pixel_values``, how one sample's position ids are made, and what a
+inputs the model takes beside ``pixel_values``, how a packed batch's positions are numbered, and what a
 minimal dummy image is (a text-only batch still runs the vision path on every rank under ZeRO-3).
 """
 
@@ -73,22 +73,26 @@ class Backbone:
         return {"pixel_values": torch.zeros(1, vision.num_channels, vision.image_size, vision.image_size,
                                             dtype=dtype, device=device)}
 
-    def forward(self, model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor,
-                labels: torch.Tensor | None, images: ImageInputs | None):
-        """The stock model's output (``loss``, ``logits``) on a batch, the vision path run whether or not
-        the batch has an image (``images`` ``None``: the family's :meth:`dummy_image`, its features
-        joined to the graph times zero), so every rank gathers the same parameters under ZeRO-3.
+    def forward(self, model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor | None,
+                images: ImageInputs | None, position_ids: torch.Tensor | None = None):
+        """The stock model's output (its ``logits``; mole computes the LM loss) on a batch, the vision
+        path run whether or not the batch has an image (``images`` ``None``: the family's
+        :meth:`dummy_image`, its features joined to the graph times zero), so every rank gathers the
+        same parameters under ZeRO-3.
 
-        This default hands the model :meth:`embed`'s ``inputs_embeds``: right for a family whose
-        positions are 0, 1, 2, ... A family that numbers positions from its inputs (M-RoPE) or adds
-        features deeper in the LLM overrides it.
+        A packed batch (:mod:`mole.data.packing`) comes with ``position_ids`` (batch, seq), 0, 1, 2, ...
+        restarting at each sample, and no ``attention_mask``: the model then keeps the samples of a row
+        apart. This default hands the model :meth:`embed`'s embeddings and those positions: right for a
+        family whose positions are 0, 1, 2, ... (checked against each stock model by the tests). A
+        family that numbers positions from its inputs (M-RoPE) or adds features deeper in the LLM
+        overrides it.
         """
         embeds = self.embed(model, input_ids, images)
-        return model(inputs_embeds=embeds, attention_mask=attention_mask, labels=labels, use_cache=False)
+        return model(inputs_embeds=embeds, attention_mask=attention_mask, position_ids=position_ids, use_cache=False)
 
     def embed(self, model: nn.Module, input_ids: torch.Tensor, images: ImageInputs | None) -> torch.Tensor:
-        """(batch, seq, hidden): the tokens' embeddings with the image features scattered into the
-        image-token positions, the vision path run on the :meth:`dummy_image` when ``images`` is ``None``."""
+        """(batch, seq, hidden) token embeddings with the image features scattered into the image-token
+        positions; without images the :meth:`dummy_image`'s features join them times zero."""
         embeds = model.get_input_embeddings()(input_ids)
         if torch.is_grad_enabled():
             # ZeRO-3 reduces a leaf module's gradients (each MoLE MLP is one) from a full backward hook,
@@ -103,16 +107,14 @@ class Backbone:
         features = self.image_features(model, images["pixel_values"].to(embeds.dtype), **extra)
         features = features.to(embeds.dtype)  # (image tokens, hidden)
         if text_only:
-            embeds = embeds + features.sum() * 0.0
-        else:
-            image_positions = (input_ids == model.config.image_token_id).unsqueeze(-1).expand_as(embeds)
-            if image_positions.sum() != features.numel():
-                raise ValueError(
-                    f"{int(image_positions.sum()) // embeds.shape[-1]} image tokens in the batch but "
-                    f"{features.shape[0]} image features: the data and the model's processor disagree"
-                )
-            embeds = embeds.masked_scatter(image_positions, features)
-        return embeds
+            return embeds + features.sum() * 0.0
+        image_positions = (input_ids == model.config.image_token_id).unsqueeze(-1).expand_as(embeds)
+        if image_positions.sum() != features.numel():
+            raise ValueError(
+                f"{int(image_positions.sum()) // embeds.shape[-1]} image tokens in the batch but "
+                f"{features.shape[0]} image features: the data and the model's processor disagree"
+            )
+        return embeds.masked_scatter(image_positions, features)
 
     def generation_inputs(self, model: nn.Module, input_ids: torch.Tensor, images: ImageInputs | None) -> dict:
         """What ``generate`` takes beside ``input_ids`` and ``attention_mask`` for a batch's images
@@ -122,10 +124,6 @@ class Backbone:
             return {}
         return {"pixel_values": images["pixel_values"].to(model.dtype),
                 **{name: images[name] for name in self.extra_image_inputs}}
-
-    def position_ids(self, length: int) -> torch.Tensor:
-        """Position ids of one sample of ``length`` tokens, as the model numbers them: (length,)."""
-        return torch.arange(length)
 
     # ------------------------------------------------------------------------------- the data
 

@@ -15,7 +15,9 @@ What sets these families apart, and how mole keeps each exact:
   generation's offsets). So :func:`forward` never hands the model embeddings: it runs the vision
   tower itself and passes the result as ``mm_encoder_outputs`` beside the token ids, and the stock
   forward embeds, scatters, adds DeepStack features and numbers positions exactly as it would from
-  its own processor's inputs.
+  its own processor's inputs. A packed batch is the exception: the model would number a row as one
+  sequence, so :meth:`QwenVLBackbone.packed_positions` numbers each sample with the model's own
+  ``get_rope_index`` and hands the stock forward (4, batch, seq) position ids, the text row first.
 - **DeepStack (Qwen3-VL).** Features of several ViT blocks, each through its own merger, are added
   into the hidden states of the first LLM layers at the image positions; they travel in the same
   encoder output.
@@ -94,18 +96,19 @@ class QwenVLBackbone(Backbone):
         return {"pixel_values": torch.zeros(merge * merge, patch_dim, dtype=dtype, device=device),
                 "image_sizes": torch.tensor([[1, merge, merge]], device=device)}
 
-    def forward(self, model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor,
-                labels: torch.Tensor | None, images: ImageInputs | None):
+    def forward(self, model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor | None,
+                images: ImageInputs | None, position_ids: torch.Tensor | None = None):
         """The stock forward on token ids, ``mm_token_type_ids`` and ``image_grid_thw`` (so the model
         numbers its own M-RoPE positions) with the vision path's output passed in as
         ``mm_encoder_outputs`` (so it scatters the features and adds the DeepStack ones itself).
 
         ``images``: ``pixel_values`` (patches, patch_dim) and ``image_sizes`` (images, 3), the grids,
         in image-token order; ``None`` for a text-only batch, whose dummy image's features (and DeepStack
-        features) join the graph times zero and cut to no rows, so the model scatters nothing.
+        features) join the graph times zero and cut to no rows, so the model scatters nothing. A packed
+        batch's ``position_ids`` (batch, seq), restarting per sample, become :meth:`packed_positions`.
         """
         hook = None
-        if torch.is_grad_enabled():  # see Backbone.forward: the first MoLE MLP's input must carry a gradient
+        if torch.is_grad_enabled():  # see Backbone.embed: the first MoLE MLP's input must carry a gradient
             hook = model.get_input_embeddings().register_forward_hook(lambda module, args, out: out.requires_grad_(True))
         text_only = images is None
         if text_only:
@@ -115,19 +118,48 @@ class QwenVLBackbone(Backbone):
             encoded.pooler_output = (_no_rows(encoded.pooler_output),)
             if getattr(encoded, "deepstack_features", None) is not None:
                 encoded.deepstack_features = [(_no_rows(level),) for level in encoded.deepstack_features]
+        grids = None if text_only else images["image_sizes"]
+        token_types = (input_ids == model.config.image_token_id).int() * IMAGE_TYPE
+        if position_ids is not None:
+            position_ids = self.packed_positions(model, input_ids, token_types, grids, position_ids)
         try:
             return model(
                 input_ids=input_ids,
                 attention_mask=attention_mask,
-                labels=labels,
-                mm_token_type_ids=(input_ids == model.config.image_token_id).int() * IMAGE_TYPE,
-                image_grid_thw=None if text_only else images["image_sizes"],
+                position_ids=position_ids,
+                mm_token_type_ids=token_types,
+                image_grid_thw=grids,
                 mm_encoder_outputs={"image": encoded},
                 use_cache=False,
             )
         finally:
             if hook is not None:
                 hook.remove()
+
+    def packed_positions(self, model: nn.Module, input_ids: torch.Tensor, token_types: torch.Tensor,
+                         grids: torch.Tensor | None, text_positions: torch.Tensor) -> torch.Tensor:
+        """A packed batch's position ids as the stock model takes them, (4, batch, seq): the text
+        positions first (0, 1, 2, ... restarting per sample: the model keeps the samples apart by them),
+        then the three M-RoPE rows of each sample numbered by the model's own rule on that sample alone
+        (``get_rope_index`` on its tokens and its images' grids, ``grids`` (images, 3) in token order).
+
+        A sample starts where ``text_positions`` is 0; the row's padding is one more such stretch of
+        text.
+        """
+        rope = torch.zeros(3, *token_types.shape, dtype=torch.long, device=token_types.device)
+        image = 0
+        for row in range(token_types.shape[0]):
+            starts = (text_positions[row] == 0).nonzero().flatten().tolist() + [token_types.shape[1]]
+            for start, end in zip(starts, starts[1:]):
+                types = token_types[row : row + 1, start:end]  # (1, sample length)
+                is_image = types[0] == IMAGE_TYPE
+                images = int(is_image[0]) + int((is_image[1:] & ~is_image[:-1]).sum())  # runs of image tokens
+                sample_grids = grids[image : image + images] if images else None
+                positions, _ = model.model.get_rope_index(input_ids[row : row + 1, start:end], types,
+                                                          image_grid_thw=sample_grids)
+                rope[:, row, start:end] = positions[:, 0]
+                image += images
+        return torch.cat([text_positions[None].to(rope), rope])
 
     def embed(self, model: nn.Module, input_ids: torch.Tensor, images: ImageInputs | None) -> torch.Tensor:
         """Refused: the stock model numbers M-RoPE positions from token ids, not from embeddings."""
@@ -141,12 +173,6 @@ class QwenVLBackbone(Backbone):
             return {}
         return {"pixel_values": images["pixel_values"].to(model.dtype), "image_grid_thw": images["image_sizes"],
                 "mm_token_type_ids": (input_ids == model.config.image_token_id).int() * IMAGE_TYPE}
-
-    def position_ids(self, length: int) -> torch.Tensor:
-        """None from a length alone: M-RoPE numbers an image's tokens by its grid, so the model computes
-        positions itself (``get_rope_index``) from the token ids, ``mm_token_type_ids`` and ``image_grid_thw``."""
-        raise NotImplementedError(f"{self.family} positions are M-RoPE (3, batch, seq), computed by the model from its "
-                                  "inputs; see QwenVLBackbone.forward")
 
     def load_processor(self, path: str, local_files_only: bool = True, *, min_pixels: int | None = None,
                        max_pixels: int | None = None) -> QwenProcessor:

@@ -9,6 +9,7 @@ from mole.data.conversation import IGNORE_INDEX
 from mole.data.sample import Example
 
 MODEL_INPUTS = ("input_ids", "attention_mask", "labels", "pixel_values", "image_sizes")
+PACKED_INPUTS = ("position_ids", "sample_ids", "num_samples")  # only a packed batch has them (mole.data.packing)
 
 
 def collate(examples: list[Example], pad_token_id: int) -> dict:
@@ -20,7 +21,8 @@ def collate(examples: list[Example], pad_token_id: int) -> dict:
     saying where each image's tiles end (``None`` for a family without it), or for a dynamic-resolution
     family (Qwen-VL) every image's patches concatenated, (patches, patch_dim), with ``image_sizes``
     (images, 3) holding each image's patch grid (t, h, w). ``num_images`` counts them. ``domain`` carries each
-    sample's domain index for per-domain metrics and routing analysis; ``keys`` the samples' tar keys.
+    sample's domain index for per-domain metrics and routing analysis; ``keys`` the samples' tar keys;
+    ``tokens`` how many real (not padding) tokens the batch holds.
     """
     length = max(len(example.input_ids) for example in examples)
     input_ids = torch.full((len(examples), length), pad_token_id, dtype=torch.long)
@@ -31,28 +33,39 @@ def collate(examples: list[Example], pad_token_id: int) -> dict:
         input_ids[row, :n] = torch.tensor(example.input_ids)
         labels[row, :n] = torch.tensor(example.labels)
         attention_mask[row, :n] = 1
+    return {
+        "input_ids": input_ids,
+        "labels": labels,
+        "attention_mask": attention_mask,
+        **image_inputs(examples),
+        "domain": torch.tensor([example.domain for example in examples], dtype=torch.long),
+        "keys": [example.key for example in examples],
+        "tokens": sum(len(example.input_ids) for example in examples),
+    }
+
+
+def image_inputs(examples: list[Example]) -> dict:
+    """``pixel_values``, ``image_sizes`` and ``num_images`` of the examples' images, in example order
+    (see :func:`collate`)."""
     images = [example for example in examples if example.pixel_values is not None]
     tiles = [example.pixel_values.unsqueeze(0) if example.pixel_values.dim() == 3 else example.pixel_values
              for example in images]  # one (3, H, W) image is one tile; tiles and patches are concatenated as they are
     sizes = [example.image_size for example in images if example.image_size is not None]
     return {
-        "input_ids": input_ids,
-        "labels": labels,
-        "attention_mask": attention_mask,
         "pixel_values": torch.cat(tiles) if tiles else None,
         "image_sizes": torch.tensor(sizes, dtype=torch.long) if sizes else None,
         "num_images": len(images),
-        "domain": torch.tensor([example.domain for example in examples], dtype=torch.long),
-        "keys": [example.key for example in examples],
     }
 
 
 def to_device(batch: dict, device: torch.device, pixel_dtype: torch.dtype | None = None) -> dict:
-    """The model's inputs of a collated batch (``MODEL_INPUTS``, the image inputs possibly ``None``) on
-    ``device``, the images cast to ``pixel_dtype`` if given. Non-blocking: from pinned memory the copies
-    overlap with compute, and kernels on the device's stream still see them complete."""
+    """The model's inputs of a collated batch (``MODEL_INPUTS``, the image inputs possibly ``None``, and
+    a packed batch's ``PACKED_INPUTS``) on ``device``, the images cast to ``pixel_dtype`` if given.
+    Non-blocking: from pinned memory the copies overlap with compute, and kernels on the device's
+    stream still see them complete."""
+    names = [k for k in MODEL_INPUTS if k in batch] + [k for k in PACKED_INPUTS if batch.get(k) is not None]
     return {
-        k: None if batch[k] is None else batch[k].to(
-            device, dtype=pixel_dtype if k == "pixel_values" else None, non_blocking=True)
-        for k in MODEL_INPUTS if k in batch
+        k: batch[k].to(device, dtype=pixel_dtype if k == "pixel_values" else None, non_blocking=True)
+        if torch.is_tensor(batch[k]) else batch[k]
+        for k in names
     }

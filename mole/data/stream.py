@@ -26,7 +26,9 @@ from dataclasses import dataclass
 import torch
 from torch.utils.data import IterableDataset, get_worker_info
 
+from mole.choices import Packing
 from mole.data.collate import collate
+from mole.data.packing import collate_packed, consecutive_batches, grouped_batches, packed_batches
 from mole.data.errors import BadSample, DataError
 from mole.data.sample import Example, SampleProcessor, count_image_tokens  # noqa: F401  (re-exported)
 from mole.data.shards import expand_shards, read_shard, resampled_urls  # noqa: F401  (expand_shards re-exported)
@@ -52,7 +54,9 @@ def derive_seed(*parts: object) -> int:
 class MixedStream(IterableDataset):
     """Infinite batches drawn from weighted domains; each batch carries the skip counts since the last.
 
-    Yields dicts from :func:`mole.data.collate.collate` plus ``skipped``: a Counter of
+    ``packing`` (``data.packing``) says how samples become batches (:mod:`mole.data.packing`); packed
+    rows hold up to the sample processor's ``max_length`` tokens. Yields dicts from :func:`mole.data.collate.collate` (or
+    :func:`mole.data.packing.collate_packed`) plus ``skipped``: a Counter of
     ``"<domain>/<reason>"`` -> samples (or shard reads) skipped in this consumer since its previous
     batch. Skip counters live in DataLoader worker processes, so they travel with the batches.
     ``on_read(domain, shard)`` is called before each raw sample is read (the watchdog's data phase;
@@ -70,6 +74,8 @@ class MixedStream(IterableDataset):
         start_step: int = 0,
         shuffle_buffer: int = 100,
         on_read: Callable[[str, str], None] | None = None,
+        packing: Packing = "none",
+        packing_buffer: int = 64,
     ):
         super().__init__()
         if not domains:
@@ -78,6 +84,7 @@ class MixedStream(IterableDataset):
         self.batch_size, self.pad_token_id = batch_size, pad_token_id
         self.seed, self.rank, self.start_step, self.shuffle_buffer = seed, rank, start_step, shuffle_buffer
         self.on_read = on_read
+        self.packing, self.packing_buffer = packing, packing_buffer
         total = sum(domain.weight for domain in domains)
         self.probabilities = [domain.weight / total for domain in domains]
 
@@ -89,19 +96,30 @@ class MixedStream(IterableDataset):
     def __iter__(self) -> Iterator[dict]:
         consumer = self.consumer()
         skipped: Counter = Counter()
+        examples = self.mixed_examples(consumer, skipped)
+        pad = self.pad_token_id
+        if self.packing == "packed":
+            rows = packed_batches(examples, self.batch_size, self.process.max_length, self.packing_buffer)
+            batches = (collate_packed(batch, pad) for batch in rows)
+        elif self.packing == "grouped":
+            rng = random.Random(derive_seed("group", *consumer))
+            batches = (collate(batch, pad) for batch in grouped_batches(examples, self.batch_size, self.packing_buffer, rng))
+        else:
+            batches = (collate(batch, pad) for batch in consecutive_batches(examples, self.batch_size))
+        for batch in batches:
+            batch["skipped"] = Counter(skipped)
+            skipped.clear()
+            yield batch
+
+    def mixed_examples(self, consumer: tuple, skipped: Counter) -> Iterator[Example]:
+        """The weighted mix of valid examples, endless: a domain drawn by weight, then its next valid sample."""
         reported: set[str] = set()
         sources = [self.domain_samples(domain, consumer) for domain in self.domains]
         mixer = random.Random(derive_seed("mix", *consumer))
         indices = range(len(self.domains))
         while True:
-            examples = []
-            while len(examples) < self.batch_size:
-                index = mixer.choices(indices, weights=self.probabilities)[0]
-                examples.append(self._next_valid(index, sources[index], skipped, reported))
-            batch = collate(examples, self.pad_token_id)
-            batch["skipped"] = Counter(skipped)
-            skipped.clear()
-            yield batch
+            index = mixer.choices(indices, weights=self.probabilities)[0]
+            yield self._next_valid(index, sources[index], skipped, reported)
 
     def domain_samples(self, domain: Domain, consumer: tuple) -> Iterator[dict | BadSample]:
         """One domain's endless raw samples for one consumer: resampled shards, then a shuffle buffer."""

@@ -94,20 +94,24 @@ class StepMetrics:
 
     def _reset(self) -> None:
         self.sums = {"loss": 0.0, "lm_loss": 0.0, "aux_loss": 0.0}
-        self.micro_batches = self.images = self.tokens = self.samples = self.skipped_nonfinite = 0
+        self.micro_batches = self.images = self.tokens = self.slots = self.samples = self.skipped_nonfinite = 0
         self.skipped_nonfinite_steps = 0  # 1 when this step's update was skipped (every rank agrees)
         self.load = torch.zeros(self.num_layers, self.num_experts, dtype=torch.float64)
         self.domains = torch.zeros(len(self.domain_names), dtype=torch.float64)
         self.skipped: Counter = Counter()
 
     def add_micro_batch(self, batch: dict, out: dict, stats: list[RoutingStats]) -> None:
-        """``stats``: the routing statistics of this micro-batch's forward, one per routed layer."""
+        """``stats``: the routing statistics of this micro-batch's forward, one per routed layer (one row
+        per sample, packed or not). ``out["lm_loss"]`` is the micro-batch's share of the global batch's
+        mean scaled by ``grad_accum * world_size`` (:mod:`mole.lm_loss`), so its mean over micro-batches
+        and ranks (:meth:`end_step`) is the global batch's LM loss."""
         for key in self.sums:
             self.sums[key] += float(out[key].detach())
         self.micro_batches += 1
         self.images += batch["num_images"]
-        self.tokens += int(batch["attention_mask"].sum())
-        self.samples += batch["input_ids"].shape[0]
+        self.tokens += int(batch["tokens"])  # real tokens: a packed batch has no attention mask
+        self.slots += batch["input_ids"].numel()
+        self.samples += len(batch["domain"])
         self.domains += torch.bincount(batch["domain"].cpu(), minlength=len(self.domain_names)).double()
         if stats:
             by_domain = domain_expert_counts(stats, batch["domain"], len(self.domain_names))  # (layers, domains, K)
@@ -126,27 +130,29 @@ class StepMetrics:
         local = {k: v / max(self.micro_batches, 1) for k, v in self.sums.items()}
         self.record({
             "step": step, **local, "lr": lr, "seconds": seconds, "images": self.images, "tokens": self.tokens,
+            "samples": self.samples, "slots": self.slots,
             "domains": {n: int(c) for n, c in zip(self.domain_names, self.domains.tolist()) if c},
             "skipped": dict(self.skipped), "skipped_nonfinite": self.skipped_nonfinite,
             "skipped_nonfinite_steps": self.skipped_nonfinite_steps,
             "expert_load": self.load.tolist(),
         })
         scalars = torch.tensor([local["loss"], local["lm_loss"], local["aux_loss"], self.tokens, self.samples,
-                                float(stop_requested), sum(self.skipped.values())], dtype=torch.float64)
+                                float(stop_requested), sum(self.skipped.values()), self.slots], dtype=torch.float64)
         packed = torch.cat([scalars, self.domains, self.load.flatten()])
         world = 1
         if dist.is_initialized():
             dist.all_reduce(packed)
             world = dist.get_world_size()
-        loss, lm_loss, aux, tokens, samples, stop, skipped = packed[:7].tolist()
-        domains = packed[7 : 7 + len(self.domain_names)]
-        load = packed[7 + len(self.domain_names) :].reshape(self.num_layers, self.num_experts)
+        loss, lm_loss, aux, tokens, samples, stop, skipped, slots = packed[:8].tolist()
+        domains = packed[8 : 8 + len(self.domain_names)]
+        load = packed[8 + len(self.domain_names) :].reshape(self.num_layers, self.num_experts)
         reduced = {"step": step, "loss": loss / world, "lm_loss": lm_loss / world, "aux_loss": aux / world,
                    "lr": lr, "stop": stop > 0}
         if self.writer is not None:
             scalars = {
                 "train/loss": reduced["loss"], "train/lm_loss": reduced["lm_loss"], "train/aux_loss": reduced["aux_loss"],
                 "train/lr": lr, "perf/tokens_per_s": tokens / seconds, "perf/samples_per_s": samples / seconds,
+                "perf/padding_fraction": 1 - tokens / max(slots, 1),
                 "data/skipped": skipped, "train/skipped_nonfinite_steps": self.skipped_nonfinite_steps,
             }
             if grad_norm is not None:

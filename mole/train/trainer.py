@@ -30,6 +30,7 @@ from mole.data.stream import Domain, MixedStream, derive_seed, make_loader
 from mole.distributed import DistInfo, release_shared_memory
 from mole.ds_config import build_ds_config, effective_precision
 from mole.inference import PromptEncoder
+from mole.lm_loss import window_normaliser
 from mole.model import DTYPES, TrainingModel, build_mole_model
 from mole.train.checkpoint import (CheckpointError, Checkpoints, check_resumable_config, record_start, resolve_resume,
                                    restore_rng)
@@ -147,7 +148,8 @@ class Trainer:
         pad_token_id = processor.tokenizer.pad_token_id
         stream = MixedStream(self.domains, process, batch_size=cfg.train.micro_batch_size, pad_token_id=pad_token_id,
                              seed=cfg.train.seed, rank=info.rank, start_step=self.start_step,
-                             shuffle_buffer=cfg.data.shuffle_buffer, on_read=self.phase.reading)
+                             shuffle_buffer=cfg.data.shuffle_buffer, on_read=self.phase.reading,
+                             packing=cfg.data.packing, packing_buffer=cfg.data.packing_buffer)
         self.batches = iter(make_loader(stream, cfg.data.num_workers, pin_memory=info.device.type == "cuda"))
         self.heldout = heldout_sets(cfg, process, pad_token_id, info)
         self.answer_encoder = PromptEncoder(processor, cfg.data.image_aspect, cfg.data.image_backend,
@@ -188,23 +190,34 @@ class Trainer:
 
     def train_step(self, step: int) -> dict:
         """``grad_accum`` micro-batches (forward, backward, engine.step: DeepSpeed steps at the boundary);
-        the step's metrics, reduced over ranks. With ``on_nonfinite=skip`` a micro-batch whose loss is
+        the step's metrics, reduced over ranks. The window's micro-batches are drawn first: their answer
+        tokens, counted over every rank, normalise the LM loss (:mod:`mole.lm_loss`). With ``on_nonfinite=skip`` a micro-batch whose loss is
         not finite on any rank is dropped on every rank and another drawn, and an update whose
         gradients are not finite on any rank is skipped on every rank; with ``stop`` either stops the
         run before the update. Weights that are not finite after the update always stop it, before
         anything is saved."""
         started, lr = time.perf_counter(), self.engine.get_lr()[0]
+        grad_accum = self.cfg.train.grad_accum
         done = skipped_in_a_row = 0
         loss_finite = True
-        while done < self.cfg.train.grad_accum:
-            self.phase.enter("data", data=True)
-            batch = next(self.batches)
+        window = []
+        for _ in range(grad_accum):
+            self.phase.enter("data", data=True)  # the data limit holds per batch
+            window.append(next(self.batches))
+        self.phase.enter("answer tokens all-reduce")
+        normaliser = window_normaliser(window, grad_accum)  # the LM loss is the mean over the global batch
+        while done < grad_accum:
+            if window[done] is None:  # in place of a skipped micro-batch (it keeps the window's normaliser)
+                self.phase.enter("data", data=True)
+                window[done] = next(self.batches)
+            batch = window[done]
             self.phase.enter("forward/backward")
             self.metrics.add_skipped(batch.get("skipped", {}))
-            out = self.engine(**to_device(batch, self.info.device))
+            out = self.engine(**to_device(batch, self.info.device), loss_normaliser=normaliser)
             if self.cfg.train.on_nonfinite == "skip" and any_rank(not all_finite([out["loss"].detach()]))[0]:
                 self.metrics.skipped_nonfinite += 1
                 skipped_in_a_row += 1
+                window[done] = None
                 log.warning("non-finite loss at step %d on some rank: micro-batch skipped on all ranks", step)
                 if skipped_in_a_row >= MAX_NONFINITE_IN_A_ROW:
                     raise FloatingPointError(f"{skipped_in_a_row} non-finite micro-batches in a row at step {step}")
