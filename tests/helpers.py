@@ -129,6 +129,30 @@ def write_shard(path: Path, samples: list[dict]) -> Path:
     return path
 
 
+def read_shard_samples(shard: Path, count: int) -> list[dict]:
+    """The first ``count`` samples of a shard (by key), as :func:`write_shard` takes them: ``{"__key__",
+    "<ext>": bytes}``, the JSON member parsed."""
+    members: dict[str, dict] = {}
+    with tarfile.open(shard) as tar:
+        for member in tar.getmembers():
+            key, ext = member.name.rsplit(".", 1)
+            data = tar.extractfile(member).read()
+            members.setdefault(key, {"__key__": key})[ext] = json.loads(data) if ext == "json" else data
+    return [members[key] for key in sorted(members)[:count]]
+
+
+def noise_png(size: tuple[int, int], seed: int) -> bytes:
+    """A noisy RGB image of ``size`` (width, height) as PNG: every pixel and tile differs."""
+    import torch
+    from PIL import Image
+
+    generator = torch.Generator().manual_seed(seed)
+    pixels = torch.randint(0, 256, (size[1], size[0], 3), generator=generator, dtype=torch.uint8)
+    buffer = io.BytesIO()
+    Image.fromarray(pixels.numpy()).save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
 def text_sample(key: str, question: str, answer: str) -> dict:
     return {"__key__": key, "json": {"conversations": [{"from": "human", "value": question}, {"from": "gpt", "value": answer}]}}
 

@@ -22,21 +22,12 @@ from mole.spec import AdapterSpec
 from mole.surgery import apply_mole
 from tests.helpers import SHORT_RUN_STEPS as STEPS
 from tests.helpers import (REPO, TINY_CONFIG, launch_module, launch_trainings_together,  # noqa: F401
-                           one_thread_for_the_module, read_rank_log, step_records, text_sample, write_shard)
+                           noise_png, one_thread_for_the_module, read_rank_log, step_records, text_sample, write_shard)
 
 TINY_MODELS = {family: REPO / "models" / f"tiny-{family.replace('_', '-')}" for family in ("llava", "llava_next",
                                                                                           "llava_onevision")}
 QUESTION = {"conversations": [{"from": "human", "value": "<image>\nWhat color is the main object?"},
                               {"from": "gpt", "value": "red"}]}
-
-
-def image_bytes(size: tuple[int, int], seed: int) -> bytes:
-    """A noisy RGB image of ``size`` (width, height) as PNG: every pixel and tile differs."""
-    generator = torch.Generator().manual_seed(seed)
-    pixels = torch.randint(0, 256, (size[1], size[0], 3), generator=generator, dtype=torch.uint8)
-    buffer = io.BytesIO()
-    Image.fromarray(pixels.numpy()).save(buffer, format="PNG")
-    return buffer.getvalue()
 
 
 def test_every_family_is_described_and_an_unknown_one_is_a_one_line_error():
@@ -92,7 +83,7 @@ def test_training_forward_with_zero_adapters_equals_the_stock_model(family, kind
     """Aspect ``crop`` and the processor's own pixels: the stock processor's path, image for image."""
     name, model, processor, stock = family
     if kind == "images":  # sizes that take different numbers of tiles and image tokens
-        raws = [{"json": json.dumps(QUESTION).encode(), "png": image_bytes(size, seed)}
+        raws = [{"json": json.dumps(QUESTION).encode(), "png": noise_png(size, seed)}
                 for seed, size in enumerate([(64, 48), (40, 90), (30, 30)])]
     else:
         raws = [{"json": json.dumps(text_sample(k, q, a)["json"]).encode()}
@@ -119,7 +110,7 @@ def test_held_out_generation_from_the_familys_embeddings_is_the_stock_models(fam
     path run on every rank): on a padded batch of images of different tile counts and a text-only
     question, the tokens the stock model generates from its own inputs."""
     name, model, processor, stock = family
-    prompts = [Prompt(question_turns("What color is it?", True), Image.open(io.BytesIO(image_bytes(size, seed))))
+    prompts = [Prompt(question_turns("What color is it?", True), Image.open(io.BytesIO(noise_png(size, seed))))
                for seed, size in enumerate([(64, 48), (40, 90)])] + [Prompt(question_turns("How many sides?", False))]
     batch = PromptEncoder(processor, "crop", "processor", backbone=model.backbone)(prompts)
     inputs = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"],
@@ -274,7 +265,7 @@ def test_trained_family_adapter_loads_and_answers_with_images_prepared_as_in_tra
     model = load_model(str(TINY_MODELS[name]), str(runs["zero3"] / "adapter"))
     assert type(model).__name__ == backbone_for(model.config).model_class_name
     processor = load_processor(str(TINY_MODELS[name]))
-    images = [Image.open(io.BytesIO(image_bytes(size, seed))) for seed, size in enumerate([(64, 48), (30, 90)])]
+    images = [Image.open(io.BytesIO(noise_png(size, seed))) for seed, size in enumerate([(64, 48), (30, 90)])]
     prompts = [Prompt([Turn("user", "<image>\nWhat shape is it?")], image) for image in images]
     prompts.append(Prompt([Turn("user", "How many sides has a square?")]))
     answers = generate_answers(model, processor, prompts, max_new_tokens=4, batch_size=3)
@@ -303,7 +294,7 @@ def test_plain_lora_adapter_of_a_family_exports_to_peft_and_merged_with_our_logi
     stock_class = backbone_for(ours.config).model_class
     peft_model = PeftModel.from_pretrained(stock_class.from_pretrained(TINY_MODELS[name]), str(tmp_path / "peft")).eval()
     base = stock_class.from_pretrained(TINY_MODELS[name]).eval()
-    raws = [{"json": json.dumps(QUESTION).encode(), "png": image_bytes(size, seed)}
+    raws = [{"json": json.dumps(QUESTION).encode(), "png": noise_png(size, seed)}
             for seed, size in enumerate([(64, 48), (40, 90)])]
     inputs = stock_inputs(processor, raws)
     with torch.no_grad():

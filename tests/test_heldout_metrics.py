@@ -4,23 +4,13 @@
 from __future__ import annotations
 
 import json
-import tarfile
 
 import pytest
 
-from tests.helpers import REPO, launch_module, launch_training, one_thread_for_the_module, text_sample, write_shard  # noqa: F401
+from tests.helpers import (REPO, launch_module, launch_training, one_thread_for_the_module,  # noqa: F401
+                           read_shard_samples, text_sample, write_shard)
 
 STEPS = 2
-
-
-def image_samples(shard, count: int) -> list[dict]:
-    members: dict[str, dict] = {}
-    with tarfile.open(shard) as tar:
-        for member in tar.getmembers():
-            key, ext = member.name.rsplit(".", 1)
-            data = tar.extractfile(member).read()
-            members.setdefault(key, {"__key__": key})[ext] = json.loads(data) if ext == "json" else data
-    return [members[key] for key in sorted(members)[:count]]
 
 
 @pytest.mark.distributed
@@ -28,7 +18,7 @@ def test_held_out_metrics_are_generated_on_every_rank_and_match_eval_py(tmp_path
     """The charts held-out set alternates text-only and image samples, so one rank's questions are all
     text and the other's all images: the vision tower must still run on both (ZeRO-3, every tensor
     partitioned) or the run would hang."""
-    charts = image_samples(REPO / "data_shards" / "charts" / "val-000000.tar", 4)
+    charts = read_shard_samples(REPO / "data_shards" / "charts" / "val-000000.tar", 4)
     mixed = [s for i, image in enumerate(charts) for s in (text_sample(f"text_{i}", f"How many sides has shape {i}?", "4"), image)]
     val = write_shard(tmp_path / "mixed" / "val-000000.tar", mixed)
     shapes_val = REPO / "data_shards" / "shapes" / "val-000000.tar"

@@ -11,14 +11,13 @@ import importlib.util
 import json
 import os
 import shutil
-import tarfile
 from importlib.metadata import entry_points
 from pathlib import Path
 
 import pytest
 
 from tests.helpers import (REPO, TINY_MODEL, cli_env, launch_module, one_thread_for_the_module,  # noqa: F401
-                           python, run_group, write_shard)
+                           python, read_shard_samples, run_group, write_shard)
 
 INSTALLED = importlib.util.find_spec("lmms_eval") is not None
 pytestmark = pytest.mark.skipif(
@@ -71,17 +70,6 @@ def doc_to_text(doc, lmms_eval_specific_kwargs=None):
 def process_results(doc, results):
     return {"relaxed_accuracy": float(relaxed_correctness(results[0], doc["answer"]))}
 '''
-
-
-def read_samples(shard: Path, count: int) -> list[dict]:
-    """The first ``count`` samples of a shard: ``{"__key__", "jpg", "json"}`` (the JSON parsed)."""
-    members: dict[str, dict] = {}
-    with tarfile.open(shard) as tar:
-        for member in tar.getmembers():
-            key, ext = member.name.rsplit(".", 1)
-            data = tar.extractfile(member).read()
-            members.setdefault(key, {"__key__": key})[ext] = json.loads(data) if ext == "json" else data
-    return [members[key] for key in sorted(members)[:count]]
 
 
 def write_task(folder: Path, samples: list[dict]) -> None:
@@ -165,7 +153,7 @@ def test_lmms_eval_cli_scores_a_mole_adapter_as_eval_py_does(mode_runs, tmp_path
     """Every other item's reference is the answer eval.py generates for it, so the score is not 0 by
     default; lmms-eval scores with its own ChartQA relaxed_correctness, eval.py with mole.scoring."""
     adapter = random_adapter(mode_runs["scaled"] / "adapter", tmp_path / "adapter")
-    samples = read_samples(SHARD, ITEMS)
+    samples = read_shard_samples(SHARD, ITEMS)
     keys = [sample["__key__"] for sample in samples]
     generated, _ = eval_py(adapter, SHARD, tmp_path / "eval_first")
     assert len(set(generated.values())) > 1 and all(answer.strip() for answer in generated.values()), \
@@ -191,7 +179,7 @@ def test_lmms_eval_cli_scores_a_mole_adapter_as_eval_py_does(mode_runs, tmp_path
 
 def test_a_task_the_model_does_not_serve_fails_naming_it(mode_runs, tmp_path):
     adapter = mode_runs["lora"] / "adapter"
-    write_task(tmp_path / "task", read_samples(SHARD, 2))
+    write_task(tmp_path / "task", read_shard_samples(SHARD, 2))
     choice = (tmp_path / "task" / "mole_charts.yaml").read_text().replace("task: mole_charts", "task: mole_choice")
     choice = choice.replace("output_type: generate_until", "output_type: multiple_choice\ndoc_to_choice: [\"1\", \"2\"]")
     (tmp_path / "task" / "mole_choice.yaml").write_text(choice.split("generation_kwargs:")[0] + "metric_list:\n  - metric: acc\n")

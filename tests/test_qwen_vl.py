@@ -26,7 +26,7 @@ from mole.inference import Prompt, generate_answers, load_model, load_processor,
 from mole.model import TrainingModel, build_mole_model
 from mole.spec import AdapterSpec
 from mole.surgery import apply_mole
-from tests.helpers import REPO, one_thread_for_the_module, text_sample, write_shard  # noqa: F401
+from tests.helpers import REPO, noise_png, one_thread_for_the_module, text_sample, write_shard  # noqa: F401
 
 CONFIGS = {"qwen2_5_vl": REPO / "launch" / "configs" / "tiny_qwen2_5_vl.yaml",
            "qwen3_vl": REPO / "launch" / "configs" / "tiny_qwen3_vl.yaml"}
@@ -35,17 +35,9 @@ QUESTION = {"conversations": [{"from": "human", "value": "<image>\nWhat color is
 SIZES = [(64, 48), (130, 60), (100, 100)]  # (width, height): 4, 8-10 and 9-16 image tokens
 
 
-def image_bytes(size: tuple[int, int], seed: int) -> bytes:
-    generator = torch.Generator().manual_seed(seed)
-    pixels = torch.randint(0, 256, (size[1], size[0], 3), generator=generator, dtype=torch.uint8)
-    buffer = io.BytesIO()
-    Image.fromarray(pixels.numpy()).save(buffer, format="PNG")
-    return buffer.getvalue()
-
-
 def samples(kind: str) -> list[dict]:
     if kind == "images":
-        return [{"json": json.dumps(QUESTION).encode(), "png": image_bytes(size, seed)} for seed, size in enumerate(SIZES)]
+        return [{"json": json.dumps(QUESTION).encode(), "png": noise_png(size, seed)} for seed, size in enumerate(SIZES)]
     return [{"json": json.dumps(text_sample(k, q, a)["json"]).encode()}
             for k, q, a in [("a", "How many sides has a square?", "four"), ("b", "Count?", "two")]]
 
@@ -234,7 +226,7 @@ def test_batched_generation_with_left_padding_equals_one_by_one(lora_adapter):
     """Left padding moves every prompt's M-RoPE positions: the model must number them past the padding."""
     name, adapter_dir, base, _ = lora_adapter
     model, processor = load_model(base, str(adapter_dir)), load_processor(base)
-    images = [Image.open(io.BytesIO(image_bytes(size, seed))).convert("RGB") for seed, size in enumerate(SIZES[:2])]
+    images = [Image.open(io.BytesIO(noise_png(size, seed))).convert("RGB") for seed, size in enumerate(SIZES[:2])]
     prompts = [Prompt(question_turns("What color is the main object?", True), images[0]),
                Prompt(question_turns("How many sides has a square?", False)),
                Prompt(question_turns("What is it?", True), images[1])]
@@ -247,7 +239,7 @@ def test_batched_generation_with_left_padding_equals_one_by_one(lora_adapter):
 def test_evaluate_scores_image_and_text_samples(lora_adapter, tmp_path):
     name, adapter_dir, base, _ = lora_adapter
     shard = write_shard(tmp_path / "eval.tar", [
-        {"__key__": f"i{seed}", "json": QUESTION, "png": image_bytes(size, seed)} for seed, size in enumerate(SIZES)
+        {"__key__": f"i{seed}", "json": QUESTION, "png": noise_png(size, seed)} for seed, size in enumerate(SIZES)
     ] + [text_sample("t0", "How many sides has a square?", "four")])
     results = evaluate(load_model(base, str(adapter_dir)), load_processor(base), [EvalDomain("mixed", [str(shard)])],
                        batch_size=2, max_new_tokens=4)
