@@ -8,7 +8,8 @@ Every rank loads a full model copy (no ZeRO). By default the domains are the bun
 ``<data-root>/<name>/<split>-*.tar``; ``--shards NAME=PATTERN`` (repeatable) names the domains and
 their shards instead. ``--metric NAME=METRIC[,METRIC]`` (repeatable) chooses a domain's benchmark
 metrics (``charts=relaxed_accuracy``, ``docs=anls``; ``mole.scoring``), normalized_match otherwise. Rank 0 prints the table and writes ``metrics.json``, ``predictions.jsonl`` and
-(K>1) ``routing.png`` to ``--out`` (default: ``eval/`` next to the adapter directory).
+(K>1) ``routing.png`` to ``--out`` (default: ``eval/`` next to the adapter directory). An adapter trained
+with ``mole.routing: domain`` needs ``--domain NAME``: that domain's expert answers every evaluated domain.
 """
 
 import argparse
@@ -70,12 +71,15 @@ def main(argv: list[str]) -> int:
 
     from mole.adapter import AdapterError, read_adapter_spec
     from mole.adapter_check import resolve_base
+    from mole.cli import chosen_domain
     from mole.evaluate import evaluate, format_table, save_results
     from mole.inference import load_model, load_processor
 
     try:
         domains = eval_domains(args)
         spec = read_adapter_spec(args.adapter)
+        chosen_domain(spec, args.domain)
+        route = {domain.name: args.domain for domain in domains} if args.domain else None
         named_by = "--base" if args.base else f"base_model in {os.path.join(args.adapter, 'mole_config.json')}"
         base = resolve_base(args.base or spec.base_model, named_by, args.allow_remote_base)
         image = spec.image.overridden(args.image_aspect, args.image_backend)
@@ -102,14 +106,15 @@ def main(argv: list[str]) -> int:
                 model, processor, domains,
                 batch_size=args.batch_size, max_new_tokens=args.max_new_tokens, max_samples=args.max_samples,
                 max_length=args.max_length, image_aspect=image.aspect, image_backend=image.backend, rank=rank,
-                world_size=world_size,
+                world_size=world_size, route=route,
             )
             if rank == 0:
                 results["adapter"], results["base"], results["world_size"] = os.path.abspath(args.adapter), os.path.abspath(base), world_size
                 results["adapter_config"] = spec.to_dict()
                 out = args.out or os.path.join(os.path.dirname(os.path.abspath(args.adapter)), "eval")
                 name = os.path.join(*os.path.abspath(args.adapter).split(os.sep)[-2:])
-                title = f"{name} (K={spec.num_experts}, {spec.routing}): share of each domain's tokens per expert"
+                routed = f" {args.domain}" if args.domain else ""
+                title = f"{name} (K={spec.num_experts}, {spec.routing}{routed}): share of each domain's tokens per expert"
                 paths = save_results(results, out, title)
                 print(f"adapter {os.path.abspath(args.adapter)} (K={spec.num_experts}, routing {spec.routing}), "
                       f"{world_size} rank(s)")

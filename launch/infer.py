@@ -8,6 +8,7 @@ or null for a text-only question; relative paths resolve against the JSONL file'
 writes the same objects with an ``"answer"`` added, in order. Other keys (an id, say) are carried
 through unchanged, except that a line without ``image`` whose other key holds an image file name
 (``"img": "cat.jpg"``) is refused: its question would otherwise be answered without its image.
+An adapter trained with ``mole.routing: domain`` needs ``--domain NAME``: that domain's expert answers.
 """
 
 import argparse
@@ -83,6 +84,7 @@ def main(argv: list[str]) -> int:
         return 2
     from mole.adapter import AdapterError, read_adapter_spec
     from mole.adapter_check import resolve_base
+    from mole.cli import chosen_domain
     from mole.data.conversation import refuse_special_tokens
     from mole.data.errors import BadSample
     from mole.data.images import IMAGE_FORMATS
@@ -113,6 +115,7 @@ def main(argv: list[str]) -> int:
                 label = where if args.jsonl else "--prompt"
                 raise ValueError(f"{label}: the prompt {err.detail.removeprefix('turn 0 ')}") from None
         spec = spec or read_adapter_spec(args.adapter)
+        domain = chosen_domain(spec, args.domain)
         image = spec.image.overridden(args.image_aspect, args.image_backend)
         device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
         model = load_model(base, args.adapter, device=device, dtype=args.dtype)
@@ -120,7 +123,7 @@ def main(argv: list[str]) -> int:
         print(f"error: {err}", file=sys.stderr)
         return 2
     answers = generate_answers(model, processor, prompts, args.max_new_tokens, args.batch_size,
-                               image.aspect, image_backend=image.backend)
+                               image.aspect, image_backend=image.backend, domain=domain)
     if not args.jsonl:
         print(answers[0])
         return 0

@@ -105,13 +105,13 @@ def check_shapes(found: Shapes, expected: Shapes, path: str) -> None:
 
 def check_against_spec(found: Shapes, spec: AdapterSpec, where: str) -> None:
     """Without the base: every layer has every MLP target's experts with K and r as specified, a
-    router (K, hidden) iff K>1, attention LoRA of rank r on every attention target, the projector iff
+    router (K, hidden) iff K>1 and the routing is learned (not ``domain``), attention LoRA of rank r on every attention target, the projector iff
     it trained, and nothing else. Runs in time linear in the number of tensors, whatever the spec says."""
     layers, num_experts, r, hidden = spec.num_hidden_layers, spec.num_experts, spec.r, spec.hidden_size
     per_layer = {
         "expert": {(p, ab) for p in spec.mlp_targets for ab in "AB"},
         "attention LoRA": {(p, ab) for p in spec.attn_targets for ab in "AB"},
-        "router": {("weight",), ("bias",)} if num_experts > 1 else set(),
+        "router": {("weight",), ("bias",)} if num_experts > 1 and spec.routing != "domain" else set(),
     }
     seen: dict[str, set] = {what: set() for what in per_layer}
     problems: list[str] = []
@@ -121,7 +121,7 @@ def check_against_spec(found: Shapes, spec: AdapterSpec, where: str) -> None:
             rank_dim = 1 if match["ab"] == "A" else 2
             if len(shape) != 3 or shape[0] != num_experts or shape[rank_dim] != r:
                 problems.append(f"{name} has the wrong shape {shape}, expected K={num_experts} (num_experts), r={r}")
-        elif match := ROUTER_KEY.fullmatch(name):
+        elif (match := ROUTER_KEY.fullmatch(name)) and per_layer["router"]:
             what, key = "router", (match["part"],)
             want = (num_experts, hidden) if match["part"] == "weight" else (num_experts,)
             if shape != want:

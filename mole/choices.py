@@ -12,9 +12,10 @@ from __future__ import annotations
 import typing
 from typing import Literal
 
-Routing = Literal["hard", "scaled", "dense"]
+Routing = Literal["hard", "scaled", "dense", "domain"]
 """hard: top-1 expert, weight 1; scaled: top-1 times its router probability; dense: softmax-weighted
-sum of every expert."""
+sum of every expert; domain: no router, every token of a sample goes to its domain's expert (one expert
+per ``data.domains`` entry, weight 1): per-domain LoRA in one model, the oracle a learned router aims at."""
 
 AuxLoss = Literal["switch", "per_sample"]
 """Load-balancing loss form: Switch Transformer (batch-level fractions) or the released code's per-sample form."""
@@ -54,7 +55,8 @@ Metric = Literal["exact_match", "normalized_match", "relaxed_accuracy", "anls", 
 ChartQA relaxed accuracy, DocVQA ANLS, VQAv2 accuracy over several references, PathVQA yes/no accuracy and
 open-answer recall."""
 
-ResumeAcceptable = Literal["lora.alpha", "mole.routing", "model.name_or_path", "data.image_aspect", "data.image_backend"]
+ResumeAcceptable = Literal["lora.alpha", "mole.routing", "model.name_or_path", "data.image_aspect", "data.image_backend",
+                           "data.domains"]
 """The run settings that change what an adapter's saved weights compute (:data:`mole.spec.Impact`
 ``computation``): a resumed run keeps the checkpoint's unless ``train.resume_accept`` names them."""
 

@@ -76,7 +76,9 @@ class MoleConfig(Section):
     """LoRA experts per adapted layer; 1 turns the MoLE layer into plain LoRA (no router)."""
     routing: Routing = "scaled"
     """hard: top-1 expert, weight 1; scaled: top-1 scaled by its router probability (keeps the
-    router differentiable); dense: every expert, weighted by the router softmax."""
+    router differentiable); dense: every expert, weighted by the router softmax; domain: no router,
+    each sample's tokens go to its domain's expert (num_experts must equal the number of data.domains;
+    no aux loss; evaluation and inference name the domain)."""
     aux_loss: AuxLoss = "switch"
     """Load-balancing loss: switch (Switch Transformer, batch-level fractions) or per_sample."""
     aux_weight: Float = Field(0.01, ge=0)
@@ -194,7 +196,8 @@ class TrainConfig(Section):
     existing checkpoint is then an error, to protect it); or a checkpoint directory path."""
     resume_accept: list[ResumeAcceptable] = Field(default_factory=list)
     """Settings a resumed run may change although they change what the checkpoint's weights compute
-    (lora.alpha, mole.routing, model.name_or_path, data.image_aspect, data.image_backend); any other
+    (lora.alpha, mole.routing, model.name_or_path, data.image_aspect, data.image_backend, and under
+    routing domain data.domains' names); any other
     change of them is refused, naming it. Settings that shape the tensors can never change."""
     eval_every: int = Field(0, ge=0)
     """Held-out loss per domain (on each domain's val_shards) every N steps; 0 disables."""
@@ -538,6 +541,9 @@ def validate(cfg: Config) -> None:
     _require(not os.path.exists(cfg.output_dir) or os.path.isdir(cfg.output_dir), "output_dir",
              f"{cfg.output_dir!r} exists and is not a directory")
     k = cfg.mole.num_experts
+    _require(cfg.mole.routing != "domain" or k == len(cfg.data.domains), "mole.num_experts",
+             f"routing domain gives each of the {len(cfg.data.domains)} data.domains its own expert, so it must be "
+             f"{len(cfg.data.domains)}, got {k}")
     _require(k == 1 or bool(cfg.lora.mlp_targets), "lora.mlp_targets",
              f"is empty, so the {k} experts mole.num_experts asks for would have nothing to adapt")
 

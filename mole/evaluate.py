@@ -11,7 +11,9 @@ For every domain (one or more tar shards, read in order, nothing resampled):
 * **the domain's metrics** — the benchmark metrics chosen for the domain (:mod:`mole.scoring`,
   ``normalized_match`` unless chosen), each the mean over the questions it applies to;
 * **routing** — the (layers, domains, K) token counts of the teacher-forced forward
-  (:mod:`mole.routing_analysis`), non-padding tokens only, image and prompt tokens included.
+  (:mod:`mole.routing_analysis`), non-padding tokens only, image and prompt tokens included. An adapter
+  that routes by domain is told which of its domains serves each evaluated one (``route``): its table is
+  that fixed assignment.
 
 Distributed evaluation shards the samples over ranks (sample ``i`` goes to rank ``i % world_size``),
 each rank holding a full model copy, and sums the counts with ``all_reduce``: ranks may run
@@ -38,7 +40,8 @@ from mole.data.conversation import IGNORE_INDEX
 from mole.data.examples import shard_examples
 from mole.data.sample import Example, SampleProcessor
 from mole.data.shards import expand_shards
-from mole.inference import Prompt, PromptEncoder, generate_answers, model_image_settings, mole_layers, routing_context
+from mole.inference import (Prompt, PromptEncoder, generate_answers, model_image_settings, mole_layers,
+                            routes_by_domain, routing_context)
 from mole.routing_analysis import domain_expert_counts, domain_expert_shares, layer_nmi
 from mole.scoring import DEFAULT_METRICS, check_metrics, score
 
@@ -87,11 +90,14 @@ def evaluate(
     image_backend: str | None = None,
     rank: int = 0,
     world_size: int = 1,
+    route: dict[str, str] | None = None,
 ) -> dict:
     """Evaluate ``model`` (from :func:`mole.inference.load_model`) per domain; every rank gets the
     same reduced results dict (metrics per domain and overall, routing per layer, predictions). Images
     are prepared as the adapter's training prepared them unless ``image_aspect``/``image_backend`` say
-    otherwise."""
+    otherwise. ``route``: for an adapter that routes by domain (required then, refused otherwise), the
+    adapter domain whose expert serves each evaluated domain, by name."""
+    experts = _route_experts(model, domains, route)
     image_aspect, image_backend = model_image_settings(model, image_aspect, image_backend)
     backbone = backbone_for(model.config)
     sample_processor = SampleProcessor(processor, max_length, image_aspect, image_backend=image_backend, keep_image=True,
@@ -106,8 +112,9 @@ def evaluate(
 
     examples = _rank_examples(domains, sample_processor, skipped, max_samples, rank, world_size)
     while chunk := list(itertools.islice(examples, batch_size)):
-        _score_batch(model, chunk, processor.tokenizer.pad_token_id, sums, routing)
-        predictions += _ask_questions(model, processor, encoder, chunk, domains, max_new_tokens, batch_size, sums)
+        _score_batch(model, chunk, processor.tokenizer.pad_token_id, sums, routing, experts)
+        predictions += _ask_questions(model, processor, encoder, chunk, domains, max_new_tokens, batch_size, sums,
+                                      experts)
 
     if world_size > 1:
         dist.all_reduce(sums)
@@ -118,6 +125,22 @@ def evaluate(
         skipped = sum((Counter(s) for _, s in gathered), Counter())
     predictions.sort(key=lambda p: ([d.name for d in domains].index(p["domain"]), p["key"], p["turn"]))
     return _results(domains, sums, routing, skipped, predictions)
+
+
+def _route_experts(model, domains: list[EvalDomain], route: dict[str, str] | None) -> torch.Tensor | None:
+    """(domains,) the expert of each evaluated domain under routing ``domain`` (``None`` for any other
+    routing); a one-line ``ValueError`` for a ``route`` that does not fit the adapter."""
+    if not routes_by_domain(model):
+        if route is not None:
+            raise ValueError("a domain applies to a domain-routed adapter only")
+        return None
+    spec = model.mole_spec
+    if route is None:
+        raise ValueError(f"this adapter routes by domain ({', '.join(spec.domains)}): say which domain's expert answers")
+    unrouted = [d.name for d in domains if d.name not in route]
+    if unrouted:
+        raise ValueError(f"no adapter domain given for evaluated domain(s) {unrouted}")
+    return torch.tensor([spec.domain_index(route[d.name]) for d in domains], dtype=torch.long)
 
 
 def _rank_examples(domains: list[EvalDomain], process: SampleProcessor, skipped: Counter, max_samples: int | None,
@@ -132,12 +155,15 @@ def _rank_examples(domains: list[EvalDomain], process: SampleProcessor, skipped:
 
 
 def _ask_questions(model, processor, encoder: PromptEncoder, chunk: list[Example], domains: list[EvalDomain],
-                   max_new_tokens: int, batch_size: int, sums: torch.Tensor) -> list[dict]:
+                   max_new_tokens: int, batch_size: int, sums: torch.Tensor, experts: torch.Tensor | None) -> list[dict]:
     """Generate an answer to every question of a batch of examples; count matches into ``sums`` and
-    return the predictions."""
+    return the predictions. ``experts``: each evaluated domain's expert (routing ``domain``)."""
     asked = [questions(example) for example in chunk]
     prompts = [prompt for example_prompts, _ in asked for prompt in example_prompts]
-    answers = iter(generate_answers(model, processor, prompts, max_new_tokens, batch_size, encoder=encoder))
+    routed = None if experts is None else [int(experts[example.domain]) for example, (example_prompts, _) in zip(chunk, asked)
+                                           for _ in example_prompts]
+    answers = iter(generate_answers(model, processor, prompts, max_new_tokens, batch_size, encoder=encoder,
+                                    domain=routed))
     predictions = []
     for example, (example_prompts, references) in zip(chunk, asked):
         domain = domains[example.domain]
@@ -156,9 +182,13 @@ def _ask_questions(model, processor, encoder: PromptEncoder, chunk: list[Example
     return predictions
 
 
-def _score_batch(model, chunk: list[Example], pad_token_id: int, sums: torch.Tensor, routing: torch.Tensor) -> None:
-    """Teacher-forced forward of one batch: answer-token loss sums and routing counts per domain."""
+def _score_batch(model, chunk: list[Example], pad_token_id: int, sums: torch.Tensor, routing: torch.Tensor,
+                 experts: torch.Tensor | None = None) -> None:
+    """Teacher-forced forward of one batch: answer-token loss sums and routing counts per domain.
+    ``experts``: each evaluated domain's expert (routing ``domain``)."""
     batch = collate(chunk, pad_token_id)
+    if experts is not None:
+        routing_context(model).route(experts[batch["domain"]])
     inputs = to_device(batch, model.device, pixel_dtype=model.dtype)
     labels = inputs.pop("labels")[:, 1:]  # the loss is taken here, per sample, not by the model
     images = None

@@ -3,7 +3,8 @@
 LLaVA-MoLE (arXiv 2401.16160, Sec. 3): every decoder layer's MLP gets K LoRA experts; a router
 ``Linear(hidden, K, bias=True)`` on the MLP input (the post-attention-norm hidden state) picks one
 expert per token, and that expert's LoRA is applied to all three projections. ``num_experts == 1``
-is plain LoRA: no router, no auxiliary loss.
+is plain LoRA: no router, no auxiliary loss. Routing ``domain`` has no router either: each token goes to
+the expert of its sample's domain, which the caller states per forward (:meth:`RoutingContext.route`).
 
 This module is a plain ``nn.Module``: nothing here knows about DeepSpeed or the trainer. Two
 properties make it safe under ZeRO-3 all the same, and are part of its contract:
@@ -87,18 +88,27 @@ class RoutingContext:
     stores the batch's attention mask here (see :mod:`mole.surgery`), and each layer reads it: a padded
     batch's samples are its rows. A packed batch has no attention mask (several samples share a row);
     its forward sets ``sample_ids`` instead, so that routing is still counted per sample, never per row.
+    Routing ``domain`` reads each sample's domain from ``domains`` (:meth:`route`), through the same
+    token -> sample map.
     """
 
     def __init__(self) -> None:
         self.token_mask: torch.Tensor | None = None  # (batch, seq) bool, True = real token
         self.sample_ids: torch.Tensor | None = None  # (batch, seq) long: each token's sample, -1 = padding
         self.num_samples = 0  # how many samples ``sample_ids`` numbers (0 .. num_samples - 1)
+        self.domains: torch.Tensor | None = None  # (samples,) long: each sample's domain; 0-d: every token's
         self.layers: list[MoleMLP] = []
 
     def pack(self, sample_ids: torch.Tensor | None, num_samples: int = 0) -> None:
         """Count routing per sample by ``sample_ids`` (a packed batch) or, with ``None``, per row of the
         attention mask (a padded batch). Set before each forward: it holds until changed."""
         self.sample_ids, self.num_samples = sample_ids, num_samples
+
+    def route(self, domains: torch.Tensor | int | None) -> None:
+        """For routing ``domain``: each sample's domain index, (samples,) in the order of the batch's rows
+        (padded) or ``sample_ids`` (packed), or one index for every token (a generation of one domain).
+        Holds until changed; ``None`` clears it, and a domain-routed forward then refuses to run."""
+        self.domains = None if domains is None else torch.as_tensor(domains, dtype=torch.long)
 
     def stats(self) -> list[RoutingStats]:
         """Routing statistics of every routed layer from the latest forward, in layer order."""
@@ -201,7 +211,8 @@ class MoleMLP(nn.Module):
         self.gate_proj, self.up_proj, self.down_proj = base_mlp.gate_proj, base_mlp.up_proj, base_mlp.down_proj
         self.act_fn = base_mlp.act_fn
         self.num_experts, self.routing, self.scaling = num_experts, routing, alpha / r
-        self.router = nn.Linear(hidden_size, num_experts, bias=True) if num_experts > 1 else None
+        learned = num_experts > 1 and routing != "domain"
+        self.router = nn.Linear(hidden_size, num_experts, bias=True) if learned else None
         self.experts = nn.ModuleDict(
             {
                 name: LoraExperts(proj.in_features, proj.out_features, num_experts, r, alpha, dropout)
@@ -222,7 +233,9 @@ class MoleMLP(nn.Module):
 
     @property
     def stats(self) -> RoutingStats | None:
-        """This layer's routing statistics from its latest forward (``None`` without a router).
+        """This layer's routing statistics from its latest forward (``None`` for plain LoRA). Under routing
+        ``domain`` the "probabilities" are the one-hot domain assignment: the statistics count each
+        domain's tokens on its expert (a diagonal domain x expert table) and carry no gradient.
 
         Computed on first access: training asks every step (the balance loss), generation never does,
         and a decode step then saves the host the ops that would compute them in every layer.
@@ -261,10 +274,16 @@ class MoleMLP(nn.Module):
     def _route(self, tokens: torch.Tensor, batch: int, seq: int) -> tuple[Routes, torch.Tensor | None, torch.Tensor | None]:
         """Pick each token's expert, record the statistics, and say how to dispatch: the routes, and the
         permutation that sorts the tokens by expert with its inverse (``None`` when nothing moves)."""
-        if self.router is None:
+        if self.routing == "domain":
+            top_expert = self._domain_experts(batch, seq, tokens.device)
+            probs = torch.zeros(tokens.shape[0], self.num_experts, device=tokens.device).scatter_(
+                1, top_expert.unsqueeze(1), 1.0)  # (tokens, K) one-hot
+            top_prob = probs.new_ones(tokens.shape[0])
+        elif self.router is None:
             return Routes(slices=[slice(0, tokens.shape[0])]), None, None
-        probs = self.router(tokens).float().softmax(dim=-1)  # (tokens, K)
-        top_prob, top_expert = probs.max(dim=-1)
+        else:
+            probs = self.router(tokens).float().softmax(dim=-1)  # (tokens, K)
+            top_prob, top_expert = probs.max(dim=-1)
         self._stats, self._routing = None, (probs, top_expert, self.context.snapshot(), batch, seq)
         if self.routing == "dense":
             return Routes(dense_weights=probs.to(tokens.dtype)), None, None
@@ -292,6 +311,20 @@ class MoleMLP(nn.Module):
         else:
             routes = Routes(slices=row_slices(ends.tolist()), token_scale=scale)  # .tolist() waits for the device
         return routes, order, inverse
+
+    def _domain_experts(self, batch: int, seq: int, device: torch.device) -> torch.Tensor:
+        """(tokens,) each token's expert under routing ``domain``: its sample's domain (padding takes
+        sample 0's; its output is never read)."""
+        domains = self.context.domains
+        if domains is None:
+            raise RuntimeError("this adapter routes by domain (mole.routing: domain): say each sample's domain "
+                               "before the forward (RoutingContext.route)")
+        if domains.dim() == 0:
+            return domains.to(device).expand(batch * seq).contiguous()
+        samples, count = _token_samples(*self.context.snapshot(), batch, seq, device)
+        if domains.shape != (count,):
+            raise RuntimeError(f"routing domain: {domains.numel()} sample domains given for a forward of {count} samples")
+        return domains.to(device)[samples.clamp(min=0)]
 
     def _grouped(self, tokens: torch.Tensor) -> bool:
         if self.grouped_mm == "auto":

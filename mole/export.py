@@ -44,6 +44,11 @@ class ExportError(ValueError):
 
 
 def require_plain_lora(spec: AdapterSpec, fmt: str) -> None:
+    """Refuse an adapter with several experts: peft and merged weights hold one LoRA (a domain-routed
+    adapter of one domain is one)."""
+    if spec.num_experts != 1 and spec.routing == "domain":
+        raise ExportError(f"--format {fmt} cannot carry routing 'domain': its {spec.num_experts} experts serve the domains "
+                          f"{', '.join(spec.domains)}, chosen by the caller, and {fmt} holds one LoRA; use --format mole")
     if spec.num_experts != 1:
         raise ExportError(
             f"--format {fmt} needs a plain LoRA adapter (K=1), but this one has K={spec.num_experts} experts with "

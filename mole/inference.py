@@ -123,6 +123,13 @@ def routing_context(model: nn.Module) -> RoutingContext:
     raise ValueError("the model has no MoLE layers: load it with mole.load_model")
 
 
+def routes_by_domain(model: nn.Module) -> bool:
+    """Whether the model's adapter routes by domain (``mole.routing: domain``): its callers must then say,
+    per prompt or sample, which of the adapter's domains (``model.mole_spec.domains``) it is."""
+    spec = getattr(model, "mole_spec", None)
+    return spec is not None and spec.routing == "domain"
+
+
 def mole_layers(model: nn.Module) -> list[MoleMLP]:
     return [module for module in model.modules() if isinstance(module, MoleMLP)]
 
@@ -214,15 +221,23 @@ def generate_answers(
     image_aspect: str | None = None,
     encoder: PromptEncoder | None = None,
     image_backend: str | None = None,
+    domain: int | list[int] | None = None,
 ) -> list[str]:
     """Greedy answers, ``batch_size`` prompts per ``generate`` call (KV cache on), decoded without specials.
 
     Images are prepared as ``image_aspect`` and ``image_backend`` say, by default as the adapter's
     training prepared them (:func:`model_image_settings`). ``encoder`` (built from ``processor`` and
-    those when not given) may be reused across calls.
+    those when not given) may be reused across calls. ``domain``: for an adapter that routes by domain
+    (and only for one), the index in ``model.mole_spec.domains`` whose expert answers, for every prompt
+    or one per prompt.
     """
     if max_new_tokens < 1 or batch_size < 1:
         raise ValueError(f"max_new_tokens and batch_size must be >= 1, got {max_new_tokens} and {batch_size}")
+    if routes_by_domain(model) != (domain is not None):
+        raise ValueError("this adapter routes by domain: say which domain answers" if domain is None else
+                         "a domain applies to a domain-routed adapter only")
+    if isinstance(domain, list) and len(domain) != len(prompts):
+        raise ValueError(f"{len(domain)} domains for {len(prompts)} prompts")
     backbone = backbone_for(model.config)
     encoder = encoder or PromptEncoder(processor, *model_image_settings(model, image_aspect, image_backend),
                                        backbone=backbone)
@@ -230,6 +245,8 @@ def generate_answers(
     answers: list[str] = []
     for start in range(0, len(prompts), batch_size):
         batch = encoder(prompts[start : start + batch_size])
+        if domain is not None:  # the rows of every forward of this generate call, prompt and decode steps alike
+            routing_context(model).route(domain[start : start + batch_size] if isinstance(domain, list) else domain)
         input_ids = batch["input_ids"].to(device)
         images = None
         if batch["pixel_values"] is not None:

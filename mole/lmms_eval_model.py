@@ -14,7 +14,9 @@ in one process; log-likelihood and multi-round requests fail naming their task.
 
 ``--model_args``: ``adapter`` (required), ``base`` (default: the adapter's recorded base),
 ``device``, ``dtype`` (fp32, bf16, fp16), ``max_new_tokens`` (used when the task sets none),
-``image_aspect``, ``image_backend``, ``allow_remote_base``; ``--batch_size`` is the generation batch.
+``image_aspect``, ``image_backend``, ``allow_remote_base``, ``domain`` (an adapter trained with
+``mole.routing: domain``: the domain whose expert answers; required there, refused otherwise);
+``--batch_size`` is the generation batch.
 """
 
 from __future__ import annotations
@@ -29,6 +31,7 @@ from PIL import Image
 from mole.adapter import read_adapter_spec
 from mole.adapter_check import resolve_base
 from mole.backbones import backbone_for
+from mole.cli import chosen_domain
 from mole.data.conversation import IMAGE_PLACEHOLDER
 from mole.inference import Prompt, PromptEncoder, generate_answers, load_model, load_processor, question_turns
 
@@ -57,7 +60,8 @@ class MoleLMM(lmms):
 
     def __init__(self, adapter: str, base: str | None = None, device: str | None = None, dtype: str = "fp32",
                  batch_size: int | str = 8, max_new_tokens: int | str = 32, image_aspect: str | None = None,
-                 image_backend: str | None = None, allow_remote_base: bool | str = False, **unused) -> None:
+                 image_backend: str | None = None, allow_remote_base: bool | str = False, domain: str | None = None,
+                 **unused) -> None:
         super().__init__()
         unknown = sorted(set(unused) - {"max_batch_size"})  # lmms-eval hands every model max_batch_size
         if unknown:
@@ -67,6 +71,7 @@ class MoleLMM(lmms):
                              f"got {batch_size!r} and {max_new_tokens!r}")
         self.batch_size, self.max_new_tokens = int(batch_size), int(max_new_tokens)
         spec = read_adapter_spec(adapter)
+        self.domain = chosen_domain(spec, domain)
         allow_remote = _flag(allow_remote_base)
         base = resolve_base(base or spec.base_model, "base" if base else "the adapter's base_model", allow_remote)
         device = device or ("cuda" if torch.cuda.is_available() else "cpu")
@@ -88,7 +93,7 @@ class MoleLMM(lmms):
         for (max_new_tokens, until), indices in groups.items():
             prompts = [self._prompt(requests[i]) for i in indices]
             generated = generate_answers(self.model, self.processor, prompts, max_new_tokens, self.batch_size,
-                                         encoder=self.encoder)
+                                         encoder=self.encoder, domain=self.domain)
             for index, answer in zip(indices, generated):
                 answers[index] = cut_at(answer, until)
                 self.cache_hook.add_partial("generate_until", requests[index].args, answers[index])

@@ -78,24 +78,32 @@ class TrainingModel(nn.Module):
         self.backbone: Backbone = backbone_for(llava.config)
         self.context = surgery.context
         self.aux_kind, self.aux_weight = aux_kind, aux_weight
+        spec = getattr(llava, "mole_spec", None)
+        self.by_domain = spec is not None and spec.routing == "domain"
+        """Routing ``domain``: the batch's ``domain`` picks the experts, and there is no router to balance
+        (the aux loss is zero)."""
 
     def forward(self, input_ids, attention_mask, labels, pixel_values=None, image_sizes=None, position_ids=None,
-                sample_ids=None, num_samples=0, loss_normaliser=None):
+                sample_ids=None, num_samples=0, loss_normaliser=None, domain=None):
         """``loss_normaliser``: what the LM loss's sum over this micro-batch's answer tokens is divided by
         (:mod:`mole.lm_loss`); ``None`` takes this batch's own mean (held-out loss). A packed batch
         (:mod:`mole.data.packing`) gives ``position_ids`` (batch, seq) restarting per sample and no
-        attention mask, and ``sample_ids``/``num_samples`` so that routing counts per sample."""
+        attention mask, and ``sample_ids``/``num_samples`` so that routing counts per sample. ``domain``
+        (samples,) is each sample's domain index, which routing ``domain`` sends its tokens by."""
         if position_ids is not None and attention_mask is not None:
             # transformers finds packed samples from restarting position ids only without a mask (and
             # without a cache): with one, the samples of a row would silently attend to each other
             raise ValueError("a packed batch (position_ids) must come without an attention mask")
         self.context.pack(sample_ids, num_samples)
+        if self.by_domain:
+            self.context.route(domain)
         logits = self.backbone.forward(self.llava, input_ids, attention_mask, self.images(pixel_values, image_sizes),
                                        position_ids).logits
         lm_sum = lm_loss_sum(logits, labels)
         normaliser = loss_normaliser if loss_normaliser is not None else answer_tokens(labels).clamp(min=1)
         lm = lm_sum / normaliser
-        aux = aux_loss(self.context.stats(), self.aux_kind).to(lm.device)
+        aux = torch.zeros(()) if self.by_domain else aux_loss(self.context.stats(), self.aux_kind)
+        aux = aux.to(lm.device)
         return {"loss": lm + self.aux_weight * aux, "lm_loss": lm.detach(), "aux_loss": aux.detach()}
 
     def embed(self, input_ids: torch.Tensor, pixel_values: torch.Tensor | None = None,

@@ -21,8 +21,9 @@ from typing import Any, Literal
 
 from mole.choices import AuxLoss, Family, ImageAspect, ImageBackend, Routing, options
 
-FORMAT_VERSION = 2
-"""The ``mole_config.json`` version written. 2 added ``family``; version 1 files are still read."""
+FORMAT_VERSION = 3
+"""The ``mole_config.json`` version written. 2 added ``family``, 3 ``domains`` (routing ``domain``); files of
+versions 1 and 2 are still read (they name no domains: no earlier mole routed by domain)."""
 
 Impact = Literal["shape", "computation", "training"]
 """What a changed field changes. shape: the adapter's tensors (names or sizes), so weights of one
@@ -101,6 +102,10 @@ class AdapterSpec:
     """Whether the multimodal projector trained: its weights are then part of the adapter."""
     image: ImageSpec = field(default_factory=ImageSpec, metadata=_meta("computation"))
     """How training prepared images (``data.image_aspect``, ``data.image_backend``)."""
+    domains: tuple[str, ...] = field(default=(), metadata=_meta("computation", "data.domains"))
+    """Routing ``domain``: the name of the domain each expert serves, in expert order (``data.domains``'
+    names); evaluation and inference name one of them. Empty for every other routing, whose experts
+    serve no domain by construction."""
 
     def __post_init__(self) -> None:
         if self.base_model is not None and not isinstance(self.base_model, str):
@@ -126,6 +131,15 @@ class AdapterSpec:
                  f"is empty, so the {self.num_experts} experts would have nothing to adapt")
         _require(isinstance(self.train_projector, bool), "train_projector", f"must be true or false, got {self.train_projector!r}")
         _require(isinstance(self.image, ImageSpec), "image", f"expected an ImageSpec, got {self.image!r}")
+        ok = isinstance(self.domains, (list, tuple)) and all(isinstance(d, str) and d for d in self.domains)
+        _require(ok and len(set(self.domains)) == len(self.domains), "domains",
+                 f"must be a list of distinct domain names, got {self.domains!r}")
+        object.__setattr__(self, "domains", tuple(self.domains))
+        if self.routing == "domain":
+            _require(len(self.domains) == self.num_experts, "domains",
+                     f"routing domain needs one domain name per expert ({self.num_experts}), got {list(self.domains)}")
+        else:
+            _require(not self.domains, "domains", f"names domains, but routing {self.routing} does not route by domain")
 
     # ------------------------------------------------------------------------------ building
 
@@ -164,6 +178,15 @@ class AdapterSpec:
         return dataclasses.replace(self, **settings)
 
     # ---------------------------------------------------------------------------- comparing
+
+    def domain_index(self, name: str) -> int:
+        """The expert that serves domain ``name`` under routing ``domain``; a one-line ``ValueError`` for a
+        name the adapter was not trained with, or an adapter that does not route by domain."""
+        if self.routing != "domain":
+            raise ValueError(f"a domain applies to a domain-routed adapter; this one routes {self.routing}")
+        if name not in self.domains:
+            raise ValueError(f"domain {name!r} is not one of the adapter's domains ({', '.join(self.domains)})")
+        return self.domains.index(name)
 
     def diff(self, other: AdapterSpec) -> list[SpecChange]:
         """The fields in which this spec differs from ``other``, in field order, each with its
@@ -260,7 +283,8 @@ _V1_REQUIRED = ("format_version", "hidden_size", "num_hidden_layers", "num_exper
 # version 1 did not require what it always wrote (base_model, aux_loss); its first files lack the image record
 _V1_DEFAULTS = {"base_model": None, "family": "llava", "aux_loss": "switch", "image_aspect": "pad", "image_backend": "fast"}
 _V2_REQUIRED = (*_V1_REQUIRED, "base_model", "family", "aux_loss", "image_aspect", "image_backend")
-_KEYS = {1: (_V1_REQUIRED, _V1_DEFAULTS), 2: (_V2_REQUIRED, {})}
+_V3_REQUIRED = (*_V2_REQUIRED, "domains")
+_KEYS = {1: (_V1_REQUIRED, {**_V1_DEFAULTS, "domains": ()}), 2: (_V2_REQUIRED, {"domains": ()}), 3: (_V3_REQUIRED, {})}
 """Per readable format version: the keys a file must hold, and defaults for those it may leave out."""
 
 
@@ -271,6 +295,10 @@ def _run_settings(get, image: ImageSpec | None = None) -> dict[str, Any]:
     for f in dataclasses.fields(AdapterSpec):
         if f.metadata["config_key"] is not None:
             settings[f.name] = get(f.metadata["config_key"])
+    domains = settings["domains"]  # the run's data.domains: their names, when routing by them
+    if domains is not _UNSET:
+        names = tuple(d.get("name") if isinstance(d, dict) else getattr(d, "name", d) for d in domains or ())
+        settings["domains"] = names if settings["routing"] == "domain" else ()
     chosen = {f.name: get(f.metadata["config_key"]) for f in dataclasses.fields(ImageSpec)}
     defaults = dataclasses.asdict(image) if image is not None else {}
     settings["image"] = ImageSpec(**{name: defaults[name] if value is _UNSET else value for name, value in chosen.items()})

@@ -21,6 +21,12 @@ REPO = Path(__file__).resolve().parents[1]
 TINY_CONFIG = REPO / "launch" / "configs" / "tiny.yaml"
 TINY_MODEL = REPO / "models" / "tiny-llava"
 SHORT_RUN_STEPS = 8  # steps of the shared short training runs
+FAMILY_NAMES = ("llava", "llava_next", "llava_onevision", "qwen2_5_vl", "qwen3_vl")
+BASES = {family: REPO / "models" / f"tiny-{family.replace('_', '-')}" for family in FAMILY_NAMES}
+"""Each backbone family's committed tiny model."""
+ASPECT = {"qwen2_5_vl": "crop", "qwen3_vl": "crop"}
+"""Image aspect of the adapters :func:`make_adapter` writes (training's ``data.image_aspect``), ``pad`` where
+not given: the Qwen-VL families train on each image at its own aspect ratio."""
 
 
 USED_PORTS: set[int] = set()  # DeepSpeed leaves /dev/shm buffers named after them; conftest removes those
@@ -198,3 +204,25 @@ def one_thread_for_the_module():
     """Imported into a test module, runs all of its tests on one torch thread (see one_torch_thread)."""
     with one_torch_thread():
         yield
+
+
+def make_adapter(directory, family: str, num_experts: int, routing: str, domains: tuple[str, ...] = ()) -> None:
+    """A tiny adapter of ``family`` saved by mole's own surgery and save path, every tensor random and far from zero."""
+    import torch
+
+    from mole.adapter import save_adapter
+    from mole.backbones import FAMILIES
+    from mole.spec import AdapterSpec, ImageSpec
+    from mole.surgery import apply_mole
+
+    model = FAMILIES[family].model_class.from_pretrained(BASES[family])
+    spec = AdapterSpec.from_base(model.config, base_model=str(BASES[family]), num_experts=num_experts, routing=routing,
+                                 aux_loss="switch", r=4, alpha=8.0, dropout=0.0,
+                                 attn_targets=("q_proj", "k_proj", "v_proj", "o_proj"),
+                                 mlp_targets=("gate_proj", "up_proj", "down_proj"), train_projector=True,
+                                 image=ImageSpec(ASPECT.get(family, "pad")), domains=domains)
+    apply_mole(model, spec)
+    generator = torch.Generator().manual_seed(num_experts * 7 + len(routing) + len(family))
+    state = {name: torch.randn(param.shape, generator=generator) * 0.3
+             for name, param in model.named_parameters() if param.requires_grad}
+    save_adapter(str(directory), state, spec)

@@ -405,6 +405,13 @@ def test_an_output_dir_that_is_a_file_and_experts_without_targets_are_refused(wo
     load_config(None, ["lora.mlp_targets=[]", "mole.num_experts=1"])  # plain LoRA on attention alone is fine
 
 
+def test_domain_routing_needs_one_expert_per_domain(workdir: Path) -> None:
+    msg = error_of(["mole.routing=domain", "mole.num_experts=2"])
+    assert msg.startswith("mole.num_experts: routing domain gives each of the 3 data.domains its own expert, so it "
+                          "must be 3, got 2"), msg
+    load_config(None, ["mole.routing=domain", "mole.num_experts=3"])
+
+
 def test_a_domain_names_its_metrics_and_an_unknown_one_lists_them(workdir: Path) -> None:
     cfg = load_config(None, ["data.domains=[{name: c, shards: x.tar, metric: relaxed_accuracy},"
                              " {name: p, shards: y.tar, metric: [closed_accuracy, open_recall]}, {name: s, shards: z.tar}]"])

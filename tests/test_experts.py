@@ -309,3 +309,47 @@ def test_grouped_mm_path_equals_per_expert_loop():
         torch.testing.assert_close(outs[1][2][name], grad, rtol=1e-4, atol=1e-5, msg=f"d/d{name} differs")
         if "lora" in name:
             assert outs[1][2][name][1].abs().sum() == 0, f"{name}: the idle expert's gradient must be exactly 0"
+
+
+def expert_output(mlp: MoleMLP, token: torch.Tensor, e: int) -> torch.Tensor:
+    """The MLP's output for one token sent through expert ``e`` alone, at weight 1."""
+
+    def proj(name, v):
+        bank = mlp.experts[name]
+        return getattr(mlp, name)(v) + bank.lora_B[e] @ (bank.lora_A[e] @ v) * bank.scaling
+
+    return proj("down_proj", mlp.act_fn(proj("gate_proj", token)) * proj("up_proj", token))
+
+
+def test_domain_routing_sends_every_token_of_a_sample_to_its_domains_expert_only():
+    mlp, context = make_mlp(routing="domain")
+    assert mlp.router is None, "routing domain trains no router"
+    x = torch.randn(3, 5, HIDDEN)
+    context.route(torch.tensor([2, 0, 2]))  # the rows' (samples') domains
+    out = mlp(x)
+    for row, e in enumerate([2, 0, 2]):
+        for t in range(5):
+            torch.testing.assert_close(out[row, t], expert_output(mlp, x[row, t], e), rtol=1e-5, atol=1e-5,
+                                       msg=f"row {row} token {t} is not expert {e}'s output")
+    assert mlp.stats.count.tolist() == [[0, 0, 5], [5, 0, 0], [0, 0, 5]], "one-hot by domain, per sample"
+    assert not mlp.stats.prob_sum.requires_grad, "the fixed assignment carries no gradient (no aux loss)"
+    out.sum().backward()
+    for name, bank in mlp.experts.items():
+        for param in (bank.lora_A, bank.lora_B):
+            norms = param.grad.flatten(1).norm(dim=1)
+            assert norms[0] > 0 and norms[2] > 0 and norms[1] == 0, f"{name}: gradient per expert {norms.tolist()}"
+
+
+def test_domain_routing_follows_packed_sample_ids_and_refuses_a_forward_without_domains():
+    mlp, context = make_mlp(routing="domain")
+    x = torch.randn(1, 6, HIDDEN)
+    with pytest.raises(RuntimeError, match="routes by domain"):
+        mlp(x)
+    context.pack(torch.tensor([[0, 0, 1, 1, 1, -1]]), num_samples=2)
+    context.route(torch.tensor([1, 2]))
+    out = mlp(x)
+    for t, e in enumerate([1, 1, 2, 2, 2]):
+        torch.testing.assert_close(out[0, t], expert_output(mlp, x[0, t], e), rtol=1e-5, atol=1e-5)
+    assert mlp.stats.count.tolist() == [[0, 2, 0], [0, 0, 3]], "padding is counted nowhere"
+    context.route(0)  # one domain for every token: generation
+    torch.testing.assert_close(mlp(x)[0, 5], expert_output(mlp, x[0, 5], 0), rtol=1e-5, atol=1e-5)

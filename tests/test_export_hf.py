@@ -14,25 +14,18 @@ import torch
 from PIL import Image
 from safetensors.torch import load_file, save_file
 
-from mole.adapter import save_adapter
 from mole.backbones import FAMILIES, backbone_for
 from mole.hf_export import MODELING_FILE, exported_name, modeling_source
 from mole.inference import Prompt, PromptEncoder, load_model, load_processor, question_turns, routing_context
-from mole.spec import AdapterSpec, ImageSpec
-from mole.surgery import apply_mole
-from tests.helpers import REPO, TINY_MODEL, cli_env, launch_module, python
+from tests.helpers import ASPECT, BASES, REPO, TINY_MODEL, cli_env, launch_module, make_adapter, python
 from tests.helpers import one_thread_for_the_module  # noqa: F401  (autouse fixture)
 
-BASES = {family: REPO / "models" / f"tiny-{family.replace('_', '-')}" for family in FAMILIES}
 ADAPTERS = {"scaled": ("llava", 3, "scaled", "fp32"), "hard": ("llava", 3, "hard", "fp32"),
             "dense": ("llava", 3, "dense", "fp32"), "lora": ("llava", 1, "scaled", "fp32"),
             "scaled_bf16": ("llava", 3, "scaled", "bf16"),
             "llava_next": ("llava_next", 3, "hard", "fp32"), "llava_onevision": ("llava_onevision", 3, "dense", "fp32"),
             "qwen2_5_vl": ("qwen2_5_vl", 3, "scaled", "fp32"), "qwen3_vl": ("qwen3_vl", 3, "scaled", "fp32")}
 """Exported adapters: name -> (family, K, routing, --dtype); every family once, LLaVA-1.5 in every mode."""
-ASPECT = {"qwen2_5_vl": "crop", "qwen3_vl": "crop"}
-"""Image aspect of the adapters (training's ``data.image_aspect``), ``pad`` where not given: the Qwen-VL
-families train on each image at its own aspect ratio."""
 PROCESSOR_FAMILIES = ("llava", "llava_next")
 """Families whose combined processor loads without torchvision (the others save an image processor and a tokenizer)."""
 TOLERANCE = {"fp32": 1e-5, "bf16": 1e-2}
@@ -99,21 +92,6 @@ save_file(tensors, out + ".safetensors")
 with open(out + ".json", "w") as handle:
     json.dump(report, handle)
 """.replace("GENERATE", repr(GENERATE)).replace("QUESTION", repr(QUESTION)).replace("BATCHES", repr(BATCHES))
-
-
-def make_adapter(directory, family: str, num_experts: int, routing: str) -> None:
-    """A tiny adapter of ``family`` saved by mole's own surgery and save path, every tensor random and far from zero."""
-    model = FAMILIES[family].model_class.from_pretrained(BASES[family])
-    spec = AdapterSpec.from_base(model.config, base_model=str(BASES[family]), num_experts=num_experts, routing=routing,
-                                 aux_loss="switch", r=4, alpha=8.0, dropout=0.0,
-                                 attn_targets=("q_proj", "k_proj", "v_proj", "o_proj"),
-                                 mlp_targets=("gate_proj", "up_proj", "down_proj"), train_projector=True,
-                                 image=ImageSpec(ASPECT.get(family, "pad")))
-    apply_mole(model, spec)
-    generator = torch.Generator().manual_seed(num_experts * 7 + len(routing) + len(family))
-    state = {name: torch.randn(param.shape, generator=generator) * 0.3
-             for name, param in model.named_parameters() if param.requires_grad}
-    save_adapter(str(directory), state, spec)
 
 
 def model_inputs(model, encoder: PromptEncoder, prompts: list[Prompt]) -> dict[str, torch.Tensor]:

@@ -30,10 +30,10 @@ def test_a_version_1_file_reads_as_the_spec_training_builds(spec):
     assert read.family == "llava", "version 1 adapters are all LLaVA adapters"
 
 
-def test_version_2_differs_from_version_1_only_by_the_version_and_new_fields(spec):
+def test_version_3_differs_from_version_1_only_by_the_version_and_new_fields(spec):
     old = json.loads(V1_FIXTURE.read_text())
     new = spec.to_dict()
-    assert new["format_version"] == FORMAT_VERSION == 2
+    assert new["format_version"] == FORMAT_VERSION == 3
     assert set(old) <= set(new), f"keys dropped from version 1: {set(old) - set(new)}"
     changed = {key for key in old if key != "format_version" and old[key] != new[key]}
     assert not changed, f"version 1 keys written with other values: {changed}"
@@ -92,7 +92,7 @@ def test_diff_ignores_the_order_of_targets(spec):
     ("hidden_size", "64", "hidden_size: must be an integer >= 1, got '64'"),
     ("alpha", float("nan"), "alpha: must be a finite number > 0"),
     ("dropout", 1.0, "dropout: must be in [0, 1), got 1.0"),
-    ("routing", "top2", "routing: must be one of hard, scaled, dense; got 'top2'"),
+    ("routing", "top2", "routing: must be one of hard, scaled, dense, domain; got 'top2'"),
     ("aux_loss", None, "aux_loss: must be one of switch, per_sample; got None"),
     ("family", "llama", "family: must be one of llava, llava_next, llava_onevision, qwen2_5_vl, qwen3_vl; got 'llama'"),
     ("attn_targets", "q_proj", "attn_targets: must be a list of distinct module names"),
@@ -175,3 +175,26 @@ def test_the_same_weights_save_to_the_same_bytes(tmp_path, spec):
         save_adapter(str(tmp_path / str(attempt)), state, spec)
         saved.add((tmp_path / str(attempt) / ADAPTER_WEIGHTS).read_bytes())
     assert len(saved) == 1, f"{len(saved)} different files from 8 saves of the same tensors"
+
+
+def test_a_version_2_file_reads_with_no_domains(spec):
+    raw = {k: v for k, v in spec.to_dict().items() if k != "domains"}
+    assert AdapterSpec.from_dict({**raw, "format_version": 2}) == spec
+    with pytest.raises(SpecError, match=r"missing keys \['domains'\]"):
+        AdapterSpec.from_dict(raw)
+
+
+def test_a_domain_routed_spec_records_its_domain_names_in_expert_order(tmp_path):
+    cfg = load_config(str(TINY_CONFIG), ["mole.routing=domain"])
+    built = AdapterSpec.from_config(cfg, AutoConfig.from_pretrained(TINY_MODEL))
+    assert built.domains == ("shapes", "charts", "tissue"), built.domains
+    assert AdapterSpec.from_json(built.to_json()) == built
+    assert built.domain_index("tissue") == 2
+    with pytest.raises(ValueError, match=r"^domain 'docs' is not one of the adapter's domains \(shapes, charts, tissue\)$"):
+        built.domain_index("docs")
+    with pytest.raises(SpecError, match=r"^domains: routing domain needs one domain name per expert \(3\)"):
+        dataclasses.replace(built, domains=("shapes", "charts"))
+    with pytest.raises(SpecError, match=r"^domains: names domains, but routing hard does not route by domain$"):
+        dataclasses.replace(built, routing="hard")
+    saved = {"mole": {"routing": "domain"}, "data": {"domains": [{"name": "a"}, {"name": "b"}, {"name": "c"}]}}
+    assert built.as_recorded(saved, None).domains == ("a", "b", "c"), "a saved run's domain names are its adapter's"

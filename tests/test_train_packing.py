@@ -2,7 +2,7 @@
 Qwen-VL ones number each packed sample's M-RoPE positions on their own), and the LM loss of
 ``grad_accum`` micro-batches equals one batch of their size (the loss is the global batch's mean).
 
-All twelve runs share one launch (``tests/several_runs.py``): the ranks start once.
+All fourteen runs share one launch (``tests/several_runs.py``): the ranks start once.
 """
 
 from __future__ import annotations
@@ -36,6 +36,14 @@ def packing_runs(tmp_path_factory):
         model = [f"model.name_or_path={REPO / 'models' / ('tiny-' + family.replace('_', '-'))}"]
         model += ["data.image_aspect=crop"] if family.startswith("qwen") else []  # as Qwen takes images
         runs |= {f"{family}_zero3_packed": [zero3, *packed, *model], f"{family}_zero2_packed": [zero2, *packed, *model]}
+    # routing domain, packed: each token's expert comes from its sample's domain through sample_ids; the
+    # held-out loss and answers at the last step route each domain's samples to its own expert
+    val = (f'data.domains=[{{name: shapes, shards: "{REPO}/data_shards/shapes/train-{{000000..000001}}.tar", '
+           f'val_shards: "{REPO}/data_shards/shapes/val-000000.tar"}}, {{name: text, shards: "{text_shard}", '
+           f'val_shards: "{text_shard}"}}]')
+    by_domain = [*packed, "mole.routing=domain", "mole.num_experts=2", val, f"train.eval_every={STEPS}",
+                 "train.eval_batches=1", "train.eval_max_new_tokens=3"]
+    runs |= {"domain_zero3_packed": [zero3, *by_domain], "domain_zero2_packed": [zero2, *by_domain]}
     runs |= {
         "accum2": [*plain, "train.micro_batch_size=2", "train.grad_accum=2"],
         "batch4": [*plain, "train.micro_batch_size=4", "train.grad_accum=1"],
@@ -94,3 +102,25 @@ def test_two_accumulated_micro_batches_train_as_one_batch_of_their_size(packing_
         if "train/lm_loss" in a:
             assert a["train/lm_loss"] == pytest.approx(b["train/lm_loss"], rel=1e-5), f"step {a['step']} LM loss"
     assert_same_adapter(accum, whole, "grad_accum=2 of 2 samples != 1 micro-batch of 4")
+
+
+def test_domain_routing_under_zero3_equals_zero2_with_every_domain_on_its_own_expert(packing_runs):
+    z3, z2 = packing_runs["domain_zero3_packed"], packing_runs["domain_zero2_packed"]
+    for rank in (0, 1):
+        records = step_records(z3, rank)
+        assert len(records) == STEPS and all(r["samples"] > 2 for r in records), "rows must hold several samples"
+        for a, b in zip(records, step_records(z2, rank)):
+            assert a["expert_load"] == b["expert_load"], f"routing differs at step {a['step']} rank {rank}"
+            assert a["loss"] == pytest.approx(b["loss"], rel=1e-5, abs=1e-6), f"loss at step {a['step']} rank {rank}"
+            assert a["aux_loss"] == 0.0, "routing domain has no router to balance"
+            for expert, domain in enumerate(["shapes", "text"]):  # every layer: tokens on an expert iff its domain drew some
+                assert all((load[expert] > 0) == (domain in a["domains"]) for load in a["expert_load"]), (a["domains"], a["expert_load"])
+    assert any(len(r["domains"]) == 2 for r in step_records(z3, 0)), "no packed micro-batch mixed the two domains"
+    spec = json.loads((z3 / "adapter" / "mole_config.json").read_text())
+    assert spec["routing"] == "domain" and spec["domains"] == ["shapes", "text"], spec
+    weights = load_file(z3 / "adapter" / "adapter.safetensors")
+    assert not any("router" in key for key in weights), "routing domain trains no router"
+    evals = [json.loads(line) for line in (z3 / "metrics.jsonl").read_text().splitlines()]
+    held = [r for r in evals if "eval/loss/text" in r]
+    assert held and "eval/normalized_match/shapes" in held[-1], f"no held-out loss and answers per domain: {evals[-1]}"
+    assert_same_adapter(z3, z2, "routing domain: packed ZeRO-3 != packed ZeRO-2")

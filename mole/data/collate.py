@@ -8,7 +8,7 @@ import torch
 from mole.data.conversation import IGNORE_INDEX
 from mole.data.sample import Example
 
-MODEL_INPUTS = ("input_ids", "attention_mask", "labels", "pixel_values", "image_sizes")
+MODEL_INPUTS = ("input_ids", "attention_mask", "labels", "pixel_values", "image_sizes", "domain")
 PACKED_INPUTS = ("position_ids", "sample_ids", "num_samples")  # only a packed batch has them (mole.data.packing)
 
 
@@ -21,7 +21,7 @@ def collate(examples: list[Example], pad_token_id: int) -> dict:
     saying where each image's tiles end (``None`` for a family without it), or for a dynamic-resolution
     family (Qwen-VL) every image's patches concatenated, (patches, patch_dim), with ``image_sizes``
     (images, 3) holding each image's patch grid (t, h, w). ``num_images`` counts them. ``domain`` carries each
-    sample's domain index for per-domain metrics and routing analysis; ``keys`` the samples' tar keys;
+    sample's domain index for per-domain metrics, routing analysis and routing ``domain``; ``keys`` the samples' tar keys;
     ``tokens`` how many real (not padding) tokens the batch holds.
     """
     length = max(len(example.input_ids) for example in examples)

@@ -94,6 +94,9 @@ def check_exportable(spec: AdapterSpec) -> None:
     if spec.family not in FAMILIES:
         raise ExportError(f"--format hf does not support the {spec.family!r} family yet (it supports "
                           f"{', '.join(FAMILIES)}); use --format mole")
+    if spec.routing == "domain":
+        raise ExportError(f"--format hf cannot export routing 'domain': its experts are chosen by the caller's domain "
+                          f"({', '.join(spec.domains)}), which a transformers model is not given; use --format mole")
     if spec.routing not in ROUTINGS:
         raise ExportError(f"--format hf cannot export routing {spec.routing!r}: its modelling file routes each token "
                           f"by its hidden state ({', '.join(ROUTINGS)}); use --format mole")

@@ -44,6 +44,7 @@ class HeldoutSet:
     prompts: list[Prompt] = field(default_factory=list)
     references: list[list[str]] = field(default_factory=list)
     metrics: tuple[str, ...] = ()
+    domain: int = 0  # the domain's index in data.domains (its expert under routing domain)
 
 
 def heldout_sets(cfg: Config, process: SampleProcessor, pad_token_id: int, info: DistInfo) -> dict[str, HeldoutSet]:
@@ -60,12 +61,12 @@ def heldout_sets(cfg: Config, process: SampleProcessor, pad_token_id: int, info:
         process = copy.copy(process)
         process.keep_image = True
     sets = {}
-    for domain in cfg.data.domains:
+    for index, domain in enumerate(cfg.data.domains):
         if domain.val_shards is None:
             continue
         urls = expand_shards(domain.name, domain.val_shards)
         sets[domain.name] = heldout_set(urls, process, cfg.train.micro_batch_size, pad_token_id, cfg.train.eval_batches,
-                                        info.rank, info.world_size, domain.metrics if generate else ())
+                                        info.rank, info.world_size, domain.metrics if generate else (), index)
     if not sets and info.is_main:
         log.warning("train.eval_every is set but no domain has val_shards: nothing to evaluate")
     fewest = torch.tensor([[len(held.batches), len(held.prompts) if generate else 1] for held in sets.values()],
@@ -85,13 +86,13 @@ def heldout_sets(cfg: Config, process: SampleProcessor, pad_token_id: int, info:
 
 
 def heldout_set(urls: list[str], process: SampleProcessor, batch_size: int, pad_token_id: int, max_batches: int,
-                rank: int, world_size: int, metrics: tuple[str, ...] = ()) -> HeldoutSet:
-    """This rank's share of the first ``max_batches * batch_size * world_size`` usable samples, batched
-    (their domain ids are 0: only the loss is wanted), with their questions when ``metrics`` are."""
-    examples = list(shard_examples(urls, process, Counter(), rank=rank, world_size=world_size,
+                rank: int, world_size: int, metrics: tuple[str, ...] = (), domain: int = 0) -> HeldoutSet:
+    """This rank's share of the first ``max_batches * batch_size * world_size`` usable samples of domain
+    number ``domain``, batched, with their questions when ``metrics`` are."""
+    examples = list(shard_examples(urls, process, Counter(), domain=domain, rank=rank, world_size=world_size,
                                    limit=max_batches * batch_size * world_size, deal="usable"))
     held = HeldoutSet([collate(examples[i : i + batch_size], pad_token_id) for i in range(0, len(examples), batch_size)],
-                      metrics=metrics)
+                      metrics=metrics, domain=domain)
     if metrics:
         for example in examples:
             prompts, references = questions(example)
@@ -156,6 +157,8 @@ def heldout_scores(engine, held: HeldoutSet, encoder: PromptEncoder, max_new_tok
     tokenizer = encoder.tokenizer
     was_training = engine.training
     engine.eval()
+    if model.by_domain:  # every answer from the domain's own expert
+        model.context.route(held.domain)
     for i in range(int(count)):
         start = min(i, batches - 1) * batch_size
         prompts, references = held.prompts[start : start + batch_size], held.references[start : start + batch_size]
