@@ -1,7 +1,10 @@
-"""The data-conflict experiment (issue 6): does MoLE on a mix of conflicting domains beat plain LoRA?
+"""The data-conflict experiment (issues 6 and 20): does MoLE on a mix of conflicting domains beat plain LoRA?
 
-On the bundled domains (``shapes``, ``charts``, ``tissue``: the same questions, answered in three
-conventions) and a small base pretrained on neutral captions (:mod:`experiments.base_model`),
+On a suite of domains (:data:`SUITES`: ``bundled``, the three bundled domains ``shapes``, ``charts``,
+``tissue``, the same questions answered in three conventions; ``cues``, six domains that share every
+image and question and differ only by a cue in the prompt, their answers mapping the same words each
+its own way, ``tools/make_cue_data.py``) and a small base pretrained on neutral captions
+(:mod:`experiments.base_model`),
 adapters are trained with the real trainer (:func:`mole.train.loop.run`, one rank, ZeRO-2) and
 evaluated with :func:`mole.evaluate.evaluate`, for several seeds:
 
@@ -13,10 +16,14 @@ single         1    N/D         one domain alone (one run per domain): as many s
 mix            1    N           the equal-weight mix
 mix2x          1    2N          the mix, twice the samples; with small resampled data that is
                                 twice the passes over the same data
-mole           3    N           the mix, default routing (``scaled``; also reported as mole_scaled)
-mole_hard      3    N           the mix, ``hard`` routing (the authors' released code)
-mole_dense     3    N           the mix, ``dense`` routing (softmax-weighted sum of all experts)
+mole           D    N           the mix, default routing (``scaled``; also reported as mole_scaled)
+mole_hard      D    N           the mix, ``hard`` routing (the authors' released code)
+mole_dense     D    N           the mix, ``dense`` routing (softmax-weighted sum of all experts)
+oracle         D    N           the mix, ``domain`` routing: each domain its own expert, chosen by the
+                                sample's domain in training and evaluation (the ceiling of routing)
 =============  ===  ==========  ===================================================================
+
+K = D, the suite's number of domains, for every routed variant.
 
 Each run is one fresh process (trainer, then evaluation, logs to ``<run>/run.log``), ``workers``
 at a time with one CPU thread each; a run whose ``result.json`` records the same spec is reused,
@@ -39,14 +46,18 @@ from dataclasses import asdict, dataclass, field
 log = logging.getLogger(__name__)
 
 DOMAINS = ("shapes", "charts", "tissue")
+"""The bundled suite's domains."""
+ROUTED = 0
+"""``num_experts`` of a routed variant: one expert per domain of the suite."""
 # name -> (num_experts, routing, steps as a multiple of N, trained on the mix)
 VARIANTS: dict[str, tuple[int, str, float, bool]] = {
     "single": (1, "scaled", 0.0, False),  # steps: N / len(domains), see run_specs
     "mix": (1, "scaled", 1.0, True),
     "mix2x": (1, "scaled", 2.0, True),
-    "mole": (3, "scaled", 1.0, True),
-    "mole_hard": (3, "hard", 1.0, True),
-    "mole_dense": (3, "dense", 1.0, True),
+    "mole": (ROUTED, "scaled", 1.0, True),
+    "mole_hard": (ROUTED, "hard", 1.0, True),
+    "mole_dense": (ROUTED, "dense", 1.0, True),
+    "oracle": (ROUTED, "domain", 1.0, True),
 }
 ALIASES = {"mole_scaled": "mole"}  # reported rows that are the same runs as another row
 
@@ -57,7 +68,42 @@ CONVENTIONS = {
     "charts": re.compile(r"([RGBYPOTF]|[1-5])"),
     "tissue": re.compile(rf"stain: ({_COLOURS})|count: [1-5]|result: (positive|negative)"),
 }
-QUESTION_KINDS = {"What color": "color", "How many": "count", "Is there": "has"}
+QUESTION_KINDS = {"What color": "color", "How many": "count", "Is there": "has", "List": "list"}
+
+
+@dataclass(frozen=True)
+class Suite:
+    """A set of domains the experiment runs on: where their shards are and which variants it runs by
+    default. ``conventions`` (bundled) tells an answer's convention by its form; without it (cues, where
+    every domain writes the same forms) an answer is foreign when it is another domain's answer to the
+    same sample's question (:func:`foreign_answers`)."""
+
+    name: str
+    domains: tuple[str, ...]
+    data_root: str
+    variants: tuple[str, ...]
+    conventions: dict[str, re.Pattern] | None = None
+    about: str = ""
+    max_new_tokens: int = 12
+    """Generated tokens per answer in evaluation (cues: its longest reference, a ``list`` answer, takes 14
+    with EOS)."""
+
+    @property
+    def report_name(self) -> str:
+        """``conflict`` for the bundled suite (its reports predate the others), else ``conflict_<name>``."""
+        return "conflict" if self.name == "bundled" else f"conflict_{self.name}"
+
+
+SUITES = {
+    "bundled": Suite("bundled", DOMAINS, "data_shards", ("single", "mix", "mix2x", "mole", "mole_hard", "mole_dense"),
+                     CONVENTIONS, "the three bundled domains (data_shards/README.md): the same questions answered in "
+                     "three conventions, each domain obvious from its image"),
+    "cues": Suite("cues", ("alpha", "beta", "gamma", "delta", "epsilon", "zeta"), "data_shards/cues", tuple(VARIANTS),
+                  None, "six domains sharing every image and question, told apart only by a cue in the prompt "
+                  "(`[beta] What color is the main object?`); domain k rotates the colour and count words by k places "
+                  "and inverts yes/no when k is odd, in shared answer templates (data_shards/cues/README.md, "
+                  "tools/make_cue_data.py)", max_new_tokens=16),
+}
 
 
 @dataclass
@@ -88,6 +134,8 @@ class ExperimentConfig:
     work_dir: str
     """Runs go to ``work_dir/<split>/<run name>/``."""
     data_root: str = "data_shards"
+    suite: str = "bundled"
+    """Which :data:`SUITES` entry (its domains under ``data_root``)."""
     seeds: list[int] = field(default_factory=lambda: [0, 1, 2])
     steps: int = 1200
     """N: optimizer steps of the mix runs."""
@@ -128,11 +176,13 @@ def run_specs(cfg: ExperimentConfig) -> list[RunSpec]:
     root = cfg.data_root  # relative paths stay relative: the runs share our working directory
     recipe = recipe_digest(cfg.train_config, cfg.base_model)
     specs = []
+    suite = SUITES[cfg.suite].domains
     for seed in cfg.seeds:
         for variant in cfg.variants:
             experts, routing, multiple, mixed = VARIANTS[variant]
-            groups = [list(DOMAINS)] if mixed else [[d] for d in DOMAINS]
-            steps = round(cfg.steps * multiple) if mixed else max(1, round(cfg.steps / len(DOMAINS)))
+            experts = experts or len(suite)
+            groups = [list(suite)] if mixed else [[d] for d in suite]
+            steps = round(cfg.steps * multiple) if mixed else max(1, round(cfg.steps / len(suite)))
             for domains in groups:
                 data = "[" + ", ".join(domain_entry(root, d) for d in domains) + "]"
                 overrides = [f"model.name_or_path={cfg.base_model}", f"mole.num_experts={experts}",
@@ -167,38 +217,62 @@ def run_all(cfg: ExperimentConfig) -> list[dict]:
         for done, index in enumerate(pending, 1):
             finished(done, index, train_and_evaluate(cfg.train_config, specs[index], os.path.join(out_dir, specs[index].name),
                                                      isolated=False))
-        return _with_answer_analysis([results[i] for i in range(len(specs))], out_dir)
+        return _with_answer_analysis([results[i] for i in range(len(specs))], out_dir, SUITES[cfg.suite])
     context = multiprocessing.get_context("spawn")
     with concurrent.futures.ProcessPoolExecutor(max_workers=cfg.workers, mp_context=context, max_tasks_per_child=1) as pool:
         futures = {pool.submit(train_and_evaluate, cfg.train_config, specs[i], os.path.join(out_dir, specs[i].name)): i
                    for i in pending}
         for done, future in enumerate(concurrent.futures.as_completed(futures), 1):
             finished(done, futures[future], future.result())  # a failed run fails the experiment, naming its log
-    return _with_answer_analysis([results[i] for i in range(len(specs))], out_dir)
+    return _with_answer_analysis([results[i] for i in range(len(specs))], out_dir, SUITES[cfg.suite])
 
 
-def _with_answer_analysis(results: list[dict], out_dir: str) -> list[dict]:
+def _with_answer_analysis(results: list[dict], out_dir: str, suite: Suite) -> list[dict]:
     for result in results:
         split = result["spec"]["split"]
-        result["answers"] = answer_analysis(os.path.join(out_dir, result["name"], f"eval_{split}", "predictions.jsonl"))
+        result["answers"] = answer_analysis(os.path.join(out_dir, result["name"], f"eval_{split}", "predictions.jsonl"),
+                                            suite)
     return results
 
 
-def answer_analysis(predictions_path: str) -> dict:
+def foreign_answers(domain: str, key: str, turn: int, domains: tuple[str, ...]) -> set[str]:
+    """The ``cues`` suite: the normalised answers the *other* domains give to the question of sample
+    ``key``'s ``turn`` (the same image and question in every domain, ``tools.make_cue_data``)."""
+    from mole.answers import normalize_answer
+    from tools.make_cue_data import make_sample
+
+    _, split, index = key.rsplit("_", 2)
+    answers = set()
+    for other in domains:
+        if other != domain:
+            turns = json.loads(make_sample(other, split, int(index))["json"])["conversations"]
+            answers.add(normalize_answer(turns[2 * turn + 1]["value"]))
+    return answers
+
+
+def answer_analysis(predictions_path: str, suite: Suite = SUITES["bundled"]) -> dict:
     """Per domain: which convention the generated answers follow (own / another domain's / neither)
     and the accuracy per question kind. A mixed adapter confusing the domains' conventions shows up
-    as ``foreign``; wrong content in the right convention does not."""
+    as ``foreign``; wrong content in the right convention does not. Without ``suite.conventions`` an
+    answer is ``own`` when it is right, ``foreign`` when it is another domain's answer to the same
+    question (and not right), else ``neither``."""
+    from mole.answers import normalize_answer
+
     per_domain: dict = {}
     with open(predictions_path) as handle:
         predictions = [json.loads(line) for line in handle]
     for p in predictions:
         row = per_domain.setdefault(p["domain"], {"questions": 0, "own": 0, "foreign": 0, "neither": 0, "kinds": {}})
         answer = p["prediction"].strip()
-        own = CONVENTIONS[p["domain"]].fullmatch(answer) is not None
-        foreign = any(c.fullmatch(answer) for d, c in CONVENTIONS.items() if d != p["domain"])
+        if suite.conventions is not None:
+            own = suite.conventions[p["domain"]].fullmatch(answer) is not None
+            foreign = any(c.fullmatch(answer) for d, c in suite.conventions.items() if d != p["domain"])
+        else:
+            own = bool(p["match"])
+            foreign = normalize_answer(answer) in foreign_answers(p["domain"], p["key"], p["turn"], suite.domains)
         row["questions"] += 1
         row["own" if own else "foreign" if foreign else "neither"] += 1
-        question = p["question"].replace("<image>", "").strip()
+        question = re.sub(r"^\[\w+\] ", "", p["question"].replace("<image>", "").strip())  # a cue first
         kind = next((k for prefix, k in QUESTION_KINDS.items() if question.startswith(prefix)), "text")
         hits = row["kinds"].setdefault(kind, [0, 0])
         hits[0] += bool(p["match"])
@@ -268,9 +342,11 @@ def _train_and_evaluate(train_config: str, spec: RunSpec, run_dir: str) -> dict:
     processor = load_processor(cfg.model.name_or_path)
     root = os.path.dirname(os.path.dirname(cfg.data.domains[0].val_shards))
     domains = [expand_eval_shards(d, os.path.join(root, d, f"{spec.split}-*.tar")) for d in spec.eval_domains]
-    results = evaluate(model, processor, domains, batch_size=16, max_new_tokens=12,
+    suite = next(s for s in SUITES.values() if set(spec.domains) <= set(s.domains))
+    route = {d: d for d in spec.eval_domains} if cfg.mole.routing == "domain" else None  # oracle: each its own expert
+    results = evaluate(model, processor, domains, batch_size=16, max_new_tokens=suite.max_new_tokens,
                        image_aspect=cfg.data.image_aspect, image_backend=cfg.data.image_backend,
-                       max_samples=spec.max_eval_samples, max_length=cfg.data.max_length)
+                       max_samples=spec.max_eval_samples, max_length=cfg.data.max_length, route=route)
     save_results(results, os.path.join(run_dir, f"eval_{spec.split}"), f"{spec.name} ({spec.split})")
     result = {
         "spec": asdict(spec),
@@ -309,12 +385,15 @@ def describe_setup(cfg: ExperimentConfig, base: dict, train_config: str, smoke: 
 
     with open(train_config) as handle:
         recipe = yaml.safe_load(handle)
-    n, d = cfg.steps, len(DOMAINS)
+    suite = SUITES[cfg.suite]
+    n, d = cfg.steps, len(suite.domains)
     batch = recipe["train"]["micro_batch_size"]
     steps = {v: (max(1, round(n / d)) if not VARIANTS[v][3] else round(n * VARIANTS[v][2])) for v in cfg.variants}
     lora = recipe["lora"]
     sizes = base["recipe"]
+    train_samples = sum(len(read_keys(path)) for path in _train_shards(cfg.data_root, suite.domains[0]))
     description = [
+        f"Suite `{suite.name}`: {suite.about}.",
         f"Base: a LLaVA-1.5-shaped model (CLIP ViT hidden {sizes['vision_hidden']} x {sizes['vision_layers']} layers, "
         f"2-layer projector, Llama hidden {sizes['text_hidden']} x {sizes['text_layers']} layers, "
         f"{base['parameters']:,} parameters; models/tiny-llava's tokenizer and processor), every weight pretrained "
@@ -329,14 +408,16 @@ def describe_setup(cfg: ExperimentConfig, base: dict, train_config: str, smoke: 
         f"batch {batch}, fp32, one rank, ZeRO-2, the real trainer (`mole.train.loop.run`) with "
         f"`{train_config}`; aux loss {recipe['mole']['aux_loss']} x {recipe['mole']['aux_weight']:g}.",
         f"Steps: N = {n} for `mix` and the MoLE rows ({n * batch} samples, about {n * batch // d} per domain); "
-        f"`mix2x` {2 * n} steps: the training shards are small (300 samples per domain) and resampled, so twice "
+        f"`mix2x` {2 * n} steps: the training shards are small ({train_samples} samples per domain) and resampled, so twice "
         f"the samples means twice the passes over the same data; `single` {steps.get('single', max(1, round(n / d)))} "
         "steps on its domain alone, i.e. as many samples of that domain as the mix sees.",
-        "`mole` uses the default routing (`scaled`); `mole_scaled` is the same runs, listed for the routing "
-        "comparison.",
-        f"Evaluation: `data_shards/<domain>/{cfg.split}-*.tar`"
-        + (f", first {cfg.max_eval_samples} samples per domain" if cfg.max_eval_samples else " (100 samples per domain)")
-        + "; every answer turn generated greedily (at most 12 new tokens) and matched after VQAv2 normalisation. "
+        f"`mole` uses the default routing (`scaled`); `mole_scaled` is the same runs, listed for the routing "
+        f"comparison; every routed row has K = {d} experts. `oracle`: `mole.routing: domain`, each domain its own "
+        "expert chosen by the sample's domain in training and evaluation (no router, no aux loss).",
+        f"Evaluation: `{cfg.data_root}/<domain>/{cfg.split}-*.tar`"
+        + (f", first {cfg.max_eval_samples} samples per domain" if cfg.max_eval_samples else " (every sample)")
+        + f"; every answer turn generated greedily (at most {suite.max_new_tokens} new tokens) and matched after "
+        "VQAv2 normalisation. "
         "`single` is evaluated on its own domain only. The recipe (rank, LR, N) was chosen on the val split.",
     ]
     if smoke:
@@ -347,6 +428,21 @@ def describe_setup(cfg: ExperimentConfig, base: dict, train_config: str, smoke: 
         "batch_size": batch, "train_config": train_config, "train_recipe": recipe,
         "extra_overrides": cfg.extra_overrides, "base": base, "aliases": ALIASES,
         "metric": "accuracy: VQAv2-normalised exact answer match (mole.answers), per answer turn",
-        "eval_max_new_tokens": 12, "max_eval_samples": cfg.max_eval_samples, "workers": cfg.workers,
-        "smoke": smoke, "description": description,
+        "eval_max_new_tokens": suite.max_new_tokens, "max_eval_samples": cfg.max_eval_samples, "workers": cfg.workers,
+        "smoke": smoke, "description": description, "suite": suite.name, "domains": list(suite.domains),
+        "variants": list(cfg.variants),
     }
+
+
+def _train_shards(root: str, domain: str) -> list[str]:
+    import glob
+
+    return sorted(glob.glob(os.path.join(root, domain, "train-*.tar")))
+
+
+def read_keys(path: str) -> list[str]:
+    """The sample keys of one tar shard (its ``.json`` members)."""
+    import tarfile
+
+    with tarfile.open(path) as tar:
+        return [m.name for m in tar.getmembers() if m.name.endswith(".json")]

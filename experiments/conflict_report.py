@@ -18,9 +18,13 @@ import math
 import os
 from collections import defaultdict
 
-from experiments.conflict import ALIASES, DOMAINS
+from experiments.conflict import ALIASES
 
-ROW_ORDER = ("single", "mix", "mix2x", "mole", "mole_hard", "mole_scaled", "mole_dense")
+ROW_ORDER = ("single", "mix", "mix2x", "mole", "mole_hard", "mole_scaled", "mole_dense", "oracle")
+MOLE_ROWS = ("mole", "mole_hard", "mole_dense")
+SELECTION_POINTS = 0.05
+"""A design is chosen when the oracle beats the mix by at least this much on the mean of domains (and by
+more than 2 SE over seeds)."""
 NOT_JUDGED = "**not judged** (fewer than two seeds: no standard error)"
 
 
@@ -43,18 +47,20 @@ def _per_variant(runs: list[dict], metric: str) -> dict[str, dict[str, list[floa
     return values
 
 
-def _ordered(table: dict) -> dict:
-    return {v: {d: table[v][d] for d in DOMAINS if d in table[v]} for v in ROW_ORDER if v in table}
+def _ordered(table: dict, domains: tuple[str, ...]) -> dict:
+    return {v: {d: table[v][d] for d in domains if d in table[v]} for v in ROW_ORDER if v in table}
 
 
 def summarize(runs: list[dict], setup: dict) -> dict:
-    """The ``conflict.json`` document: accuracy mean/std/n per variant and domain, plus the setup."""
+    """The ``conflict.json`` document: accuracy mean/std/n per variant and domain, plus the setup (whose
+    ``domains`` name the suite's domains in order)."""
     accuracy = _per_variant(runs, "accuracy")
-    return {"variants": _ordered({v: {d: _stats(x) for d, x in ds.items()} for v, ds in accuracy.items()}),
+    return {"variants": _ordered({v: {d: _stats(x) for d, x in ds.items()} for v, ds in accuracy.items()},
+                                 setup["domains"]),
             "setup": setup}
 
 
-def details(runs: list[dict]) -> dict:
+def details(runs: list[dict], domains: tuple[str, ...]) -> dict:
     """The ``conflict.runs.json`` document: loss and exact-match summaries, routing NMI, every run."""
     loss = _per_variant(runs, "loss")
     exact = _per_variant(runs, "exact_match")
@@ -82,11 +88,12 @@ def details(runs: list[dict]) -> dict:
             if source in table:
                 table[alias] = table[source]
     return {
-        "foreign_convention_share": _ordered({v: {d: _stats(x) for d, x in ds.items()} for v, ds in foreign.items()}),
+        "foreign_convention_share": _ordered({v: {d: _stats(x) for d, x in ds.items()} for v, ds in foreign.items()},
+                                             domains),
         "accuracy_by_question_kind": {v: {k: _stats(x) for k, x in sorted(ks.items())} for v, ks in by_kind.items()
                                       if v in ROW_ORDER},
-        "loss": _ordered({v: {d: _stats(x) for d, x in ds.items()} for v, ds in loss.items()}),
-        "exact_match": _ordered({v: {d: _stats(x) for d, x in ds.items()} for v, ds in exact.items()}),
+        "loss": _ordered({v: {d: _stats(x) for d, x in ds.items()} for v, ds in loss.items()}, domains),
+        "exact_match": _ordered({v: {d: _stats(x) for d, x in ds.items()} for v, ds in exact.items()}, domains),
         "routing_nmi_per_layer": {v: [_stats(list(layer)) for layer in zip(*rows)] for v, rows in nmi.items()},
         "train_lm_loss_last20": {v: _stats(x) for v, x in train_loss.items()},
         "runs": runs,
@@ -101,23 +108,26 @@ def compare(a: dict, b: dict) -> tuple[float, float, bool | None]:
     return diff, se, abs(diff) > 2 * se if min(a["n"], b["n"]) >= 2 else None
 
 
-def domain_average(runs: list[dict], variant: str) -> dict | None:
+def domain_average(runs: list[dict], variant: str, domains: tuple[str, ...]) -> dict | None:
     """Per seed, the mean accuracy over the domains; then {mean, std, n} over seeds."""
     by_seed: dict[int, list[float]] = defaultdict(list)
     source = ALIASES.get(variant, variant)
     for run in runs:
         if run["spec"]["variant"] == source:
             by_seed[run["spec"]["seed"]] += [m["accuracy"] for m in run["domains"].values()]
-    values = [sum(v) / len(v) for v in by_seed.values() if len(v) == len(DOMAINS)]
+    values = [sum(v) / len(v) for v in by_seed.values() if len(v) == len(domains)]
     return _stats(values) if values else None
 
 
 def claims(summary: dict, runs: list[dict]) -> dict:
-    """Verdicts on (a), (b), (c) with the numbers they rest on (see the module docstring's rule)."""
-    variants = summary["variants"]
+    """Verdicts on (a), (b), (c) with the numbers they rest on (see the module docstring's rule); with an
+    ``oracle`` row also whether it opens a gap over ``mix`` large enough to select the design
+    (:data:`SELECTION_POINTS` and 2 SE on the mean of domains) and each MoLE row's **gap closed**,
+    (MoLE - mix) / (oracle - mix) on the mean of domains."""
+    variants, domains = summary["variants"], summary["setup"]["domains"]
     out: dict = {}
     if "single" in variants and "mix" in variants:
-        rows = {d: compare(variants["mix"][d], variants["single"][d]) for d in DOMAINS}
+        rows = {d: compare(variants["mix"][d], variants["single"][d]) for d in domains}
         worse = [d for d, (diff, _, clear) in rows.items() if diff < 0 and clear]
         judged = all(clear is not None for _, _, clear in rows.values())
         out["a"] = {"held": bool(worse) if judged else None, "domains_worse": worse,
@@ -126,15 +136,24 @@ def claims(summary: dict, runs: list[dict]) -> dict:
         if baseline not in variants:
             continue
         verdicts = {}
-        for mole in ("mole", "mole_hard", "mole_dense"):
+        for mole in MOLE_ROWS:
             if mole not in variants:
                 continue
-            per_domain = {d: compare(variants[mole][d], variants[baseline][d]) for d in DOMAINS}
-            avg = compare(domain_average(runs, mole), domain_average(runs, baseline))
+            per_domain = {d: compare(variants[mole][d], variants[baseline][d]) for d in domains}
+            avg = compare(domain_average(runs, mole, domains), domain_average(runs, baseline, domains))
             held = None if avg[2] is None else bool(avg[0] > 0 and avg[2])
             verdicts[mole] = {"held": held, "average": {"diff": avg[0], "se": avg[1]},
                               "per_domain": {d: {"diff": r[0], "se": r[1]} for d, r in per_domain.items()}}
         out[key] = verdicts
+    if "oracle" in variants and "mix" in variants:
+        oracle, mix = domain_average(runs, "oracle", domains), domain_average(runs, "mix", domains)
+        diff, se, clear = compare(oracle, mix)
+        gap = {mole: (domain_average(runs, mole, domains)["mean"] - mix["mean"]) / diff if diff else None
+               for mole in MOLE_ROWS if mole in variants}
+        out["oracle"] = {"average": {"diff": diff, "se": se}, "selected": bool(diff >= SELECTION_POINTS and clear),
+                         "judged": clear is not None, "gap_closed": gap,
+                         "per_domain": {d: dict(zip(("diff", "se"), compare(variants["oracle"][d], variants["mix"][d])[:2]))
+                                        for d in domains}}
     return out
 
 
@@ -153,17 +172,18 @@ def plot_png(summary: dict, run_details: dict, path: str) -> None:
     from matplotlib.figure import Figure
 
     variants = [v for v in ROW_ORDER if v in summary["variants"] and v not in ALIASES]
-    figure = Figure(figsize=(11, 4))
+    domains = summary["setup"]["domains"]
+    figure = Figure(figsize=(11 + len(domains) - 3, 4))
     FigureCanvasAgg(figure)
     left, right = figure.subplots(1, 2, gridspec_kw={"width_ratios": [2, 1]})
     width = 0.8 / len(variants)
-    x = np.arange(len(DOMAINS))
+    x = np.arange(len(domains))
     for i, variant in enumerate(variants):
         rows = summary["variants"][variant]
-        means = [rows[d]["mean"] if d in rows else np.nan for d in DOMAINS]
-        stds = [rows[d]["std"] if d in rows else 0.0 for d in DOMAINS]
+        means = [rows[d]["mean"] if d in rows else np.nan for d in domains]
+        stds = [rows[d]["std"] if d in rows else 0.0 for d in domains]
         left.bar(x + (i - (len(variants) - 1) / 2) * width, means, width, yerr=stds, capsize=2, label=variant)
-    left.set_xticks(x, DOMAINS)
+    left.set_xticks(x, domains)
     left.set_ylim(0, 1.05)
     left.set_ylabel("answer accuracy (VQAv2-normalised)")
     left.set_title(f"{summary['setup'].get('split', 'test')} accuracy, mean ± std over seeds")
@@ -191,20 +211,20 @@ def _cell(stats: dict | None, digits: int = 3) -> str:
     return f"{stats['mean']:.{digits}f} ± {stats['std']:.{digits}f}"
 
 
-def _table(block: dict, runs: list[dict] | None, digits: int = 3) -> list[str]:
-    header = "| variant | " + " | ".join(DOMAINS) + (" | mean of domains |" if runs is not None else " |")
-    lines = [header, "|" + "---|" * (len(DOMAINS) + 1 + (runs is not None))]
+def _table(block: dict, runs: list[dict] | None, domains: tuple[str, ...], digits: int = 3) -> list[str]:
+    header = "| variant | " + " | ".join(domains) + (" | mean of domains |" if runs is not None else " |")
+    lines = [header, "|" + "---|" * (len(domains) + 1 + (runs is not None))]
     for variant, rows in block.items():
-        cells = [_cell(rows.get(d), digits) for d in DOMAINS]
+        cells = [_cell(rows.get(d), digits) for d in domains]
         if runs is not None:
-            cells.append(_cell(domain_average(runs, variant), digits) if variant != "single" else "–")
+            cells.append(_cell(domain_average(runs, variant, domains), digits) if variant != "single" else "–")
         lines.append(f"| `{variant}` | " + " | ".join(cells) + " |")
     return lines
 
 
-def _kind_table(block: dict) -> list[str]:
+def _kind_table(block: dict, domains: tuple[str, ...]) -> list[str]:
     columns = sorted({k for kinds in block.values() for k in kinds if not k.endswith("/text")},
-                     key=lambda k: (DOMAINS.index(k.split("/")[0]), k))
+                     key=lambda k: (domains.index(k.split("/")[0]), k))
     lines = ["| variant | " + " | ".join(columns) + " |", "|" + "---|" * (len(columns) + 1)]
     for variant in ROW_ORDER:
         if variant in block:
@@ -227,23 +247,33 @@ def _verdict_lines(verdicts: dict) -> list[str]:
             per = ", ".join(f"{d} {x['diff']:+.3f}" for d, x in v["per_domain"].items())
             lines.append(f"- ({key}) {text}, `{mole}`: {state}; mean of domains {v['average']['diff']:+.3f} "
                          f"(SE {v['average']['se']:.3f}); per domain {per}.")
+    if "oracle" in verdicts:
+        o = verdicts["oracle"]
+        state = (NOT_JUDGED if not o["judged"] else
+                 "**yes**" if o["selected"] else f"**no** (it needs >= {SELECTION_POINTS:+.2f} and more than 2 SE)")
+        gaps = ", ".join(f"`{m}` {g:+.2f}" if g is not None else f"`{m}` –" for m, g in o["gap_closed"].items())
+        lines.append(f"- The oracle (an expert per domain, routed by the domain) beats `mix` by enough to show a conflict "
+                     f"routing could resolve: {state}; mean of domains {o['average']['diff']:+.3f} (SE "
+                     f"{o['average']['se']:.3f}). Gap closed, (MoLE − mix) / (oracle − mix): {gaps or '–'}.")
     return lines
 
 
 def markdown(summary: dict, run_details: dict, verdicts: dict, command: str, png_name: str, notes: str | None) -> str:
     """The report: setup, commands, the tables, the plot, routing NMI per layer, the claim verdicts."""
     setup, runs = summary["setup"], run_details["runs"]
+    domains = setup["domains"]
     nmi_rows = []
     for variant, layers in run_details["routing_nmi_per_layer"].items():
         nmi_rows.append(f"| `{variant}` | " + " | ".join(_cell(layer) for layer in layers) + " |")
     layers = len(next(iter(run_details["routing_nmi_per_layer"].values()), []))
     top_share = _ordered({v: {d: _stats(x) for d, x in ds.items()}
                           for v, ds in _per_variant([r for r in runs if r["nmi_per_layer"] is not None],
-                                                    "top_expert_share").items()})
+                                                    "top_expert_share").items()}, domains)
     train = run_details["train_lm_loss_last20"]
     seconds = sum(r["seconds"]["total"] for r in runs)
     parts = [
-        "# Does MoLE resolve data conflicts? The miniature experiment",
+        "# Does MoLE resolve data conflicts? The miniature experiment"
+        + ("" if setup.get("suite", "bundled") == "bundled" else f", suite `{setup['suite']}`"),
         "",
         f"Generated by `{command}` (from the repository root). Numbers: the `{setup['split']}` split, "
         f"{setup['seeds_count']} seed(s) ({', '.join(map(str, setup['seeds']))}); mean ± sample std over seeds.",
@@ -254,29 +284,31 @@ def markdown(summary: dict, run_details: dict, verdicts: dict, command: str, png
         "",
         "## Accuracy (VQAv2-normalised answer match)",
         "",
-        *_table(summary["variants"], runs),
+        *_table(summary["variants"], runs, domains),
         "",
         f"![accuracy and routing NMI]({png_name})",
         "",
         "## Answer loss (teacher-forced, answer tokens + EOS)",
         "",
-        *_table(run_details["loss"], None, 4),
+        *_table(run_details["loss"], None, domains, 4),
         "",
         "Training LM loss, mean of the last 20 steps (how well each adapter fits the mix it trains on): "
         + ", ".join(f"`{v}` {_cell(s, 4)}" for v, s in train.items()) + ".",
         "",
         "## Answer conventions and question kinds",
         "",
-        "Share of generated answers written in *another* domain's convention (e.g. `T` or `stain: red` "
-        "for a shapes question): the data conflict made visible. Wrong content in the right convention "
-        "does not count here.",
+        ("Share of generated answers written in *another* domain's convention (e.g. `T` or `stain: red` "
+         "for a shapes question): the data conflict made visible. Wrong content in the right convention "
+         "does not count here." if setup.get("suite", "bundled") == "bundled" else
+         "Share of generated answers that are wrong and equal to another domain's answer to the same image and "
+         "question (the cue ignored or misread): the data conflict made visible."),
         "",
-        *_table(run_details["foreign_convention_share"], None),
+        *_table(run_details["foreign_convention_share"], None, domains),
         "",
         "Accuracy per question kind (`color`: main object's colour, `count`: objects, `has`: is there a "
-        "<colour> object; `text`: the text-only shapes questions):",
+        "<colour> object; `list`: every object's colour; `text`: the text-only shapes questions):",
         "",
-        *_kind_table(run_details["accuracy_by_question_kind"]),
+        *_kind_table(run_details["accuracy_by_question_kind"], domains),
         "",
         "## Routing",
         "",
@@ -288,14 +320,15 @@ def markdown(summary: dict, run_details: dict, verdicts: dict, command: str, png
         "|" + "---|" * (layers + 1),
         *nmi_rows,
         "",
-        "Largest expert share of each domain's tokens, averaged over layers (1/3 = spread evenly, 1 = one expert):",
+        "Largest expert share of each domain's tokens, averaged over layers (1/K = spread evenly, 1 = one expert; "
+        "the oracle's is 1 by construction):",
         "",
-        *_table(top_share, None),
+        *_table(top_share, None, domains),
         "",
         "## Claims",
         "",
         "Rule: a difference of means counts when it exceeds twice its standard error "
-        "`sqrt(s1²/n1 + s2²/n2)` over seeds; (b) and (c) are judged on the mean over the three domains.",
+        "`sqrt(s1²/n1 + s2²/n2)` over seeds; (b) and (c) are judged on the mean over the domains.",
         "",
         *_verdict_lines(verdicts),
         "",

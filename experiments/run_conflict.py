@@ -1,8 +1,12 @@
-"""The data-conflict experiment (issue 6): single-domain LoRA vs LoRA on the mix vs MoLE, several seeds.
+"""The data-conflict experiment (issues 6, 20): single-domain LoRA vs LoRA on the mix vs MoLE vs the oracle.
 
     python -m experiments.run_conflict                # the reported experiment -> docs/results/conflict.*
     python -m experiments.run_conflict --split val    # what the recipe was chosen on -> runs/conflict/report_val/
     python -m experiments.run_conflict --smoke        # seconds: one seed, a few steps (the test suite)
+    python -m experiments.run_conflict --suite cues   # the cue suite -> docs/results/conflict_cues.*
+
+``--suite`` picks the domains (experiments.conflict.SUITES: ``bundled``, the default, or ``cues``); a
+suite other than ``bundled`` writes ``conflict_<suite>.{md,json,runs.json,png}``.
 
 Run from the repository root. Pretrains a small LLaVA base on neutral captions (cached in
 ``<work-dir>/base``), trains every adapter with the real trainer (one rank, one fresh process per
@@ -21,15 +25,20 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # The base: tiny-llava's tokenizer and processor (56 px, 16 image tokens), larger towers.
 BASE_RECIPE = {"vision_hidden": 64, "vision_layers": 2, "text_hidden": 128, "text_layers": 4, "text_heads": 4}
 SMOKE = {"steps": 6, "seeds": [0], "max_eval_samples": 4, "pretrain_steps": 4, "pretrain_samples": 16, "workers": 0}
+SMOKE_VARIANTS = {"cues": ["mix", "mole", "oracle"]}
+"""Variants of a suite's smoke setting where all of them would take too long for the test suite."""
 
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="python -m experiments.run_conflict", description=__doc__.split("\n")[0])
     parser.add_argument("--config", default="experiments/conflict.yaml", help="trainer recipe of every run")
+    parser.add_argument("--suite", default="bundled", choices=["bundled", "cues"],
+                        help="the domains (experiments.conflict.SUITES); default: bundled")
     parser.add_argument("--split", default="test", choices=["val", "test"])
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--steps", type=int, default=1200, help="N: steps of the mix runs")
-    parser.add_argument("--variants", nargs="+", help="subset of: single mix mix2x mole mole_hard mole_dense")
+    parser.add_argument("--variants", nargs="+", help="subset of: single mix mix2x mole mole_hard mole_dense oracle "
+                                                      "(default: the suite's)")
     parser.add_argument("--workers", type=int, default=2, help="runs at a time, each a fresh process with one CPU thread; 0: one after another in this process")
     parser.add_argument("--pretrain-steps", type=int, default=1000)
     parser.add_argument("--pretrain-samples", type=int, default=2000, help="caption samples per domain")
@@ -39,13 +48,15 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--work-dir", default="runs/conflict", help="base model and runs")
     parser.add_argument("--out", help="report directory (default: docs/results for test, <work-dir>/report_val for val)")
     parser.add_argument("--notes", default="experiments/conflict_notes.md",
-                        help="hand-written discussion included in the report when it exists (test split only)")
+                        help="hand-written discussion included in the report when it exists (test split only; "
+                             "another suite's: experiments/conflict_<suite>_notes.md)")
     parser.add_argument("--smoke", action="store_true", help="tiny everything, one seed: checks the pipeline only")
     args = parser.parse_args(argv)
     if args.smoke:
         args.steps, args.seeds, args.max_eval_samples = SMOKE["steps"], SMOKE["seeds"], SMOKE["max_eval_samples"]
         args.pretrain_steps, args.pretrain_samples = SMOKE["pretrain_steps"], SMOKE["pretrain_samples"]
         args.workers = SMOKE["workers"]  # all runs in this process: no process start-up per run
+        args.variants = args.variants or SMOKE_VARIANTS.get(args.suite)
     return args
 
 
@@ -69,28 +80,33 @@ def main(argv: list[str]) -> int:
     base = write_base(base_dir, build_model(processor.tokenizer, **BASE_RECIPE, seed=pretrain_cfg.seed), processor,
                       DRAWERS, pretrain_cfg, BASE_RECIPE)
 
+    suite = conflict.SUITES[args.suite]
+    work = args.work_dir if args.suite == "bundled" else os.path.join(args.work_dir, args.suite)
     cfg = conflict.ExperimentConfig(
-        train_config=args.config, base_model=base_dir, work_dir=os.path.join(args.work_dir, "smoke" if args.smoke else ""),
-        seeds=args.seeds, steps=args.steps, split=args.split, max_eval_samples=args.max_eval_samples,
-        variants=args.variants or list(conflict.VARIANTS), workers=args.workers, extra_overrides=args.overrides,
+        train_config=args.config, base_model=base_dir, work_dir=os.path.join(work, "smoke" if args.smoke else ""),
+        data_root=suite.data_root, suite=suite.name, seeds=args.seeds, steps=args.steps, split=args.split,
+        max_eval_samples=args.max_eval_samples, variants=args.variants or list(suite.variants), workers=args.workers,
+        extra_overrides=args.overrides,
     )
     runs = conflict.run_all(cfg)
 
-    out = args.out or ("docs/results" if args.split == "test" else os.path.join(args.work_dir, "report_val"))
+    out = args.out or ("docs/results" if args.split == "test" else os.path.join(work, "report_val"))
     setup = conflict.describe_setup(cfg, base, args.config, args.smoke)
     summary = conflict_report.summarize(runs, setup)
-    details = conflict_report.details(runs)
+    details = conflict_report.details(runs, suite.domains)
     verdicts = conflict_report.claims(summary, runs)
     notes = None
-    if args.split == "test" and not args.smoke and os.path.isfile(args.notes):
-        with open(args.notes) as handle:
+    notes_path = args.notes if args.suite == "bundled" else args.notes.replace("conflict_notes", f"conflict_{args.suite}_notes")
+    if args.split == "test" and not args.smoke and os.path.isfile(notes_path):
+        with open(notes_path) as handle:
             notes = handle.read()
-    conflict_report.write_json(os.path.join(out, "conflict.json"), summary)
-    conflict_report.write_json(os.path.join(out, "conflict.runs.json"), {**details, "claims": verdicts})
-    conflict_report.plot_png(summary, details, os.path.join(out, "conflict.png"))
-    with open(os.path.join(out, "conflict.md"), "w") as handle:
-        handle.write(conflict_report.markdown(summary, details, verdicts, command.strip(), "conflict.png", notes))
-    print(f"wrote {out}/conflict.json, conflict.runs.json, conflict.png, conflict.md")
+    name = suite.report_name
+    conflict_report.write_json(os.path.join(out, f"{name}.json"), summary)
+    conflict_report.write_json(os.path.join(out, f"{name}.runs.json"), {**details, "claims": verdicts})
+    conflict_report.plot_png(summary, details, os.path.join(out, f"{name}.png"))
+    with open(os.path.join(out, f"{name}.md"), "w") as handle:
+        handle.write(conflict_report.markdown(summary, details, verdicts, command.strip(), f"{name}.png", notes))
+    print(f"wrote {out}/{name}.json, {name}.runs.json, {name}.png, {name}.md")
     return 0
 
 

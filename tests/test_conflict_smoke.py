@@ -1,5 +1,6 @@
 """The data-conflict experiment's smoke setting end to end: base pretraining, every variant trained by
-the real trainer (one rank, in one process), evaluated, and the reports written in the promised shape."""
+the real trainer (one rank, in one process), evaluated, and the reports written in the promised shape;
+for the bundled suite and for the ``cues`` suite (its mix, MoLE and oracle rows)."""
 
 from __future__ import annotations
 
@@ -13,16 +14,26 @@ from tests.helpers import REPO, python, run_group
 
 DOMAINS = ("shapes", "charts", "tissue")
 VARIANTS = ("single", "mix", "mix2x", "mole", "mole_hard", "mole_scaled", "mole_dense")
+CUE_DOMAINS = ("alpha", "beta", "gamma", "delta", "epsilon", "zeta")
 
 
-@pytest.fixture(scope="module")
-def smoke_report(tmp_path_factory):
+def run_smoke(tmp_path_factory, *args: str):
     work, out = tmp_path_factory.mktemp("conflict_work"), tmp_path_factory.mktemp("conflict_out")
-    cmd = [python(), "-m", "experiments.run_conflict", "--smoke", "--work-dir", str(work), "--out", str(out)]
+    cmd = [python(), "-m", "experiments.run_conflict", "--smoke", *args, "--work-dir", str(work), "--out", str(out)]
     env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
     proc = run_group(cmd, timeout=300, env=env)
     assert proc.returncode == 0, f"smoke experiment failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
     return out
+
+
+@pytest.fixture(scope="module")
+def smoke_report(tmp_path_factory):
+    return run_smoke(tmp_path_factory)
+
+
+@pytest.fixture(scope="module")
+def cues_report(tmp_path_factory):
+    return run_smoke(tmp_path_factory, "--suite", "cues")
 
 
 @pytest.mark.slow
@@ -107,3 +118,25 @@ def test_runs_trained_under_another_lm_loss_definition_are_stale(tmp_path, monke
     now = recipe_digest(str(tmp_path / "recipe.yaml"), str(tmp_path))
     monkeypatch.setattr("mole.lm_loss.LM_LOSS_VERSION", 1)
     assert recipe_digest(str(tmp_path / "recipe.yaml"), str(tmp_path)) != now, "a cached run would be reused"
+
+
+@pytest.mark.slow
+def test_cue_suite_report_has_the_oracle_row_routed_by_domain_and_the_gap_closed(cues_report):
+    document = json.loads((cues_report / "conflict_cues.json").read_text())
+    assert set(document) == {"variants", "setup"}, f"top-level keys {sorted(document)}"
+    assert tuple(document["variants"]) == ("mix", "mole", "mole_scaled", "oracle"), list(document["variants"])
+    for variant, domains in document["variants"].items():
+        assert tuple(domains) == CUE_DOMAINS, f"{variant}: domains {list(domains)}"
+        assert all(set(stats) == {"mean", "std", "n"} and 0.0 <= stats["mean"] <= 1.0 for stats in domains.values())
+    assert document["setup"]["suite"] == "cues" and document["setup"]["domains"] == list(CUE_DOMAINS)
+    details = json.loads((cues_report / "conflict_cues.runs.json").read_text())
+    oracle = next(run for run in details["runs"] if run["spec"]["variant"] == "oracle")
+    assert "mole.routing=domain" in oracle["spec"]["overrides"] and "mole.num_experts=6" in oracle["spec"]["overrides"]
+    assert oracle["nmi_per_layer"] == pytest.approx([1.0] * 4), "each domain evaluated on its own expert: NMI 1"
+    assert all(m["top_expert_share"] == pytest.approx(1.0) for m in oracle["domains"].values())
+    assert oracle["train"]["aux_loss"] == 0.0, "no router, no balance loss"
+    assert set(details["foreign_convention_share"]["mix"]) == set(CUE_DOMAINS)
+    assert set(details["claims"]["oracle"]["gap_closed"]) == {"mole"} and details["claims"]["oracle"]["judged"] is False
+    text = (cues_report / "conflict_cues.md").read_text()
+    assert "python -m experiments.run_conflict --smoke --suite cues" in text and "(conflict_cues.png)" in text
+    assert (cues_report / "conflict_cues.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
