@@ -157,6 +157,38 @@ def claims(summary: dict, runs: list[dict]) -> dict:
     return out
 
 
+MAX_DESIGNS = 4
+"""Designs of a suite tried on val before one is taken (issue 20): the first that the oracle separates from
+the mix (:func:`claims`' ``oracle.selected``), else test once on the best and report the negative."""
+
+
+def record_design(path: str, command: str, summary: dict, runs: list[dict], verdicts: dict) -> dict:
+    """Add (or, for the same command, replace) one val run's design in the designs file ``path``: its
+    command, recipe, steps and seeds, the mean of domains per variant and the oracle-vs-mix verdict.
+    A fifth distinct design is refused: the selection tries at most :data:`MAX_DESIGNS`."""
+    setup, domains = summary["setup"], summary["setup"]["domains"]
+    designs = []
+    if os.path.isfile(path):
+        with open(path) as handle:
+            designs = json.load(handle)["designs"]
+    designs = [d for d in designs if d["command"] != command]
+    if len(designs) >= MAX_DESIGNS:
+        raise ValueError(f"{path} already records {MAX_DESIGNS} designs; the selection tries no more")
+    oracle = verdicts.get("oracle")
+    record = {
+        "design": len(designs) + 1, "command": command, "suite": setup["suite"], "split": setup["split"],
+        "steps_N": setup["steps_N"], "seeds": setup["seeds"], "variants": setup["variants"],
+        "extra_overrides": setup["extra_overrides"], "train_recipe": setup["train_recipe"],
+        "mean_of_domains": {v: domain_average(runs, v, domains) for v in summary["variants"] if v != "single"},
+        "oracle_minus_mix": None if oracle is None else oracle["average"],
+        "gap_closed": None if oracle is None else oracle["gap_closed"],
+        "selected": bool(oracle and oracle["selected"]),
+        "rule": f"selected when oracle - mix >= {SELECTION_POINTS} on the mean of domains and > 2 SE over seeds",
+    }
+    write_json(path, {"designs": [*designs, record]})
+    return record
+
+
 def write_json(path: str, document: dict) -> None:
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     with open(path, "w") as handle:

@@ -51,6 +51,8 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
                         help="hand-written discussion included in the report when it exists (test split only; "
                              "another suite's: experiments/conflict_<suite>_notes.md)")
     parser.add_argument("--smoke", action="store_true", help="tiny everything, one seed: checks the pipeline only")
+    parser.add_argument("--designs", help="where a val run of a suite other than bundled records its design (default: "
+                                          "docs/results/conflict_<suite>.designs.json)")
     args = parser.parse_args(argv)
     if args.smoke:
         args.steps, args.seeds, args.max_eval_samples = SMOKE["steps"], SMOKE["seeds"], SMOKE["max_eval_samples"]
@@ -107,6 +109,10 @@ def main(argv: list[str]) -> int:
     with open(os.path.join(out, f"{name}.md"), "w") as handle:
         handle.write(conflict_report.markdown(summary, details, verdicts, command.strip(), f"{name}.png", notes))
     print(f"wrote {out}/{name}.json, {name}.runs.json, {name}.png, {name}.md")
+    if args.split == "val" and not args.smoke and args.suite != "bundled":
+        designs = args.designs or os.path.join("docs", "results", f"{name}.designs.json")
+        record = conflict_report.record_design(designs, command.strip(), summary, runs, verdicts)
+        print(f"design {record['design']} recorded in {designs}: selected {record['selected']}")
     return 0
 
 

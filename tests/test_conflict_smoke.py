@@ -140,3 +140,27 @@ def test_cue_suite_report_has_the_oracle_row_routed_by_domain_and_the_gap_closed
     text = (cues_report / "conflict_cues.md").read_text()
     assert "python -m experiments.run_conflict --smoke --suite cues" in text and "(conflict_cues.png)" in text
     assert (cues_report / "conflict_cues.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_val_designs_are_recorded_once_per_command_and_at_most_four(tmp_path):
+    from experiments.conflict_report import claims, record_design, summarize
+
+    domains = ["a", "b"]
+    runs = [{"spec": {"variant": variant, "seed": seed}, "domains": {d: {"accuracy": accuracy + 0.01 * seed} for d in domains}}
+            for seed in (0, 1) for variant, accuracy in (("mix", 0.4), ("mole", 0.45), ("oracle", 0.6))]
+    setup = {"suite": "cues", "split": "val", "steps_N": 10, "seeds": [0, 1], "variants": ["mix", "mole", "oracle"],
+             "extra_overrides": [], "train_recipe": {}, "domains": domains}
+    summary = summarize(runs, setup)
+    verdicts = claims(summary, runs)
+    assert verdicts["oracle"]["selected"] is True, "0.2 over the mix, far beyond 2 SE (0.01 apart over seeds)"
+    noisy = [{**run, "domains": {d: {"accuracy": 0.4 + 0.3 * run["spec"]["seed"]} for d in domains}}
+             if run["spec"]["variant"] == "oracle" else run for run in runs]
+    assert claims(summarize(noisy, setup), noisy)["oracle"]["selected"] is False, "+0.15 within 2 SE: not selected"
+    path = tmp_path / "designs.json"
+    for command in ("one", "two", "one", "three", "four"):
+        record = record_design(str(path), command, summary, runs, verdicts)
+    designs = json.loads(path.read_text())["designs"]
+    assert [d["command"] for d in designs] == ["two", "one", "three", "four"], "the same command is replaced, not added"
+    assert record["gap_closed"]["mole"] == pytest.approx(0.25) and record["oracle_minus_mix"]["diff"] == pytest.approx(0.2)
+    with pytest.raises(ValueError, match="already records 4 designs"):
+        record_design(str(path), "five", summary, runs, verdicts)
