@@ -520,5 +520,10 @@ def _measure_packing(args: argparse.Namespace, info, engines: dict, dtype: torch
     return result
 
 
-if __name__ == "__main__":
-    main(sys.argv[1:])
+if __name__ == "__main__":  # the ranks run this module under the DeepSpeed launcher
+    from mole.process_exit import exit_with
+
+    def _run_and_report() -> None:
+        main(sys.argv[1:])
+
+    exit_with(_run_and_report)

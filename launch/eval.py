@@ -18,6 +18,7 @@ import sys
 
 from mole.choices import Metric, options
 from mole.cli import add_adapter_args, add_preparation_args
+from mole.process_exit import exit_with
 
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
@@ -127,4 +128,4 @@ def main(argv: list[str]) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main(sys.argv[1:]))
+    exit_with(lambda: main(sys.argv[1:]))
