@@ -20,6 +20,7 @@ import torch.distributed as dist
 
 from mole.config import parse_cli
 from mole.distributed import init_distributed, releasing_shared_memory
+from mole.process_exit import exit_with
 from mole.train.finite import all_finite, local_gradients, local_weights
 from mole.train.optim import param_groups
 from mole.train.signals import StopRequest
@@ -70,4 +71,4 @@ def main(argv: list[str]) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main(sys.argv[1:]))
+    exit_with(lambda: main(sys.argv[1:]))
