@@ -157,6 +157,21 @@ def test_min_and_max_pixels_set_the_image_token_range(family):
                                       max_pixels=10)
 
 
+def test_fewest_image_tokens_read_min_pixels_as_an_area(family):
+    """At the real checkpoints' limits an image takes at least 4 tokens (56x56 pixels, Qwen2.5-VL) or
+    about 4 (64x64, Qwen3-VL): reading min_pixels as a side made that thousands, and training warned that
+    every image sample would be skipped as too long."""
+    name, model, _, _ = family
+    factor = {"qwen2_5_vl": 28, "qwen3_vl": 32}[name]
+    processor = model.backbone.load_processor(str(REPO / "models" / f"tiny-{name.replace('_', '-')}"),
+                                              min_pixels=4 * factor**2, max_pixels=16384 * factor**2)
+    fewest = model.backbone.tile_image_tokens(processor)
+    assert fewest == 4, f"{name}: an image takes at least 4 tokens at min_pixels {4 * factor**2}, got {fewest}"
+    sizes = [(1, 1), (factor, factor), (10, 300), (2 * factor, factor)]
+    counts = [model.backbone.image_tokens(processor, size) for size in sizes]
+    assert min(counts) == fewest, f"{name}: token counts {counts} of images {sizes}: the fewest is not {fewest}"
+
+
 @pytest.mark.parametrize("overrides, message", [
     ([f"model.name_or_path={REPO / 'models' / 'tiny-llava'}", "data.max_pixels=50000"],
      r"data.max_pixels: applies to dynamic-resolution families \(qwen2_5_vl, qwen3_vl\)"),

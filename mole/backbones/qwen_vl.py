@@ -209,6 +209,14 @@ class QwenVLBackbone(Backbone):
         t, h, w = image_size
         return t * h * w // image_processor.merge_size**2
 
+    def tile_image_tokens(self, processor) -> int:
+        """The fewest image tokens an image takes: ``min_pixels`` is an area, not a side, so this is the
+        count of the smallest image (one ``patch x merge`` square), which the processor's own
+        ``smart_resize`` scales up to at least ``min_pixels``."""
+        image_processor = processor.image_processor
+        factor = image_processor.patch_size * image_processor.merge_size
+        return self.image_tokens(processor, (factor, factor))
+
 
 def _no_rows(features: tuple[torch.Tensor, ...]) -> torch.Tensor:
     """Per-image features as no rows at all, still computed from them: (0, hidden), zero gradient back."""
