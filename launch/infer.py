@@ -105,7 +105,7 @@ def main(argv: list[str]) -> int:
         spec = None if args.base else read_adapter_spec(args.adapter)
         named_by = "--base" if args.base else f"base_model in {os.path.join(args.adapter, 'mole_config.json')}"
         base = resolve_base(args.base or spec.base_model, named_by, args.allow_remote_base)
-        processor = load_processor(base)
+        processor = load_processor(base, adapter_dir=args.adapter)
         for (where, _), prompt in zip(sourced, prompts):
             try:
                 refuse_special_tokens(prompt.turns, processor.tokenizer)
