@@ -307,17 +307,17 @@ def config_key(name: str) -> str | None:
 
 _UNSET: Any = object()
 
-_V1_REQUIRED = ("format_version", "hidden_size", "num_hidden_layers", "num_experts", "routing", "r", "alpha",
-                "dropout", "attn_targets", "mlp_targets", "train_projector")
-# version 1 did not require what it always wrote (base_model, aux_loss); its first files lack the image record
-_V1_DEFAULTS = {"base_model": None, "family": "llava", "aux_loss": "switch", "image_aspect": "pad", "image_backend": "fast"}
-_V2_REQUIRED = (*_V1_REQUIRED, "base_model", "family", "aux_loss", "image_aspect", "image_backend")
 _IMAGE_KEYS = {"processor_backend": "image_processor_backend", "min_pixels": "min_pixels", "max_pixels": "max_pixels",
                "image_grid_pinpoints": "image_grid_pinpoints", "vision_aspect_ratio": "vision_aspect_ratio"}
 """The :class:`ImageSpec` fields version 3 added, by their ``mole_config.json`` key."""
-# versions 1 and 2 recorded none of these: their adapters took the model directory's (null)
+_V1_REQUIRED = ("format_version", "hidden_size", "num_hidden_layers", "num_experts", "routing", "r", "alpha",
+                "dropout", "attn_targets", "mlp_targets", "train_projector")
+# versions 1 and 2 recorded no image processor backend or limits: their adapters took the model directory's (null)
 _V2_DEFAULTS = {key: None for key in _IMAGE_KEYS.values()}
-_V1_DEFAULTS = {**_V1_DEFAULTS, **_V2_DEFAULTS}
+# version 1 did not require what it always wrote (base_model, aux_loss); its first files lack the image record
+_V1_DEFAULTS = {"base_model": None, "family": "llava", "aux_loss": "switch", "image_aspect": "pad", "image_backend": "fast",
+                **_V2_DEFAULTS}
+_V2_REQUIRED = (*_V1_REQUIRED, "base_model", "family", "aux_loss", "image_aspect", "image_backend")
 _V3_REQUIRED = (*_V2_REQUIRED, *_IMAGE_KEYS.values())
 _KEYS = {1: (_V1_REQUIRED, _V1_DEFAULTS), 2: (_V2_REQUIRED, _V2_DEFAULTS), 3: (_V3_REQUIRED, {})}
 """Per readable format version: the keys a file must hold, and defaults for those it may leave out."""

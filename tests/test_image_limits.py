@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import io
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -55,7 +56,7 @@ def image_inputs(processor, model) -> dict:
 
 def test_the_adapter_records_the_limits_its_processor_used(limited):
     name, _, adapter = limited
-    recorded = json.loads(open(f"{adapter}/mole_config.json").read())
+    recorded = json.loads(Path(adapter, "mole_config.json").read_text())
     assert recorded["format_version"] == 3
     expected = CASES[name][2]
     if expected is not None:
@@ -97,17 +98,15 @@ def test_the_adapter_is_served_with_its_limits_not_the_model_directorys(limited)
 
 def test_an_adapter_of_format_version_2_takes_the_model_directorys_limits(limited):
     name, base, adapter = limited
-    raw = json.loads(open(f"{adapter}/mole_config.json").read())
+    raw = json.loads(Path(adapter, "mole_config.json").read_text())
     old = {key: value for key, value in raw.items() if key not in NEW_KEYS}
-    with open(f"{adapter}/mole_config.json", "w") as handle:
-        json.dump({**old, "format_version": 2}, handle)
+    Path(adapter, "mole_config.json").write_text(json.dumps({**old, "format_version": 2}))
     try:
         model = load_model(base, adapter)
         assert image_inputs(load_processor(base, adapter_dir=adapter), model) == \
             image_inputs(load_processor(base), model), f"{name}: a version 2 adapter is served as before"
     finally:
-        with open(f"{adapter}/mole_config.json", "w") as handle:
-            json.dump(raw, handle)
+        Path(adapter, "mole_config.json").write_text(json.dumps(raw))
 
 
 def test_a_recorded_backend_that_cannot_be_built_is_one_line_naming_the_adapter(limited, tmp_path):
@@ -117,8 +116,8 @@ def test_a_recorded_backend_that_cannot_be_built_is_one_line_naming_the_adapter(
         pass
     else:
         pytest.skip("torchvision is installed: the recorded backend can be built")
-    name, base, adapter = limited
-    raw = json.loads(open(f"{adapter}/mole_config.json").read())
+    _, base, adapter = limited
+    raw = json.loads(Path(adapter, "mole_config.json").read_text())
     edited = tmp_path / "adapter"
     edited.mkdir()
     (edited / "mole_config.json").write_text(json.dumps({**raw, "image_processor_backend": "torchvision"}))
@@ -127,3 +126,26 @@ def test_a_recorded_backend_that_cannot_be_built_is_one_line_naming_the_adapter(
     message = str(error.value)
     assert message.startswith(f"adapter {str(edited)!r}: images must go through the torchvision image processor") \
         and "pip install torchvision" in message and "\n" not in message, message
+
+
+def test_the_hf_export_prepares_and_tiles_images_with_the_recorded_limits(limited, tmp_path):
+    """The exported directory's processor and config carry the adapter's limits, not the base's: plain
+    transformers then cuts and reassembles the tiles (or resizes) as training did."""
+    from transformers import AutoConfig, AutoImageProcessor
+
+    from mole.hf_export import export_hf
+
+    name, base, adapter = limited
+    out = export_hf(adapter, str(tmp_path / "hf"), base)
+    image = load_model(base, adapter).mole_spec.image
+    processor = AutoImageProcessor.from_pretrained(out, backend="pil")
+    config = json.loads(Path(out, "config.json").read_text())
+    assert config["mole"]["format_version"] == 3
+    if name == "qwen2_5_vl":
+        assert (processor.size["shortest_edge"], processor.size["longest_edge"]) == (image.min_pixels, image.max_pixels)
+    else:
+        pinpoints = [list(point) for point in image.image_grid_pinpoints]
+        assert processor.image_grid_pinpoints == pinpoints and config["image_grid_pinpoints"] == pinpoints, name
+        assert AutoConfig.from_pretrained(out, trust_remote_code=True).image_grid_pinpoints == pinpoints
+    if name == "llava_onevision":
+        assert config["vision_aspect_ratio"] == image.vision_aspect_ratio == "anyres_max_2"

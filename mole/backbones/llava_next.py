@@ -9,9 +9,9 @@ image's aspect ratio with a learned ``image_newline`` after each row. So the mod
 
 from __future__ import annotations
 
-import torch
-
 import dataclasses
+
+import torch
 
 from mole.backbones.base import Backbone, ProcessorTiles
 from mole.spec import ImageSpec
