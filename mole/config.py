@@ -51,6 +51,8 @@ _FLOAT_TEXT = re.compile(r"\s*[-+]?(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?\s*")
 Float = Annotated[float, BeforeValidator(lambda v: float(v) if isinstance(v, str) and _FLOAT_TEXT.fullmatch(v) else v)]
 Patterns = Annotated[str, Field(min_length=1)] | Annotated[list[str], Field(min_length=1)]
 """One shard pattern or a list of them, never empty."""
+Pinpoint = Annotated[list[Annotated[int, Field(ge=1)]], Field(min_length=2, max_length=2)]
+"""One AnyRes resolution, [height, width] in pixels."""
 
 
 class Section(BaseModel):
@@ -148,8 +150,7 @@ class DataConfig(Section):
     max_pixels: int | None = Field(None, ge=1)
     """Dynamic-resolution families (Qwen-VL) only: the most pixels an image is resized to, which caps its
     image tokens; none: the model directory's (the family's default)."""
-    image_grid_pinpoints: list[Annotated[list[Annotated[int, Field(ge=1)]], Field(min_length=2, max_length=2)]] | None = Field(
-        None, min_length=1)
+    image_grid_pinpoints: list[Pinpoint] | None = Field(None, min_length=1)
     """AnyRes families (LLaVA-NeXT, LLaVA-OneVision) only: the [height, width] resolutions an image may be
     tiled at (the image processor picks the best fit; multiples of the vision tower's image size, e.g.
     [[336, 672], [672, 336], [672, 672]] for at most 2x2 tiles at 336 px); fewer and smaller ones mean
@@ -210,7 +211,8 @@ class TrainConfig(Section):
     """Settings a resumed run may change although they change what the checkpoint's weights compute
     (lora.alpha, mole.routing, model.name_or_path, data.image_aspect, data.image_backend,
     data.image_processor_backend, data.min_pixels, data.max_pixels, data.image_grid_pinpoints,
-    data.vision_aspect_ratio); any other change of them is refused, naming it. Settings that shape the tensors can never change."""
+    data.vision_aspect_ratio); any other change of them is refused, naming it. Settings that shape the
+    tensors can never change."""
     eval_every: int = Field(0, ge=0)
     """Held-out loss per domain (on each domain's val_shards) every N steps; 0 disables."""
     eval_batches: int = Field(8, ge=1)
@@ -342,6 +344,8 @@ def _config_error(error: ValidationError) -> ConfigError:
         problem += f" (did you mean '{close[0]}'?)" if close else ""
     elif kind == "too_short" and e.get("ctx", {}).get("min_length", 1) > 1:
         problem = f"must hold {e['ctx']['min_length']} items, got {value!r}"
+    elif kind == "too_long":
+        problem = f"must hold at most {e['ctx']['max_length']} items, got {value!r}"
     elif kind in _PROBLEMS:
         problem = _PROBLEMS[kind].format(value=value, **e.get("ctx", {}))
     elif _type_error(kind):
@@ -572,7 +576,8 @@ def validate(cfg: Config) -> None:
 
     for name, families, kind in (("min_pixels", DYNAMIC_RESOLUTION, "dynamic-resolution"),
                                  ("max_pixels", DYNAMIC_RESOLUTION, "dynamic-resolution"),
-                                 ("image_grid_pinpoints", ANYRES, "AnyRes"), ("vision_aspect_ratio", ANYRES_MAX, "AnyRes-max")):
+                                 ("image_grid_pinpoints", ANYRES, "AnyRes"),
+                                 ("vision_aspect_ratio", ANYRES_MAX, "AnyRes-max")):
         _require(getattr(cfg.data, name) is None or model["model_type"] in families, f"data.{name}",
                  f"applies to {kind} families ({', '.join(families)}); "
                  f"{path!r} holds a {model['model_type']!r} model")

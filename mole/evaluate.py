@@ -38,7 +38,8 @@ from mole.data.conversation import IGNORE_INDEX
 from mole.data.examples import shard_examples
 from mole.data.sample import Example, SampleProcessor
 from mole.data.shards import expand_shards
-from mole.inference import Prompt, PromptEncoder, check_processor, generate_answers, model_image_settings, mole_layers, routing_context
+from mole.inference import (Prompt, PromptEncoder, check_processor, generate_answers, model_image_settings, mole_layers,
+                            routing_context)
 from mole.routing_analysis import domain_expert_counts, domain_expert_shares, layer_nmi
 from mole.scoring import DEFAULT_METRICS, check_metrics, score
 

@@ -67,7 +67,8 @@ class ImageSpec:
 
     aspect: ImageAspect = field(default="pad", metadata=_meta("computation", "data.image_aspect"))
     backend: ImageBackend = field(default="fast", metadata=_meta("computation", "data.image_backend"))
-    processor_backend: ProcessorBackend | None = field(default=None, metadata=_meta("computation", "data.image_processor_backend"))
+    processor_backend: ProcessorBackend | None = field(default=None,
+                                                       metadata=_meta("computation", "data.image_processor_backend"))
     """Which of transformers' image processor classes ran: ``pil`` (``...ImageProcessorPil``) or ``torchvision``."""
     min_pixels: int | None = field(default=None, metadata=_meta("computation", "data.min_pixels"))
     """Dynamic-resolution families: the fewest pixels an image is resized to."""
@@ -86,14 +87,16 @@ class ImageSpec:
             _choice(self.processor_backend, ProcessorBackend, "image_processor_backend")
         for name in ("min_pixels", "max_pixels"):
             value = getattr(self, name)
-            _require(value is None or (_is_int(value) and value >= 1), name, f"must be an integer >= 1 or null, got {value!r}")
+            _require(value is None or (_is_int(value) and value >= 1), name,
+                     f"must be an integer >= 1 or null, got {value!r}")
         low, high = self.min_pixels, self.max_pixels
         _require(low is None or high is None or low <= high, "min_pixels", f"{low} exceeds max_pixels {high}")
         if self.image_grid_pinpoints is not None:
             points = self.image_grid_pinpoints
             ok = isinstance(points, (list, tuple)) and len(points) > 0 and all(
                 isinstance(p, (list, tuple)) and len(p) == 2 and all(_is_int(v) and v >= 1 for v in p) for p in points)
-            _require(ok, "image_grid_pinpoints", f"must be a non-empty list of [height, width] integer pairs >= 1, got {points!r}")
+            _require(ok, "image_grid_pinpoints",
+                     f"must be a non-empty list of [height, width] integer pairs >= 1, got {points!r}")
             object.__setattr__(self, "image_grid_pinpoints", tuple(tuple(p) for p in points))
         ratio = self.vision_aspect_ratio
         _require(ratio is None or (isinstance(ratio, str) and ANYRES_MAX_PATTERN.fullmatch(ratio) is not None),
@@ -315,8 +318,8 @@ _V1_REQUIRED = ("format_version", "hidden_size", "num_hidden_layers", "num_exper
 # versions 1 and 2 recorded no image processor backend or limits: their adapters took the model directory's (null)
 _V2_DEFAULTS = {key: None for key in _IMAGE_KEYS.values()}
 # version 1 did not require what it always wrote (base_model, aux_loss); its first files lack the image record
-_V1_DEFAULTS = {"base_model": None, "family": "llava", "aux_loss": "switch", "image_aspect": "pad", "image_backend": "fast",
-                **_V2_DEFAULTS}
+_V1_DEFAULTS = {"base_model": None, "family": "llava", "aux_loss": "switch", "image_aspect": "pad",
+                "image_backend": "fast", **_V2_DEFAULTS}
 _V2_REQUIRED = (*_V1_REQUIRED, "base_model", "family", "aux_loss", "image_aspect", "image_backend")
 _V3_REQUIRED = (*_V2_REQUIRED, *_IMAGE_KEYS.values())
 _KEYS = {1: (_V1_REQUIRED, _V1_DEFAULTS), 2: (_V2_REQUIRED, _V2_DEFAULTS), 3: (_V3_REQUIRED, {})}

@@ -13,7 +13,7 @@ from PIL import Image
 
 from mole.adapter import AdapterError, gather_trainable_state, save_adapter
 from mole.backbones import backbone_for
-from mole.config import load_config
+from mole.config import ConfigError, load_config
 from mole.data.conversation import Turn
 from mole.inference import Prompt, PromptEncoder, generate_answers, load_model, load_processor
 from mole.model import build_mole_model
@@ -149,3 +149,29 @@ def test_the_hf_export_prepares_and_tiles_images_with_the_recorded_limits(limite
         assert AutoConfig.from_pretrained(out, trust_remote_code=True).image_grid_pinpoints == pinpoints
     if name == "llava_onevision":
         assert config["vision_aspect_ratio"] == image.vision_aspect_ratio == "anyres_max_2"
+
+
+ONEVISION = str(REPO / "launch" / "configs" / "tiny_llava_onevision.yaml")
+
+
+@pytest.mark.parametrize("config, override, message", [
+    (ONEVISION, "data.image_grid_pinpoints=[[28,56],[56]]", r"data.image_grid_pinpoints\[1\]: must hold 2 items, got \[56\]"),
+    (ONEVISION, "data.image_grid_pinpoints=[[28,56,28]]", r"data.image_grid_pinpoints\[0\]: must hold at most 2 items"),
+    (ONEVISION, "data.image_grid_pinpoints=[]", r"data.image_grid_pinpoints: must not be empty"),
+    (ONEVISION, "data.image_grid_pinpoints=672", r"data.image_grid_pinpoints: expected list\[list\[int\]\], got 672"),
+    (ONEVISION, "data.image_grid_pinpoints=[[28,0]]", r"data.image_grid_pinpoints\[0\]\[1\]: must be >= 1, got 0"),
+    (ONEVISION, "data.image_grid_pinpoints=[[28,50]]",
+     r"data.image_grid_pinpoints\[0\]: \[28, 50\] is not a multiple of the vision tower's image size 28"),
+    (ONEVISION, "data.vision_aspect_ratio=anyres_9", r"data.vision_aspect_ratio: must be anyres_max_N .*got 'anyres_9'"),
+    (ONEVISION, "data.vision_aspect_ratio=9", r"data.vision_aspect_ratio: expected str, got 9"),
+    (ONEVISION, "data.image_processor_backend=cv2", r"data.image_processor_backend: must be one of pil, torchvision"),
+    (ONEVISION, "data.max_pixels=3136", r"data.max_pixels: applies to dynamic-resolution families"),
+    (str(TINY_CONFIG), "data.image_grid_pinpoints=[[336,672]]",
+     r"data.image_grid_pinpoints: applies to AnyRes families \(llava_next, llava_onevision\); .* holds a 'llava' model"),
+    (str(REPO / "launch" / "configs" / "tiny_llava_next.yaml"), "data.vision_aspect_ratio=anyres_max_4",
+     r"data.vision_aspect_ratio: applies to AnyRes-max families \(llava_onevision\); .* 'llava_next' model"),
+])
+def test_a_bad_tile_or_backend_setting_is_one_line_naming_the_key(config, override, message):
+    with pytest.raises(ConfigError, match=message) as error:
+        load_config(config, [override])
+    assert "\n" not in str(error.value), str(error.value)

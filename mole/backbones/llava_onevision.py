@@ -89,7 +89,8 @@ class OnevisionBackbone(AnyResBackbone):
         return processing
 
     def prepared_image(self, image: ImageSpec, processor) -> ImageSpec:
-        return dataclasses.replace(super().prepared_image(image, processor), vision_aspect_ratio=processor.vision_aspect_ratio)
+        return dataclasses.replace(super().prepared_image(image, processor),
+                                   vision_aspect_ratio=processor.vision_aspect_ratio)
 
     def image_tokens(self, processor, image_size: tuple[int, int]) -> int:
         return processor.image_tokens(*image_size)
