@@ -98,7 +98,7 @@ def main(argv: list[str]) -> int:
             if args.device:
                 device = torch.device(args.device)
             model = load_model(base, args.adapter, device=device, dtype=args.dtype)
-            processor = load_processor(base)
+            processor = load_processor(base, adapter_dir=args.adapter)
             results = evaluate(
                 model, processor, domains,
                 batch_size=args.batch_size, max_new_tokens=args.max_new_tokens, max_samples=args.max_samples,

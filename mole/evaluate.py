@@ -38,7 +38,8 @@ from mole.data.conversation import IGNORE_INDEX
 from mole.data.examples import shard_examples
 from mole.data.sample import Example, SampleProcessor
 from mole.data.shards import expand_shards
-from mole.inference import Prompt, PromptEncoder, generate_answers, model_image_settings, mole_layers, routing_context
+from mole.inference import (Prompt, PromptEncoder, check_processor, generate_answers, model_image_settings, mole_layers,
+                            routing_context)
 from mole.routing_analysis import domain_expert_counts, domain_expert_shares, layer_nmi
 from mole.scoring import DEFAULT_METRICS, check_metrics, score
 
@@ -91,7 +92,9 @@ def evaluate(
     """Evaluate ``model`` (from :func:`mole.inference.load_model`) per domain; every rank gets the
     same reduced results dict (metrics per domain and overall, routing per layer, predictions). Images
     are prepared as the adapter's training prepared them unless ``image_aspect``/``image_backend`` say
-    otherwise."""
+    otherwise; ``processor`` must prepare them with the adapter's recorded backend and limits
+    (:func:`mole.inference.load_processor` given the adapter), else a ``ValueError`` says so."""
+    check_processor(model, processor)
     image_aspect, image_backend = model_image_settings(model, image_aspect, image_backend)
     backbone = backbone_for(model.config)
     sample_processor = SampleProcessor(processor, max_length, image_aspect, image_backend=image_backend, keep_image=True,

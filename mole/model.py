@@ -7,6 +7,8 @@ the same ``from_pretrained`` call loads the bundled tiny models and a real ``lla
 
 from __future__ import annotations
 
+import dataclasses
+
 import torch
 from torch import nn
 from transformers import AutoConfig
@@ -40,22 +42,35 @@ def load_backbone(path: str, dtype: torch.dtype, ds_config: dict | None = None) 
     return model
 
 
+def run_spec(cfg: Config, base_config):
+    """``(spec, processor)``: the adapter ``cfg`` trains on the base of ``base_config``, and the processor
+    its data go through. The spec records what that processor prepares images with (its backend, the
+    family's pixel or tile limits: the run's where it sets them, else the model directory's), so the
+    adapter carries them to inference whatever directory it later runs on."""
+    spec = AdapterSpec.from_config(cfg, base_config)
+    backbone = backbone_for(base_config)
+    processor = backbone.load_processor(cfg.model.name_or_path, local_files_only=False, image=spec.image)
+    return dataclasses.replace(spec, image=backbone.prepared_image(spec.image, processor)), processor
+
+
 def build_mole_model(cfg: Config, dtype: torch.dtype, ds_config: dict | None = None):
     """Backbone + MoLE surgery from the config; returns (model, surgery, processor).
 
-    The new modules are initialised from ``train.seed`` right before surgery, so they are the same
-    on every rank and under every ZeRO stage (loading consumes random numbers differently).
+    The model's config gets the image limits the model itself reads (AnyRes's grid pinpoints) from
+    the processor's (:func:`run_spec`). The new modules are initialised from ``train.seed`` right
+    before surgery, so they are the same on every rank and under every ZeRO stage (loading consumes
+    random numbers differently).
     """
     model = load_backbone(cfg.model.name_or_path, dtype, ds_config)
     model.config.use_cache = False
+    spec, processor = run_spec(cfg, model.config)
+    backbone_for(model.config).configure(model.config, spec.image)
     torch.manual_seed(cfg.train.seed)
-    surgery = apply_mole(model, AdapterSpec.from_config(cfg, model.config))
+    surgery = apply_mole(model, spec)
     for module in model.modules():  # new modules are created in fp32; match the backbone
         for param in module.parameters(recurse=False):
             if param.requires_grad and param.dtype != dtype:
                 param.data = param.data.to(dtype)
-    limits = {name: getattr(cfg.data, name) for name in ("min_pixels", "max_pixels") if getattr(cfg.data, name)}
-    processor = backbone_for(model.config).load_processor(cfg.model.name_or_path, local_files_only=False, **limits)
     return model, surgery, processor
 
 

@@ -181,13 +181,17 @@ def test_surgery_on_the_real_7b_shapes_adapts_every_layer_and_trains_what_the_si
 # ------------------------------------------------------------------------- 2-rank training per family
 
 TRAINED_FAMILIES = ["llava_next", "llava_onevision"]  # LLaVA-1.5's own runs are tests/test_train_distributed.py's
+TILING = {"llava_next": ["data.image_grid_pinpoints=[[56,56],[28,56]]"],
+          "llava_onevision": ["data.image_grid_pinpoints=[[56,56],[28,56]]", "data.vision_aspect_ratio=anyres_max_2"]}
+"""Limits other than the tiny models' own (which add [56, 28] and, for OneVision, anyres_max_1): 2x2 tiles
+still, but a tall image is tiled otherwise, so serving must take the adapter's record."""
 
 
 @pytest.fixture(scope="module", params=TRAINED_FAMILIES)
 def family_runs(request, tmp_path_factory):
     """The same data and seed under ZeRO-3 (every tensor partitioned) and ZeRO-2, with SGD and one
     sample per micro-batch on a shapes domain and a text-only domain: the ranks see text-only and
-    image batches at different steps."""
+    image batches at different steps. The tile limits are the run's own (:data:`TILING`)."""
     name = request.param
     root = tmp_path_factory.mktemp(f"runs_{name}")
     text_shard = write_shard(root / "text" / "train-000000.tar",
@@ -196,7 +200,8 @@ def family_runs(request, tmp_path_factory):
                f' {{name: text, shards: "{text_shard}"}}]')
     common = [f"model.name_or_path={TINY_MODELS[name]}", f"train.max_steps={STEPS}", "train.optimizer=sgd",
               "train.lr=0.05", "train.projector_lr=0.05", "train.micro_batch_size=1", "lora.dropout=0.0",
-              "train.warmup_steps=0", "train.eval_every=0", "train.log_routing_every=0", "train.save_every=4", domains]
+              "train.warmup_steps=0", "train.eval_every=0", "train.log_routing_every=0", "train.save_every=4", domains,
+              *TILING[name]]
     zero3 = f"train.ds_config={REPO / 'ds_configs' / 'zero3_partition_all.json'}"
     runs = {stage: root / stage for stage in ("zero3", "zero2", "resumed")}
     launch_trainings_together({runs["zero3"]: [zero3, *common],
@@ -258,16 +263,26 @@ def test_trained_family_adapter_evaluates_per_domain_with_the_eval_cli(family_ru
 
 @pytest.mark.distributed
 def test_trained_family_adapter_loads_and_answers_with_images_prepared_as_in_training(family_runs):
-    from mole.inference import Prompt, generate_answers, load_model, load_processor
+    from mole.inference import Prompt, PromptEncoder, generate_answers, load_model, load_processor
     from mole.data.conversation import Turn
 
     name, runs = family_runs
-    model = load_model(str(TINY_MODELS[name]), str(runs["zero3"] / "adapter"))
+    adapter = str(runs["zero3"] / "adapter")
+    model = load_model(str(TINY_MODELS[name]), adapter)
     assert type(model).__name__ == backbone_for(model.config).model_class_name
-    processor = load_processor(str(TINY_MODELS[name]))
+    image = model.mole_spec.image
+    assert image.image_grid_pinpoints == ((56, 56), (28, 56)) and model.config.image_grid_pinpoints == [[56, 56], [28, 56]], \
+        f"{name}: the adapter records {image}, the model tiles by {model.config.image_grid_pinpoints}"
+    assert name != "llava_onevision" or model.config.vision_aspect_ratio == image.vision_aspect_ratio == "anyres_max_2"
+    processor, directory = load_processor(str(TINY_MODELS[name]), adapter_dir=adapter), load_processor(str(TINY_MODELS[name]))
     images = [Image.open(io.BytesIO(noise_png(size, seed))) for seed, size in enumerate([(64, 48), (30, 90)])]
+    tall = [PromptEncoder(p, "crop", backbone=backbone_for(model.config)).pixels(images[1]).shape[0]
+            for p in (processor, directory)]
+    assert tall == [5, 3], f"{name}: a 30x90 image's tiles by the adapter's pinpoints ([56, 56]) and the directory's: {tall}"
     prompts = [Prompt([Turn("user", "<image>\nWhat shape is it?")], image) for image in images]
     prompts.append(Prompt([Turn("user", "How many sides has a square?")]))
+    with pytest.raises(ValueError, match="the processor prepares images with image_grid_pinpoints"):
+        generate_answers(model, directory, prompts, max_new_tokens=1)
     answers = generate_answers(model, processor, prompts, max_new_tokens=4, batch_size=3)
     assert len(answers) == 3 and all(isinstance(answer, str) for answer in answers), answers
 

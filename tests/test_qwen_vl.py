@@ -24,7 +24,7 @@ from mole.evaluate import EvalDomain, evaluate
 from mole.export import export_merged, export_peft
 from mole.inference import Prompt, generate_answers, load_model, load_processor, question_turns
 from mole.model import TrainingModel, build_mole_model
-from mole.spec import AdapterSpec
+from mole.spec import AdapterSpec, ImageSpec
 from mole.surgery import apply_mole
 from tests.helpers import REPO, noise_png, one_thread_for_the_module, text_sample, write_shard  # noqa: F401
 
@@ -148,13 +148,28 @@ def test_text_only_batch_runs_the_whole_vision_path_and_reaches_its_projectors(f
 def test_min_and_max_pixels_set_the_image_token_range(family):
     name, model, _, _ = family
     processor = model.backbone.load_processor(str(REPO / "models" / f"tiny-{name.replace('_', '-')}"),
-                                              min_pixels=1, max_pixels=(2 * 2 * 32) ** 2)
+                                              image=ImageSpec(min_pixels=1, max_pixels=(2 * 2 * 32) ** 2))
     batch = mole_batch(model, processor, samples("images"))
     tokens = (batch["input_ids"] == model.llava.config.image_token_id).sum(dim=1).tolist()
     assert max(tokens) <= 4 * 4, f"{name}: max_pixels did not cap the image tokens: {tokens}"
     with pytest.raises(ValueError, match="exceeds max_pixels"):
-        model.backbone.load_processor(str(REPO / "models" / f"tiny-{name.replace('_', '-')}"), min_pixels=10**6,
-                                      max_pixels=10)
+        model.backbone.load_processor(str(REPO / "models" / f"tiny-{name.replace('_', '-')}"),
+                                      image=ImageSpec(max_pixels=10))
+
+
+def test_fewest_image_tokens_read_min_pixels_as_an_area(family):
+    """At the real checkpoints' limits an image takes at least 4 tokens (56x56 pixels, Qwen2.5-VL) or
+    about 4 (64x64, Qwen3-VL): reading min_pixels as a side made that thousands, and training warned that
+    every image sample would be skipped as too long."""
+    name, model, _, _ = family
+    factor = {"qwen2_5_vl": 28, "qwen3_vl": 32}[name]
+    processor = model.backbone.load_processor(str(REPO / "models" / f"tiny-{name.replace('_', '-')}"),
+                                              image=ImageSpec(min_pixels=4 * factor**2, max_pixels=16384 * factor**2))
+    fewest = model.backbone.tile_image_tokens(processor)
+    assert fewest == 4, f"{name}: an image takes at least 4 tokens at min_pixels {4 * factor**2}, got {fewest}"
+    sizes = [(1, 1), (factor, factor), (10, 300), (2 * factor, factor)]
+    counts = [model.backbone.image_tokens(processor, size) for size in sizes]
+    assert min(counts) == fewest, f"{name}: token counts {counts} of images {sizes}: the fewest is not {fewest}"
 
 
 @pytest.mark.parametrize("overrides, message", [

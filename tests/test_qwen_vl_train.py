@@ -29,6 +29,8 @@ STEPS = 6
 MODELS = {"qwen2_5_vl": REPO / "models" / "tiny-qwen2-5-vl", "qwen3_vl": REPO / "models" / "tiny-qwen3-vl"}
 PROJECTOR = {"qwen2_5_vl": ("visual.merger.",), "qwen3_vl": ("visual.merger.", "visual.deepstack_merger_list.")}
 SIZES = [(64, 48), (130, 60), (100, 100), (40, 90)]  # (width, height): each takes its own number of image tokens
+MAX_PIXELS = {"qwen2_5_vl": 12 * 28**2, "qwen3_vl": 12 * 32**2}
+"""12 image tokens at most, below the tiny models' own 16: the adapter must carry it to evaluation."""
 
 
 def image_sample(key: str, size: tuple[int, int], seed: int) -> dict:
@@ -53,6 +55,7 @@ def qwen_runs(request, tmp_path_factory):
                        [text_sample(f"t{i}", f"How many sides has shape {i}?", f"{3 + i % 4} sides") for i in range(24)])
     domains = f'data.domains=[{{name: images, shards: "{images}"}}, {{name: text, shards: "{text}"}}]'
     common = [f"model.name_or_path={MODELS[family]}", "data.image_aspect=crop", f"train.max_steps={STEPS}",
+              f"data.max_pixels={MAX_PIXELS[family]}",
               "train.optimizer=sgd", "train.lr=0.05", "train.projector_lr=0.05", "train.micro_batch_size=1",
               "lora.dropout=0.0", "train.warmup_steps=0", "train.eval_every=0", "train.log_routing_every=0",
               "train.train_projector=true", domains]
@@ -128,7 +131,15 @@ def test_the_checkpoint_exports_to_the_adapter_and_loads_for_evaluation(qwen_run
         torch.testing.assert_close(exported[key], saved[key], rtol=0, atol=0, msg=f"{family}: {key}")
     shard = next((runs["zero3"].parent / "images").glob("*.tar"))
     model = load_model(str(MODELS[family]), str(tmp_path / "exported"))
-    results = evaluate(model, load_processor(str(MODELS[family])), [EvalDomain("images", [str(shard)])],
+    recorded = model.mole_spec.image
+    directory_min = load_processor(str(MODELS[family])).image_processor.size["shortest_edge"]
+    assert (recorded.min_pixels, recorded.max_pixels) == (directory_min, MAX_PIXELS[family]), \
+        f"{family}: the adapter records {recorded}, trained with the directory's min_pixels and data.max_pixels"
+    with pytest.raises(ValueError, match=r"prepares images with max_pixels .* but the adapter was trained with"):
+        evaluate(model, load_processor(str(MODELS[family])), [EvalDomain("images", [str(shard)])], max_samples=1)
+    processor = load_processor(str(MODELS[family]), adapter_dir=str(tmp_path / "exported"))
+    assert processor.image_processor.size["longest_edge"] == MAX_PIXELS[family]
+    results = evaluate(model, processor, [EvalDomain("images", [str(shard)])],
                        batch_size=4, max_new_tokens=2, max_samples=4)
     images = results["domains"]["images"]
     assert images["samples"] == 4 and images["loss"] is not None and images["loss"] < 20, f"{family}: {images}"

@@ -9,6 +9,7 @@ minimal dummy image is (a text-only batch still runs the vision path on every ra
 
 from __future__ import annotations
 
+import dataclasses
 import re
 from dataclasses import dataclass
 
@@ -16,8 +17,9 @@ import torch
 from PIL import Image
 from torch import nn
 
-from mole.choices import Family, ImageAspect, ImageBackend, options
+from mole.choices import Family, ImageAspect, ImageBackend, ProcessorBackend, options
 from mole.data.images import PixelTransform, make_pixel_transform, mean_colour, pad_to_square
+from mole.spec import ImageSpec
 
 ImageInputs = dict[str, torch.Tensor]
 """Image inputs of the model: ``pixel_values`` and the family's extras (``image_sizes``)."""
@@ -47,6 +49,9 @@ class Backbone:
     """Model inputs beside ``pixel_values`` that describe the batch's images (``image_sizes``)."""
     fast_images: bool = True
     """Whether mole's fast image path may stand in for the image processor (checked on probe images)."""
+    default_processor_backend: ProcessorBackend | None = None
+    """The image processor backend built when the run names none; ``None``: transformers' choice
+    (torchvision where importable, else PIL)."""
 
     # ------------------------------------------------------------------------------ the model
 
@@ -127,11 +132,28 @@ class Backbone:
 
     # ------------------------------------------------------------------------------- the data
 
-    def load_processor(self, path: str, local_files_only: bool = True):
-        """The processor whose ``tokenizer``, ``image_processor`` and ``image_token`` the data path reads."""
+    def load_processor(self, path: str, local_files_only: bool = True, image: ImageSpec | None = None):
+        """The processor whose ``tokenizer``, ``image_processor`` and ``image_token`` the data path reads,
+        with the image processor backend and the family's limits of ``image`` where it records them
+        (else the model directory's); a backend that cannot be built is a one-line ``ValueError``."""
         from transformers import AutoProcessor
 
-        return AutoProcessor.from_pretrained(path, local_files_only=local_files_only)
+        processor = AutoProcessor.from_pretrained(path, local_files_only=local_files_only, **self.backend_kwargs(image))
+        check_backend(processor.image_processor, image)
+        return processor
+
+    def backend_kwargs(self, image: ImageSpec | None) -> dict:
+        """``from_pretrained``'s ``backend`` argument for ``image``'s processor backend, or the family's default."""
+        wanted = (image.processor_backend if image is not None else None) or self.default_processor_backend
+        return {"backend": wanted} if wanted else {}
+
+    def prepared_image(self, image: ImageSpec, processor) -> ImageSpec:
+        """``image`` with what ``processor`` (built by :meth:`load_processor`) prepares images with: its
+        backend and the family's limits, the values an adapter records."""
+        return dataclasses.replace(image, processor_backend=processor.image_processor.backend)
+
+    def configure(self, config, image: ImageSpec) -> None:
+        """Set in the model's ``config`` what the model reads of ``image``'s limits (AnyRes tiling); none here."""
 
     def image_transform(self, image_processor, aspect: ImageAspect, backend: ImageBackend) -> ImageTransform:
         """How the data path turns a decoded RGB image into its :data:`ImageInputs`: mole's fast path
@@ -148,6 +170,16 @@ class Backbone:
         crop = getattr(processor.image_processor, "crop_size", None) or processor.image_processor.size
         side = crop.get("height") or crop.get("shortest_edge")
         return self.image_tokens(processor, (side, side))
+
+
+def check_backend(image_processor, image: ImageSpec | None) -> None:
+    """A one-line ``ValueError`` when ``image`` records a processor backend other than the one built
+    (transformers builds the PIL class, with a warning, when torchvision is asked for but missing)."""
+    wanted = image.processor_backend if image is not None else None
+    if wanted is not None and image_processor.backend != wanted:
+        fix = "pip install torchvision" if wanted == "torchvision" else "use a transformers with PIL image processors"
+        raise ValueError(f"images must go through the {wanted} image processor, but {type(image_processor).__name__} "
+                         f"was built ({fix})")
 
 
 def fixed_image_tokens(processor) -> int:

@@ -9,9 +9,12 @@ image's aspect ratio with a learned ``image_newline`` after each row. So the mod
 
 from __future__ import annotations
 
+import dataclasses
+
 import torch
 
 from mole.backbones.base import Backbone, ProcessorTiles
+from mole.spec import ImageSpec
 
 
 class AnyResBackbone(Backbone):
@@ -25,11 +28,35 @@ class AnyResBackbone(Backbone):
         return {"pixel_values": torch.zeros(tiles, config.vision_config.num_channels, side, side, dtype=dtype, device=device),
                 "image_sizes": torch.tensor([[side, side]], device=device)}
 
+    def load_processor(self, path: str, local_files_only: bool = True, image: ImageSpec | None = None):
+        """The processor with ``image``'s grid pinpoints where it records them (see :meth:`Backbone.load_processor`)."""
+        processor = super().load_processor(path, local_files_only, image)
+        set_pinpoints(processor.image_processor, image)
+        return processor
+
+    def prepared_image(self, image: ImageSpec, processor) -> ImageSpec:
+        return dataclasses.replace(super().prepared_image(image, processor),
+                                   image_grid_pinpoints=processor.image_processor.image_grid_pinpoints)
+
+    def configure(self, config, image: ImageSpec) -> None:
+        """The model reads the pinpoints too (to split an image's tiles back into its grid) and, for
+        OneVision, ``vision_aspect_ratio``: both must be what the processor used."""
+        if image.image_grid_pinpoints is not None:
+            config.image_grid_pinpoints = [list(point) for point in image.image_grid_pinpoints]
+        if image.vision_aspect_ratio is not None:
+            config.vision_aspect_ratio = image.vision_aspect_ratio
+
     def image_transform(self, image_processor, aspect, backend):
         return ProcessorTiles(image_processor, aspect)
 
     def image_tokens(self, processor, image_size: tuple[int, int]) -> int:
         return int(processor._get_num_multimodal_tokens(image_sizes=[list(image_size)]).num_image_tokens[0])
+
+
+def set_pinpoints(image_processor, image: ImageSpec | None) -> None:
+    """``image``'s grid pinpoints, where it records them, as ``image_processor``'s."""
+    if image is not None and image.image_grid_pinpoints is not None:
+        image_processor.image_grid_pinpoints = [list(point) for point in image.image_grid_pinpoints]
 
 
 LLAVA_NEXT = AnyResBackbone(

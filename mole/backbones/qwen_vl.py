@@ -38,14 +38,16 @@ image's patch grid (t, h, w), handed to the model as ``image_grid_thw``.
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 
 import torch
 from PIL import Image
 from torch import nn
 
-from mole.backbones.base import Backbone, ImageInputs
+from mole.backbones.base import Backbone, ImageInputs, check_backend
 from mole.data.images import mean_colour, pad_to_square
+from mole.spec import ImageSpec
 
 IMAGE_TOKEN = "<|image_pad|>"
 IMAGE_TYPE = 1
@@ -174,23 +176,30 @@ class QwenVLBackbone(Backbone):
         return {"pixel_values": images["pixel_values"].to(model.dtype), "image_grid_thw": images["image_sizes"],
                 "mm_token_type_ids": (input_ids == model.config.image_token_id).int() * IMAGE_TYPE}
 
-    def load_processor(self, path: str, local_files_only: bool = True, *, min_pixels: int | None = None,
-                       max_pixels: int | None = None) -> QwenProcessor:
-        """The tokenizer and PIL image processor of a model directory; ``min_pixels`` / ``max_pixels``
-        replace the directory's (the family's defaults) where given."""
+    def load_processor(self, path: str, local_files_only: bool = True, image: ImageSpec | None = None) -> QwenProcessor:
+        """The tokenizer and image processor (PIL unless ``image`` records torchvision) of a model
+        directory; ``image``'s ``min_pixels`` / ``max_pixels`` replace the directory's (the family's
+        defaults) where it records them."""
         from transformers import AutoImageProcessor, AutoTokenizer
 
         tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=local_files_only)
-        image_processor = AutoImageProcessor.from_pretrained(path, local_files_only=local_files_only, backend="pil")
+        image_processor = AutoImageProcessor.from_pretrained(path, local_files_only=local_files_only,
+                                                             **self.backend_kwargs(image))
+        check_backend(image_processor, image)
         size = dict(image_processor.size)
-        if min_pixels is not None:
-            size["shortest_edge"] = min_pixels
-        if max_pixels is not None:
-            size["longest_edge"] = max_pixels
+        if image is not None and image.min_pixels is not None:
+            size["shortest_edge"] = image.min_pixels
+        if image is not None and image.max_pixels is not None:
+            size["longest_edge"] = image.max_pixels
         if size["shortest_edge"] > size["longest_edge"]:
             raise ValueError(f"min_pixels {size['shortest_edge']} exceeds max_pixels {size['longest_edge']}")
         image_processor.size = size
         return QwenProcessor(tokenizer, image_processor)
+
+    def prepared_image(self, image: ImageSpec, processor) -> ImageSpec:
+        size = processor.image_processor.size
+        return dataclasses.replace(super().prepared_image(image, processor), min_pixels=size["shortest_edge"],
+                                   max_pixels=size["longest_edge"])
 
     def image_transform(self, image_processor, aspect, backend) -> QwenImages:
         return QwenImages(image_processor, aspect)
@@ -208,6 +217,14 @@ class QwenVLBackbone(Backbone):
             image_size = (1, height // image_processor.patch_size, width // image_processor.patch_size)
         t, h, w = image_size
         return t * h * w // image_processor.merge_size**2
+
+    def tile_image_tokens(self, processor) -> int:
+        """The fewest image tokens an image takes: ``min_pixels`` is an area, not a side, so this is the
+        count of the smallest image (one ``patch x merge`` square), which the processor's own
+        ``smart_resize`` scales up to at least ``min_pixels``."""
+        image_processor = processor.image_processor
+        factor = image_processor.patch_size * image_processor.merge_size
+        return self.image_tokens(processor, (factor, factor))
 
 
 def _no_rows(features: tuple[torch.Tensor, ...]) -> torch.Tensor:

@@ -26,7 +26,7 @@ from transformers import LlavaConfig as FamilyConfig
 from transformers import LlavaForConditionalGeneration as FamilyForConditionalGeneration
 
 MODEL_TYPE = "mole_" + FamilyConfig.model_type
-ADAPTER_FORMAT_VERSION = 2
+ADAPTER_FORMAT_VERSION = 3
 """The version of mole's adapter format (``format_version`` in ``config.mole``) this file computes."""
 ROUTINGS = ("hard", "scaled", "dense")
 """The routing modes this file computes."""
