@@ -27,7 +27,7 @@ from typing import Annotated, Any
 import yaml
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError
 
-from mole.choices import (AuxLoss, Family, ImageAspect, ImageBackend, Metric, NonFinitePolicy, Optimizer, Packing,
+from mole.choices import (AttnImplementation, AuxLoss, Family, ImageAspect, ImageBackend, Metric, NonFinitePolicy, Optimizer, Packing,
                           Precision, ResumeAcceptable, Routing, options)
 
 RESUME_WORDS = ("auto", "never")
@@ -69,6 +69,9 @@ class Section(BaseModel):
 class ModelConfig(Section):
     name_or_path: str = "models/tiny-llava"
     """Local Hugging Face LLaVA directory (must hold config.json); Hub ids are not downloaded here."""
+    attn_implementation: AttnImplementation = "auto"
+    """Attention of the backbone: sdpa, eager or flash_attention_2 (needs flash-attn and a CUDA GPU;
+    packed rows then take its varlen path); auto: flash_attention_2 where it can run, else sdpa."""
 
 
 class MoleConfig(Section):
