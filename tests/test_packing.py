@@ -258,7 +258,7 @@ def test_packed_rows_reach_flash_attention_as_one_segment_per_sample(family):
     name, model, examples, pad = family
     AttentionInterface.register("flash_reference", flash_reference)
     AttentionMaskInterface.register("flash_reference", flash_attention_mask)
-    padded, packed = padded_and_packed(examples, pad)
+    _, packed = padded_and_packed(examples, pad)
     assert not _is_packed_sequence(packed["position_ids"], packed["input_ids"].shape[0]), "precondition: two rows"
     before = model.llava.config.get_text_config()._attn_implementation
     model.llava.set_attn_implementation({"text_config": "flash_reference"})
