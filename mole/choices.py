@@ -33,6 +33,10 @@ Packing = Literal["none", "grouped", "packed"]
 """How samples become micro-batches: one per row padded to the longest (none), batched by similar length
 (grouped), or several per row up to data.max_length tokens (packed); see mole/data/packing.py."""
 
+AttnImplementation = Literal["auto", "sdpa", "eager", "flash_attention_2"]
+"""The backbone's attention (transformers' ``attn_implementation``); auto is flash_attention_2 where flash-attn
+and a CUDA device are present, else sdpa."""
+
 Family = Literal["llava", "llava_next", "llava_onevision", "qwen2_5_vl", "qwen3_vl"]
 """Backbone family an adapter is built on, named as its base config's ``model_type``: which modules
 surgery finds and replaces."""

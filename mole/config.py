@@ -27,9 +27,9 @@ from typing import Annotated, Any
 import yaml
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError
 
-from mole.choices import (ANYRES, ANYRES_MAX, DYNAMIC_RESOLUTION, AuxLoss, Family, ImageAspect, ImageBackend, Metric,
-                          NonFinitePolicy, Optimizer, Packing, Precision, ProcessorBackend, ResumeAcceptable, Routing,
-                          options)
+from mole.choices import (ANYRES, ANYRES_MAX, DYNAMIC_RESOLUTION, AttnImplementation, AuxLoss, Family, ImageAspect,
+                          ImageBackend, Metric, NonFinitePolicy, Optimizer, Packing, Precision, ProcessorBackend,
+                          ResumeAcceptable, Routing, options)
 
 RESUME_WORDS = ("auto", "never")
 BUNDLED_DOMAINS = ("shapes", "charts", "tissue")
@@ -70,6 +70,9 @@ class Section(BaseModel):
 class ModelConfig(Section):
     name_or_path: str = "models/tiny-llava"
     """Local Hugging Face LLaVA directory (must hold config.json); Hub ids are not downloaded here."""
+    attn_implementation: AttnImplementation = "auto"
+    """Attention of the backbone: sdpa, eager or flash_attention_2 (needs flash-attn and a CUDA GPU;
+    packed rows then take its varlen path); auto: flash_attention_2 where it can run, else sdpa."""
 
 
 class MoleConfig(Section):

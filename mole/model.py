@@ -15,7 +15,7 @@ from transformers import AutoConfig
 
 from mole.backbones import Backbone, backbone_for
 from mole.balance import aux_loss
-from mole.config import Config
+from mole.config import Config, ConfigError
 from mole.lm_loss import answer_tokens, lm_loss_sum
 from mole.spec import AdapterSpec
 from mole.surgery import MoleSurgery, apply_mole
@@ -23,9 +23,25 @@ from mole.surgery import MoleSurgery, apply_mole
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
-def load_backbone(path: str, dtype: torch.dtype, ds_config: dict | None = None) -> nn.Module:
-    """The family's stock class ``from_pretrained``, with ZeRO-3 partitioning *during* the load when
-    ``ds_config`` is stage 3. A family mole does not describe is a one-line ``UnsupportedBackbone``.
+def attention_implementation(choice: str) -> str:
+    """What ``from_pretrained`` gets for ``model.attn_implementation``: ``auto`` is flash_attention_2 where
+    transformers finds flash-attn and a CUDA device, else sdpa; an explicit flash_attention_2 without
+    them is a one-line ``ConfigError`` (transformers' own error comes after the model's config is read,
+    and says nothing of the key)."""
+    from transformers.utils import is_flash_attn_2_available
+
+    if choice == "auto":
+        return "flash_attention_2" if is_flash_attn_2_available() else "sdpa"
+    if choice == "flash_attention_2" and not is_flash_attn_2_available():
+        raise ConfigError("model.attn_implementation: flash_attention_2 needs the flash-attn package (>= 2.3.3) and a "
+                          "CUDA GPU; use auto, sdpa or eager", "model.attn_implementation")
+    return choice
+
+
+def load_backbone(path: str, dtype: torch.dtype, ds_config: dict | None = None, attn_implementation: str = "sdpa") -> nn.Module:
+    """The family's stock class ``from_pretrained`` with ``attn_implementation`` (a resolved name, see
+    :func:`attention_implementation`), with ZeRO-3 partitioning *during* the load when ``ds_config``
+    is stage 3. A family mole does not describe is a one-line ``UnsupportedBackbone``.
 
     transformers partitions at load time while an ``HfDeepSpeedConfig`` object is alive, so a 7B
     model never sits whole in one rank's memory. The object must outlive ``from_pretrained``.
@@ -37,7 +53,7 @@ def load_backbone(path: str, dtype: torch.dtype, ds_config: dict | None = None) 
         from transformers.integrations import HfDeepSpeedConfig
 
         keep_alive = HfDeepSpeedConfig(ds_config)  # noqa: F841 (weakly referenced by transformers)
-    model = backbone.model_class.from_pretrained(path, dtype=dtype)
+    model = backbone.model_class.from_pretrained(path, dtype=dtype, attn_implementation=attn_implementation)
     del keep_alive
     return model
 
@@ -61,7 +77,7 @@ def build_mole_model(cfg: Config, dtype: torch.dtype, ds_config: dict | None = N
     before surgery, so they are the same on every rank and under every ZeRO stage (loading consumes
     random numbers differently).
     """
-    model = load_backbone(cfg.model.name_or_path, dtype, ds_config)
+    model = load_backbone(cfg.model.name_or_path, dtype, ds_config, attention_implementation(cfg.model.attn_implementation))
     model.config.use_cache = False
     spec, processor = run_spec(cfg, model.config)
     backbone_for(model.config).configure(model.config, spec.image)

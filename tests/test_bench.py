@@ -181,7 +181,7 @@ def test_ragged_llava665k_samples_pad_a_fifth_of_padded_batches_and_under_5_perc
     2,048-token rows, 4 rows per micro-batch; real tokens per step packed >= 2x padded."""
     from benchmarks.ragged import mode_batches, ragged_examples
 
-    examples = ragged_examples(400, 0, 2048, 576, 2, 32000, 31999)
+    examples = ragged_examples(400, 0, 2048, 576, lambda gen: (torch.randn(3, 2, 2, generator=gen), None), 32000, 31999)
     assert 0.03 < sum(e.pixel_values is None for e in examples) / 400 < 0.1, "about 6 % text-only samples"
     stats = {}
     for mode in ("none", "grouped", "packed"):
@@ -191,6 +191,21 @@ def test_ragged_llava665k_samples_pad_a_fifth_of_padded_batches_and_under_5_perc
         stats[mode] = (tokens / 20, 1 - tokens / slots)
     assert stats["none"][1] > 0.2 and stats["grouped"][1] < stats["none"][1] / 2, stats
     assert stats["packed"][1] < 0.05 and stats["packed"][0] > 2 * stats["none"][0], stats
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("family", ["llava_next", "qwen2_5_vl"])
+def test_step_bench_packing_runs_a_family_on_its_own_images(tmp_path, family):
+    """``--packing`` builds the family's ragged samples (its image inputs, AnyRes tiles with their sizes
+    or Qwen-VL's patches with their grid, and its image-token count, the image sized to LLaVA-1.5's
+    share of the row) and times the modes on them. OneVision and Qwen3-VL share these layouts."""
+    result = run_step_bench(tmp_path, "--ranks", "1", "--batch", "2", "--backbone", family, "--packing", "none", "packed")
+    setup, packing = result["setup"], result["packing"]
+    assert setup["backbone"] == family and setup["max_length"] == 32
+    assert setup["image_tokens"] == {"llava_next": 10, "qwen2_5_vl": 9}[family], setup
+    assert set(packing) == {"mole/none", "mole/packed", "lora/packed"}
+    assert all(p["real_tokens_per_s"] > 0 for p in packing.values()), packing
+    assert packing["mole/packed"]["real_tokens_per_step"] > packing["mole/none"]["real_tokens_per_step"], packing
 
 
 @pytest.mark.distributed

@@ -87,13 +87,14 @@ class Backbone:
 
         A packed batch (:mod:`mole.data.packing`) comes with ``position_ids`` (batch, seq), 0, 1, 2, ...
         restarting at each sample, and no ``attention_mask``: the model then keeps the samples of a row
-        apart. This default hands the model :meth:`embed`'s embeddings and those positions: right for a
+        apart (under flash attention through :func:`varlen_kwargs`). This default hands the model :meth:`embed`'s embeddings and those positions: right for a
         family whose positions are 0, 1, 2, ... (checked against each stock model by the tests). A
         family that numbers positions from its inputs (M-RoPE) or adds features deeper in the LLM
         overrides it.
         """
         embeds = self.embed(model, input_ids, images)
-        return model(inputs_embeds=embeds, attention_mask=attention_mask, position_ids=position_ids, use_cache=False)
+        return model(inputs_embeds=embeds, attention_mask=attention_mask, position_ids=position_ids, use_cache=False,
+                     **varlen_kwargs(model, position_ids))
 
     def embed(self, model: nn.Module, input_ids: torch.Tensor, images: ImageInputs | None) -> torch.Tensor:
         """(batch, seq, hidden) token embeddings with the image features scattered into the image-token
@@ -222,6 +223,25 @@ ImageTransform = FixedResolution | ProcessorTiles
 
 class UnsupportedBackbone(ValueError):
     """A base model whose family mole has no description of."""
+
+
+def varlen_kwargs(model: nn.Module, position_ids: torch.Tensor | None) -> dict:
+    """Flash attention's varlen arguments for a packed batch's (batch, seq) text positions, restarting at
+    0 per sample; nothing under another attention or for a padded batch.
+
+    transformers reads sample boundaries from position ids itself only for a single row (its
+    ``_is_packed_sequence`` wants batch size 1); on several rows it would run causal flash attention
+    over each whole row, letting a row's samples attend to each other. So the boundaries are passed:
+    transformers' own ``prepare_fa_kwargs_from_position_ids`` on the flattened rows (every row starts
+    a sample at 0, so row ends are sample ends; a row's padding is one more segment), which the model
+    hands through its keyword arguments to every decoder attention layer."""
+    from transformers.modeling_flash_attention_utils import prepare_fa_kwargs_from_position_ids
+    from transformers.utils.generic import is_flash_attention_requested
+
+    if position_ids is None or not is_flash_attention_requested(model.config.get_text_config()):
+        return {}
+    (cu_q, cu_k), (max_q, max_k) = prepare_fa_kwargs_from_position_ids(position_ids)
+    return {"cu_seq_lens_q": cu_q, "cu_seq_lens_k": cu_k, "max_length_q": int(max_q), "max_length_k": int(max_k)}
 
 
 def backbone_for(config) -> Backbone:

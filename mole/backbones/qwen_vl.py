@@ -45,7 +45,7 @@ import torch
 from PIL import Image
 from torch import nn
 
-from mole.backbones.base import Backbone, ImageInputs, check_backend
+from mole.backbones.base import Backbone, ImageInputs, check_backend, varlen_kwargs
 from mole.data.images import mean_colour, pad_to_square
 from mole.spec import ImageSpec
 
@@ -122,6 +122,7 @@ class QwenVLBackbone(Backbone):
                 encoded.deepstack_features = [(_no_rows(level),) for level in encoded.deepstack_features]
         grids = None if text_only else images["image_sizes"]
         token_types = (input_ids == model.config.image_token_id).int() * IMAGE_TYPE
+        varlen = varlen_kwargs(model, position_ids)  # from the text positions, before M-RoPE's rows join them
         if position_ids is not None:
             position_ids = self.packed_positions(model, input_ids, token_types, grids, position_ids)
         try:
@@ -133,6 +134,7 @@ class QwenVLBackbone(Backbone):
                 image_grid_thw=grids,
                 mm_encoder_outputs={"image": encoded},
                 use_cache=False,
+                **varlen,
             )
         finally:
             if hook is not None:
