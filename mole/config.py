@@ -557,9 +557,6 @@ def validate(cfg: Config) -> None:
         _require(getattr(cfg.data, name) is None or model["model_type"] in DYNAMIC_RESOLUTION, f"data.{name}",
                  f"applies to dynamic-resolution families ({', '.join(DYNAMIC_RESOLUTION)}); "
                  f"{path!r} holds a {model['model_type']!r} model")
-    _require(cfg.train.eval_max_new_tokens == 0 or model["model_type"] not in DYNAMIC_RESOLUTION,
-             "train.eval_max_new_tokens", f"held-out generation during training starts from input embeddings, which "
-             f"{model['model_type']!r} (M-RoPE) cannot take; set it to 0 and score with launch/eval.py")
     low, high = cfg.data.min_pixels, cfg.data.max_pixels
     _require(low is None or high is None or low <= high, "data.min_pixels", f"{low} exceeds data.max_pixels {high}")
 
