@@ -191,8 +191,8 @@ def family_runs(request, tmp_path_factory):
     """The same data and seed under ZeRO-3 (every tensor partitioned) and ZeRO-2, with SGD and one
     sample per micro-batch on a shapes domain and a text-only domain: the ranks see text-only and
     image batches at different steps. The ZeRO-3 run also answers the shapes domain's held-out
-    questions at its last step, a text-only one on rank 0 and one with an image on rank 1 (``val``):
-    generation outside the engine's forward, with ``image_newline`` partitioned."""
+    questions at its last step, a text-only one on rank 0 and one with an image on rank 1 (``val``).
+    (The run that fails without ``image_newline`` gathered for generation is tests/test_heldout_metrics.py's.)"""
     name = request.param
     root = tmp_path_factory.mktemp(f"runs_{name}")
     text_shard = write_shard(root / "text" / "train-000000.tar",
