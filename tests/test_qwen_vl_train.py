@@ -30,7 +30,7 @@ STEPS = 6
 MODELS = {"qwen2_5_vl": REPO / "models" / "tiny-qwen2-5-vl", "qwen3_vl": REPO / "models" / "tiny-qwen3-vl"}
 PROJECTOR = {"qwen2_5_vl": ("visual.merger.",), "qwen3_vl": ("visual.merger.", "visual.deepstack_merger_list.")}
 SIZES = [(64, 48), (130, 60), (100, 100), (40, 90)]
-NEW_TOKENS = 3  # (width, height): each takes its own number of image tokens
+NEW_TOKENS = 8  # (width, height): each takes its own number of image tokens
 
 
 def image_sample(key: str, size: tuple[int, int], seed: int) -> dict:
@@ -48,7 +48,7 @@ def qwen_runs(request, tmp_path_factory):
     """(family, {"zero3": dir, "zero2": dir, "resumed": dir}): the same data and seed under ZeRO-3 (nothing
     kept whole) and ZeRO-2, SGD, one sample per micro-batch; one domain of images of four sizes, one
     text-only. The ZeRO-3 run also answers the images domain's held-out questions at its last step: a
-    text-only one on rank 0, one with an image on rank 1 (``val``)."""
+    text-only one and one with an image on rank 0, two with images on rank 1 (``val``)."""
     family = request.param
     root = tmp_path_factory.mktemp(f"equivalence_{family}")
     images = write_shard(root / "images" / "train-000000.tar",
@@ -56,10 +56,10 @@ def qwen_runs(request, tmp_path_factory):
     text = write_shard(root / "text" / "train-000000.tar",
                        [text_sample(f"t{i}", f"How many sides has shape {i}?", f"{3 + i % 4} sides") for i in range(24)])
     val = write_shard(root / "val" / "val-000000.tar", [text_sample("v0", "How many sides has a square?", "4 sides"),
-                                                         image_sample("v1", SIZES[1], 7)])
+                                                         *(image_sample(f"v{i}", SIZES[i], 6 + i) for i in (1, 2, 3))])
     domains = f'data.domains=[{{name: images, shards: "{images}"}}, {{name: text, shards: "{text}"}}]'
     heldout = (f'data.domains=[{{name: images, shards: "{images}", val_shards: "{val}"}}, {{name: text, shards: "{text}"}}]',
-               f"train.eval_every={STEPS}", "train.eval_batches=1", f"train.eval_max_new_tokens={NEW_TOKENS}")
+               f"train.eval_every={STEPS}", "train.eval_batches=2", f"train.eval_max_new_tokens={NEW_TOKENS}")
     common = [f"model.name_or_path={MODELS[family]}", "data.image_aspect=crop", f"train.max_steps={STEPS}",
               "train.optimizer=sgd", "train.lr=0.01", "train.projector_lr=0.01", "train.micro_batch_size=1",
               "lora.dropout=0.0", "train.warmup_steps=0", "train.eval_every=0", "train.log_routing_every=0",
@@ -153,7 +153,7 @@ def test_held_out_answers_under_zero3_are_launch_eval_pys(qwen_runs, tmp_path):
     assert any("eval/normalized_match/images" in line for line in logged), f"{family}: no held-out metric logged"
     answers = {(a["key"], a["turn"]): a["prediction"] for rank in (0, 1) for record in read_rank_log(runs["zero3"], rank)
                if record.get("event") == "heldout_answers" for a in record["answers"]}
-    assert sorted(answers) == [("v0", 0), ("v1", 0)], f"{family}: held-out answers logged: {answers}"
+    assert sorted(answers) == [(f"v{i}", 0) for i in range(4)], f"{family}: held-out answers logged: {answers}"
     assert any(answers.values()), f"{family}: every held-out answer is empty: nothing was compared"
     val = next((runs["zero3"].parent / "val").glob("*.tar"))
     model = load_model(str(MODELS[family]), str(runs["zero3"] / "adapter"))
