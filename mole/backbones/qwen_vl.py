@@ -15,7 +15,9 @@ What sets these families apart, and how mole keeps each exact:
   generation's offsets). So :func:`forward` never hands the model embeddings: it runs the vision
   tower itself and passes the result as ``mm_encoder_outputs`` beside the token ids, and the stock
   forward embeds, scatters, adds DeepStack features and numbers positions exactly as it would from
-  its own processor's inputs. A packed batch is the exception: the model would number a row as one
+  its own processor's inputs. Held-out generation during training starts ``generate`` the same way
+  (:meth:`QwenVLBackbone.prefill_inputs`): the stock ``generate`` hands the encoder output to the
+  prefill forward only and numbers the new tokens' positions from the prompt's. A packed batch is the exception: the model would number a row as one
   sequence, so :meth:`QwenVLBackbone.packed_positions` numbers each sample with the model's own
   ``get_rope_index`` and hands the stock forward (4, batch, seq) position ids, the text row first.
 - **DeepStack (Qwen3-VL).** Features of several ViT blocks, each through its own merger, are added
