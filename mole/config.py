@@ -598,9 +598,6 @@ def validate(cfg: Config) -> None:
 
         _require(importlib.util.find_spec("torchvision") is not None, "data.image_processor_backend",
                  "torchvision is not installed (pip install torchvision), or use pil")
-    _require(cfg.train.eval_max_new_tokens == 0 or model["model_type"] not in DYNAMIC_RESOLUTION,
-             "train.eval_max_new_tokens", f"held-out generation during training starts from input embeddings, which "
-             f"{model['model_type']!r} (M-RoPE) cannot take; set it to 0 and score with launch/eval.py")
     low, high = cfg.data.min_pixels, cfg.data.max_pixels
     _require(low is None or high is None or low <= high, "data.min_pixels", f"{low} exceeds data.max_pixels {high}")
 

@@ -98,7 +98,7 @@ def evaluate(
     image_aspect, image_backend = model_image_settings(model, image_aspect, image_backend)
     backbone = backbone_for(model.config)
     sample_processor = SampleProcessor(processor, max_length, image_aspect, image_backend=image_backend, keep_image=True,
-                                       backbone=backbone)
+                                       backbone=backbone, model_config=model.config)
     encoder = PromptEncoder(processor, image_aspect, image_backend, backbone=backbone)
     num_domains, num_layers = len(domains), len(mole_layers(model))
     num_experts = mole_layers(model)[0].num_experts if num_layers else 1

@@ -129,12 +129,13 @@ class TrainingModel(nn.Module):
         aux = aux_loss(self.context.stats(), self.aux_kind).to(lm.device)
         return {"loss": lm + self.aux_weight * aux, "lm_loss": lm.detach(), "aux_loss": aux.detach()}
 
-    def embed(self, input_ids: torch.Tensor, pixel_values: torch.Tensor | None = None,
-              image_sizes: torch.Tensor | None = None) -> torch.Tensor:
-        """(batch, seq, hidden) input embeddings with the image features in the image-token positions
-        (:meth:`~mole.backbones.base.Backbone.embed`); the vision path runs even without an image.
-        Held-out generation starts from these, so every rank gathers the same parameters there as well."""
-        return self.backbone.embed(self.llava, input_ids, self.images(pixel_values, image_sizes))
+    def prefill_inputs(self, input_ids: torch.Tensor, pixel_values: torch.Tensor | None = None,
+                       image_sizes: torch.Tensor | None = None) -> dict:
+        """What ``generate`` starts from so that the vision path runs even without an image
+        (:meth:`~mole.backbones.base.Backbone.prefill_inputs`: the embeddings, or for an M-RoPE family the
+        token ids with the encoded images). Held-out generation starts from these, so every rank gathers
+        the same parameters there as well."""
+        return self.backbone.prefill_inputs(self.llava, input_ids, self.images(pixel_values, image_sizes))
 
     @staticmethod
     def images(pixel_values: torch.Tensor | None, image_sizes: torch.Tensor | None):

@@ -122,6 +122,13 @@ class Backbone:
             )
         return embeds.masked_scatter(image_positions, features)
 
+    def prefill_inputs(self, model: nn.Module, input_ids: torch.Tensor, images: ImageInputs | None) -> dict:
+        """What ``generate`` starts from (beside ``attention_mask``) when every rank must run the vision
+        path, image or not: held-out answers under ZeRO-3 (:mod:`mole.train.heldout`), where the stock
+        ``generate`` would skip the vision tower on a text-only batch. Here :meth:`embed`'s embeddings as
+        ``inputs_embeds``; ``generate`` then returns the new tokens only."""
+        return {"inputs_embeds": self.embed(model, input_ids, images)}
+
     def generation_inputs(self, model: nn.Module, input_ids: torch.Tensor, images: ImageInputs | None) -> dict:
         """What ``generate`` takes beside ``input_ids`` and ``attention_mask`` for a batch's images
         (``pixel_values`` and the family's size input ``image_sizes``, on the model's device), none for
@@ -164,6 +171,22 @@ class Backbone:
     def image_tokens(self, processor, image_size: tuple[int, int]) -> int:
         """How many image tokens an image of ``image_size`` (height, width) expands to."""
         return fixed_image_tokens(processor)
+
+    def image_features_of(self, config, pixels: torch.Tensor, image_size: tuple[int, ...] | None) -> int:
+        """How many image features the model makes of one image, its ``pixels`` and size input as the
+        data path prepared them, by the model's own rule (its ``config``), not the processor's. The data
+        path checks a sample's image-token count against it (:class:`mole.data.sample.SampleProcessor`):
+        a processor whose settings disagree with the model's then skips the sample, rather than failing
+        the batch in :meth:`embed` on one rank while the others wait in a collective. Pixels the model
+        cannot take at all are a ``ValueError`` saying why.
+
+        Here one tile at the vision tower's size, one feature per patch (and the CLS token with the
+        ``full`` feature strategy)."""
+        vision = config.vision_config
+        if tuple(pixels.shape[-2:]) != (vision.image_size, vision.image_size):
+            raise ValueError(f"pixels of {tuple(pixels.shape[-2:])} but the vision tower takes "
+                             f"{vision.image_size}x{vision.image_size}")
+        return (vision.image_size // vision.patch_size) ** 2 + (config.vision_feature_select_strategy == "full")
 
     def tile_image_tokens(self, processor) -> int:
         """The image-token count of an image at the vision tower's own size (a tiling family's

@@ -10,6 +10,7 @@ image's aspect ratio with a learned ``image_newline`` after each row. So the mod
 from __future__ import annotations
 
 import dataclasses
+from types import SimpleNamespace
 
 import torch
 
@@ -51,6 +52,29 @@ class AnyResBackbone(Backbone):
 
     def image_tokens(self, processor, image_size: tuple[int, int]) -> int:
         return int(processor._get_num_multimodal_tokens(image_sizes=[list(image_size)]).num_image_tokens[0])
+
+    def image_features_of(self, config, pixels: torch.Tensor, image_size: tuple[int, int]) -> int:
+        """The tiles the model cuts ``pixels`` into for ``image_size`` (``image_size_to_num_patches``), then
+        the count of the model's own ``pack_image_features`` (unpadding, AnyRes-max downscaling, a
+        newline per row) run on features of width 1: the model's rule, read off its config alone."""
+        from transformers.models.llava_next.modeling_llava_next import image_size_to_num_patches
+
+        vision = config.vision_config
+        tiles = image_size_to_num_patches(image_size, config.image_grid_pinpoints, vision.image_size)
+        if pixels.dim() != 4 or pixels.shape[0] != tiles or tuple(pixels.shape[-2:]) != (vision.image_size,) * 2:
+            raise ValueError(f"pixels of shape {tuple(pixels.shape)} but the model cuts an image of {tuple(image_size)} "
+                             f"into {tiles} tiles of {vision.image_size}x{vision.image_size}")
+        side = vision.image_size // vision.patch_size
+        features = [torch.zeros(tiles, side * side, 1)]  # (tiles, patches per tile, width 1)
+        _, lengths = self.pack_image_features(config, features, torch.tensor([list(image_size)]))
+        return int(lengths[0])
+
+    def pack_image_features(self, config, features: list[torch.Tensor], image_sizes: torch.Tensor):
+        """The stock ``LlavaNextModel.pack_image_features`` (it reads only the model's ``config``)."""
+        from transformers import LlavaNextModel
+
+        return LlavaNextModel.pack_image_features(SimpleNamespace(config=config), features, image_sizes,
+                                                  config.vision_feature_select_strategy, image_newline=torch.zeros(1))
 
 
 def set_pinpoints(image_processor, image: ImageSpec | None) -> None:

@@ -12,7 +12,9 @@ torchvision), the tokenizer, and the image-token count by the processor's own co
 from __future__ import annotations
 
 import dataclasses
+from types import SimpleNamespace
 
+import torch
 from PIL import Image
 
 from mole.backbones.base import check_backend
@@ -98,6 +100,14 @@ class OnevisionBackbone(AnyResBackbone):
     def tile_image_tokens(self, processor) -> int:
         side = processor.image_processor.size["height"]
         return self.image_tokens(processor, (side, side))
+
+    def pack_image_features(self, config, features, image_sizes):
+        """The stock ``LlavaOnevisionModel.pack_image_features`` (it reads only the model's ``config``)."""
+        from transformers import LlavaOnevisionModel
+
+        return LlavaOnevisionModel.pack_image_features(SimpleNamespace(config=config), features, image_sizes,
+                                                       image_newline=torch.zeros(1),
+                                                       vision_aspect_ratio=config.vision_aspect_ratio)
 
 
 LLAVA_ONEVISION = OnevisionBackbone(

@@ -140,7 +140,7 @@ class Trainer:
         cfg, info = self.cfg, self.info
         process = SampleProcessor(processor, cfg.data.max_length, cfg.data.image_aspect,
                                   image_backend=cfg.data.image_backend, max_image_pixels=cfg.data.max_image_pixels,
-                                  backbone=self.model.backbone)
+                                  backbone=self.model.backbone, model_config=self.model.llava.config)
         if cfg.data.max_length <= process.num_image_tokens:
             log.warning("data.max_length=%d is not above the %d tokens one image takes: every sample with an image "
                         "will be skipped as too_long (LLaVA-1.5 wants about 2048)", cfg.data.max_length,
@@ -294,8 +294,10 @@ class Trainer:
         for name, held in self.heldout.items():
             values = {"loss": heldout_loss(self.engine, held.batches, self.info.device)}
             if held.metrics:
-                values |= heldout_scores(self.engine, held, self.answer_encoder, train.eval_max_new_tokens,
-                                         train.micro_batch_size, self.info.device)
+                scores, answers = heldout_scores(self.engine, held, self.answer_encoder, train.eval_max_new_tokens,
+                                                 train.micro_batch_size, self.info.device)
+                values |= scores
+                self.metrics.record({"event": "heldout_answers", "step": step, "domain": name, "answers": answers})
             scalars |= {f"eval/{metric}/{name}": value for metric, value in values.items()}
             shown.append(f"{name} " + " ".join(f"{metric} {value:.4f}" for metric, value in values.items()))
         self.metrics.write_scalars(step, scalars)
