@@ -257,7 +257,8 @@ def test_held_out_answers_under_zero3_are_launch_eval_pys(family_runs):
     val = runs["zero3"].parent / "val" / "val-000000.tar"
     assert len(answers) == 2 and ("v0", 0) in answers, f"{name}: held-out answers logged: {answers}"
     model = load_model(str(TINY_MODELS[name]), str(runs["zero3"] / "adapter"))
-    results = evaluate(model, load_processor(str(TINY_MODELS[name])), [EvalDomain("shapes", [str(val)])], batch_size=1,
+    processor = load_processor(str(TINY_MODELS[name]), adapter_dir=str(runs["zero3"] / "adapter"))
+    results = evaluate(model, processor, [EvalDomain("shapes", [str(val)])], batch_size=1,
                        max_new_tokens=NEW_TOKENS)
     expected = {(p["key"], p["turn"]): p["prediction"] for p in results["predictions"]}
     assert answers == expected, f"{name}: held-out answers {answers}, launch/eval.py's {expected}"

@@ -168,7 +168,8 @@ def test_held_out_answers_under_zero3_are_launch_eval_pys(qwen_runs, tmp_path):
     assert any(answers.values()), f"{family}: every held-out answer is empty: nothing was compared"
     val = next((runs["zero3"].parent / "val").glob("*.tar"))
     model = load_model(str(MODELS[family]), str(runs["zero3"] / "adapter"))
-    results = evaluate(model, load_processor(str(MODELS[family])), [EvalDomain("images", [str(val)])], batch_size=1,
+    processor = load_processor(str(MODELS[family]), adapter_dir=str(runs["zero3"] / "adapter"))
+    results = evaluate(model, processor, [EvalDomain("images", [str(val)])], batch_size=1,
                        max_new_tokens=NEW_TOKENS)
     expected = {(p["key"], p["turn"]): p["prediction"] for p in results["predictions"]}
     assert answers == expected, f"{family}: held-out answers {answers}, launch/eval.py's {expected}"
