@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import math
 import random
+from collections.abc import Callable
 
 import torch
 
@@ -37,20 +38,26 @@ def llava665k_lengths(n: int, rng: random.Random) -> list[tuple[int, bool]]:
     return samples
 
 
-def ragged_examples(n: int, seed: int, max_length: int, image_tokens: int, image_size: int, vocab: int,
+ImageMaker = Callable[[torch.Generator], tuple[torch.Tensor, "tuple[int, ...] | None"]]
+"""One sample's image inputs as the family's data path makes them: ``Example.pixel_values`` and ``image_size``."""
+
+
+def ragged_examples(n: int, seed: int, max_length: int, image_tokens: int, image: ImageMaker, vocab: int,
                     image_token_id: int) -> list[Example]:
     """``n`` examples: lengths from :func:`llava665k_lengths` scaled to ``max_length``, random tokens, the
-    image tokens first, loss on the text's second half (the answers)."""
+    ``image_tokens`` image tokens first (their pixels from ``image``), loss on the text's second half
+    (the answers)."""
     rng = random.Random(seed)
     gen = torch.Generator().manual_seed(seed)
     scale = max_length / FULL_BUDGET
     examples = []
-    for index, (text, image) in enumerate(llava665k_lengths(n, rng)):
-        text = max(4, min(int(text * scale), max_length - (image_tokens + 1 if image else 1)))
-        ids = [1] + [image_token_id] * (image_tokens if image else 0) + torch.randint(3, vocab - 2, (text,), generator=gen).tolist()
+    for index, (text, has_image) in enumerate(llava665k_lengths(n, rng)):
+        text = max(4, min(int(text * scale), max_length - (image_tokens + 1 if has_image else 1)))
+        ids = [1] + [image_token_id] * (image_tokens if has_image else 0) + torch.randint(3, vocab - 2, (text,), generator=gen).tolist()
         labels = [-100] * (len(ids) - text // 2) + ids[len(ids) - text // 2 :]
-        pixels = torch.randn(3, image_size, image_size, generator=gen) if image else None
-        examples.append(Example(input_ids=ids, labels=labels, pixel_values=pixels, key=str(index), domain=0, turns=[]))
+        pixels, size = image(gen) if has_image else (None, None)
+        examples.append(Example(input_ids=ids, labels=labels, pixel_values=pixels, key=str(index), domain=0, turns=[],
+                                image_size=size))
     return examples
 
 

@@ -36,6 +36,7 @@ from dataclasses import dataclass
 import torch
 
 from benchmarks import interleaved, machine, print_table, summarize, synchronize, write_json, write_profile
+from benchmarks.ragged import FULL_BUDGET, FULL_IMAGE_TOKENS
 from mole.choices import DType, Family, Packing, Routing, options
 from mole.config import DYNAMIC_RESOLUTION
 
@@ -57,7 +58,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--size", choices=list(PRESETS), default="mid")
     p.add_argument("--backbone", choices=options(Family), default="llava",
                    help="the family whose model is built at the preset's sizes (AnyRes families: one tile-size image)")
-    for key in ("layers", "seq", "batch", "hidden", "intermediate", "heads", "vision_layers"):
+    for key in ("layers", "seq", "batch", "hidden", "intermediate", "heads", "vision_layers", "image_size"):
         p.add_argument(f"--{key.replace('_', '-')}", type=int, help=f"override the preset's {key}")
     p.add_argument("--experts", type=int, default=3, help="K of the MoLE variant (the baseline has K=1)")
     p.add_argument("--routing", choices=options(Routing), default="scaled")
@@ -69,8 +70,10 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
                    "(elements); each engine allocates such buffers, so a small machine needs smaller ones")
     p.add_argument("--packing", nargs="+", choices=options(Packing),
                    help="time these data.packing modes instead (MoLE in each, LoRA packed) on ragged samples shaped "
-                        "like llava_v1_5_mix665k: --batch rows of --max-length tokens per micro-batch in every mode")
-    p.add_argument("--max-length", type=int, help="data.max_length with --packing (default: the preset's seq)")
+                        "like llava_v1_5_mix665k: --batch rows of --max-length tokens per micro-batch in every mode; "
+                        "unless given, the image size makes an image LLaVA-1.5's share of --max-length (576 of 2,048)")
+    p.add_argument("--max-length", type=int, help="data.max_length with --packing (default: 1,024 for mid, with "
+                   "4 rows and 2 layers unless --batch and --layers say otherwise; else the preset's seq)")
     p.add_argument("--packing-buffer", type=int, default=64, help="data.packing_buffer with --packing")
     p.add_argument("--repeats", type=int, default=10)
     p.add_argument("--warmup", type=int, default=2)
@@ -80,14 +83,34 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--local_rank", type=int, default=0, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
-    if args.packing and args.backbone != "llava":  # benchmarks/ragged.py writes LLaVA-1.5 samples
-        p.error(f"--packing measures the llava family's samples; --backbone {args.backbone} is not covered")
     shape = dict(PRESETS[args.size])
+    if args.packing:
+        shape |= PACKING_SHAPES.get(args.size, {})
     for key in shape:
         if getattr(args, key, None) is not None:
             shape[key] = getattr(args, key)
+    if args.packing:
+        args.max_length = args.max_length or shape.get("max_length", shape["seq"])
+        if args.image_size is None:
+            shape["image_size"] = image_size_for(round(FULL_IMAGE_TOKENS * args.max_length / FULL_BUDGET), shape,
+                                                 args.backbone)
     args.shape = shape
     return args
+
+
+PACKING_SHAPES = {"mid": dict(max_length=1024, layers=2, batch=4)}
+"""``--packing``'s defaults over the preset: 4 rows of 1,024 tokens, long enough for the mix's tail of
+long conversations (a sample of the mix runs to 2,048 tokens with 576 image tokens; here to 1,024 with
+289), with the layers 2 CPU cores run in minutes."""
+
+
+def image_size_for(tokens: int, shape: dict, family: str) -> int:
+    """The square image size (whole patches; an even number of them for Qwen-VL's 2x2 merge) whose
+    image tokens in ``family`` come closest to ``tokens``."""
+    step = 2 if family in DYNAMIC_RESOLUTION else 1
+    sides = range(step, 256, step)
+    side = min(sides, key=lambda n: abs(image_tokens({**shape, "image_size": n * shape["patch"]}, family) - tokens))
+    return side * shape["patch"]
 
 
 def _repo_root() -> str:
@@ -247,6 +270,22 @@ def make_batch(shape: dict, device: torch.device, dtype: torch.dtype, seed: int 
     elif family != "llava":
         out["image_sizes"] = torch.tensor([[shape["image_size"]] * 2] * batch, device=device)
     return out
+
+
+def sample_image(shape: dict, family: str):
+    """A function making one tile-size image's inputs for one sample as the family's data path does
+    (``Example.pixel_values``, ``image_size``): one (3, H, W) tile for LLaVA-1.5; the AnyRes grid's tile
+    and the whole image's, with the image size, for LLaVA-NeXT and OneVision; Qwen-VL's flattened
+    patches and their (1, h, w) grid. The same inputs as :func:`make_batch`'s, one sample at a time."""
+    size, side = shape["image_size"], shape["image_size"] // shape["patch"]
+
+    def make(gen: torch.Generator) -> tuple[torch.Tensor, tuple[int, ...] | None]:
+        if family in DYNAMIC_RESOLUTION:
+            return torch.randn(side * side, 3 * 2 * shape["patch"] ** 2, generator=gen), (1, side, side)
+        if family == "llava":
+            return torch.randn(3, size, size, generator=gen), None
+        return torch.randn(2, 3, size, size, generator=gen), (size, size)
+    return make
 
 
 def bench_spec(base_config, num_experts: int, routing: str, rank: int, train_projector: bool):
@@ -469,10 +508,11 @@ def _measure_packing(args: argparse.Namespace, info, engines: dict, dtype: torch
     from benchmarks.ragged import mode_batches, ragged_examples
     from mole.data.collate import to_device
 
-    shape, rounds = args.shape, args.warmup + args.repeats
-    max_length = args.max_length or shape["seq"]
+    shape, rounds, family = args.shape, args.warmup + args.repeats, args.backbone
+    max_length = args.max_length
     examples = ragged_examples(rounds * shape["batch"] * 8 + args.packing_buffer, info.rank, max_length,
-                               image_tokens(shape), shape["image_size"], shape["vocab"], shape["vocab"] - 1)
+                               image_tokens(shape, family), sample_image(shape, family), shape["vocab"],
+                               shape["vocab"] - 1)
     lora_mode = "packed" if "packed" in args.packing else args.packing[-1]
     runs = {f"mole/{mode}": ("mole", mode) for mode in args.packing} | {f"lora/{lora_mode}": ("lora", lora_mode)}
     batches = {mode: mode_batches(examples, mode, shape["batch"], max_length, args.packing_buffer, 0, rounds, info.rank)
@@ -504,8 +544,8 @@ def _measure_packing(args: argparse.Namespace, info, engines: dict, dtype: torch
     }
     result["setup"] = {
         "bench": "step --packing", "what": "forward + backward + AdamW step under ZeRO-3 per data.packing mode, "
-        "ragged samples shaped like llava_v1_5_mix665k (benchmarks/ragged.py)", "size": args.size, "shape": shape,
-        "image_tokens": image_tokens(shape), "max_length": max_length, "rows": shape["batch"],
+        "ragged samples shaped like llava_v1_5_mix665k (benchmarks/ragged.py)", "size": args.size, "backbone": family,
+        "shape": shape, "image_tokens": image_tokens(shape, family), "max_length": max_length, "rows": shape["batch"],
         "packing_buffer": args.packing_buffer, "experts": args.experts, "routing": args.routing, "rank": args.rank,
         "ranks": info.world_size, "dtype": args.dtype, "ds_config": os.path.basename(args.ds_config),
         "repeats": args.repeats, "warmup": args.warmup, "machine": machine(info.device),
@@ -520,5 +560,10 @@ def _measure_packing(args: argparse.Namespace, info, engines: dict, dtype: torch
     return result
 
 
-if __name__ == "__main__":
-    main(sys.argv[1:])
+if __name__ == "__main__":  # the ranks run this module under the DeepSpeed launcher
+    from mole.process_exit import exit_with
+
+    def _run_and_report() -> None:
+        main(sys.argv[1:])
+
+    exit_with(_run_and_report)

@@ -339,7 +339,7 @@ def _train_and_evaluate(train_config: str, spec: RunSpec, run_dir: str) -> dict:
 
     adapter = os.path.join(cfg.output_dir, "adapter")
     model = load_model(cfg.model.name_or_path, adapter, device="cpu", dtype="fp32")
-    processor = load_processor(cfg.model.name_or_path)
+    processor = load_processor(cfg.model.name_or_path, adapter_dir=adapter)
     root = os.path.dirname(os.path.dirname(cfg.data.domains[0].val_shards))
     domains = [expand_eval_shards(d, os.path.join(root, d, f"{spec.split}-*.tar")) for d in spec.eval_domains]
     suite = next(s for s in SUITES.values() if set(spec.domains) <= set(s.domains))

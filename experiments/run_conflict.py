@@ -117,4 +117,6 @@ def main(argv: list[str]) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main(sys.argv[1:]))
+    from mole.process_exit import exit_with  # the runs start a process group in this process
+
+    exit_with(lambda: main(sys.argv[1:]))

@@ -19,6 +19,7 @@ import sys
 
 from mole.choices import Metric, options
 from mole.cli import add_adapter_args, add_preparation_args
+from mole.process_exit import exit_with
 
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
@@ -101,7 +102,7 @@ def main(argv: list[str]) -> int:
             if args.device:
                 device = torch.device(args.device)
             model = load_model(base, args.adapter, device=device, dtype=args.dtype)
-            processor = load_processor(base)
+            processor = load_processor(base, adapter_dir=args.adapter)
             results = evaluate(
                 model, processor, domains,
                 batch_size=args.batch_size, max_new_tokens=args.max_new_tokens, max_samples=args.max_samples,
@@ -132,4 +133,4 @@ def main(argv: list[str]) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main(sys.argv[1:]))
+    exit_with(lambda: main(sys.argv[1:]))

@@ -107,14 +107,17 @@ def main(argv: list[str]) -> int:
         spec = None if args.base else read_adapter_spec(args.adapter)
         named_by = "--base" if args.base else f"base_model in {os.path.join(args.adapter, 'mole_config.json')}"
         base = resolve_base(args.base or spec.base_model, named_by, args.allow_remote_base)
-        processor = load_processor(base)
+        # with --base, the prompts are checked against its tokenizer before the adapter is read
+        processor = load_processor(base, adapter_dir=None if spec is None else args.adapter)
         for (where, _), prompt in zip(sourced, prompts):
             try:
                 refuse_special_tokens(prompt.turns, processor.tokenizer)
             except BadSample as err:  # training skips such samples: the model never saw one
                 label = where if args.jsonl else "--prompt"
                 raise ValueError(f"{label}: the prompt {err.detail.removeprefix('turn 0 ')}") from None
-        spec = spec or read_adapter_spec(args.adapter)
+        if spec is None:
+            spec = read_adapter_spec(args.adapter)
+            processor = load_processor(base, adapter_dir=args.adapter)  # images as the adapter's training prepared them
         domain = chosen_domain(spec, args.domain)
         image = spec.image.overridden(args.image_aspect, args.image_backend)
         device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")

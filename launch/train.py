@@ -6,6 +6,7 @@ import warnings
 
 from mole.config import ConfigError, parse_cli, usage
 from mole.ds_config import build_ds_config
+from mole.process_exit import exit_with
 from mole.train.signals import StopRequest
 
 
@@ -45,13 +46,11 @@ def main() -> int:
         print(f"error: {err}", file=sys.stderr)
         return 2
     finally:
-        # on every path, failed runs included: left to interpreter exit, gloo's teardown sometimes
-        # aborts the process ("terminate called without an active exception", exit -6), which turns
-        # a clean exit code into SIGABRT
+        # on every path, failed runs included: peers learn at once that this rank is gone
         if dist.is_initialized():
             dist.destroy_process_group()
     return 0
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    exit_with(main)

@@ -26,13 +26,28 @@ ImageAspect = Literal["pad", "crop"]
 ImageBackend = Literal["fast", "processor"]
 """Who turns an image into pixels: mole's tensor path (checked against the processor) or the processor."""
 
+ProcessorBackend = Literal["pil", "torchvision"]
+"""Which backend of transformers' image processor runs: its PIL/NumPy class (``...ImageProcessorPil``) or its
+torchvision-backed one (transformers' default when torchvision is importable)."""
+
 Packing = Literal["none", "grouped", "packed"]
 """How samples become micro-batches: one per row padded to the longest (none), batched by similar length
 (grouped), or several per row up to data.max_length tokens (packed); see mole/data/packing.py."""
 
+AttnImplementation = Literal["auto", "sdpa", "eager", "flash_attention_2"]
+"""The backbone's attention (transformers' ``attn_implementation``); auto is flash_attention_2 where flash-attn
+and a CUDA device are present, else sdpa."""
+
 Family = Literal["llava", "llava_next", "llava_onevision", "qwen2_5_vl", "qwen3_vl"]
 """Backbone family an adapter is built on, named as its base config's ``model_type``: which modules
 surgery finds and replaces."""
+
+DYNAMIC_RESOLUTION: tuple[Family, ...] = ("qwen2_5_vl", "qwen3_vl")
+"""Families whose image processor takes ``min_pixels`` / ``max_pixels`` (an image's pixel area bounds)."""
+ANYRES: tuple[Family, ...] = ("llava_next", "llava_onevision")
+"""Families that tile an image on the best of their ``image_grid_pinpoints`` resolutions (AnyRes)."""
+ANYRES_MAX: tuple[Family, ...] = ("llava_onevision",)
+"""Families whose features are downscaled beyond ``vision_aspect_ratio`` ``anyres_max_N`` tiles' worth."""
 
 Precision = Literal["auto", "fp32", "bf16", "fp16"]
 """Training compute precision; auto is bf16 on a GPU and fp32 on a CPU."""
@@ -56,7 +71,8 @@ ChartQA relaxed accuracy, DocVQA ANLS, VQAv2 accuracy over several references, P
 open-answer recall."""
 
 ResumeAcceptable = Literal["lora.alpha", "mole.routing", "model.name_or_path", "data.image_aspect", "data.image_backend",
-                           "data.domains"]
+                           "data.image_processor_backend", "data.min_pixels", "data.max_pixels",
+                           "data.image_grid_pinpoints", "data.vision_aspect_ratio", "data.domains"]
 """The run settings that change what an adapter's saved weights compute (:data:`mole.spec.Impact`
 ``computation``): a resumed run keeps the checkpoint's unless ``train.resume_accept`` names them."""
 

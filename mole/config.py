@@ -27,12 +27,11 @@ from typing import Annotated, Any
 import yaml
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError
 
-from mole.choices import (AuxLoss, Family, ImageAspect, ImageBackend, Metric, NonFinitePolicy, Optimizer, Packing,
-                          Precision, ResumeAcceptable, Routing, options)
+from mole.choices import (ANYRES, ANYRES_MAX, DYNAMIC_RESOLUTION, AttnImplementation, AuxLoss, Family, ImageAspect,
+                          ImageBackend, Metric, NonFinitePolicy, Optimizer, Packing, Precision, ProcessorBackend,
+                          ResumeAcceptable, Routing, options)
 
 RESUME_WORDS = ("auto", "never")
-DYNAMIC_RESOLUTION = ("qwen2_5_vl", "qwen3_vl")
-"""Families whose image processor takes ``data.min_pixels`` / ``data.max_pixels``."""
 BUNDLED_DOMAINS = ("shapes", "charts", "tissue")
 
 
@@ -52,6 +51,8 @@ _FLOAT_TEXT = re.compile(r"\s*[-+]?(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?\s*")
 Float = Annotated[float, BeforeValidator(lambda v: float(v) if isinstance(v, str) and _FLOAT_TEXT.fullmatch(v) else v)]
 Patterns = Annotated[str, Field(min_length=1)] | Annotated[list[str], Field(min_length=1)]
 """One shard pattern or a list of them, never empty."""
+Pinpoint = Annotated[list[Annotated[int, Field(ge=1)]], Field(min_length=2, max_length=2)]
+"""One AnyRes resolution, [height, width] in pixels."""
 
 
 class Section(BaseModel):
@@ -69,6 +70,9 @@ class Section(BaseModel):
 class ModelConfig(Section):
     name_or_path: str = "models/tiny-llava"
     """Local Hugging Face LLaVA directory (must hold config.json); Hub ids are not downloaded here."""
+    attn_implementation: AttnImplementation = "auto"
+    """Attention of the backbone: sdpa, eager or flash_attention_2 (needs flash-attn and a CUDA GPU;
+    packed rows then take its varlen path); auto: flash_attention_2 where it can run, else sdpa."""
 
 
 class MoleConfig(Section):
@@ -151,6 +155,20 @@ class DataConfig(Section):
     max_pixels: int | None = Field(None, ge=1)
     """Dynamic-resolution families (Qwen-VL) only: the most pixels an image is resized to, which caps its
     image tokens; none: the model directory's (the family's default)."""
+    image_grid_pinpoints: list[Pinpoint] | None = Field(None, min_length=1)
+    """AnyRes families (LLaVA-NeXT, LLaVA-OneVision) only: the [height, width] resolutions an image may be
+    tiled at (the image processor picks the best fit; multiples of the vision tower's image size, e.g.
+    [[336, 672], [672, 336], [672, 672]] for at most 2x2 tiles at 336 px); fewer and smaller ones mean
+    fewer tiles and image tokens. The model reads the same list to split the tiles back. none: the model
+    directory's (the family's default)."""
+    vision_aspect_ratio: str | None = None
+    """LLaVA-OneVision only: anyres_max_N, beyond N tiles' worth of features an image's features are
+    downscaled (which caps its image tokens near N+1 tiles' worth); none: the model directory's
+    (anyres_max_9 for the released checkpoints)."""
+    image_processor_backend: ProcessorBackend | None = None
+    """Which backend of transformers' image processor prepares the pixels: pil (its PIL/NumPy class) or
+    torchvision (needs torchvision installed); none: the family's choice (pil for Qwen-VL; for the LLaVA
+    families transformers', torchvision where importable). The adapter records which ran."""
     max_image_pixels: int = Field(64_000_000, ge=1)
     """Images declaring more pixels than this are skipped undecoded (decompression bombs); with
     image_aspect pad, the square an image is padded to counts."""
@@ -196,9 +214,10 @@ class TrainConfig(Section):
     existing checkpoint is then an error, to protect it); or a checkpoint directory path."""
     resume_accept: list[ResumeAcceptable] = Field(default_factory=list)
     """Settings a resumed run may change although they change what the checkpoint's weights compute
-    (lora.alpha, mole.routing, model.name_or_path, data.image_aspect, data.image_backend, and under
-    routing domain data.domains' names); any other
-    change of them is refused, naming it. Settings that shape the tensors can never change."""
+    (lora.alpha, mole.routing, model.name_or_path, data.image_aspect, data.image_backend,
+    data.image_processor_backend, data.min_pixels, data.max_pixels, data.image_grid_pinpoints,
+    data.vision_aspect_ratio, and under routing domain data.domains' names); any other change of them is
+    refused, naming it. Settings that shape the tensors can never change."""
     eval_every: int = Field(0, ge=0)
     """Held-out loss per domain (on each domain's val_shards) every N steps; 0 disables."""
     eval_batches: int = Field(8, ge=1)
@@ -328,6 +347,10 @@ def _config_error(error: ValidationError) -> ConfigError:
         close = difflib.get_close_matches(str(value), choices, n=1)
         problem = f"must be one of {', '.join(choices)}; got {value!r}"
         problem += f" (did you mean '{close[0]}'?)" if close else ""
+    elif kind == "too_short" and e.get("ctx", {}).get("min_length", 1) > 1:
+        problem = f"must hold {e['ctx']['min_length']} items, got {value!r}"
+    elif kind == "too_long":
+        problem = f"must hold at most {e['ctx']['max_length']} items, got {value!r}"
     elif kind in _PROBLEMS:
         problem = _PROBLEMS[kind].format(value=value, **e.get("ctx", {}))
     elif _type_error(kind):
@@ -559,13 +582,27 @@ def validate(cfg: Config) -> None:
              f"{path!r} holds a {model['model_type']!r} model; expected a LLaVA of a supported family "
              f"(model_type {', '.join(options(Family))}, e.g. llava-1.5-7b-hf)")
 
-    for name in ("min_pixels", "max_pixels"):
-        _require(getattr(cfg.data, name) is None or model["model_type"] in DYNAMIC_RESOLUTION, f"data.{name}",
-                 f"applies to dynamic-resolution families ({', '.join(DYNAMIC_RESOLUTION)}); "
+    for name, families, kind in (("min_pixels", DYNAMIC_RESOLUTION, "dynamic-resolution"),
+                                 ("max_pixels", DYNAMIC_RESOLUTION, "dynamic-resolution"),
+                                 ("image_grid_pinpoints", ANYRES, "AnyRes"),
+                                 ("vision_aspect_ratio", ANYRES_MAX, "AnyRes-max")):
+        _require(getattr(cfg.data, name) is None or model["model_type"] in families, f"data.{name}",
+                 f"applies to {kind} families ({', '.join(families)}); "
                  f"{path!r} holds a {model['model_type']!r} model")
-    _require(cfg.train.eval_max_new_tokens == 0 or model["model_type"] not in DYNAMIC_RESOLUTION,
-             "train.eval_max_new_tokens", f"held-out generation during training starts from input embeddings, which "
-             f"{model['model_type']!r} (M-RoPE) cannot take; set it to 0 and score with launch/eval.py")
+    if cfg.data.image_grid_pinpoints is not None:
+        side = (model.get("vision_config") or {}).get("image_size")
+        for i, (height, width) in enumerate(cfg.data.image_grid_pinpoints):
+            _require(not isinstance(side, int) or (height % side == 0 and width % side == 0),
+                     f"data.image_grid_pinpoints[{i}]", f"[{height}, {width}] is not a multiple of the vision tower's "
+                     f"image size {side} in both sides (each resolution is cut into whole tiles)")
+    ratio = cfg.data.vision_aspect_ratio
+    _require(ratio is None or re.fullmatch(r"anyres_max_[1-9][0-9]*", ratio) is not None, "data.vision_aspect_ratio",
+             f"must be anyres_max_N (N >= 1 tiles' worth of features), got {ratio!r}")
+    if cfg.data.image_processor_backend == "torchvision":
+        import importlib.util
+
+        _require(importlib.util.find_spec("torchvision") is not None, "data.image_processor_backend",
+                 "torchvision is not installed (pip install torchvision), or use pil")
     low, high = cfg.data.min_pixels, cfg.data.max_pixels
     _require(low is None or high is None or low <= high, "data.min_pixels", f"{low} exceeds data.max_pixels {high}")
 

@@ -40,7 +40,7 @@ from mole.data.conversation import IGNORE_INDEX
 from mole.data.examples import shard_examples
 from mole.data.sample import Example, SampleProcessor
 from mole.data.shards import expand_shards
-from mole.inference import (Prompt, PromptEncoder, generate_answers, model_image_settings, mole_layers,
+from mole.inference import (Prompt, PromptEncoder, check_processor, generate_answers, model_image_settings, mole_layers,
                             routes_by_domain, routing_context)
 from mole.routing_analysis import domain_expert_counts, domain_expert_shares, layer_nmi
 from mole.scoring import DEFAULT_METRICS, check_metrics, score
@@ -95,13 +95,16 @@ def evaluate(
     """Evaluate ``model`` (from :func:`mole.inference.load_model`) per domain; every rank gets the
     same reduced results dict (metrics per domain and overall, routing per layer, predictions). Images
     are prepared as the adapter's training prepared them unless ``image_aspect``/``image_backend`` say
-    otherwise. ``route``: for an adapter that routes by domain (required then, refused otherwise), the
-    adapter domain whose expert serves each evaluated domain, by name."""
+    otherwise; ``processor`` must prepare them with the adapter's recorded backend and limits
+    (:func:`mole.inference.load_processor` given the adapter), else a ``ValueError`` says so. ``route``:
+    for an adapter that routes by domain (required then, refused otherwise), the adapter domain whose
+    expert serves each evaluated domain, by name."""
+    check_processor(model, processor)
     experts = _route_experts(model, domains, route)
     image_aspect, image_backend = model_image_settings(model, image_aspect, image_backend)
     backbone = backbone_for(model.config)
     sample_processor = SampleProcessor(processor, max_length, image_aspect, image_backend=image_backend, keep_image=True,
-                                       backbone=backbone)
+                                       backbone=backbone, model_config=model.config)
     encoder = PromptEncoder(processor, image_aspect, image_backend, backbone=backbone)
     num_domains, num_layers = len(domains), len(mole_layers(model))
     num_experts = mole_layers(model)[0].num_experts if num_layers else 1

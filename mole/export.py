@@ -136,6 +136,7 @@ def export_merged(adapter_dir: str, out_dir: str, base_dir: str | None = None, a
     lora_config, peft_state = peft_state_and_config(state, spec)
     backbone = backbone_for(base_config)
     base = backbone.model_class.from_pretrained(base_dir, local_files_only=True)
+    backbone.configure(base.config, spec.image)  # the saved config.json tiles as training did
     model = get_peft_model(base, lora_config)
     loaded = set_peft_model_state_dict(model, peft_state)
     if loaded.unexpected_keys:
@@ -148,10 +149,11 @@ def export_merged(adapter_dir: str, out_dir: str, base_dir: str | None = None, a
 
 def save_processor(base_dir: str, spec: AdapterSpec, out_dir: str) -> None:
     """The base's processor as its family loads it (:meth:`~mole.backbones.base.Backbone.load_processor`)
-    into ``out_dir``, preparing images as the adapter's training did (for LLaVA-1.5, a padding image
-    processor for ``data.image_aspect: pad``)."""
+    into ``out_dir``, preparing images as the adapter's training did: its recorded backend and pixel or
+    tile limits (:class:`~mole.spec.ImageSpec`), and for LLaVA-1.5 a padding image processor for
+    ``data.image_aspect: pad``."""
     backbone = FAMILIES[spec.family]
-    processor = backbone.load_processor(base_dir)
+    processor = backbone.load_processor(base_dir, image=spec.image)
     if spec.image.aspect == "pad" and backbone.family == "llava":
         processor.image_processor = padding_image_processor(processor.image_processor)
     processor.save_pretrained(out_dir)
@@ -263,8 +265,10 @@ def checkpoint_adapter_spec(path: str) -> AdapterSpec:
 
     from mole.config import load_config
 
+    from mole.model import run_spec
+
     cfg = load_config(path, [])
-    return AdapterSpec.from_config(cfg, AutoConfig.from_pretrained(cfg.model.name_or_path))
+    return run_spec(cfg, AutoConfig.from_pretrained(cfg.model.name_or_path))[0]
 
 
 def _find_run_config(checkpoints_root: str) -> str:

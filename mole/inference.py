@@ -13,6 +13,7 @@ inference looks token for token like the questions the adapter was trained on.
 
 from __future__ import annotations
 
+import dataclasses
 import os
 from dataclasses import dataclass
 
@@ -54,14 +55,18 @@ def load_model(
     must hold exactly the float tensors surgery creates, with their shapes; then no value may be NaN or
     infinite. ``base_dir`` is a local directory unless ``allow_remote`` (a Hub id is then downloaded).
     Any problem raises :class:`mole.adapter.AdapterError` naming it. Every parameter is frozen; the
-    model's routing context is :func:`routing_context`.
+    model's routing context is :func:`routing_context`. The model's config reads the adapter's recorded
+    image limits where the model uses them (AnyRes's grid pinpoints, OneVision's ``vision_aspect_ratio``):
+    prepare its images with :func:`load_processor` given the adapter.
     """
     dtype = resolve_dtype(dtype)
     base_dir = resolve_base(base_dir, "base_dir", allow_remote)
     spec = read_adapter_spec(adapter_dir)
     base_config = check_base_fits(spec, base_dir, adapter_dir)
     state, spec = load_adapter(adapter_dir, base_config)
-    model = backbone_for(base_config).model_class.from_pretrained(base_dir, dtype=dtype, local_files_only=True)
+    backbone = backbone_for(base_config)
+    model = backbone.model_class.from_pretrained(base_dir, dtype=dtype, local_files_only=True)
+    backbone.configure(model.config, spec.image)  # e.g. AnyRes's grid pinpoints, as the processor's
     with torch.random.fork_rng(devices=[]):  # surgery initialises modules we overwrite; keep the caller's RNG
         apply_mole(model, spec)  # the model keeps the spec (model.mole_spec), e.g. how training prepared images
     _load_adapter_weights(model, state, adapter_dir, dtype)
@@ -238,6 +243,7 @@ def generate_answers(
                          "a domain applies to a domain-routed adapter only")
     if isinstance(domain, list) and len(domain) != len(prompts):
         raise ValueError(f"{len(domain)} domains for {len(prompts)} prompts")
+    check_processor(model, processor)
     backbone = backbone_for(model.config)
     encoder = encoder or PromptEncoder(processor, *model_image_settings(model, image_aspect, image_backend),
                                        backbone=backbone)
@@ -274,8 +280,32 @@ def decode_answers(tokenizer, new_tokens: torch.Tensor) -> list[str]:
     return [text.strip().rstrip("\ufffd") for text in tokenizer.batch_decode(new_tokens, skip_special_tokens=True)]
 
 
-def load_processor(base_dir: str, allow_remote: bool = False):
+def load_processor(base_dir: str, allow_remote: bool = False, adapter_dir: str | None = None):
     """The base's processor as its family loads it, from its local directory unless ``allow_remote``
-    (:func:`mole.adapter_check.resolve_base`)."""
+    (:func:`mole.adapter_check.resolve_base`). With ``adapter_dir``, images are prepared as that
+    adapter's training prepared them (its recorded image processor backend and pixel or tile limits,
+    :class:`mole.spec.ImageSpec`), not as the base directory says; a recorded backend that cannot be
+    built here (torchvision not installed) is an :class:`~mole.adapter.AdapterError` naming the adapter:
+    the PIL and torchvision classes resize with different code and are not shown equal for any family,
+    so one does not stand in for the other."""
     config = AutoConfig.from_pretrained(base_dir, local_files_only=not allow_remote)
-    return backbone_for(config).load_processor(base_dir, local_files_only=not allow_remote)
+    image = read_adapter_spec(adapter_dir).image if adapter_dir is not None else None
+    try:
+        return backbone_for(config).load_processor(base_dir, local_files_only=not allow_remote, image=image)
+    except ValueError as err:
+        raise AdapterError(f"adapter {adapter_dir!r}: {err}") from None
+
+
+def check_processor(model: nn.Module, processor) -> None:
+    """A one-line ``ValueError`` when ``processor`` would prepare images otherwise than the training of the
+    adapter ``model`` was loaded with (:func:`load_model`) recorded: another backend, other pixel or tile limits."""
+    spec = getattr(model, "mole_spec", None)
+    if spec is None:
+        return
+    backbone = backbone_for(model.config)
+    built = backbone.prepared_image(spec.image, processor)
+    for f in dataclasses.fields(ImageSpec):
+        recorded, used = getattr(spec.image, f.name), getattr(built, f.name)
+        if recorded is not None and recorded != used:
+            raise ValueError(f"the processor prepares images with {f.name} {used!r}, but the adapter was trained with "
+                             f"{recorded!r}: load it with mole.inference.load_processor(base, adapter_dir=...)")

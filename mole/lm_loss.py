@@ -9,7 +9,12 @@ Each micro-batch therefore returns ``sum of its answer-token losses / normaliser
 ``normaliser = global answer tokens / (grad_accum * world_size)``: DeepSpeed divides the loss by
 ``grad_accum`` and averages gradients over ranks, which this undoes, so the accumulated gradient is
 exactly the gradient of the global mean. The global count is one all-reduce before the window
-(:func:`window_normaliser`).
+(:func:`window_normaliser`). A micro-batch skipped for a non-finite loss (``train.on_nonfinite=skip``)
+is replaced on every rank and the window counted again with its replacement, so the micro-batches
+trained from then on are normalised by the tokens the window trains; those already backpropagated
+before the skip keep the first count (their gradients are accumulated inside DeepSpeed already), so
+the window's LM gradient is exact when the skipped micro-batch is its first, and off by the ratio of
+the two counts for the micro-batches before a later one.
 """
 
 from __future__ import annotations

@@ -76,7 +76,7 @@ class MoleLMM(lmms):
         base = resolve_base(base or spec.base_model, "base" if base else "the adapter's base_model", allow_remote)
         device = device or ("cuda" if torch.cuda.is_available() else "cpu")
         self.model = load_model(base, adapter, device=device, dtype=dtype, allow_remote=allow_remote)
-        self.processor = load_processor(base, allow_remote)
+        self.processor = load_processor(base, allow_remote, adapter_dir=adapter)
         image = spec.image.overridden(image_aspect, image_backend)
         self.encoder = PromptEncoder(self.processor, image.aspect, image.backend,
                                      backbone=backbone_for(self.model.config))

@@ -7,13 +7,15 @@ the same ``from_pretrained`` call loads the bundled tiny models and a real ``lla
 
 from __future__ import annotations
 
+import dataclasses
+
 import torch
 from torch import nn
 from transformers import AutoConfig
 
 from mole.backbones import Backbone, backbone_for
 from mole.balance import aux_loss
-from mole.config import Config
+from mole.config import Config, ConfigError
 from mole.lm_loss import answer_tokens, lm_loss_sum
 from mole.spec import AdapterSpec
 from mole.surgery import MoleSurgery, apply_mole
@@ -21,9 +23,25 @@ from mole.surgery import MoleSurgery, apply_mole
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
-def load_backbone(path: str, dtype: torch.dtype, ds_config: dict | None = None) -> nn.Module:
-    """The family's stock class ``from_pretrained``, with ZeRO-3 partitioning *during* the load when
-    ``ds_config`` is stage 3. A family mole does not describe is a one-line ``UnsupportedBackbone``.
+def attention_implementation(choice: str) -> str:
+    """What ``from_pretrained`` gets for ``model.attn_implementation``: ``auto`` is flash_attention_2 where
+    transformers finds flash-attn and a CUDA device, else sdpa; an explicit flash_attention_2 without
+    them is a one-line ``ConfigError`` (transformers' own error comes after the model's config is read,
+    and says nothing of the key)."""
+    from transformers.utils import is_flash_attn_2_available
+
+    if choice == "auto":
+        return "flash_attention_2" if is_flash_attn_2_available() else "sdpa"
+    if choice == "flash_attention_2" and not is_flash_attn_2_available():
+        raise ConfigError("model.attn_implementation: flash_attention_2 needs the flash-attn package (>= 2.3.3) and a "
+                          "CUDA GPU; use auto, sdpa or eager", "model.attn_implementation")
+    return choice
+
+
+def load_backbone(path: str, dtype: torch.dtype, ds_config: dict | None = None, attn_implementation: str = "sdpa") -> nn.Module:
+    """The family's stock class ``from_pretrained`` with ``attn_implementation`` (a resolved name, see
+    :func:`attention_implementation`), with ZeRO-3 partitioning *during* the load when ``ds_config``
+    is stage 3. A family mole does not describe is a one-line ``UnsupportedBackbone``.
 
     transformers partitions at load time while an ``HfDeepSpeedConfig`` object is alive, so a 7B
     model never sits whole in one rank's memory. The object must outlive ``from_pretrained``.
@@ -35,27 +53,40 @@ def load_backbone(path: str, dtype: torch.dtype, ds_config: dict | None = None) 
         from transformers.integrations import HfDeepSpeedConfig
 
         keep_alive = HfDeepSpeedConfig(ds_config)  # noqa: F841 (weakly referenced by transformers)
-    model = backbone.model_class.from_pretrained(path, dtype=dtype)
+    model = backbone.model_class.from_pretrained(path, dtype=dtype, attn_implementation=attn_implementation)
     del keep_alive
     return model
+
+
+def run_spec(cfg: Config, base_config):
+    """``(spec, processor)``: the adapter ``cfg`` trains on the base of ``base_config``, and the processor
+    its data go through. The spec records what that processor prepares images with (its backend, the
+    family's pixel or tile limits: the run's where it sets them, else the model directory's), so the
+    adapter carries them to inference whatever directory it later runs on."""
+    spec = AdapterSpec.from_config(cfg, base_config)
+    backbone = backbone_for(base_config)
+    processor = backbone.load_processor(cfg.model.name_or_path, local_files_only=False, image=spec.image)
+    return dataclasses.replace(spec, image=backbone.prepared_image(spec.image, processor)), processor
 
 
 def build_mole_model(cfg: Config, dtype: torch.dtype, ds_config: dict | None = None):
     """Backbone + MoLE surgery from the config; returns (model, surgery, processor).
 
-    The new modules are initialised from ``train.seed`` right before surgery, so they are the same
-    on every rank and under every ZeRO stage (loading consumes random numbers differently).
+    The model's config gets the image limits the model itself reads (AnyRes's grid pinpoints) from
+    the processor's (:func:`run_spec`). The new modules are initialised from ``train.seed`` right
+    before surgery, so they are the same on every rank and under every ZeRO stage (loading consumes
+    random numbers differently).
     """
-    model = load_backbone(cfg.model.name_or_path, dtype, ds_config)
+    model = load_backbone(cfg.model.name_or_path, dtype, ds_config, attention_implementation(cfg.model.attn_implementation))
     model.config.use_cache = False
+    spec, processor = run_spec(cfg, model.config)
+    backbone_for(model.config).configure(model.config, spec.image)
     torch.manual_seed(cfg.train.seed)
-    surgery = apply_mole(model, AdapterSpec.from_config(cfg, model.config))
+    surgery = apply_mole(model, spec)
     for module in model.modules():  # new modules are created in fp32; match the backbone
         for param in module.parameters(recurse=False):
             if param.requires_grad and param.dtype != dtype:
                 param.data = param.data.to(dtype)
-    limits = {name: getattr(cfg.data, name) for name in ("min_pixels", "max_pixels") if getattr(cfg.data, name)}
-    processor = backbone_for(model.config).load_processor(cfg.model.name_or_path, local_files_only=False, **limits)
     return model, surgery, processor
 
 
@@ -106,12 +137,13 @@ class TrainingModel(nn.Module):
         aux = aux.to(lm.device)
         return {"loss": lm + self.aux_weight * aux, "lm_loss": lm.detach(), "aux_loss": aux.detach()}
 
-    def embed(self, input_ids: torch.Tensor, pixel_values: torch.Tensor | None = None,
-              image_sizes: torch.Tensor | None = None) -> torch.Tensor:
-        """(batch, seq, hidden) input embeddings with the image features in the image-token positions
-        (:meth:`~mole.backbones.base.Backbone.embed`); the vision path runs even without an image.
-        Held-out generation starts from these, so every rank gathers the same parameters there as well."""
-        return self.backbone.embed(self.llava, input_ids, self.images(pixel_values, image_sizes))
+    def prefill_inputs(self, input_ids: torch.Tensor, pixel_values: torch.Tensor | None = None,
+                       image_sizes: torch.Tensor | None = None) -> dict:
+        """What ``generate`` starts from so that the vision path runs even without an image
+        (:meth:`~mole.backbones.base.Backbone.prefill_inputs`: the embeddings, or for an M-RoPE family the
+        token ids with the encoded images). Held-out generation starts from these, so every rank gathers
+        the same parameters there as well."""
+        return self.backbone.prefill_inputs(self.llava, input_ids, self.images(pixel_values, image_sizes))
 
     @staticmethod
     def images(pixel_values: torch.Tensor | None, image_sizes: torch.Tensor | None):

@@ -15,15 +15,24 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import re
 from dataclasses import dataclass, field
 from functools import reduce
 from typing import Any, Literal
 
-from mole.choices import AuxLoss, Family, ImageAspect, ImageBackend, Routing, options
+from mole.choices import (ANYRES, ANYRES_MAX, DYNAMIC_RESOLUTION, AuxLoss, Family, ImageAspect, ImageBackend,
+                          ProcessorBackend, Routing, options)
 
 FORMAT_VERSION = 3
-"""The ``mole_config.json`` version written. 2 added ``family``, 3 ``domains`` (routing ``domain``); files of
-versions 1 and 2 are still read (they name no domains: no earlier mole routed by domain)."""
+"""The ``mole_config.json`` version written. 2 added ``family``; 3 the image processor's backend and the
+family's pixel and tile limits (``image_processor_backend``, ``min_pixels``, ``max_pixels``,
+``image_grid_pinpoints``, ``vision_aspect_ratio``), and ``domains`` (routing ``domain``). Versions 1 and
+2 are still read: their adapters took the model directory's limits and whichever backend transformers
+chose, which is what an unrecorded (``null``) value still means, and name no domains (no earlier mole
+routed by domain)."""
+
+ANYRES_MAX_PATTERN = re.compile(r"anyres_max_[1-9][0-9]*")
+"""``vision_aspect_ratio`` as LLaVA-OneVision's model reads it: ``anyres_max_N``, N tiles' worth of features at most."""
 
 Impact = Literal["shape", "computation", "training"]
 """What a changed field changes. shape: the adapter's tensors (names or sizes), so weights of one
@@ -48,18 +57,55 @@ def _meta(impact: Impact, config_key: str | None = None, *, unordered: bool = Fa
 class ImageSpec:
     """How training turned images into pixels; inference must do the same to show the model what it
     learned on. The two backends differ by up to 2 uint8 levels per pixel; a crop instead of a pad shows
-    the model other pixels altogether."""
+    the model other pixels altogether; other pixel or tile limits show it another resolution and
+    another number of image tokens.
+
+    A trained adapter records what its training's image processor held (the family's limits resolved
+    from the model directory where the run left them unset), so inference does not depend on the
+    directory it runs on. ``None`` is "not recorded": the model directory's value (a limit of another
+    family, or an adapter of format version 1 or 2), and for the processor backend transformers'
+    choice (torchvision where importable)."""
 
     aspect: ImageAspect = field(default="pad", metadata=_meta("computation", "data.image_aspect"))
     backend: ImageBackend = field(default="fast", metadata=_meta("computation", "data.image_backend"))
+    processor_backend: ProcessorBackend | None = field(default=None,
+                                                       metadata=_meta("computation", "data.image_processor_backend"))
+    """Which of transformers' image processor classes ran: ``pil`` (``...ImageProcessorPil``) or ``torchvision``."""
+    min_pixels: int | None = field(default=None, metadata=_meta("computation", "data.min_pixels"))
+    """Dynamic-resolution families: the fewest pixels an image is resized to."""
+    max_pixels: int | None = field(default=None, metadata=_meta("computation", "data.max_pixels"))
+    """Dynamic-resolution families: the most pixels an image is resized to."""
+    image_grid_pinpoints: tuple[tuple[int, int], ...] | None = field(
+        default=None, metadata=_meta("computation", "data.image_grid_pinpoints"))
+    """AnyRes families: the (height, width) resolutions an image is tiled at (the best fitting one)."""
+    vision_aspect_ratio: str | None = field(default=None, metadata=_meta("computation", "data.vision_aspect_ratio"))
+    """LLaVA-OneVision: ``anyres_max_N``, beyond N tiles' worth the features are downscaled."""
 
     def __post_init__(self) -> None:
         _choice(self.aspect, ImageAspect, "image_aspect")
         _choice(self.backend, ImageBackend, "image_backend")
+        if self.processor_backend is not None:
+            _choice(self.processor_backend, ProcessorBackend, "image_processor_backend")
+        for name in ("min_pixels", "max_pixels"):
+            value = getattr(self, name)
+            _require(value is None or (_is_int(value) and value >= 1), name,
+                     f"must be an integer >= 1 or null, got {value!r}")
+        low, high = self.min_pixels, self.max_pixels
+        _require(low is None or high is None or low <= high, "min_pixels", f"{low} exceeds max_pixels {high}")
+        if self.image_grid_pinpoints is not None:
+            points = self.image_grid_pinpoints
+            ok = isinstance(points, (list, tuple)) and len(points) > 0 and all(
+                isinstance(p, (list, tuple)) and len(p) == 2 and all(_is_int(v) and v >= 1 for v in p) for p in points)
+            _require(ok, "image_grid_pinpoints",
+                     f"must be a non-empty list of [height, width] integer pairs >= 1, got {points!r}")
+            object.__setattr__(self, "image_grid_pinpoints", tuple(tuple(p) for p in points))
+        ratio = self.vision_aspect_ratio
+        _require(ratio is None or (isinstance(ratio, str) and ANYRES_MAX_PATTERN.fullmatch(ratio) is not None),
+                 "vision_aspect_ratio", f"must be anyres_max_N (N >= 1 tiles) or null, got {ratio!r}")
 
     def overridden(self, aspect: ImageAspect | None = None, backend: ImageBackend | None = None) -> ImageSpec:
         """This preparation with the caller's explicit choices where given."""
-        return ImageSpec(aspect or self.aspect, backend or self.backend)
+        return dataclasses.replace(self, aspect=aspect or self.aspect, backend=backend or self.backend)
 
 
 BASE_FIELDS = ("family", "hidden_size", "num_hidden_layers")
@@ -140,6 +186,10 @@ class AdapterSpec:
                      f"routing domain needs one domain name per expert ({self.num_experts}), got {list(self.domains)}")
         else:
             _require(not self.domains, "domains", f"names domains, but routing {self.routing} does not route by domain")
+        for name, families in (("min_pixels", DYNAMIC_RESOLUTION), ("max_pixels", DYNAMIC_RESOLUTION),
+                               ("image_grid_pinpoints", ANYRES), ("vision_aspect_ratio", ANYRES_MAX)):
+            _require(getattr(self.image, name) is None or self.family in families, name,
+                     f"applies to the {', '.join(families)} families, not {self.family!r}")
 
     # ------------------------------------------------------------------------------ building
 
@@ -210,7 +260,11 @@ class AdapterSpec:
         for f in dataclasses.fields(self):
             value = getattr(self, f.name)
             if f.name == "image":
-                out.update(image_aspect=value.aspect, image_backend=value.backend)
+                out.update(image_aspect=value.aspect, image_backend=value.backend,
+                           image_processor_backend=value.processor_backend, min_pixels=value.min_pixels,
+                           max_pixels=value.max_pixels, vision_aspect_ratio=value.vision_aspect_ratio,
+                           image_grid_pinpoints=None if value.image_grid_pinpoints is None
+                           else [list(p) for p in value.image_grid_pinpoints])
             else:
                 out[f.name] = list(value) if isinstance(value, tuple) else value
         return out
@@ -239,7 +293,8 @@ class AdapterSpec:
             raise SpecError(f"unknown keys {unknown} for format_version {version}", unknown[0])
         values = {**optional, **raw}
         values.pop("format_version")
-        image = ImageSpec(values.pop("image_aspect"), values.pop("image_backend"))
+        image = ImageSpec(values.pop("image_aspect"), values.pop("image_backend"),
+                          **{name: values.pop(key) for name, key in _IMAGE_KEYS.items()})
         return cls(**values, image=image)
 
     @classmethod
@@ -278,13 +333,20 @@ def config_key(name: str) -> str | None:
 
 _UNSET: Any = object()
 
+_IMAGE_KEYS = {"processor_backend": "image_processor_backend", "min_pixels": "min_pixels", "max_pixels": "max_pixels",
+               "image_grid_pinpoints": "image_grid_pinpoints", "vision_aspect_ratio": "vision_aspect_ratio"}
+"""The :class:`ImageSpec` fields version 3 added, by their ``mole_config.json`` key."""
 _V1_REQUIRED = ("format_version", "hidden_size", "num_hidden_layers", "num_experts", "routing", "r", "alpha",
                 "dropout", "attn_targets", "mlp_targets", "train_projector")
+# versions 1 and 2 recorded no image processor backend or limits: their adapters took the model directory's (null)
+_V2_DEFAULTS = {key: None for key in _IMAGE_KEYS.values()}
 # version 1 did not require what it always wrote (base_model, aux_loss); its first files lack the image record
-_V1_DEFAULTS = {"base_model": None, "family": "llava", "aux_loss": "switch", "image_aspect": "pad", "image_backend": "fast"}
+_V1_DEFAULTS = {"base_model": None, "family": "llava", "aux_loss": "switch", "image_aspect": "pad",
+                "image_backend": "fast", **_V2_DEFAULTS}
 _V2_REQUIRED = (*_V1_REQUIRED, "base_model", "family", "aux_loss", "image_aspect", "image_backend")
-_V3_REQUIRED = (*_V2_REQUIRED, "domains")
-_KEYS = {1: (_V1_REQUIRED, {**_V1_DEFAULTS, "domains": ()}), 2: (_V2_REQUIRED, {"domains": ()}), 3: (_V3_REQUIRED, {})}
+_V3_REQUIRED = (*_V2_REQUIRED, *_IMAGE_KEYS.values(), "domains")
+_KEYS = {1: (_V1_REQUIRED, {**_V1_DEFAULTS, "domains": ()}), 2: (_V2_REQUIRED, {**_V2_DEFAULTS, "domains": ()}),
+         3: (_V3_REQUIRED, {})}
 """Per readable format version: the keys a file must hold, and defaults for those it may leave out."""
 
 

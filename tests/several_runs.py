@@ -13,6 +13,7 @@ import sys
 import torch.distributed as dist
 
 from mole.config import parse_cli
+from mole.process_exit import exit_with
 from mole.train.loop import run
 
 
@@ -26,4 +27,4 @@ def main(argv: list[str]) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main(sys.argv[1:]))
+    exit_with(lambda: main(sys.argv[1:]))

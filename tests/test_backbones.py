@@ -22,7 +22,8 @@ from mole.spec import AdapterSpec
 from mole.surgery import apply_mole
 from tests.helpers import SHORT_RUN_STEPS as STEPS
 from tests.helpers import (REPO, TINY_CONFIG, launch_module, launch_trainings_together,  # noqa: F401
-                           noise_png, one_thread_for_the_module, read_rank_log, step_records, text_sample, write_shard)
+                           noise_png, one_thread_for_the_module, read_rank_log, read_shard_samples, step_records,
+                           text_sample, write_shard)
 
 TINY_MODELS = {family: REPO / "models" / f"tiny-{family.replace('_', '-')}" for family in ("llava", "llava_next",
                                                                                           "llava_onevision")}
@@ -106,9 +107,9 @@ def test_training_forward_with_zero_adapters_equals_the_stock_model(family, kind
 
 
 def test_held_out_generation_from_the_familys_embeddings_is_the_stock_models(family):
-    """Held-out answers during training start ``generate`` from :meth:`TrainingModel.embed` (the vision
-    path run on every rank): on a padded batch of images of different tile counts and a text-only
-    question, the tokens the stock model generates from its own inputs."""
+    """Held-out answers during training start ``generate`` from :meth:`TrainingModel.prefill_inputs`, the
+    embeddings (the vision path run on every rank): on a padded batch of images of different tile counts
+    and a text-only question, the tokens the stock model generates from its own inputs."""
     name, model, processor, stock = family
     prompts = [Prompt(question_turns("What color is it?", True), Image.open(io.BytesIO(noise_png(size, seed))))
                for seed, size in enumerate([(64, 48), (40, 90)])] + [Prompt(question_turns("How many sides?", False))]
@@ -119,8 +120,9 @@ def test_held_out_generation_from_the_familys_embeddings_is_the_stock_models(fam
     settings = {"max_new_tokens": 4, "do_sample": False, "use_cache": True, "pad_token_id": processor.tokenizer.pad_token_id}
     with torch.no_grad():
         expected = stock.generate(**inputs, **settings)[:, batch["input_ids"].shape[1]:]
-        embeds = model.embed(batch["input_ids"], batch["pixel_values"], batch["image_sizes"])
-        got = model.llava.generate(inputs_embeds=embeds, attention_mask=batch["attention_mask"], **settings)
+        start = model.prefill_inputs(batch["input_ids"], batch["pixel_values"], batch["image_sizes"])
+        assert set(start) == {"inputs_embeds"}, f"{name}: {sorted(start)}"
+        got = model.llava.generate(**start, attention_mask=batch["attention_mask"], **settings)
     assert torch.equal(got, expected), f"{name}: generation from mole's embeddings differs:\n{got}\n{expected}"
 
 
@@ -181,13 +183,21 @@ def test_surgery_on_the_real_7b_shapes_adapts_every_layer_and_trains_what_the_si
 # ------------------------------------------------------------------------- 2-rank training per family
 
 TRAINED_FAMILIES = ["llava_next", "llava_onevision"]  # LLaVA-1.5's own runs are tests/test_train_distributed.py's
+TILING = {"llava_next": ["data.image_grid_pinpoints=[[56,56],[28,56]]"],
+          "llava_onevision": ["data.image_grid_pinpoints=[[56,56],[28,56]]", "data.vision_aspect_ratio=anyres_max_2"]}
+"""Limits other than the tiny models' own (which add [56, 28] and, for OneVision, anyres_max_1): 2x2 tiles
+still, but a tall image is tiled otherwise, so serving must take the adapter's record."""
+NEW_TOKENS = 3
 
 
 @pytest.fixture(scope="module", params=TRAINED_FAMILIES)
 def family_runs(request, tmp_path_factory):
     """The same data and seed under ZeRO-3 (every tensor partitioned) and ZeRO-2, with SGD and one
     sample per micro-batch on a shapes domain and a text-only domain: the ranks see text-only and
-    image batches at different steps."""
+    image batches at different steps. The tile limits are the run's own (:data:`TILING`). The ZeRO-3 run
+    also answers the shapes domain's held-out questions at its last step, a text-only one on rank 0 and
+    one with an image on rank 1 (``val``). (The run that fails without ``image_newline`` gathered for
+    generation is tests/test_heldout_metrics.py's.)"""
     name = request.param
     root = tmp_path_factory.mktemp(f"runs_{name}")
     text_shard = write_shard(root / "text" / "train-000000.tar",
@@ -196,10 +206,15 @@ def family_runs(request, tmp_path_factory):
                f' {{name: text, shards: "{text_shard}"}}]')
     common = [f"model.name_or_path={TINY_MODELS[name]}", f"train.max_steps={STEPS}", "train.optimizer=sgd",
               "train.lr=0.05", "train.projector_lr=0.05", "train.micro_batch_size=1", "lora.dropout=0.0",
-              "train.warmup_steps=0", "train.eval_every=0", "train.log_routing_every=0", "train.save_every=4", domains]
+              "train.warmup_steps=0", "train.eval_every=0", "train.log_routing_every=0", "train.save_every=4", domains,
+              *TILING[name]]
+    val = write_shard(root / "val" / "val-000000.tar", [text_sample("v0", "How many sides has a square?", "4 sides"),
+                                                         *read_shard_samples(REPO / "data_shards" / "shapes" / "val-000000.tar", 1)])
+    heldout = [domains.replace('.tar"}, ', f'.tar", val_shards: "{val}"}}, ', 1), f"train.eval_every={STEPS}", "train.eval_batches=1",
+               f"train.eval_max_new_tokens={NEW_TOKENS}"]
     zero3 = f"train.ds_config={REPO / 'ds_configs' / 'zero3_partition_all.json'}"
     runs = {stage: root / stage for stage in ("zero3", "zero2", "resumed")}
-    launch_trainings_together({runs["zero3"]: [zero3, *common],
+    launch_trainings_together({runs["zero3"]: [zero3, *common, *heldout],
                                runs["zero2"]: [f"train.ds_config={REPO / 'ds_configs' / 'zero2.json'}", *common]})
     launch_trainings_together({runs["resumed"]: [zero3, *common, f"train.resume={runs['zero3']}/checkpoints/step_4"]})
     return name, runs
@@ -224,6 +239,29 @@ def test_family_trains_under_zero3_as_under_zero2_with_text_only_batches_beside_
         moved += "lora_B" in key and w3[key].abs().sum() > 0
     assert moved > 0, "training did not move the LoRA B matrices: nothing was compared"
     assert json.loads((z3 / "adapter" / "mole_config.json").read_text())["family"] == name
+
+
+@pytest.mark.distributed
+def test_held_out_answers_under_zero3_are_launch_eval_pys(family_runs):
+    """Generation during training (ranks in step, one with a text-only question and one with an image,
+    ``image_newline`` gathered around the embedding) answers as :func:`mole.evaluate.evaluate`, the path of
+    ``launch/eval.py``, answers with the saved adapter on the same questions."""
+    from mole.evaluate import EvalDomain, evaluate
+    from mole.inference import load_model, load_processor
+
+    name, runs = family_runs
+    logged = [json.loads(line) for line in (runs["zero3"] / "metrics.jsonl").read_text().splitlines()]
+    assert any("eval/normalized_match/shapes" in line for line in logged), f"{name}: no held-out metric logged"
+    answers = {(a["key"], a["turn"]): a["prediction"] for rank in (0, 1) for record in read_rank_log(runs["zero3"], rank)
+               if record.get("event") == "heldout_answers" for a in record["answers"]}
+    val = runs["zero3"].parent / "val" / "val-000000.tar"
+    assert len(answers) == 2 and ("v0", 0) in answers, f"{name}: held-out answers logged: {answers}"
+    model = load_model(str(TINY_MODELS[name]), str(runs["zero3"] / "adapter"))
+    processor = load_processor(str(TINY_MODELS[name]), adapter_dir=str(runs["zero3"] / "adapter"))
+    results = evaluate(model, processor, [EvalDomain("shapes", [str(val)])], batch_size=1,
+                       max_new_tokens=NEW_TOKENS)
+    expected = {(p["key"], p["turn"]): p["prediction"] for p in results["predictions"]}
+    assert answers == expected, f"{name}: held-out answers {answers}, launch/eval.py's {expected}"
 
 
 @pytest.mark.distributed
@@ -258,16 +296,26 @@ def test_trained_family_adapter_evaluates_per_domain_with_the_eval_cli(family_ru
 
 @pytest.mark.distributed
 def test_trained_family_adapter_loads_and_answers_with_images_prepared_as_in_training(family_runs):
-    from mole.inference import Prompt, generate_answers, load_model, load_processor
+    from mole.inference import Prompt, PromptEncoder, generate_answers, load_model, load_processor
     from mole.data.conversation import Turn
 
     name, runs = family_runs
-    model = load_model(str(TINY_MODELS[name]), str(runs["zero3"] / "adapter"))
+    adapter = str(runs["zero3"] / "adapter")
+    model = load_model(str(TINY_MODELS[name]), adapter)
     assert type(model).__name__ == backbone_for(model.config).model_class_name
-    processor = load_processor(str(TINY_MODELS[name]))
+    image = model.mole_spec.image
+    assert image.image_grid_pinpoints == ((56, 56), (28, 56)) and model.config.image_grid_pinpoints == [[56, 56], [28, 56]], \
+        f"{name}: the adapter records {image}, the model tiles by {model.config.image_grid_pinpoints}"
+    assert name != "llava_onevision" or model.config.vision_aspect_ratio == image.vision_aspect_ratio == "anyres_max_2"
+    processor, directory = load_processor(str(TINY_MODELS[name]), adapter_dir=adapter), load_processor(str(TINY_MODELS[name]))
     images = [Image.open(io.BytesIO(noise_png(size, seed))) for seed, size in enumerate([(64, 48), (30, 90)])]
+    tall = [PromptEncoder(p, "crop", backbone=backbone_for(model.config)).pixels(images[1]).shape[0]
+            for p in (processor, directory)]
+    assert tall == [5, 3], f"{name}: a 30x90 image's tiles by the adapter's pinpoints ([56, 56]) and the directory's: {tall}"
     prompts = [Prompt([Turn("user", "<image>\nWhat shape is it?")], image) for image in images]
     prompts.append(Prompt([Turn("user", "How many sides has a square?")]))
+    with pytest.raises(ValueError, match="the processor prepares images with image_grid_pinpoints"):
+        generate_answers(model, directory, prompts, max_new_tokens=1)
     answers = generate_answers(model, processor, prompts, max_new_tokens=4, batch_size=3)
     assert len(answers) == 3 and all(isinstance(answer, str) for answer in answers), answers
 

@@ -10,6 +10,7 @@ import subprocess
 import time
 from pathlib import Path
 
+import psutil
 import pytest
 import torch
 
@@ -134,7 +135,8 @@ def test_generate_bench_decodes_the_requested_tokens(tmp_path):
 
 
 def run_step_bench(tmp_path, *extra: str, watch: set | None = None) -> dict:
-    """The step bench in its own process; ``watch`` collects the DeepSpeed buffers seen in /dev/shm meanwhile."""
+    """The step bench in its own process; ``watch`` collects the DeepSpeed buffers of its ranks seen in
+    /dev/shm meanwhile (named by their master port: other runs on the machine have buffers too)."""
     out = tmp_path / "step.json"
     cmd = [python(), "-m", "benchmarks", "step", "--size", "tiny", "--rank", "4",
            "--repeats", "1", "--warmup", "1", "--json", str(out), *extra]
@@ -142,16 +144,30 @@ def run_step_bench(tmp_path, *extra: str, watch: set | None = None) -> dict:
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO), env.get("PYTHONPATH")]))
     proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                             start_new_session=True)
-    deadline = time.monotonic() + 240
+    deadline, ports = time.monotonic() + 240, set()
     while proc.poll() is None and time.monotonic() < deadline:
         if watch is not None:
-            watch.update(Path("/dev/shm").glob("deepspeed_allreduce_buffer_*"))
+            ports |= master_ports(proc.pid)
+            watch.update(path for port in ports for path in Path("/dev/shm").glob(f"deepspeed_allreduce_buffer_*_{port}_*"))
         time.sleep(0.05)
     if proc.poll() is None:
         os.killpg(proc.pid, signal.SIGKILL)
     output = proc.communicate()[0]
     assert proc.returncode == 0, f"{' '.join(cmd)}\n{output[-6000:]}"
     return json.loads(out.read_text())
+
+
+def master_ports(pid: int) -> set[str]:
+    """The ``--master_port`` of the DeepSpeed launchers under process ``pid``."""
+    ports = set()
+    try:
+        for child in psutil.Process(pid).children(recursive=True):
+            args = child.cmdline()
+            ports |= {args[i + 1] for i, arg in enumerate(args[:-1]) if arg == "--master_port"}
+            ports |= {arg.split("=", 1)[1] for arg in args if arg.startswith("--master_port=")}
+    except psutil.Error:  # a process that ended between listing and reading
+        pass
+    return ports
 
 
 @pytest.mark.slow
@@ -181,7 +197,7 @@ def test_ragged_llava665k_samples_pad_a_fifth_of_padded_batches_and_under_5_perc
     2,048-token rows, 4 rows per micro-batch; real tokens per step packed >= 2x padded."""
     from benchmarks.ragged import mode_batches, ragged_examples
 
-    examples = ragged_examples(400, 0, 2048, 576, 2, 32000, 31999)
+    examples = ragged_examples(400, 0, 2048, 576, lambda gen: (torch.randn(3, 2, 2, generator=gen), None), 32000, 31999)
     assert 0.03 < sum(e.pixel_values is None for e in examples) / 400 < 0.1, "about 6 % text-only samples"
     stats = {}
     for mode in ("none", "grouped", "packed"):
@@ -193,14 +209,29 @@ def test_ragged_llava665k_samples_pad_a_fifth_of_padded_batches_and_under_5_perc
     assert stats["packed"][1] < 0.05 and stats["packed"][0] > 2 * stats["none"][0], stats
 
 
+@pytest.mark.slow
+@pytest.mark.parametrize("family", ["llava_next", "qwen2_5_vl"])
+def test_step_bench_packing_runs_a_family_on_its_own_images(tmp_path, family):
+    """``--packing`` builds the family's ragged samples (its image inputs, AnyRes tiles with their sizes
+    or Qwen-VL's patches with their grid, and its image-token count, the image sized to LLaVA-1.5's
+    share of the row) and times the modes on them. OneVision and Qwen3-VL share these layouts."""
+    result = run_step_bench(tmp_path, "--ranks", "1", "--batch", "2", "--backbone", family, "--packing", "none", "packed")
+    setup, packing = result["setup"], result["packing"]
+    assert setup["backbone"] == family and setup["max_length"] == 32
+    assert setup["image_tokens"] == {"llava_next": 10, "qwen2_5_vl": 9}[family], setup
+    assert set(packing) == {"mole/none", "mole/packed", "lora/packed"}
+    assert all(p["real_tokens_per_s"] > 0 for p in packing.values()), packing
+    assert packing["mole/packed"]["real_tokens_per_step"] > packing["mole/none"]["real_tokens_per_step"], packing
+
+
 @pytest.mark.distributed
 def test_step_bench_launches_two_ranks_and_leaves_no_shared_memory(tmp_path):
-    before, seen = set(Path("/dev/shm").glob("deepspeed_allreduce_buffer_*")), set()
+    seen = set()
     result = run_step_bench(tmp_path, "--ranks", "2", watch=seen)
     assert result["setup"]["ranks"] == 2 and result["ratios"]["lora"] == 1.0
-    assert seen - before, "DeepSpeed's buffers never appeared: the check below would pass vacuously"
-    left = set(Path("/dev/shm").glob("deepspeed_allreduce_buffer_*")) - before
-    assert not left, f"the ranks left DeepSpeed's buffers in RAM: {sorted(p.name for p in left)}"
+    assert seen, "the ranks' DeepSpeed buffers never appeared: the check below would pass vacuously"
+    left = [path.name for path in seen if path.exists()]
+    assert not left, f"the ranks left DeepSpeed's buffers in RAM: {sorted(left)}"
 
 
 @pytest.mark.slow

@@ -12,6 +12,7 @@ import zlib
 from collections import Counter
 
 import pytest
+import torch
 from PIL import Image
 from transformers import AutoProcessor
 
@@ -326,3 +327,45 @@ def test_a_huge_text_sample_costs_what_max_length_allows_not_its_size(tmp_path, 
     took = time.perf_counter() - started
     assert len(example.input_ids) == sample_processor.max_length
     assert took < 5, f"processing a 40 MB sample took {took:.1f} s"
+
+
+@pytest.mark.parametrize("family, disagreeing", [
+    ("llava_next", {"image_grid_pinpoints": [[28, 56], [56, 28], [56, 56], [84, 84]]}),  # the model has no 84x84
+    ("qwen2_5_vl", {"merge_size": 1}),  # the model merges 2x2 patches into one feature
+])
+def test_an_image_the_model_makes_other_features_of_than_its_tokens_is_a_counted_skip_naming_it(tmp_path, family,
+                                                                                                disagreeing):
+    """A processor whose settings disagree with the model's expands an image to more or fewer image tokens
+    than the features the model makes of it: the data path skips the sample (``image_features``), counted
+    and named, rather than the model failing the batch on one rank while the others wait in a collective.
+    Without the model's config the sample would pass, and the model refuse its batch."""
+    from transformers import AutoConfig
+
+    from mole.backbones import backbone_for
+    from mole.data.collate import collate
+    from mole.data.examples import shard_examples
+    from tests.helpers import REPO, noise_png
+
+    path = REPO / "models" / f"tiny-{family.replace('_', '-')}"
+    config = AutoConfig.from_pretrained(path)
+    backbone = backbone_for(config)
+    processor = backbone.load_processor(str(path))
+    for name, value in disagreeing.items():
+        setattr(processor.image_processor, name, value)
+    question = {"conversations": [{"from": "human", "value": "<image>\nWhat is it?"}, {"from": "gpt", "value": "noise"}]}
+    shard = write_shard(tmp_path / "train-000003.tar", [{"__key__": "odd_image", "json": question,
+                                                         "png": noise_png((100, 90), 0)},
+                                                        text_sample("text_only", "How many sides has a square?", "4")])
+    checked = SampleProcessor(processor, 512, "crop", backbone=backbone, model_config=config)
+    skipped = Counter()
+    assert [example.key for example in shard_examples([str(shard)], checked, skipped)] == ["text_only"]
+    assert skipped == Counter({"image_features": 1}), f"{family}: {skipped}"
+    with pytest.raises(BadSample, match=r"^image_features: \S*train-000003\.tar:odd_image: [^\n]+$"):
+        checked(next(read_shard(str(shard))))
+
+    batch = collate([SampleProcessor(processor, 512, "crop", backbone=backbone)(next(read_shard(str(shard))))],
+                    processor.tokenizer.pad_token_id)
+    model = backbone.model_class.from_pretrained(path).eval()
+    with pytest.raises((ValueError, RuntimeError)), torch.no_grad():  # precondition: the model does fail on it
+        backbone.forward(model, batch["input_ids"], batch["attention_mask"],
+                         {"pixel_values": batch["pixel_values"], "image_sizes": batch["image_sizes"]})

@@ -1,5 +1,5 @@
-"""Held-out answers generated during a 2-rank ZeRO-3 run and scored by each domain's metric, as
-``launch/eval.py`` scores the final adapter on the same samples."""
+"""Held-out answers generated during a 2-rank ZeRO-3 run of the tiny LLaVA-NeXT and scored by each domain's
+metric, as ``launch/eval.py`` scores the final adapter on the same samples."""
 
 from __future__ import annotations
 
@@ -17,7 +17,9 @@ STEPS = 2
 def test_held_out_metrics_are_generated_on_every_rank_and_match_eval_py(tmp_path):
     """The charts held-out set alternates text-only and image samples, so one rank's questions are all
     text and the other's all images: the vision tower must still run on both (ZeRO-3, every tensor
-    partitioned) or the run would hang."""
+    partitioned) or the run would hang. LLaVA-NeXT's vision path reads ``image_newline``, a parameter of
+    the top model itself, which no module's forward gathers when generation embeds the prompts: the
+    run fails unless held-out generation gathers it (``parameters_held_by_the_model``)."""
     charts = read_shard_samples(REPO / "data_shards" / "charts" / "val-000000.tar", 4)
     mixed = [s for i, image in enumerate(charts) for s in (text_sample(f"text_{i}", f"How many sides has shape {i}?", "4"), image)]
     val = write_shard(tmp_path / "mixed" / "val-000000.tar", mixed)
@@ -26,7 +28,7 @@ def test_held_out_metrics_are_generated_on_every_rank_and_match_eval_py(tmp_path
                f"metric: relaxed_accuracy}}, {{name: shapes, shards: '{REPO}/data_shards/shapes/train-000000.tar', "
                f"val_shards: '{shapes_val}', metric: [closed_accuracy, open_recall]}}]")
     out = tmp_path / "run"
-    launch_training(out, domains, f"train.max_steps={STEPS}", f"train.eval_every={STEPS}", "train.eval_batches=1",
+    launch_training(out, f"model.name_or_path={REPO / 'models' / 'tiny-llava-next'}", domains, f"train.max_steps={STEPS}", f"train.eval_every={STEPS}", "train.eval_batches=1",
                     "train.eval_max_new_tokens=3", "train.log_routing_every=0")
 
     logged = {}

@@ -113,3 +113,27 @@ def test_the_padding_mask_reaches_the_routers_when_passed_by_position(tiny):
         model.llava(batch["input_ids"], None, batch["attention_mask"])
     tokens = [stats.tokens.sum().item() for stats in context.stats()]
     assert tokens and all(t == batch["attention_mask"].sum().item() for t in tokens), tokens
+
+
+def test_attention_is_sdpa_on_a_cpu_and_flash_attention_without_flash_attn_is_a_config_error(tiny):
+    """``model.attn_implementation``: auto is sdpa where flash-attn cannot run (this CPU), the model is
+    loaded with it, an unknown name is refused by the schema, and an explicit flash_attention_2 that
+    cannot run is one line naming the key, before any model is loaded."""
+    from transformers.utils import is_flash_attn_2_available
+
+    from mole.config import ConfigError
+    from mole.model import attention_implementation
+
+    assert not is_flash_attn_2_available(), "precondition: no flash-attn and CUDA here"
+    model, _ = tiny
+    assert attention_implementation("auto") == "sdpa"
+    assert model.llava.config.get_text_config()._attn_implementation == "sdpa", "auto must load the backbone with sdpa"
+    assert attention_implementation("eager") == "eager"
+    with pytest.raises(ConfigError, match=r"^model\.attn_implementation: flash_attention_2 needs the flash-attn package"):
+        attention_implementation("flash_attention_2")
+    with pytest.raises(ConfigError, match=r"model\.attn_implementation: must be one of auto, sdpa, eager, "
+                                          r"flash_attention_2; got 'flash'"):
+        load_config(str(TINY_CONFIG), ["model.attn_implementation=flash"])
+    eager = load_config(str(TINY_CONFIG), ["model.attn_implementation=eager"])
+    llava, _, _ = build_mole_model(eager, torch.float32)
+    assert llava.config.get_text_config()._attn_implementation == "eager", "the key must reach from_pretrained"

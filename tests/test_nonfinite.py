@@ -21,10 +21,10 @@ from tests.helpers import (REPO, TINY_CONFIG, cli_env, free_port, python, read_r
 QUIET = ["train.eval_every=0", "train.log_routing_every=0", "train.warmup_steps=0"]
 
 
-def nan_gradient_command(output_dir: Path, nan_step: int, nan_rank: int, *overrides: str) -> list[str]:
+def nan_gradient_command(output_dir: Path, nan_step: int, nan_rank: int, *overrides: str, loss_step: int = 0) -> list[str]:
     return [python(), "-m", "deepspeed.launcher.runner", "--num_gpus", "2", "--master_port", str(free_port()),
-            str(REPO / "tests" / "nan_gradient_run.py"), str(nan_step), str(nan_rank), "--config", str(TINY_CONFIG),
-            f"output_dir={output_dir}", *QUIET, *overrides]
+            str(REPO / "tests" / "nan_gradient_run.py"), str(nan_step), str(nan_rank), str(loss_step), "--config",
+            str(TINY_CONFIG), f"output_dir={output_dir}", *QUIET, *overrides]
 
 
 def local_events(output_dir: Path, rank: int, key: str) -> dict[int, object]:
@@ -51,12 +51,32 @@ def zero(name: str) -> str:
 @pytest.mark.distributed
 def test_nonfinite_gradients_on_one_rank_skip_the_update_on_both_under_zero3(tmp_path):
     """Rank 0 makes a NaN that only rank 1's gradient partition holds: both ranks skip step 3's
-    update (the weights do not move), count and log it, and the run finishes with a finite adapter."""
+    update (the weights do not move), count and log it, and the run finishes with a finite adapter.
+
+    At step 2 rank 0's first micro-batch has a NaN loss: both ranks drop theirs and draw another, and
+    every micro-batch the window trains is normalised by the answer tokens the window trains on both
+    ranks, the replacements' counted and the dropped ones' not."""
     cmd = nan_gradient_command(tmp_path, 3, 0, "train.on_nonfinite=skip", "train.max_steps=4", "train.save_every=2",
-                               zero("zero3_partition_all.json"))
+                               "train.grad_accum=2", zero("zero3_partition_all.json"), loss_step=2)
     proc = run_group(cmd, 300, env=cli_env())
     output = proc.stdout + proc.stderr
     assert proc.returncode == 0, output[-3000:]
+    assert "non-finite loss at step 2 on some rank: micro-batch skipped on all ranks" in output, output[-3000:]
+    forwards = [[r for r in read_rank_log(tmp_path, rank) if r.get("event") == "local" and "normaliser" in r]
+                for rank in (0, 1)]
+    for step in (1, 2, 3, 4):
+        mine = [[r for r in f if r["at"] == step] for f in forwards]
+        assert [len(m) for m in mine] == ([3, 3] if step == 2 else [2, 2]), f"forwards at step {step}: {mine}"
+        assert [m[0]["poisoned"] for m in mine] == [step == 2, False], mine
+        trained = [m[1:] if step == 2 else m for m in mine]  # step 2: the first forward's micro-batches were dropped
+        tokens = sum(r["answer_tokens"] for m in trained for r in m)
+        for r in (r for m in trained for r in m):
+            assert r["normaliser"] * 2 * 2 == pytest.approx(tokens), (
+                f"step {step}: the LM loss sum was divided by {r['normaliser']} x grad_accum x ranks, but the window "
+                f"trained {tokens} answer tokens (forwards {mine})")
+        if step == 2:
+            dropped, replacement = (sum(m[i]["answer_tokens"] for m in mine) for i in (0, 1))
+            assert dropped != replacement, f"precondition: replacements with the dropped ones' token count: {mine}"
     metrics = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     logged = {r["step"]: r.get("train/skipped_nonfinite_steps") for r in metrics if "train/loss" in r}
     assert logged == {1: 0, 2: 0, 3: 1, 4: 0}, f"step 3's update must be logged as skipped: {logged}"

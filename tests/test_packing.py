@@ -223,3 +223,51 @@ def test_best_fill_finds_the_fullest_subset_that_fits():
     for capacity, best in ((10, 10), (11, 10), (13, 12), (2, 0), (24, 24), (100, 24)):
         chosen = best_fill(lengths, capacity)
         assert len(set(chosen)) == len(chosen) and sum(lengths[i] for i in chosen) == best, (capacity, chosen)
+
+
+def flash_reference(module, query, key, value, attention_mask, scaling=None, dropout=0.0, cu_seq_lens_q=None,
+                    max_length_q=None, **kwargs):
+    """What flash attention computes, on a CPU: causal attention within each varlen segment when the
+    segments are given (``cu_seq_lens_q`` over the flattened rows), else over each whole row, as
+    ``flash_attn_func`` does. query/key/value: (batch, heads, seq, head_dim)."""
+    assert attention_mask is None, "flash attention takes a packed batch without a mask"
+    batch, heads, seq, dim = query.shape
+    key = key.repeat_interleave(heads // key.shape[1], dim=1)
+    value = value.repeat_interleave(heads // value.shape[1], dim=1)
+    if cu_seq_lens_q is None:
+        bounds = [(r * seq, (r + 1) * seq) for r in range(batch)]
+    else:
+        bounds = list(zip(cu_seq_lens_q[:-1].tolist(), cu_seq_lens_q[1:].tolist()))
+        assert max(e - s for s, e in bounds) == max_length_q
+    flat = [t.transpose(1, 2).reshape(batch * seq, heads, dim).transpose(0, 1) for t in (query, key, value)]
+    out = torch.cat([torch.nn.functional.scaled_dot_product_attention(flat[0][:, s:e], flat[1][:, s:e], flat[2][:, s:e],
+                                                                      is_causal=True, scale=scaling)
+                     for s, e in bounds], dim=1)  # (heads, batch * seq, dim)
+    return out.transpose(0, 1).reshape(batch, seq, heads, dim), None
+
+
+def test_packed_rows_reach_flash_attention_as_one_segment_per_sample(family):
+    """Under flash attention (here a CPU reference of its varlen kernel, registered through transformers'
+    AttentionInterface for the language model) a packed batch of several rows must reach every
+    decoder layer as one segment per sample: transformers only finds the segments itself for a
+    single row, and flash attention over whole rows would let a row's samples attend to each other."""
+    from transformers import AttentionInterface
+    from transformers.masking_utils import AttentionMaskInterface, flash_attention_mask
+    from transformers.modeling_flash_attention_utils import _is_packed_sequence
+
+    name, model, examples, pad = family
+    AttentionInterface.register("flash_reference", flash_reference)
+    AttentionMaskInterface.register("flash_reference", flash_attention_mask)
+    _, packed = padded_and_packed(examples, pad)
+    assert not _is_packed_sequence(packed["position_ids"], packed["input_ids"].shape[0]), "precondition: two rows"
+    before = model.llava.config.get_text_config()._attn_implementation
+    model.llava.set_attn_implementation({"text_config": "flash_reference"})
+    try:
+        with torch.no_grad():
+            flash = model(**to_device(packed, torch.device("cpu")))
+    finally:
+        model.llava.set_attn_implementation({"text_config": before})
+    with torch.no_grad():
+        sdpa = model(**to_device(packed, torch.device("cpu")))
+    torch.testing.assert_close(flash["lm_loss"], sdpa["lm_loss"], rtol=1e-5, atol=1e-6,
+                               msg=f"{name}: packed rows under flash attention let samples attend to each other")

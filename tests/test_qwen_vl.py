@@ -22,9 +22,9 @@ from mole.data.conversation import parse_conversation, render_conversation
 from mole.data.sample import SampleProcessor
 from mole.evaluate import EvalDomain, evaluate
 from mole.export import export_merged, export_peft
-from mole.inference import Prompt, generate_answers, load_model, load_processor, question_turns
+from mole.inference import Prompt, PromptEncoder, generate_answers, load_model, load_processor, question_turns
 from mole.model import TrainingModel, build_mole_model
-from mole.spec import AdapterSpec
+from mole.spec import AdapterSpec, ImageSpec
 from mole.surgery import apply_mole
 from tests.helpers import REPO, noise_png, one_thread_for_the_module, text_sample, write_shard  # noqa: F401
 
@@ -148,13 +148,28 @@ def test_text_only_batch_runs_the_whole_vision_path_and_reaches_its_projectors(f
 def test_min_and_max_pixels_set_the_image_token_range(family):
     name, model, _, _ = family
     processor = model.backbone.load_processor(str(REPO / "models" / f"tiny-{name.replace('_', '-')}"),
-                                              min_pixels=1, max_pixels=(2 * 2 * 32) ** 2)
+                                              image=ImageSpec(min_pixels=1, max_pixels=(2 * 2 * 32) ** 2))
     batch = mole_batch(model, processor, samples("images"))
     tokens = (batch["input_ids"] == model.llava.config.image_token_id).sum(dim=1).tolist()
     assert max(tokens) <= 4 * 4, f"{name}: max_pixels did not cap the image tokens: {tokens}"
     with pytest.raises(ValueError, match="exceeds max_pixels"):
-        model.backbone.load_processor(str(REPO / "models" / f"tiny-{name.replace('_', '-')}"), min_pixels=10**6,
-                                      max_pixels=10)
+        model.backbone.load_processor(str(REPO / "models" / f"tiny-{name.replace('_', '-')}"),
+                                      image=ImageSpec(max_pixels=10))
+
+
+def test_fewest_image_tokens_read_min_pixels_as_an_area(family):
+    """At the real checkpoints' limits an image takes at least 4 tokens (56x56 pixels, Qwen2.5-VL) or
+    about 4 (64x64, Qwen3-VL): reading min_pixels as a side made that thousands, and training warned that
+    every image sample would be skipped as too long."""
+    name, model, _, _ = family
+    factor = {"qwen2_5_vl": 28, "qwen3_vl": 32}[name]
+    processor = model.backbone.load_processor(str(REPO / "models" / f"tiny-{name.replace('_', '-')}"),
+                                              image=ImageSpec(min_pixels=4 * factor**2, max_pixels=16384 * factor**2))
+    fewest = model.backbone.tile_image_tokens(processor)
+    assert fewest == 4, f"{name}: an image takes at least 4 tokens at min_pixels {4 * factor**2}, got {fewest}"
+    sizes = [(1, 1), (factor, factor), (10, 300), (2 * factor, factor)]
+    counts = [model.backbone.image_tokens(processor, size) for size in sizes]
+    assert min(counts) == fewest, f"{name}: token counts {counts} of images {sizes}: the fewest is not {fewest}"
 
 
 @pytest.mark.parametrize("overrides, message", [
@@ -167,10 +182,29 @@ def test_pixel_limits_are_refused_where_they_cannot_apply(overrides, message):
         load_config(str(CONFIGS["qwen2_5_vl"]), overrides)
 
 
-def test_held_out_generation_during_training_is_refused_for_m_rope_families():
-    """Held-out answers start ``generate`` from input embeddings, from which the model numbers no M-RoPE positions."""
-    with pytest.raises(ConfigError, match=r"train.eval_max_new_tokens: held-out generation .* 'qwen2_5_vl' \(M-RoPE\)"):
-        load_config(str(CONFIGS["qwen2_5_vl"]), ["train.eval_max_new_tokens=4"])
+@pytest.mark.parametrize("kind", ["images", "text_only"])
+def test_held_out_generation_from_the_prefill_inputs_is_the_stock_models(family, kind):
+    """Held-out answers during training start ``generate`` from :meth:`TrainingModel.prefill_inputs`: the
+    token ids (the model numbers its own M-RoPE positions) with the images encoded by mole, the vision
+    path run even for a text-only batch. On a left-padded batch of images of different token counts
+    beside a text-only question, and on a text-only batch, the tokens the stock model generates from
+    its own inputs."""
+    name, model, processor, stock = family
+    prompts = [Prompt(question_turns("How many sides?", False)), Prompt(question_turns("Count them all?", False))]
+    if kind == "images":
+        prompts[1:] = [Prompt(question_turns("What color is it?", True), Image.open(io.BytesIO(noise_png(size, seed))))
+                       for seed, size in enumerate(SIZES[:2])]
+    batch = PromptEncoder(processor, "crop", "processor", backbone=model.backbone)(prompts)
+    images = None if batch["pixel_values"] is None else {"pixel_values": batch["pixel_values"],
+                                                         "image_sizes": batch["image_sizes"]}
+    settings = {"attention_mask": batch["attention_mask"], "max_new_tokens": 4, "do_sample": False, "use_cache": True,
+                "pad_token_id": processor.tokenizer.pad_token_id}
+    with torch.no_grad():
+        expected = stock.generate(input_ids=batch["input_ids"], **model.backbone.generation_inputs(
+            stock, batch["input_ids"], images), **settings)
+        got = model.llava.generate(**model.prefill_inputs(batch["input_ids"], batch["pixel_values"],
+                                                          batch["image_sizes"]), **settings)
+    assert torch.equal(got, expected), f"{name}: generation from mole's prefill inputs differs:\n{got}\n{expected}"
 
 
 # --------------------------------------------------------------- a saved K=1 adapter: load, infer, eval, export

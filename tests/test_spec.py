@@ -47,6 +47,70 @@ def test_to_json_and_from_json_round_trip(spec):
     assert AdapterSpec.from_json(plain.to_json()) == plain
 
 
+IMAGE_RECORDS = {
+    "qwen2_5_vl": ImageSpec("crop", "processor", "pil", min_pixels=3136, max_pixels=1003520),
+    "llava_next": ImageSpec("crop", "processor", "torchvision", image_grid_pinpoints=((336, 672), (672, 336))),
+    "llava_onevision": ImageSpec("pad", "processor", "pil", image_grid_pinpoints=[[384, 768]],
+                                 vision_aspect_ratio="anyres_max_4"),
+}
+
+
+@pytest.mark.parametrize("family", sorted(IMAGE_RECORDS))
+def test_the_image_processor_backend_and_limits_round_trip(spec, family):
+    recorded = dataclasses.replace(spec, family=family, image=IMAGE_RECORDS[family])
+    raw = json.loads(recorded.to_json())
+    assert raw["format_version"] == 3
+    assert {key: raw[key] for key in ("image_processor_backend", "min_pixels", "max_pixels", "image_grid_pinpoints",
+                                      "vision_aspect_ratio")} == {
+        "image_processor_backend": recorded.image.processor_backend, "min_pixels": recorded.image.min_pixels,
+        "max_pixels": recorded.image.max_pixels, "vision_aspect_ratio": recorded.image.vision_aspect_ratio,
+        "image_grid_pinpoints": None if recorded.image.image_grid_pinpoints is None
+        else [list(point) for point in recorded.image.image_grid_pinpoints]}, raw
+    assert AdapterSpec.from_json(recorded.to_json()) == recorded
+
+
+def test_a_version_2_file_reads_with_its_image_limits_unrecorded(spec):
+    """Version 2 adapters took the model directory's limits and transformers' backend: null, as before."""
+    raw = {key: value for key, value in dataclasses.replace(spec, family="qwen3_vl").to_dict().items()
+           if key not in ("image_processor_backend", "min_pixels", "max_pixels", "image_grid_pinpoints",
+                          "vision_aspect_ratio")}
+    read = AdapterSpec.from_dict({**raw, "format_version": 2})
+    assert read.image == ImageSpec(spec.image.aspect, spec.image.backend), read.image
+    with pytest.raises(SpecError, match=r"missing keys \['image_processor_backend'"):
+        AdapterSpec.from_dict(raw)
+
+
+@pytest.mark.parametrize("values, message", [
+    ({"min_pixels": 0}, "min_pixels: must be an integer >= 1 or null, got 0"),
+    ({"max_pixels": "1e6"}, "max_pixels: must be an integer >= 1 or null, got '1e6'"),
+    ({"max_pixels": True}, "max_pixels: must be an integer >= 1 or null, got True"),
+    ({"min_pixels": 10, "max_pixels": 5}, "min_pixels: 10 exceeds max_pixels 5"),
+    ({"image_grid_pinpoints": []}, "image_grid_pinpoints: must be a non-empty list of [height, width] integer pairs"),
+    ({"image_grid_pinpoints": [[336]]}, "image_grid_pinpoints: must be a non-empty list of [height, width]"),
+    ({"image_grid_pinpoints": [[336, "672"]]}, "image_grid_pinpoints: must be a non-empty list of [height, width]"),
+    ({"vision_aspect_ratio": "anyres_9"}, "vision_aspect_ratio: must be anyres_max_N (N >= 1 tiles) or null, got 'anyres_9'"),
+    ({"vision_aspect_ratio": "anyres_max_0"}, "vision_aspect_ratio: must be anyres_max_N"),
+    ({"processor_backend": "cv2"}, "image_processor_backend: must be one of pil, torchvision; got 'cv2'"),
+])
+def test_a_bad_image_limit_is_one_line_naming_it(values, message):
+    with pytest.raises(SpecError) as error:
+        ImageSpec("crop", "processor", **values)
+    assert str(error.value).startswith(message) and "\n" not in str(error.value), str(error.value)
+
+
+@pytest.mark.parametrize("family, values, message", [
+    ("llava", {"min_pixels": 3136}, "min_pixels: applies to the qwen2_5_vl, qwen3_vl families, not 'llava'"),
+    ("llava_next", {"max_pixels": 3136}, "max_pixels: applies to the qwen2_5_vl, qwen3_vl families, not 'llava_next'"),
+    ("qwen3_vl", {"image_grid_pinpoints": [[32, 64]]},
+     "image_grid_pinpoints: applies to the llava_next, llava_onevision families, not 'qwen3_vl'"),
+    ("llava_next", {"vision_aspect_ratio": "anyres_max_9"},
+     "vision_aspect_ratio: applies to the llava_onevision families, not 'llava_next'"),
+])
+def test_an_image_limit_of_another_family_is_refused(spec, family, values, message):
+    with pytest.raises(SpecError, match=message):
+        dataclasses.replace(spec, family=family, image=ImageSpec("crop", "processor", **values))
+
+
 def test_an_unknown_version_and_missing_keys_are_named(spec):
     raw = spec.to_dict()
     with pytest.raises(SpecError, match="format_version 99 is not a version this mole reads"):

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -430,6 +431,43 @@ def test_the_spec_saved_in_a_checkpoint_governs_its_resume_whatever_config_yaml_
     (step / "mole_config.json").write_text('{"format_version": 2, "r": "sixteen"}')
     with pytest.raises(CheckpointError, match=r"step_4/mole_config\.json: missing keys"):
         check_resumable_config(found, trained)
+
+
+def test_resuming_under_other_pixel_or_tile_limits_is_refused_unless_accepted(tmp_path):
+    """The checkpoint records the limits its images were prepared with (the model directory's, resolved,
+    where the run set none): another limit is refused naming its key unless accepted, and the same
+    limits spelled out, or left to the same directory, resume. A checkpoint from before the limits were
+    recorded (null) takes any."""
+    from mole.config import load_config
+    from mole.model import run_spec
+    from mole.train.checkpoint import check_resumable_config
+    from transformers import AutoConfig
+
+    qwen, next_ = REPO / "launch" / "configs" / "tiny_qwen2_5_vl.yaml", REPO / "models" / "tiny-llava-next"
+    cases = [(str(qwen), [], ["data.max_pixels=6272"], "data.max_pixels: 12544 in the checkpoint's run, 6272 now",
+              ["data.min_pixels=3136", "data.max_pixels=12544"]),
+             (str(TINY_CONFIG), [f"model.name_or_path={next_}"], ["data.image_grid_pinpoints=[[28,28]]"],
+              "data.image_grid_pinpoints: [[28, 56], [56, 28], [56, 56]] in the checkpoint's run, [[28, 28]] now",
+              ["data.image_grid_pinpoints=[[28,56],[56,28],[56,56]]"])]
+    for index, (config, base, changed, refusal, same) in enumerate(cases):
+        out = tmp_path / str(index)
+        trained = load_config(config, [*base, f"output_dir={out}"])
+        step = fake_checkpoint(out / "checkpoints", 4)
+        spec, _ = run_spec(trained, AutoConfig.from_pretrained(trained.model.name_or_path))
+        (step / "mole_config.json").write_text(spec.to_json())
+        found = resolve_resume("auto", str(out), world_size=2)
+        key = refusal.split(":")[0]
+        with pytest.raises(CheckpointError, match=re.escape(f"{refusal} (the saved weights would compute something "
+                                                            f"else; train.resume_accept=[{key}] takes it)")):
+            check_resumable_config(found, load_config(config, [*base, f"output_dir={out}", *changed]))
+        check_resumable_config(found, load_config(config, [*base, f"output_dir={out}", *changed,
+                                                           f"train.resume_accept=[{key}]"]))
+        check_resumable_config(found, load_config(config, [*base, f"output_dir={out}", *same]))
+        check_resumable_config(found, trained)
+        unrecorded = {k: v for k, v in spec.to_dict().items() if k not in ("min_pixels", "max_pixels",
+                      "image_grid_pinpoints", "vision_aspect_ratio", "image_processor_backend")}
+        (step / "mole_config.json").write_text(json.dumps({**unrecorded, "format_version": 2}))
+        check_resumable_config(found, load_config(config, [*base, f"output_dir={out}", *changed]))
 
 
 def test_resuming_onto_a_base_model_of_other_shapes_is_refused_before_it_loads(tmp_path):

@@ -138,13 +138,13 @@ def test_a_valid_adapter_loads_and_answers_as_before(adapters):
 
 # --------------------------------------------------------------------------------- real processes
 
-MEASURE = """import resource, runpy, sys
-sys.argv = sys.argv[1:]
-try:
-    runpy.run_path(sys.argv[0], run_name="__main__")
-finally:
-    print(f"peak_rss_kb={resource.getrusage(resource.RUSAGE_SELF).ru_maxrss}", file=sys.stderr)
+MEASURE = """import os, subprocess, sys
+child = subprocess.Popen([sys.executable, *sys.argv[1:]])
+_, status, usage = os.wait4(child.pid, 0)
+print(f"peak_rss_kb={usage.ru_maxrss}", file=sys.stderr)
+sys.exit(os.waitstatus_to_exitcode(status))
 """
+"""Runs a script and reports its peak RSS from outside (the scripts end with ``os._exit``, past any code of theirs)."""
 
 
 def cli(script: str, adapter, tmp_path, *extra: str) -> list[str]:

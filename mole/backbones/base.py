@@ -9,6 +9,7 @@ minimal dummy image is (a text-only batch still runs the vision path on every ra
 
 from __future__ import annotations
 
+import dataclasses
 import re
 from dataclasses import dataclass
 
@@ -16,8 +17,9 @@ import torch
 from PIL import Image
 from torch import nn
 
-from mole.choices import Family, ImageAspect, ImageBackend, options
+from mole.choices import Family, ImageAspect, ImageBackend, ProcessorBackend, options
 from mole.data.images import PixelTransform, make_pixel_transform, mean_colour, pad_to_square
+from mole.spec import ImageSpec
 
 ImageInputs = dict[str, torch.Tensor]
 """Image inputs of the model: ``pixel_values`` and the family's extras (``image_sizes``)."""
@@ -47,6 +49,9 @@ class Backbone:
     """Model inputs beside ``pixel_values`` that describe the batch's images (``image_sizes``)."""
     fast_images: bool = True
     """Whether mole's fast image path may stand in for the image processor (checked on probe images)."""
+    default_processor_backend: ProcessorBackend | None = None
+    """The image processor backend built when the run names none; ``None``: transformers' choice
+    (torchvision where importable, else PIL)."""
 
     # ------------------------------------------------------------------------------ the model
 
@@ -82,13 +87,14 @@ class Backbone:
 
         A packed batch (:mod:`mole.data.packing`) comes with ``position_ids`` (batch, seq), 0, 1, 2, ...
         restarting at each sample, and no ``attention_mask``: the model then keeps the samples of a row
-        apart. This default hands the model :meth:`embed`'s embeddings and those positions: right for a
+        apart (under flash attention through :func:`varlen_kwargs`). This default hands the model :meth:`embed`'s embeddings and those positions: right for a
         family whose positions are 0, 1, 2, ... (checked against each stock model by the tests). A
         family that numbers positions from its inputs (M-RoPE) or adds features deeper in the LLM
         overrides it.
         """
         embeds = self.embed(model, input_ids, images)
-        return model(inputs_embeds=embeds, attention_mask=attention_mask, position_ids=position_ids, use_cache=False)
+        return model(inputs_embeds=embeds, attention_mask=attention_mask, position_ids=position_ids, use_cache=False,
+                     **varlen_kwargs(model, position_ids))
 
     def embed(self, model: nn.Module, input_ids: torch.Tensor, images: ImageInputs | None) -> torch.Tensor:
         """(batch, seq, hidden) token embeddings with the image features scattered into the image-token
@@ -116,6 +122,13 @@ class Backbone:
             )
         return embeds.masked_scatter(image_positions, features)
 
+    def prefill_inputs(self, model: nn.Module, input_ids: torch.Tensor, images: ImageInputs | None) -> dict:
+        """What ``generate`` starts from (beside ``attention_mask``) when every rank must run the vision
+        path, image or not: held-out answers under ZeRO-3 (:mod:`mole.train.heldout`), where the stock
+        ``generate`` would skip the vision tower on a text-only batch. Here :meth:`embed`'s embeddings as
+        ``inputs_embeds``; ``generate`` then returns the new tokens only."""
+        return {"inputs_embeds": self.embed(model, input_ids, images)}
+
     def generation_inputs(self, model: nn.Module, input_ids: torch.Tensor, images: ImageInputs | None) -> dict:
         """What ``generate`` takes beside ``input_ids`` and ``attention_mask`` for a batch's images
         (``pixel_values`` and the family's size input ``image_sizes``, on the model's device), none for
@@ -127,11 +140,28 @@ class Backbone:
 
     # ------------------------------------------------------------------------------- the data
 
-    def load_processor(self, path: str, local_files_only: bool = True):
-        """The processor whose ``tokenizer``, ``image_processor`` and ``image_token`` the data path reads."""
+    def load_processor(self, path: str, local_files_only: bool = True, image: ImageSpec | None = None):
+        """The processor whose ``tokenizer``, ``image_processor`` and ``image_token`` the data path reads,
+        with the image processor backend and the family's limits of ``image`` where it records them
+        (else the model directory's); a backend that cannot be built is a one-line ``ValueError``."""
         from transformers import AutoProcessor
 
-        return AutoProcessor.from_pretrained(path, local_files_only=local_files_only)
+        processor = AutoProcessor.from_pretrained(path, local_files_only=local_files_only, **self.backend_kwargs(image))
+        check_backend(processor.image_processor, image)
+        return processor
+
+    def backend_kwargs(self, image: ImageSpec | None) -> dict:
+        """``from_pretrained``'s ``backend`` argument for ``image``'s processor backend, or the family's default."""
+        wanted = (image.processor_backend if image is not None else None) or self.default_processor_backend
+        return {"backend": wanted} if wanted else {}
+
+    def prepared_image(self, image: ImageSpec, processor) -> ImageSpec:
+        """``image`` with what ``processor`` (built by :meth:`load_processor`) prepares images with: its
+        backend and the family's limits, the values an adapter records."""
+        return dataclasses.replace(image, processor_backend=processor.image_processor.backend)
+
+    def configure(self, config, image: ImageSpec) -> None:
+        """Set in the model's ``config`` what the model reads of ``image``'s limits (AnyRes tiling); none here."""
 
     def image_transform(self, image_processor, aspect: ImageAspect, backend: ImageBackend) -> ImageTransform:
         """How the data path turns a decoded RGB image into its :data:`ImageInputs`: mole's fast path
@@ -142,12 +172,38 @@ class Backbone:
         """How many image tokens an image of ``image_size`` (height, width) expands to."""
         return fixed_image_tokens(processor)
 
+    def image_features_of(self, config, pixels: torch.Tensor, image_size: tuple[int, ...] | None) -> int:
+        """How many image features the model makes of one image, its ``pixels`` and size input as the
+        data path prepared them, by the model's own rule (its ``config``), not the processor's. The data
+        path checks a sample's image-token count against it (:class:`mole.data.sample.SampleProcessor`):
+        a processor whose settings disagree with the model's then skips the sample, rather than failing
+        the batch in :meth:`embed` on one rank while the others wait in a collective. Pixels the model
+        cannot take at all are a ``ValueError`` saying why.
+
+        Here one tile at the vision tower's size, one feature per patch (and the CLS token with the
+        ``full`` feature strategy)."""
+        vision = config.vision_config
+        if tuple(pixels.shape[-2:]) != (vision.image_size, vision.image_size):
+            raise ValueError(f"pixels of {tuple(pixels.shape[-2:])} but the vision tower takes "
+                             f"{vision.image_size}x{vision.image_size}")
+        return (vision.image_size // vision.patch_size) ** 2 + (config.vision_feature_select_strategy == "full")
+
     def tile_image_tokens(self, processor) -> int:
         """The image-token count of an image at the vision tower's own size (a tiling family's
         larger images take more): what every image takes at least, near enough, for length checks."""
         crop = getattr(processor.image_processor, "crop_size", None) or processor.image_processor.size
         side = crop.get("height") or crop.get("shortest_edge")
         return self.image_tokens(processor, (side, side))
+
+
+def check_backend(image_processor, image: ImageSpec | None) -> None:
+    """A one-line ``ValueError`` when ``image`` records a processor backend other than the one built
+    (transformers builds the PIL class, with a warning, when torchvision is asked for but missing)."""
+    wanted = image.processor_backend if image is not None else None
+    if wanted is not None and image_processor.backend != wanted:
+        fix = "pip install torchvision" if wanted == "torchvision" else "use a transformers with PIL image processors"
+        raise ValueError(f"images must go through the {wanted} image processor, but {type(image_processor).__name__} "
+                         f"was built ({fix})")
 
 
 def fixed_image_tokens(processor) -> int:
@@ -190,6 +246,25 @@ ImageTransform = FixedResolution | ProcessorTiles
 
 class UnsupportedBackbone(ValueError):
     """A base model whose family mole has no description of."""
+
+
+def varlen_kwargs(model: nn.Module, position_ids: torch.Tensor | None) -> dict:
+    """Flash attention's varlen arguments for a packed batch's (batch, seq) text positions, restarting at
+    0 per sample; nothing under another attention or for a padded batch.
+
+    transformers reads sample boundaries from position ids itself only for a single row (its
+    ``_is_packed_sequence`` wants batch size 1); on several rows it would run causal flash attention
+    over each whole row, letting a row's samples attend to each other. So the boundaries are passed:
+    transformers' own ``prepare_fa_kwargs_from_position_ids`` on the flattened rows (every row starts
+    a sample at 0, so row ends are sample ends; a row's padding is one more segment), which the model
+    hands through its keyword arguments to every decoder attention layer."""
+    from transformers.modeling_flash_attention_utils import prepare_fa_kwargs_from_position_ids
+    from transformers.utils.generic import is_flash_attention_requested
+
+    if position_ids is None or not is_flash_attention_requested(model.config.get_text_config()):
+        return {}
+    (cu_q, cu_k), (max_q, max_k) = prepare_fa_kwargs_from_position_ids(position_ids)
+    return {"cu_seq_lens_q": cu_q, "cu_seq_lens_k": cu_k, "max_length_q": int(max_q), "max_length_k": int(max_k)}
 
 
 def backbone_for(config) -> Backbone:

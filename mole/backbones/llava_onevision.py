@@ -11,9 +11,15 @@ torchvision), the tokenizer, and the image-token count by the processor's own co
 
 from __future__ import annotations
 
+import dataclasses
+from types import SimpleNamespace
+
+import torch
 from PIL import Image
 
-from mole.backbones.llava_next import AnyResBackbone
+from mole.backbones.base import check_backend
+from mole.backbones.llava_next import AnyResBackbone, set_pinpoints
+from mole.spec import ImageSpec
 
 
 class OnevisionProcessing:
@@ -69,12 +75,24 @@ class OnevisionProcessing:
 
 
 class OnevisionBackbone(AnyResBackbone):
-    def load_processor(self, path: str, local_files_only: bool = True):
+    def load_processor(self, path: str, local_files_only: bool = True, image: ImageSpec | None = None):
+        """The image-and-text processor with ``image``'s backend, grid pinpoints and ``vision_aspect_ratio``
+        where it records them, else the model directory's."""
         from transformers import AutoConfig, AutoImageProcessor, AutoTokenizer
 
         kwargs = {"local_files_only": local_files_only}
-        return OnevisionProcessing(AutoImageProcessor.from_pretrained(path, **kwargs),
-                                   AutoTokenizer.from_pretrained(path, **kwargs), AutoConfig.from_pretrained(path, **kwargs))
+        image_processor = AutoImageProcessor.from_pretrained(path, **kwargs, **self.backend_kwargs(image))
+        check_backend(image_processor, image)
+        set_pinpoints(image_processor, image)
+        processing = OnevisionProcessing(image_processor, AutoTokenizer.from_pretrained(path, **kwargs),
+                                         AutoConfig.from_pretrained(path, **kwargs))
+        if image is not None and image.vision_aspect_ratio is not None:
+            processing.vision_aspect_ratio = image.vision_aspect_ratio
+        return processing
+
+    def prepared_image(self, image: ImageSpec, processor) -> ImageSpec:
+        return dataclasses.replace(super().prepared_image(image, processor),
+                                   vision_aspect_ratio=processor.vision_aspect_ratio)
 
     def image_tokens(self, processor, image_size: tuple[int, int]) -> int:
         return processor.image_tokens(*image_size)
@@ -82,6 +100,14 @@ class OnevisionBackbone(AnyResBackbone):
     def tile_image_tokens(self, processor) -> int:
         side = processor.image_processor.size["height"]
         return self.image_tokens(processor, (side, side))
+
+    def pack_image_features(self, config, features, image_sizes):
+        """The stock ``LlavaOnevisionModel.pack_image_features`` (it reads only the model's ``config``)."""
+        from transformers import LlavaOnevisionModel
+
+        return LlavaOnevisionModel.pack_image_features(SimpleNamespace(config=config), features, image_sizes,
+                                                       image_newline=torch.zeros(1),
+                                                       vision_aspect_ratio=config.vision_aspect_ratio)
 
 
 LLAVA_ONEVISION = OnevisionBackbone(

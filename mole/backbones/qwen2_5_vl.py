@@ -12,4 +12,5 @@ QWEN2_5_VL = QwenVLBackbone(
     vision_tower_prefix="visual.blocks",
     extra_image_inputs=("image_sizes",),
     fast_images=False,
+    default_processor_backend="pil",
 )

@@ -14,4 +14,5 @@ QWEN3_VL = QwenVLBackbone(
     vision_tower_prefix="visual.blocks",
     extra_image_inputs=("image_sizes",),
     fast_images=False,
+    default_processor_backend="pil",
 )

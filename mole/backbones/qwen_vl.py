@@ -15,7 +15,9 @@ What sets these families apart, and how mole keeps each exact:
   generation's offsets). So :func:`forward` never hands the model embeddings: it runs the vision
   tower itself and passes the result as ``mm_encoder_outputs`` beside the token ids, and the stock
   forward embeds, scatters, adds DeepStack features and numbers positions exactly as it would from
-  its own processor's inputs. A packed batch is the exception: the model would number a row as one
+  its own processor's inputs. Held-out generation during training starts ``generate`` the same way
+  (:meth:`QwenVLBackbone.prefill_inputs`): the stock ``generate`` hands the encoder output to the
+  prefill forward only and numbers the new tokens' positions from the prompt's. A packed batch is the exception: the model would number a row as one
   sequence, so :meth:`QwenVLBackbone.packed_positions` numbers each sample with the model's own
   ``get_rope_index`` and hands the stock forward (4, batch, seq) position ids, the text row first.
 - **DeepStack (Qwen3-VL).** Features of several ViT blocks, each through its own merger, are added
@@ -38,14 +40,16 @@ image's patch grid (t, h, w), handed to the model as ``image_grid_thw``.
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 
 import torch
 from PIL import Image
 from torch import nn
 
-from mole.backbones.base import Backbone, ImageInputs
+from mole.backbones.base import Backbone, ImageInputs, check_backend, varlen_kwargs
 from mole.data.images import mean_colour, pad_to_square
+from mole.spec import ImageSpec
 
 IMAGE_TOKEN = "<|image_pad|>"
 IMAGE_TYPE = 1
@@ -110,16 +114,9 @@ class QwenVLBackbone(Backbone):
         hook = None
         if torch.is_grad_enabled():  # see Backbone.embed: the first MoLE MLP's input must carry a gradient
             hook = model.get_input_embeddings().register_forward_hook(lambda module, args, out: out.requires_grad_(True))
-        text_only = images is None
-        if text_only:
-            images = self.dummy_image(model.config, model.dtype, input_ids.device)
-        encoded = model.model.get_image_features(images["pixel_values"], images["image_sizes"], return_dict=True)
-        if text_only:
-            encoded.pooler_output = (_no_rows(encoded.pooler_output),)
-            if getattr(encoded, "deepstack_features", None) is not None:
-                encoded.deepstack_features = [(_no_rows(level),) for level in encoded.deepstack_features]
-        grids = None if text_only else images["image_sizes"]
-        token_types = (input_ids == model.config.image_token_id).int() * IMAGE_TYPE
+        encoded, grids = self.encode_images(model, images, input_ids.device)
+        token_types = self.token_types(model, input_ids)
+        varlen = varlen_kwargs(model, position_ids)  # from the text positions, before M-RoPE's rows join them
         if position_ids is not None:
             position_ids = self.packed_positions(model, input_ids, token_types, grids, position_ids)
         try:
@@ -131,10 +128,31 @@ class QwenVLBackbone(Backbone):
                 image_grid_thw=grids,
                 mm_encoder_outputs={"image": encoded},
                 use_cache=False,
+                **varlen,
             )
         finally:
             if hook is not None:
                 hook.remove()
+
+    def encode_images(self, model: nn.Module, images: ImageInputs | None, device: torch.device):
+        """The vision path's output as the stock forward takes it (``mm_encoder_outputs["image"]``) and the
+        grids it goes with, ``image_sizes`` (images, 3). ``images`` ``None`` (a text-only batch) runs it on
+        the :meth:`dummy_image` and returns its features (and DeepStack features) times zero, cut to no
+        rows, and no grids: the model scatters nothing and numbers the text 0, 1, 2, ..."""
+        text_only = images is None
+        if text_only:
+            images = self.dummy_image(model.config, model.dtype, device)
+        encoded = model.model.get_image_features(images["pixel_values"], images["image_sizes"], return_dict=True)
+        if text_only:
+            encoded.pooler_output = (_no_rows(encoded.pooler_output),)
+            if getattr(encoded, "deepstack_features", None) is not None:
+                encoded.deepstack_features = [(_no_rows(level),) for level in encoded.deepstack_features]
+        return encoded, None if text_only else images["image_sizes"]
+
+    @staticmethod
+    def token_types(model: nn.Module, input_ids: torch.Tensor) -> torch.Tensor:
+        """``mm_token_type_ids`` of a batch: image tokens :data:`IMAGE_TYPE`, the rest text (0)."""
+        return (input_ids == model.config.image_token_id).int() * IMAGE_TYPE
 
     def packed_positions(self, model: nn.Module, input_ids: torch.Tensor, token_types: torch.Tensor,
                          grids: torch.Tensor | None, text_positions: torch.Tensor) -> torch.Tensor:
@@ -162,9 +180,19 @@ class QwenVLBackbone(Backbone):
         return torch.cat([text_positions[None].to(rope), rope])
 
     def embed(self, model: nn.Module, input_ids: torch.Tensor, images: ImageInputs | None) -> torch.Tensor:
-        """Refused: the stock model numbers M-RoPE positions from token ids, not from embeddings."""
+        """Refused: the stock model numbers M-RoPE positions from token ids, not from embeddings
+        (:meth:`prefill_inputs` is how generation starts with the vision path always run)."""
         raise ValueError(f"{self.family}: the model numbers its M-RoPE positions from token ids, so it cannot "
-                         "start from input embeddings (held-out generation during training)")
+                         "start from input embeddings")
+
+    def prefill_inputs(self, model: nn.Module, input_ids: torch.Tensor, images: ImageInputs | None) -> dict:
+        """The token ids, ``mm_token_type_ids`` and ``image_grid_thw``, from which the model numbers its
+        M-RoPE positions as in :meth:`generation_inputs`, with the vision path's output as
+        ``mm_encoder_outputs`` (:meth:`encode_images`: run on the dummy image for a text-only batch), which
+        ``generate`` hands to the prefill forward only. ``generate`` returns prompt and new tokens."""
+        encoded, grids = self.encode_images(model, images, input_ids.device)
+        return {"input_ids": input_ids, "mm_token_type_ids": self.token_types(model, input_ids),
+                "image_grid_thw": grids, "mm_encoder_outputs": {"image": encoded}}
 
     def generation_inputs(self, model: nn.Module, input_ids: torch.Tensor, images: ImageInputs | None) -> dict:
         """The processor's inputs for ``generate``: it numbers M-RoPE positions from ``mm_token_type_ids``
@@ -172,28 +200,47 @@ class QwenVLBackbone(Backbone):
         if images is None:
             return {}
         return {"pixel_values": images["pixel_values"].to(model.dtype), "image_grid_thw": images["image_sizes"],
-                "mm_token_type_ids": (input_ids == model.config.image_token_id).int() * IMAGE_TYPE}
+                "mm_token_type_ids": self.token_types(model, input_ids)}
 
-    def load_processor(self, path: str, local_files_only: bool = True, *, min_pixels: int | None = None,
-                       max_pixels: int | None = None) -> QwenProcessor:
-        """The tokenizer and PIL image processor of a model directory; ``min_pixels`` / ``max_pixels``
-        replace the directory's (the family's defaults) where given."""
+    def load_processor(self, path: str, local_files_only: bool = True, image: ImageSpec | None = None) -> QwenProcessor:
+        """The tokenizer and image processor (PIL unless ``image`` records torchvision) of a model
+        directory; ``image``'s ``min_pixels`` / ``max_pixels`` replace the directory's (the family's
+        defaults) where it records them."""
         from transformers import AutoImageProcessor, AutoTokenizer
 
         tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=local_files_only)
-        image_processor = AutoImageProcessor.from_pretrained(path, local_files_only=local_files_only, backend="pil")
+        image_processor = AutoImageProcessor.from_pretrained(path, local_files_only=local_files_only,
+                                                             **self.backend_kwargs(image))
+        check_backend(image_processor, image)
         size = dict(image_processor.size)
-        if min_pixels is not None:
-            size["shortest_edge"] = min_pixels
-        if max_pixels is not None:
-            size["longest_edge"] = max_pixels
+        if image is not None and image.min_pixels is not None:
+            size["shortest_edge"] = image.min_pixels
+        if image is not None and image.max_pixels is not None:
+            size["longest_edge"] = image.max_pixels
         if size["shortest_edge"] > size["longest_edge"]:
             raise ValueError(f"min_pixels {size['shortest_edge']} exceeds max_pixels {size['longest_edge']}")
         image_processor.size = size
         return QwenProcessor(tokenizer, image_processor)
 
+    def prepared_image(self, image: ImageSpec, processor) -> ImageSpec:
+        size = processor.image_processor.size
+        return dataclasses.replace(super().prepared_image(image, processor), min_pixels=size["shortest_edge"],
+                                   max_pixels=size["longest_edge"])
+
     def image_transform(self, image_processor, aspect, backend) -> QwenImages:
         return QwenImages(image_processor, aspect)
+
+    def image_features_of(self, config, pixels: torch.Tensor, image_size: tuple[int, int, int]) -> int:
+        """One feature per ``merge x merge`` patches of the grid (t, h, w), ``spatial_merge_size`` of the
+        model's vision config; the pixels must be the grid's patches, each of the model's patch size."""
+        vision = config.vision_config
+        t, h, w = image_size
+        merge = vision.spatial_merge_size
+        patch_dim = vision.in_channels * vision.temporal_patch_size * vision.patch_size**2
+        if tuple(pixels.shape) != (t * h * w, patch_dim) or h % merge or w % merge:
+            raise ValueError(f"pixels of shape {tuple(pixels.shape)} but the model takes a grid of {t}x{h}x{w} as "
+                             f"{t * h * w} patches of {patch_dim} values, h and w multiples of {merge}")
+        return t * h * w // merge**2
 
     def image_tokens(self, processor, image_size: tuple[int, ...]) -> int:
         """Image tokens of an image: of its grid (t, h, w) as :class:`QwenImages` gives it, one per
@@ -208,6 +255,14 @@ class QwenVLBackbone(Backbone):
             image_size = (1, height // image_processor.patch_size, width // image_processor.patch_size)
         t, h, w = image_size
         return t * h * w // image_processor.merge_size**2
+
+    def tile_image_tokens(self, processor) -> int:
+        """The fewest image tokens an image takes: ``min_pixels`` is an area, not a side, so this is the
+        count of the smallest image (one ``patch x merge`` square), which the processor's own
+        ``smart_resize`` scales up to at least ``min_pixels``."""
+        image_processor = processor.image_processor
+        factor = image_processor.patch_size * image_processor.merge_size
+        return self.image_tokens(processor, (factor, factor))
 
 
 def _no_rows(features: tuple[torch.Tensor, ...]) -> torch.Tensor:

@@ -43,16 +43,22 @@ class SampleProcessor:
     ``backbone``: the model's family (:func:`mole.backbones.backbone_for`), which says how an image
     becomes pixels and how many tokens it takes; LLaVA-1.5 when not given. ``num_image_tokens`` is
     the count of an image at the vision tower's own size (a tiling family's images may take more).
+    ``model_config``: the model's config; given, an image whose token count (the processor's rule)
+    differs from the features the model will make of it (the model's rule,
+    :meth:`~mole.backbones.base.Backbone.image_features_of`) is a ``BadSample("image_features")``, not
+    a failed batch on one rank.
     """
 
     def __init__(self, processor, max_length: int, image_aspect: str, *, image_backend: str = "fast",
-                 max_image_pixels: int = MAX_PIXELS, keep_image: bool = False, backbone: Backbone = LLAVA):
+                 max_image_pixels: int = MAX_PIXELS, keep_image: bool = False, backbone: Backbone = LLAVA,
+                 model_config=None):
         self.processor, self.backbone, self.tokenizer = processor, backbone, processor.tokenizer
         self.image_token_id = self.tokenizer.convert_tokens_to_ids(processor.image_token)
         self.num_image_tokens = backbone.tile_image_tokens(processor)
         self.images = backbone.image_transform(processor.image_processor, image_aspect, image_backend)
         self.max_length, self.max_image_pixels = max_length, max_image_pixels
         self.padded, self.keep_image = image_aspect == "pad", keep_image
+        self.model_config = model_config
 
     def __call__(self, raw: dict | BadSample, domain: int = 0) -> Example:
         """The example of ``raw``, a sample of domain number ``domain`` as :func:`~mole.data.shards.read_shard`
@@ -93,11 +99,23 @@ class SampleProcessor:
             pixels, image_size = self.images(image)
             num_image_tokens = self.num_image_tokens if image_size is None else self.backbone.image_tokens(
                 self.processor, image_size)
+            if self.model_config is not None:
+                self._check_image_features(pixels, image_size, num_image_tokens)
         ids, labels = tokenize_conversation(
             turns, pixels is not None, self.tokenizer, self.image_token_id, num_image_tokens, self.max_length
         )
         return Example(ids, labels, pixels, raw.get("__key__", ""), domain, turns, image if self.keep_image else None,
                        image_size)
+
+    def _check_image_features(self, pixels: torch.Tensor, image_size: tuple[int, ...] | None, tokens: int) -> None:
+        try:
+            features = self.backbone.image_features_of(self.model_config, pixels, image_size)
+        except ValueError as err:
+            raise BadSample("image_features", str(err)) from None
+        if features != tokens:
+            size = "" if image_size is None else f" (size input {tuple(image_size)})"
+            raise BadSample("image_features", f"the processor expands the image{size} to {tokens} image tokens but "
+                            f"the model makes {features} image features of it: processor and model settings disagree")
 
 
 def count_image_tokens(processor) -> int:

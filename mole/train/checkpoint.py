@@ -43,6 +43,7 @@ import yaml
 from transformers import AutoConfig
 
 from mole.adapter import ADAPTER_CONFIG
+from mole.model import run_spec
 from mole.spec import BASE_FIELDS, AdapterSpec, ImageSpec, SpecError, config_key
 from mole.train.storage import failure_on_any_rank, write_failed
 
@@ -297,7 +298,7 @@ def check_resumable_config(resume: Resumable, cfg) -> None:
     run_dir = os.path.dirname(os.path.abspath(resume.path))
     saved_path = os.path.join(run_dir, "config.yaml")
     saved = _saved_run_config(saved_path)
-    now = AdapterSpec.from_config(cfg, AutoConfig.from_pretrained(cfg.model.name_or_path))
+    now, _ = run_spec(cfg, AutoConfig.from_pretrained(cfg.model.name_or_path))
     then, source = _checkpoint_spec(resume), os.path.join(resume.path, resume.tag, ADAPTER_CONFIG)
     if then is None:
         if saved is None:
@@ -348,12 +349,15 @@ def _checkpoint_spec(resume: Resumable) -> AdapterSpec | None:
 
 
 def _changes(now: AdapterSpec, then: AdapterSpec) -> list[tuple[str | None, object, object, str]]:
-    """``(config key, before, after, impact)`` per changed setting; the image preparation per key."""
+    """``(config key, before, after, impact)`` per changed setting; the image preparation per key, where
+    the checkpoint records it (a null image limit or backend, from before adapters recorded them, is
+    taken as unchanged)."""
     out = []
     for change in now.diff(then):
         if change.field == "image":
             out += [(f.metadata["config_key"], getattr(then.image, f.name), getattr(now.image, f.name), change.impact)
-                    for f in dataclasses.fields(ImageSpec) if getattr(then.image, f.name) != getattr(now.image, f.name)]
+                    for f in dataclasses.fields(ImageSpec)
+                    if getattr(then.image, f.name) not in (None, getattr(now.image, f.name))]
         else:
             out.append((config_key(change.field) or change.field, change.before, change.after, change.impact))
     return out
@@ -375,13 +379,18 @@ def _adapter_record(run_dir: str) -> dict | None:
 
 def _describe(key: str, before, after, impact: str, model_dir: str) -> str:
     """One refusal reason, under the run config key the user would change."""
-    before, after = (list(v) if isinstance(v, tuple) else v for v in (before, after))
+    before, after = (_as_written(v) for v in (before, after))
     if key in BASE_FIELDS:  # the base model's family or shapes
         return f"model.name_or_path: {key} {before} in the checkpoint's base model, {after} in {model_dir}"
     reason = f"{key}: {before!r} in the checkpoint's run, {after!r} now"
     if impact == "computation":
         reason += f" (the saved weights would compute something else; train.resume_accept=[{key}] takes it)"
     return reason
+
+
+def _as_written(value):
+    """A spec value as the config writes it: tuples (targets, grid pinpoints) as lists, nested too."""
+    return [_as_written(item) for item in value] if isinstance(value, tuple) else value
 
 
 def capture_rng(step: int) -> dict:

@@ -7,8 +7,10 @@ goes to rank i mod world size, :mod:`mole.data.examples`). Ranks may hold differ
 batches, but under ZeRO-3 every forward is a sequence of collectives, so every rank runs the same
 number of forwards: ranks that run out repeat a batch with weight zero. Generation keeps them in step
 the same way: as many ``generate`` calls on every rank, each running until every rank's batch is done
-(``synced_gpus``), each starting from :meth:`~mole.model.TrainingModel.embed`, which runs the vision
-tower whether or not the batch has an image.
+(``synced_gpus``), each starting from :meth:`~mole.model.TrainingModel.prefill_inputs`, which runs the
+vision tower whether or not the batch has an image (for an M-RoPE family, Qwen-VL, beside the token ids
+from which the model numbers its positions). Each rank's answers go to its log (``logs/rank<N>.jsonl``,
+``"event": "heldout_answers"``) by sample key and turn, as ``launch/eval.py`` lists its predictions.
 """
 
 from __future__ import annotations
@@ -38,11 +40,12 @@ log = logging.getLogger("mole.train")  # its warnings are the trainer's start-up
 @dataclass
 class HeldoutSet:
     """One domain's held-out data on this rank: the loss batches and, when answers are generated, every
-    answer turn as a question with its references, scored by ``metrics``."""
+    answer turn as a question with its references and its ``(sample key, turn)``, scored by ``metrics``."""
 
     batches: list[dict]
     prompts: list[Prompt] = field(default_factory=list)
     references: list[list[str]] = field(default_factory=list)
+    turns: list[tuple[str, int]] = field(default_factory=list)
     metrics: tuple[str, ...] = ()
     domain: int = 0  # the domain's index in data.domains (its expert under routing domain)
 
@@ -98,6 +101,7 @@ def heldout_set(urls: list[str], process: SampleProcessor, batch_size: int, pad_
             prompts, references = questions(example)
             held.prompts += prompts
             held.references += references
+            held.turns += [(example.key, turn) for turn in range(len(prompts))]
     return held
 
 
@@ -140,9 +144,10 @@ def parameters_held_by_the_model(model):
 
 
 def heldout_scores(engine, held: HeldoutSet, encoder: PromptEncoder, max_new_tokens: int, batch_size: int,
-                   device: torch.device) -> dict[str, float]:
+                   device: torch.device) -> tuple[dict[str, float], list[dict]]:
     """Each of the set's metrics, the mean over every rank's questions it applies to (a metric that
-    applies to none is left out), from greedy answers of at most ``max_new_tokens`` tokens.
+    applies to none is left out), from greedy answers of at most ``max_new_tokens`` tokens; and this
+    rank's answers, ``{"key", "turn", "prediction"}`` each.
 
     ``engine`` wraps a :class:`mole.model.TrainingModel`; every rank runs as many ``generate`` calls (a
     rank that runs out repeats its last batch and does not count it), all kept in step.
@@ -154,6 +159,7 @@ def heldout_scores(engine, held: HeldoutSet, encoder: PromptEncoder, max_new_tok
     if synced:
         dist.all_reduce(count, op=dist.ReduceOp.MAX)
     sums = torch.zeros(len(held.metrics), 2, dtype=torch.float64)  # (sum of scores, questions scored)
+    answers = []
     tokenizer = encoder.tokenizer
     was_training = engine.training
     engine.eval()
@@ -162,17 +168,22 @@ def heldout_scores(engine, held: HeldoutSet, encoder: PromptEncoder, max_new_tok
     for i in range(int(count)):
         start = min(i, batches - 1) * batch_size
         prompts, references = held.prompts[start : start + batch_size], held.references[start : start + batch_size]
+        turns = held.turns[start : start + batch_size]
         batch = encoder(prompts)
         pixels, sizes = batch["pixel_values"], batch["image_sizes"]
+        input_ids = batch["input_ids"].to(device)
         with parameters_held_by_the_model(model.llava):
-            embeds = model.embed(batch["input_ids"].to(device), None if pixels is None else pixels.to(device),
-                                 None if sizes is None else sizes.to(device))
-        out = model.llava.generate(inputs_embeds=embeds, attention_mask=batch["attention_mask"].to(device),
+            inputs = model.prefill_inputs(input_ids, None if pixels is None else pixels.to(device),
+                                          None if sizes is None else sizes.to(device))
+        out = model.llava.generate(**inputs, attention_mask=batch["attention_mask"].to(device),
                                    max_new_tokens=max_new_tokens, do_sample=False, use_cache=True, synced_gpus=synced,
                                    pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id)
+        if "input_ids" in inputs:  # generate returns the prompt before the new tokens
+            out = out[:, input_ids.shape[1] :]
         if i >= batches:
             continue
-        for answer, answer_references in zip(decode_answers(tokenizer, out), references):  # out: the new tokens only
+        for answer, answer_references, (key, turn) in zip(decode_answers(tokenizer, out), references, turns):
+            answers.append({"key": key, "turn": turn, "prediction": answer})
             for m, metric in enumerate(held.metrics):
                 value = score(metric, answer, answer_references)
                 if value is not None:
@@ -181,4 +192,5 @@ def heldout_scores(engine, held: HeldoutSet, encoder: PromptEncoder, max_new_tok
         engine.train()
     if synced:
         dist.all_reduce(sums)
-    return {metric: (total / scored).item() for metric, (total, scored) in zip(held.metrics, sums) if scored > 0}
+    scores = {metric: (total / scored).item() for metric, (total, scored) in zip(held.metrics, sums) if scored > 0}
+    return scores, answers

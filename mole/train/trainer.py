@@ -140,7 +140,7 @@ class Trainer:
         cfg, info = self.cfg, self.info
         process = SampleProcessor(processor, cfg.data.max_length, cfg.data.image_aspect,
                                   image_backend=cfg.data.image_backend, max_image_pixels=cfg.data.max_image_pixels,
-                                  backbone=self.model.backbone)
+                                  backbone=self.model.backbone, model_config=self.model.llava.config)
         if cfg.data.max_length <= process.num_image_tokens:
             log.warning("data.max_length=%d is not above the %d tokens one image takes: every sample with an image "
                         "will be skipped as too_long (LLaVA-1.5 wants about 2048)", cfg.data.max_length,
@@ -192,7 +192,8 @@ class Trainer:
         """``grad_accum`` micro-batches (forward, backward, engine.step: DeepSpeed steps at the boundary);
         the step's metrics, reduced over ranks. The window's micro-batches are drawn first: their answer
         tokens, counted over every rank, normalise the LM loss (:mod:`mole.lm_loss`). With ``on_nonfinite=skip`` a micro-batch whose loss is
-        not finite on any rank is dropped on every rank and another drawn, and an update whose
+        not finite on any rank is dropped on every rank and another drawn, the window's tokens counted
+        again with it (a second all-reduce, on every rank), and an update whose
         gradients are not finite on any rank is skipped on every rank; with ``stop`` either stops the
         run before the update. Weights that are not finite after the update always stop it, before
         anything is saved."""
@@ -207,9 +208,11 @@ class Trainer:
         self.phase.enter("answer tokens all-reduce")
         normaliser = window_normaliser(window, grad_accum)  # the LM loss is the mean over the global batch
         while done < grad_accum:
-            if window[done] is None:  # in place of a skipped micro-batch (it keeps the window's normaliser)
+            if window[done] is None:  # in place of a skipped micro-batch, on every rank: the window is recounted
                 self.phase.enter("data", data=True)
                 window[done] = next(self.batches)
+                self.phase.enter("answer tokens all-reduce")
+                normaliser = window_normaliser(window, grad_accum)
             batch = window[done]
             self.phase.enter("forward/backward")
             self.metrics.add_skipped(batch.get("skipped", {}))
@@ -291,8 +294,10 @@ class Trainer:
         for name, held in self.heldout.items():
             values = {"loss": heldout_loss(self.engine, held.batches, self.info.device)}
             if held.metrics:
-                values |= heldout_scores(self.engine, held, self.answer_encoder, train.eval_max_new_tokens,
-                                         train.micro_batch_size, self.info.device)
+                scores, answers = heldout_scores(self.engine, held, self.answer_encoder, train.eval_max_new_tokens,
+                                                 train.micro_batch_size, self.info.device)
+                values |= scores
+                self.metrics.record({"event": "heldout_answers", "step": step, "domain": name, "answers": answers})
             scalars |= {f"eval/{metric}/{name}": value for metric, value in values.items()}
             shown.append(f"{name} " + " ".join(f"{metric} {value:.4f}" for metric, value in values.items()))
         self.metrics.write_scalars(step, scalars)
