@@ -113,11 +113,30 @@ def export_peft(adapter_dir: str, out_dir: str) -> list[str]:
     from safetensors.torch import save_file
 
     state, spec = load_adapter(adapter_dir)  # checked against its spec (mole.adapter_check)
+    refuse_image_settings_peft_drops(spec, adapter_dir)
     lora_config, peft_state = peft_state_and_config(state, spec)
     os.makedirs(out_dir, exist_ok=True)
     lora_config.save_pretrained(out_dir)
     save_file(peft_state, os.path.join(out_dir, "adapter_model.safetensors"), metadata={"format": "pt"})
     return [os.path.join(out_dir, "adapter_config.json"), os.path.join(out_dir, "adapter_model.safetensors")]
+
+
+def refuse_image_settings_peft_drops(spec: AdapterSpec, adapter_dir: str) -> None:
+    """A peft adapter carries no image settings: whoever loads it prepares images with the base directory's
+    processor (and, for AnyRes, tiles with its config). Refuse when the adapter recorded other settings
+    than its base directory holds (a run's own ``data.image_grid_pinpoints``, ``data.max_pixels``...):
+    served from peft it would see other pixels than it was trained on. Merged and hf exports carry them.
+    A base that is not a local directory cannot be compared, and nothing is downloaded to do so."""
+    if spec.base_model is None or not os.path.isfile(os.path.join(spec.base_model, "config.json")):
+        return
+    backbone = FAMILIES[spec.family]
+    base = backbone.prepared_image(spec.image, backbone.load_processor(spec.base_model))
+    for name in ("processor_backend", "min_pixels", "max_pixels", "image_grid_pinpoints", "vision_aspect_ratio"):
+        recorded, held = getattr(spec.image, name), getattr(base, name)
+        if recorded is not None and recorded != held:
+            raise ExportError(f"--format peft cannot carry the image settings {adapter_dir} was trained with: {name} "
+                              f"{recorded!r}, but its base {spec.base_model} prepares images with {held!r}; use "
+                              f"--format merged or hf, which save them, or --format mole")
 
 
 def export_merged(adapter_dir: str, out_dir: str, base_dir: str | None = None, allow_remote: bool = False) -> str:

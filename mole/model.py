@@ -23,18 +23,23 @@ from mole.surgery import MoleSurgery, apply_mole
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
-def attention_implementation(choice: str) -> str:
-    """What ``from_pretrained`` gets for ``model.attn_implementation``: ``auto`` is flash_attention_2 where
-    transformers finds flash-attn and a CUDA device, else sdpa; an explicit flash_attention_2 without
-    them is a one-line ``ConfigError`` (transformers' own error comes after the model's config is read,
-    and says nothing of the key)."""
+def attention_implementation(choice: str, dtype: torch.dtype = torch.bfloat16) -> str:
+    """What ``from_pretrained`` gets for ``model.attn_implementation`` when the model runs in ``dtype``:
+    ``auto`` is flash_attention_2 where transformers finds flash-attn and a CUDA device and the model is
+    16-bit (flash-attn computes in fp16/bf16 only; an fp32 model would fail at its first forward), else
+    sdpa; an explicit flash_attention_2 that cannot run is a one-line ``ConfigError`` (transformers' own
+    error comes after the model's config is read, or at the first forward, and says nothing of the key)."""
     from transformers.utils import is_flash_attn_2_available
 
+    half = dtype in (torch.float16, torch.bfloat16)
     if choice == "auto":
-        return "flash_attention_2" if is_flash_attn_2_available() else "sdpa"
+        return "flash_attention_2" if half and is_flash_attn_2_available() else "sdpa"
     if choice == "flash_attention_2" and not is_flash_attn_2_available():
         raise ConfigError("model.attn_implementation: flash_attention_2 needs the flash-attn package (>= 2.3.3) and a "
                           "CUDA GPU; use auto, sdpa or eager", "model.attn_implementation")
+    if choice == "flash_attention_2" and not half:
+        raise ConfigError(f"model.attn_implementation: flash_attention_2 computes in fp16 or bf16 only, and the model "
+                          f"runs in {dtype} (train.precision); use auto, sdpa or eager", "model.attn_implementation")
     return choice
 
 
@@ -77,7 +82,7 @@ def build_mole_model(cfg: Config, dtype: torch.dtype, ds_config: dict | None = N
     before surgery, so they are the same on every rank and under every ZeRO stage (loading consumes
     random numbers differently).
     """
-    model = load_backbone(cfg.model.name_or_path, dtype, ds_config, attention_implementation(cfg.model.attn_implementation))
+    model = load_backbone(cfg.model.name_or_path, dtype, ds_config, attention_implementation(cfg.model.attn_implementation, dtype))
     model.config.use_cache = False
     spec, processor = run_spec(cfg, model.config)
     backbone_for(model.config).configure(model.config, spec.image)

@@ -249,8 +249,17 @@ class AdapterSpec:
             else:
                 same = now == before
             if not same:
-                changes.append(SpecChange(f.name, before, now, f.metadata["impact"]))
+                impact = f.metadata["impact"]
+                if f.name == "routing" and self.has_router != other.has_router:
+                    impact = "shape"  # a router weight and bias per layer appear or go (routing domain has none)
+                changes.append(SpecChange(f.name, before, now, impact))
         return changes
+
+    @property
+    def has_router(self) -> bool:
+        """Whether the MoLE layers hold a router: K > 1 with a learned routing (``domain`` routes by the
+        sample's domain instead)."""
+        return self.num_experts > 1 and self.routing != "domain"
 
     # -------------------------------------------------------------------------- (de)serialising
 

@@ -129,3 +129,23 @@ def test_mole_export_of_a_damaged_checkpoint_is_an_export_error(mode_runs, tmp_p
         victim.write_bytes(bytes(victim.stat().st_size) if damage == "zeroed" else victim.read_bytes()[:200])
     with pytest.raises(ExportError, match=r"checkpoint .*step cannot be consolidated"):
         export_mole(str(checkpoint), str(tmp_path / "out"))
+
+
+def test_peft_export_refuses_image_settings_its_base_directory_does_not_hold(tmp_path):
+    """A peft adapter is served with its base directory's processor and config: an adapter trained with
+    other tile limits is refused in one line pointing to the exports that carry them; one trained with
+    the directory's own limits (what an unset key records) exports."""
+    from mole.adapter import read_adapter_spec
+    from mole.export import refuse_image_settings_peft_drops
+    from tests.helpers import make_adapter
+
+    adapter = tmp_path / "adapter"
+    make_adapter(adapter, "llava_next", num_experts=1, routing="hard")
+    config = json.loads((adapter / "mole_config.json").read_text())
+    directory = json.loads((REPO / "models" / "tiny-llava-next" / "config.json").read_text())["image_grid_pinpoints"]
+    (adapter / "mole_config.json").write_text(json.dumps({**config, "image_grid_pinpoints": directory}))
+    refuse_image_settings_peft_drops(read_adapter_spec(str(adapter)), str(adapter))  # (its image_newline has no peft form)
+    (adapter / "mole_config.json").write_text(json.dumps({**config, "image_grid_pinpoints": [[56, 56], [28, 56]]}))
+    with pytest.raises(ExportError, match=r"^--format peft cannot carry the image settings .* image_grid_pinpoints "
+                                          r"\(\(56, 56\), \(28, 56\)\), but its base .* use --format merged or hf"):
+        export_peft(str(adapter), str(tmp_path / "other"))

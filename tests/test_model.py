@@ -137,3 +137,22 @@ def test_attention_is_sdpa_on_a_cpu_and_flash_attention_without_flash_attn_is_a_
     eager = load_config(str(TINY_CONFIG), ["model.attn_implementation=eager"])
     llava, _, _ = build_mole_model(eager, torch.float32)
     assert llava.config.get_text_config()._attn_implementation == "eager", "the key must reach from_pretrained"
+
+
+def test_auto_attention_keeps_an_fp32_model_off_flash_attention(monkeypatch):
+    """flash-attn computes in fp16/bf16 only: where it is installed (a GPU machine), ``auto`` takes it for
+    a 16-bit model and sdpa for an fp32 one, and an explicit flash_attention_2 with fp32 is refused in one
+    line naming the key (otherwise the first forward fails inside flash-attn). Availability is what this
+    CPU machine lacks, so it is stood in for; the choice made from it is mole's."""
+    import transformers.utils
+
+    from mole.config import ConfigError
+    from mole.model import attention_implementation
+
+    monkeypatch.setattr(transformers.utils, "is_flash_attn_2_available", lambda: True)
+    assert attention_implementation("auto", torch.bfloat16) == "flash_attention_2"
+    assert attention_implementation("auto", torch.float16) == "flash_attention_2"
+    assert attention_implementation("auto", torch.float32) == "sdpa"
+    assert attention_implementation("flash_attention_2", torch.bfloat16) == "flash_attention_2"
+    with pytest.raises(ConfigError, match=r"^model\.attn_implementation: flash_attention_2 computes in fp16 or bf16 only"):
+        attention_implementation("flash_attention_2", torch.float32)

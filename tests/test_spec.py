@@ -143,6 +143,17 @@ def test_diff_names_each_changed_field_with_what_it_changes(spec, field, value, 
     assert (changes[0].before, changes[0].after) == (getattr(spec, field), value), "before is the other spec's value"
 
 
+def test_routing_by_domain_against_a_learned_router_is_a_change_of_shape(spec):
+    """Routing ``domain`` has no router: switching it with a learned routing adds or drops a router per
+    layer, which no resume can take (``train.resume_accept`` must not let it through)."""
+    assert spec.num_experts == 3
+    oracle = dataclasses.replace(spec, routing="domain", domains=("shapes", "charts", "tissue"))
+    assert {c.field: c.impact for c in oracle.diff(spec)} == {"routing": "shape", "domains": "computation"}
+    assert {c.field: c.impact for c in spec.diff(oracle)} == {"routing": "shape", "domains": "computation"}
+    dense = dataclasses.replace(spec, routing="dense")
+    assert [(c.field, c.impact) for c in dense.diff(spec)] == [("routing", "computation")], "both learn a router"
+
+
 def test_diff_ignores_the_order_of_targets(spec):
     reordered = dataclasses.replace(spec, attn_targets=spec.attn_targets[::-1], mlp_targets=spec.mlp_targets[::-1])
     assert reordered.diff(spec) == [], "target order shapes no tensor"

@@ -110,7 +110,7 @@ class SampleProcessor:
     def _check_image_features(self, pixels: torch.Tensor, image_size: tuple[int, ...] | None, tokens: int) -> None:
         try:
             features = self.backbone.image_features_of(self.model_config, pixels, image_size)
-        except ValueError as err:
+        except (ValueError, RuntimeError) as err:  # RuntimeError: the model's own rule failed on these pixels
             raise BadSample("image_features", str(err)) from None
         if features != tokens:
             size = "" if image_size is None else f" (size input {tuple(image_size)})"

@@ -34,3 +34,4 @@ def run(cfg: Config, stop: StopRequest | None = None, ds_config: dict | None = N
             return trainer.run()
         finally:
             trainer.watchdog.stop()
+            trainer.metrics.close()  # a failed run's last TensorBoard events too (closing twice is harmless)

@@ -205,6 +205,7 @@ class StepMetrics:
         return routing
 
     def close(self) -> None:
+        """Flush and close the rank log, TensorBoard and metrics.jsonl; calling it again does nothing."""
         self.file.close()
         if self.writer is not None:
             self.writer.close()
