@@ -106,6 +106,24 @@ def read_rank_log(output_dir: Path, rank: int) -> list[dict]:
     return [json.loads(line) for line in lines]
 
 
+def logged_heldout_answers(output_dir: Path, ranks: int = 2) -> dict[tuple[str, int], str]:
+    """The held-out answers every rank of a run logged during training, by (sample key, turn)."""
+    return {(a["key"], a["turn"]): a["prediction"] for rank in range(ranks) for record in read_rank_log(output_dir, rank)
+            if record.get("event") == "heldout_answers" for a in record["answers"]}
+
+
+def evaluated_answers(base: Path, output_dir: Path, domain: str, shard: Path, max_new_tokens: int) -> dict[tuple[str, int], str]:
+    """What :func:`mole.evaluate.evaluate`, the path of ``launch/eval.py``, answers on ``shard`` with the
+    run's saved adapter (images prepared as its record says), by (sample key, turn)."""
+    from mole.evaluate import EvalDomain, evaluate
+    from mole.inference import load_model, load_processor
+
+    adapter = str(Path(output_dir) / "adapter")
+    model, processor = load_model(str(base), adapter), load_processor(str(base), adapter_dir=adapter)
+    results = evaluate(model, processor, [EvalDomain(domain, [str(shard)])], batch_size=1, max_new_tokens=max_new_tokens)
+    return {(p["key"], p["turn"]): p["prediction"] for p in results["predictions"]}
+
+
 def step_records(output_dir: Path, rank: int) -> list[dict]:
     """A rank's per-step records (events such as ``{"event": "start", "step": 0}`` left out)."""
     return [r for r in read_rank_log(output_dir, rank) if "step" in r and "event" not in r]

@@ -21,9 +21,9 @@ from mole.model import TrainingModel, build_mole_model
 from mole.spec import AdapterSpec
 from mole.surgery import apply_mole
 from tests.helpers import SHORT_RUN_STEPS as STEPS
-from tests.helpers import (REPO, TINY_CONFIG, launch_module, launch_trainings_together,  # noqa: F401
-                           noise_png, one_thread_for_the_module, read_rank_log, read_shard_samples, step_records,
-                           text_sample, write_shard)
+from tests.helpers import (REPO, TINY_CONFIG, evaluated_answers, launch_module,  # noqa: F401
+                           launch_trainings_together, logged_heldout_answers, noise_png, one_thread_for_the_module,
+                           read_rank_log, read_shard_samples, step_records, text_sample, write_shard)
 
 TINY_MODELS = {family: REPO / "models" / f"tiny-{family.replace('_', '-')}" for family in ("llava", "llava_next",
                                                                                           "llava_onevision")}
@@ -246,21 +246,13 @@ def test_held_out_answers_under_zero3_are_launch_eval_pys(family_runs):
     """Generation during training (ranks in step, one with a text-only question and one with an image,
     ``image_newline`` gathered around the embedding) answers as :func:`mole.evaluate.evaluate`, the path of
     ``launch/eval.py``, answers with the saved adapter on the same questions."""
-    from mole.evaluate import EvalDomain, evaluate
-    from mole.inference import load_model, load_processor
-
     name, runs = family_runs
     logged = [json.loads(line) for line in (runs["zero3"] / "metrics.jsonl").read_text().splitlines()]
     assert any("eval/normalized_match/shapes" in line for line in logged), f"{name}: no held-out metric logged"
-    answers = {(a["key"], a["turn"]): a["prediction"] for rank in (0, 1) for record in read_rank_log(runs["zero3"], rank)
-               if record.get("event") == "heldout_answers" for a in record["answers"]}
+    answers = logged_heldout_answers(runs["zero3"])
     val = runs["zero3"].parent / "val" / "val-000000.tar"
     assert len(answers) == 2 and ("v0", 0) in answers, f"{name}: held-out answers logged: {answers}"
-    model = load_model(str(TINY_MODELS[name]), str(runs["zero3"] / "adapter"))
-    processor = load_processor(str(TINY_MODELS[name]), adapter_dir=str(runs["zero3"] / "adapter"))
-    results = evaluate(model, processor, [EvalDomain("shapes", [str(val)])], batch_size=1,
-                       max_new_tokens=NEW_TOKENS)
-    expected = {(p["key"], p["turn"]): p["prediction"] for p in results["predictions"]}
+    expected = evaluated_answers(TINY_MODELS[name], runs["zero3"], "shapes", val, NEW_TOKENS)
     assert answers == expected, f"{name}: held-out answers {answers}, launch/eval.py's {expected}"
 
 

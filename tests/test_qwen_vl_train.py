@@ -21,8 +21,8 @@ from mole.evaluate import EvalDomain, evaluate
 from mole.export import export_mole
 from mole.inference import load_model, load_processor
 
-from tests.helpers import (REPO, launch_training, launch_trainings_together, read_rank_log, step_records, text_sample,
-                           write_shard)
+from tests.helpers import (REPO, evaluated_answers, launch_training, launch_trainings_together, logged_heldout_answers,
+                           read_rank_log, step_records, text_sample, write_shard)
 
 pytestmark = pytest.mark.distributed
 
@@ -162,14 +162,9 @@ def test_held_out_answers_under_zero3_are_launch_eval_pys(qwen_runs, tmp_path):
     family, runs = qwen_runs
     logged = [json.loads(line) for line in (runs["zero3"] / "metrics.jsonl").read_text().splitlines()]
     assert any("eval/normalized_match/images" in line for line in logged), f"{family}: no held-out metric logged"
-    answers = {(a["key"], a["turn"]): a["prediction"] for rank in (0, 1) for record in read_rank_log(runs["zero3"], rank)
-               if record.get("event") == "heldout_answers" for a in record["answers"]}
+    answers = logged_heldout_answers(runs["zero3"])
     assert sorted(answers) == [(f"v{i}", 0) for i in range(4)], f"{family}: held-out answers logged: {answers}"
     assert any(answers.values()), f"{family}: every held-out answer is empty: nothing was compared"
     val = next((runs["zero3"].parent / "val").glob("*.tar"))
-    model = load_model(str(MODELS[family]), str(runs["zero3"] / "adapter"))
-    processor = load_processor(str(MODELS[family]), adapter_dir=str(runs["zero3"] / "adapter"))
-    results = evaluate(model, processor, [EvalDomain("images", [str(val)])], batch_size=1,
-                       max_new_tokens=NEW_TOKENS)
-    expected = {(p["key"], p["turn"]): p["prediction"] for p in results["predictions"]}
+    expected = evaluated_answers(MODELS[family], runs["zero3"], "images", val, NEW_TOKENS)
     assert answers == expected, f"{family}: held-out answers {answers}, launch/eval.py's {expected}"
