@@ -30,6 +30,7 @@ from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationEr
 from mole.choices import (ANYRES, ANYRES_MAX, DYNAMIC_RESOLUTION, AttnImplementation, AuxLoss, Family, ImageAspect,
                           ImageBackend, Metric, NonFinitePolicy, Optimizer, Packing, Precision, ProcessorBackend,
                           ResumeAcceptable, Routing, options)
+from mole.spec import ANYRES_MAX_PATTERN
 
 RESUME_WORDS = ("auto", "never")
 BUNDLED_DOMAINS = ("shapes", "charts", "tissue")
@@ -596,7 +597,7 @@ def validate(cfg: Config) -> None:
                      f"data.image_grid_pinpoints[{i}]", f"[{height}, {width}] is not a multiple of the vision tower's "
                      f"image size {side} in both sides (each resolution is cut into whole tiles)")
     ratio = cfg.data.vision_aspect_ratio
-    _require(ratio is None or re.fullmatch(r"anyres_max_[1-9][0-9]*", ratio) is not None, "data.vision_aspect_ratio",
+    _require(ratio is None or ANYRES_MAX_PATTERN.fullmatch(ratio) is not None, "data.vision_aspect_ratio",
              f"must be anyres_max_N (N >= 1 tiles' worth of features), got {ratio!r}")
     if cfg.data.image_processor_backend == "torchvision":
         import importlib.util

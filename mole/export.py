@@ -129,14 +129,15 @@ def refuse_image_settings_peft_drops(spec: AdapterSpec, adapter_dir: str) -> Non
     A base that is not a local directory cannot be compared, and nothing is downloaded to do so."""
     if spec.base_model is None or not os.path.isfile(os.path.join(spec.base_model, "config.json")):
         return
+    from mole.inference import image_preparation_difference
+
     backbone = FAMILIES[spec.family]
-    base = backbone.prepared_image(spec.image, backbone.load_processor(spec.base_model))
-    for name in ("processor_backend", "min_pixels", "max_pixels", "image_grid_pinpoints", "vision_aspect_ratio"):
-        recorded, held = getattr(spec.image, name), getattr(base, name)
-        if recorded is not None and recorded != held:
-            raise ExportError(f"--format peft cannot carry the image settings {adapter_dir} was trained with: {name} "
-                              f"{recorded!r}, but its base {spec.base_model} prepares images with {held!r}; use "
-                              f"--format merged or hf, which save them, or --format mole")
+    difference = image_preparation_difference(spec.image, backbone, backbone.load_processor(spec.base_model))
+    if difference is not None:
+        name, recorded, held = difference
+        raise ExportError(f"--format peft cannot carry the image settings {adapter_dir} was trained with: {name} "
+                          f"{recorded!r}, but its base {spec.base_model} prepares images with {held!r}; use "
+                          f"--format merged or hf, which save them, or --format mole")
 
 
 def export_merged(adapter_dir: str, out_dir: str, base_dir: str | None = None, allow_remote: bool = False) -> str:

@@ -302,10 +302,20 @@ def check_processor(model: nn.Module, processor) -> None:
     spec = getattr(model, "mole_spec", None)
     if spec is None:
         return
-    backbone = backbone_for(model.config)
-    built = backbone.prepared_image(spec.image, processor)
+    difference = image_preparation_difference(spec.image, backbone_for(model.config), processor)
+    if difference is not None:
+        name, recorded, used = difference
+        raise ValueError(f"the processor prepares images with {name} {used!r}, but the adapter was trained with "
+                         f"{recorded!r}: load it with mole.inference.load_processor(base, adapter_dir=...)")
+
+
+def image_preparation_difference(recorded: ImageSpec, backbone, processor) -> tuple[str, object, object] | None:
+    """The first setting ``recorded`` (an adapter's image record) holds that ``processor`` prepares images
+    otherwise with, as ``(name, recorded value, processor's value)``; None when the processor agrees
+    (a setting not recorded, ``None``, agrees with any)."""
+    built = backbone.prepared_image(recorded, processor)
     for f in dataclasses.fields(ImageSpec):
-        recorded, used = getattr(spec.image, f.name), getattr(built, f.name)
-        if recorded is not None and recorded != used:
-            raise ValueError(f"the processor prepares images with {f.name} {used!r}, but the adapter was trained with "
-                             f"{recorded!r}: load it with mole.inference.load_processor(base, adapter_dir=...)")
+        value, used = getattr(recorded, f.name), getattr(built, f.name)
+        if value is not None and value != used:
+            return f.name, value, used
+    return None
