@@ -147,6 +147,19 @@ class ExperimentConfig:
     workers: int = 2
     extra_overrides: list[str] = field(default_factory=list)
     """Overrides applied to every run after the experiment's own (e.g. ``lora.r=4`` while tuning on val)."""
+    domains: list[str] | None = None
+    """The suite's domains trained and evaluated (default: all of them); the boundary map's fewer-domain
+    cells take the first few (:mod:`experiments.conflict_boundary`)."""
+
+    @property
+    def domain_names(self) -> tuple[str, ...]:
+        suite = SUITES[self.suite].domains
+        if self.domains is None:
+            return suite
+        unknown = [d for d in self.domains if d not in suite]
+        if unknown or not self.domains:
+            raise ValueError(f"domains {self.domains}: not a non-empty subset of suite {self.suite!r}'s {list(suite)}")
+        return tuple(self.domains)
 
 
 def domain_entry(root: str, name: str) -> str:
@@ -176,7 +189,7 @@ def run_specs(cfg: ExperimentConfig) -> list[RunSpec]:
     root = cfg.data_root  # relative paths stay relative: the runs share our working directory
     recipe = recipe_digest(cfg.train_config, cfg.base_model)
     specs = []
-    suite = SUITES[cfg.suite].domains
+    suite = cfg.domain_names
     for seed in cfg.seeds:
         for variant in cfg.variants:
             experts, routing, multiple, mixed = VARIANTS[variant]
@@ -217,22 +230,36 @@ def run_all(cfg: ExperimentConfig) -> list[dict]:
         for done, index in enumerate(pending, 1):
             finished(done, index, train_and_evaluate(cfg.train_config, specs[index], os.path.join(out_dir, specs[index].name),
                                                      isolated=False))
-        return _with_answer_analysis([results[i] for i in range(len(specs))], out_dir, SUITES[cfg.suite])
+        return _with_answer_analysis([results[i] for i in range(len(specs))], out_dir, SUITES[cfg.suite], cfg.domain_names)
     context = multiprocessing.get_context("spawn")
     with concurrent.futures.ProcessPoolExecutor(max_workers=cfg.workers, mp_context=context, max_tasks_per_child=1) as pool:
         futures = {pool.submit(train_and_evaluate, cfg.train_config, specs[i], os.path.join(out_dir, specs[i].name)): i
                    for i in pending}
         for done, future in enumerate(concurrent.futures.as_completed(futures), 1):
             finished(done, futures[future], future.result())  # a failed run fails the experiment, naming its log
-    return _with_answer_analysis([results[i] for i in range(len(specs))], out_dir, SUITES[cfg.suite])
+    return _with_answer_analysis([results[i] for i in range(len(specs))], out_dir, SUITES[cfg.suite], cfg.domain_names)
 
 
-def _with_answer_analysis(results: list[dict], out_dir: str, suite: Suite) -> list[dict]:
+def _with_answer_analysis(results: list[dict], out_dir: str, suite: Suite, domains: tuple[str, ...]) -> list[dict]:
+    """Add what each run's saved evaluation tells beyond its ``result.json`` (so that cached runs gain it
+    too): the answer analysis (foreign answers among ``domains``, the experiment's) and the top-expert
+    share per layer."""
     for result in results:
-        split = result["spec"]["split"]
-        result["answers"] = answer_analysis(os.path.join(out_dir, result["name"], f"eval_{split}", "predictions.jsonl"),
-                                            suite)
+        eval_dir = os.path.join(out_dir, result["name"], f"eval_{result['spec']['split']}")
+        result["answers"] = answer_analysis(os.path.join(eval_dir, "predictions.jsonl"), suite, domains)
+        result["top_expert_share_per_layer"] = top_expert_share_per_layer(os.path.join(eval_dir, "metrics.json"))
     return results
+
+
+def top_expert_share_per_layer(metrics_path: str) -> list[float] | None:
+    """Per layer, the largest expert share of each evaluated domain's tokens, averaged over the domains
+    (``None`` for one expert): how concentrated routing is, layer by layer. From the evaluation's saved
+    routing shares (``mole.evaluate.save_results``)."""
+    with open(metrics_path) as handle:
+        routing = json.load(handle)["routing"]
+    if routing["num_experts"] <= 1:
+        return None
+    return [sum(max(domain) for domain in layer) / len(layer) for layer in routing["shares"]]
 
 
 def foreign_answers(domain: str, key: str, turn: int, domains: tuple[str, ...]) -> set[str]:
@@ -250,12 +277,14 @@ def foreign_answers(domain: str, key: str, turn: int, domains: tuple[str, ...]) 
     return answers
 
 
-def answer_analysis(predictions_path: str, suite: Suite = SUITES["bundled"]) -> dict:
+def answer_analysis(predictions_path: str, suite: Suite = SUITES["bundled"], domains: tuple[str, ...] | None = None) -> dict:
     """Per domain: which convention the generated answers follow (own / another domain's / neither)
     and the accuracy per question kind. A mixed adapter confusing the domains' conventions shows up
     as ``foreign``; wrong content in the right convention does not. Without ``suite.conventions`` an
     answer is ``own`` when it is right, ``foreign`` when it is another domain's answer to the same
-    question (and not right), else ``neither``."""
+    question (and not right), else ``neither``; the other domains are those of ``domains`` (the
+    experiment's; default: the suite's), the answers the adapter could have learned instead."""
+    domains = suite.domains if domains is None else domains
     from mole.answers import normalize_answer
 
     per_domain: dict = {}
@@ -269,7 +298,7 @@ def answer_analysis(predictions_path: str, suite: Suite = SUITES["bundled"]) -> 
             foreign = any(c.fullmatch(answer) for d, c in suite.conventions.items() if d != p["domain"])
         else:
             own = bool(p["match"])
-            foreign = normalize_answer(answer) in foreign_answers(p["domain"], p["key"], p["turn"], suite.domains)
+            foreign = normalize_answer(answer) in foreign_answers(p["domain"], p["key"], p["turn"], domains)
         row["questions"] += 1
         row["own" if own else "foreign" if foreign else "neither"] += 1
         question = re.sub(r"^\[\w+\] ", "", p["question"].replace("<image>", "").strip())  # a cue first
@@ -386,12 +415,12 @@ def describe_setup(cfg: ExperimentConfig, base: dict, train_config: str, smoke: 
     with open(train_config) as handle:
         recipe = yaml.safe_load(handle)
     suite = SUITES[cfg.suite]
-    n, d = cfg.steps, len(suite.domains)
+    n, d = cfg.steps, len(cfg.domain_names)
     batch = recipe["train"]["micro_batch_size"]
     steps = {v: (max(1, round(n / d)) if not VARIANTS[v][3] else round(n * VARIANTS[v][2])) for v in cfg.variants}
     lora = recipe["lora"]
     sizes = base["recipe"]
-    train_samples = sum(len(read_keys(path)) for path in _train_shards(cfg.data_root, suite.domains[0]))
+    train_samples = sum(len(read_keys(path)) for path in _train_shards(cfg.data_root, cfg.domain_names[0]))
     description = [
         f"Suite `{suite.name}`: {suite.about}.",
         f"Base: a LLaVA-1.5-shaped model (CLIP ViT hidden {sizes['vision_hidden']} x {sizes['vision_layers']} layers, "
@@ -420,6 +449,11 @@ def describe_setup(cfg: ExperimentConfig, base: dict, train_config: str, smoke: 
         "VQAv2 normalisation. "
         "`single` is evaluated on its own domain only. The recipe (rank, LR, N) was chosen on the val split.",
     ]
+    if cfg.domain_names != suite.domains:
+        description.insert(1, f"Domains: {', '.join(cfg.domain_names)} only ({d} of the suite's {len(suite.domains)}).")
+    if cfg.extra_overrides:
+        description.append("Every run also sets " + ", ".join(f"`{o}`" for o in cfg.extra_overrides)
+                           + " on top of the recipe above.")
     if smoke:
         description.insert(0, "SMOKE SETTING: a pipeline check with a barely trained base and a few steps; "
                               "the numbers mean nothing.")
@@ -429,7 +463,7 @@ def describe_setup(cfg: ExperimentConfig, base: dict, train_config: str, smoke: 
         "extra_overrides": cfg.extra_overrides, "base": base, "aliases": ALIASES,
         "metric": "accuracy: VQAv2-normalised exact answer match (mole.answers), per answer turn",
         "eval_max_new_tokens": suite.max_new_tokens, "max_eval_samples": cfg.max_eval_samples, "workers": cfg.workers,
-        "smoke": smoke, "description": description, "suite": suite.name, "domains": list(suite.domains),
+        "smoke": smoke, "description": description, "suite": suite.name, "domains": list(cfg.domain_names),
         "variants": list(cfg.variants),
     }
 

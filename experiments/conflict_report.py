@@ -65,15 +65,18 @@ def details(runs: list[dict], domains: tuple[str, ...]) -> dict:
     loss = _per_variant(runs, "loss")
     exact = _per_variant(runs, "exact_match")
     nmi: dict[str, list[list[float]]] = defaultdict(list)
+    top_share: dict[str, list[list[float]]] = defaultdict(list)
     train_loss: dict[str, list[float]] = defaultdict(list)
     for run in runs:
         variant = run["spec"]["variant"]
         if run["nmi_per_layer"] is not None:
             nmi[variant].append(run["nmi_per_layer"])
+        if run.get("top_expert_share_per_layer") is not None:
+            top_share[variant].append(run["top_expert_share_per_layer"])
         if variant != "single":
             train_loss[variant].append(run["train"]["lm_loss"])
     for alias, source in ALIASES.items():
-        for table in (nmi, train_loss):
+        for table in (nmi, top_share, train_loss):
             if source in table:
                 table[alias] = table[source]
     foreign: dict = defaultdict(lambda: defaultdict(list))
@@ -95,6 +98,7 @@ def details(runs: list[dict], domains: tuple[str, ...]) -> dict:
         "loss": _ordered({v: {d: _stats(x) for d, x in ds.items()} for v, ds in loss.items()}, domains),
         "exact_match": _ordered({v: {d: _stats(x) for d, x in ds.items()} for v, ds in exact.items()}, domains),
         "routing_nmi_per_layer": {v: [_stats(list(layer)) for layer in zip(*rows)] for v, rows in nmi.items()},
+        "top_expert_share_per_layer": {v: [_stats(list(layer)) for layer in zip(*rows)] for v, rows in top_share.items()},
         "train_lm_loss_last20": {v: _stats(x) for v, x in train_loss.items()},
         "runs": runs,
     }
@@ -356,6 +360,13 @@ def markdown(summary: dict, run_details: dict, verdicts: dict, command: str, png
         "the oracle's is 1 by construction):",
         "",
         *_table(top_share, None, domains),
+        "",
+        "The same per layer, averaged over the domains:",
+        "",
+        "| variant | " + " | ".join(f"layer {i}" for i in range(layers)) + " |",
+        "|" + "---|" * (layers + 1),
+        *[f"| `{v}` | " + " | ".join(_cell(layer) for layer in per_layer) + " |"
+          for v, per_layer in run_details.get("top_expert_share_per_layer", {}).items()],
         "",
         "## Claims",
         "",

@@ -4,6 +4,7 @@
     python -m experiments.run_conflict --split val    # what the recipe was chosen on -> runs/conflict/report_val/
     python -m experiments.run_conflict --smoke        # seconds: one seed, a few steps (the test suite)
     python -m experiments.run_conflict --suite cues   # the cue suite -> docs/results/conflict_cues.*
+    python -m experiments.run_conflict --suite cues --boundary   # its boundary map -> conflict_cues.boundary.*
 
 ``--suite`` picks the domains (experiments.conflict.SUITES: ``bundled``, the default, or ``cues``); a
 suite other than ``bundled`` writes ``conflict_<suite>.{md,json,runs.json,png}``.
@@ -30,12 +31,14 @@ SMOKE_VARIANTS = {"cues": ["mix", "mole", "oracle"]}
 
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
+    from experiments.conflict_boundary import DOMAIN_COUNTS, RANKS
+
     parser = argparse.ArgumentParser(prog="python -m experiments.run_conflict", description=__doc__.split("\n")[0])
     parser.add_argument("--config", default="experiments/conflict.yaml", help="trainer recipe of every run")
     parser.add_argument("--suite", default="bundled", choices=["bundled", "cues"],
                         help="the domains (experiments.conflict.SUITES); default: bundled")
     parser.add_argument("--split", default="test", choices=["val", "test"])
-    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    parser.add_argument("--seeds", type=int, nargs="+", help="default: 0 1 2 (the boundary map: 0)")
     parser.add_argument("--steps", type=int, default=1200, help="N: steps of the mix runs")
     parser.add_argument("--variants", nargs="+", help="subset of: single mix mix2x mole mole_hard mole_dense oracle "
                                                       "(default: the suite's)")
@@ -53,7 +56,20 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--smoke", action="store_true", help="tiny everything, one seed: checks the pipeline only")
     parser.add_argument("--designs", help="where a val run of a suite other than bundled records its design (default: "
                                           "docs/results/conflict_<suite>.designs.json)")
+    parser.add_argument("--boundary", action="store_true",
+                        help="the boundary map instead (experiments.conflict_boundary): LoRA rank x number of domains "
+                             "for mix, oracle and one MoLE row -> conflict_<suite>.boundary.{md,json}")
+    parser.add_argument("--boundary-ranks", type=int, nargs="+", default=list(RANKS), metavar="R")
+    parser.add_argument("--boundary-domains", type=int, nargs="+", default=list(DOMAIN_COUNTS), metavar="D",
+                        help="numbers of domains: the suite's first D")
+    parser.add_argument("--boundary-mole", choices=["mole", "mole_hard", "mole_dense"],
+                        help="MoLE row of the map (default: the best MoLE row of the suite's test report)")
     args = parser.parse_args(argv)
+    if args.boundary and (args.variants or args.split != "test"):
+        parser.error("--boundary runs mix, oracle and one MoLE row on the test split: it takes neither --variants "
+                     "nor --split")
+    if args.seeds is None:
+        args.seeds = [0] if args.boundary else [0, 1, 2]
     if args.smoke:
         args.steps, args.seeds, args.max_eval_samples = SMOKE["steps"], SMOKE["seeds"], SMOKE["max_eval_samples"]
         args.pretrain_steps, args.pretrain_samples = SMOKE["pretrain_steps"], SMOKE["pretrain_samples"]
@@ -90,9 +106,11 @@ def main(argv: list[str]) -> int:
         max_eval_samples=args.max_eval_samples, variants=args.variants or list(suite.variants), workers=args.workers,
         extra_overrides=args.overrides,
     )
+    out = args.out or ("docs/results" if args.split == "test" else os.path.join(work, "report_val"))
+    if args.boundary:
+        return boundary(args, cfg, out, command)
     runs = conflict.run_all(cfg)
 
-    out = args.out or ("docs/results" if args.split == "test" else os.path.join(work, "report_val"))
     setup = conflict.describe_setup(cfg, base, args.config, args.smoke)
     summary = conflict_report.summarize(runs, setup)
     details = conflict_report.details(runs, suite.domains)
@@ -113,6 +131,27 @@ def main(argv: list[str]) -> int:
         designs = args.designs or os.path.join("docs", "results", f"{name}.designs.json")
         record = conflict_report.record_design(designs, command.strip(), summary, runs, verdicts)
         print(f"design {record['design']} recorded in {designs}: selected {record['selected']}")
+    return 0
+
+
+def boundary(args: argparse.Namespace, cfg, out: str, command: str) -> int:
+    """The boundary map (experiments.conflict_boundary) of ``cfg``'s suite."""
+    import yaml
+
+    from experiments import conflict_boundary
+    from experiments.conflict import SUITES
+
+    name = SUITES[args.suite].report_name
+    if args.boundary_mole:
+        mole, why = args.boundary_mole, "named by --boundary-mole"
+    else:
+        mole, why = conflict_boundary.best_mole_row(os.path.join(out, f"{name}.json"))
+    with open(args.config) as handle:
+        lora = yaml.safe_load(handle)["lora"]
+    document = conflict_boundary.run_boundary(cfg, {"r": lora["r"], "alpha": lora["alpha"]}, args.boundary_ranks,
+                                              args.boundary_domains, mole, why)
+    for path in conflict_boundary.write(document, out, name, command.strip()):
+        print(f"wrote {path}")
     return 0
 
 

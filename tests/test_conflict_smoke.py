@@ -17,8 +17,8 @@ VARIANTS = ("single", "mix", "mix2x", "mole", "mole_hard", "mole_scaled", "mole_
 CUE_DOMAINS = ("alpha", "beta", "gamma", "delta", "epsilon", "zeta")
 
 
-def run_smoke(tmp_path_factory, *args: str):
-    work, out = tmp_path_factory.mktemp("conflict_work"), tmp_path_factory.mktemp("conflict_out")
+def run_smoke(tmp_path_factory, *args: str, work=None):
+    work, out = work or tmp_path_factory.mktemp("conflict_work"), tmp_path_factory.mktemp("conflict_out")
     cmd = [python(), "-m", "experiments.run_conflict", "--smoke", *args, "--work-dir", str(work), "--out", str(out)]
     env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
     proc = run_group(cmd, timeout=300, env=env)
@@ -32,8 +32,21 @@ def smoke_report(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def cues_report(tmp_path_factory):
-    return run_smoke(tmp_path_factory, "--suite", "cues")
+def cues_work(tmp_path_factory):
+    return tmp_path_factory.mktemp("cues_work")
+
+
+@pytest.fixture(scope="module")
+def cues_report(tmp_path_factory, cues_work):
+    return run_smoke(tmp_path_factory, "--suite", "cues", work=cues_work)
+
+
+@pytest.fixture(scope="module")
+def cues_boundary(tmp_path_factory, cues_work, cues_report):
+    """The cue suite's boundary map in the smoke setting, in the work directory of ``cues_report``: rank 1
+    (the recipe's) and 2, two and all six domains."""
+    return run_smoke(tmp_path_factory, "--suite", "cues", "--boundary", "--boundary-ranks", "1", "2",
+                     "--boundary-domains", "2", "6", work=cues_work)
 
 
 @pytest.mark.slow
@@ -135,6 +148,10 @@ def test_cue_suite_report_has_the_oracle_row_routed_by_domain_and_the_gap_closed
     assert oracle["nmi_per_layer"] == pytest.approx([1.0] * 4), "each domain evaluated on its own expert: NMI 1"
     assert all(m["top_expert_share"] == pytest.approx(1.0) for m in oracle["domains"].values())
     assert oracle["train"]["aux_loss"] == 0.0, "no router, no balance loss"
+    assert oracle["top_expert_share_per_layer"] == pytest.approx([1.0] * 4)
+    shares = details["top_expert_share_per_layer"]
+    assert set(shares) == {"mole", "mole_scaled", "oracle"}, "per layer, for the routed rows only"
+    assert len(shares["mole"]) == 4 and all(1 / 6 <= layer["mean"] <= 1.0 for layer in shares["mole"]), shares["mole"]
     assert set(details["foreign_convention_share"]["mix"]) == set(CUE_DOMAINS)
     assert set(details["claims"]["oracle"]["gap_closed"]) == {"mole"} and details["claims"]["oracle"]["judged"] is False
     text = (cues_report / "conflict_cues.md").read_text()
@@ -164,3 +181,46 @@ def test_val_designs_are_recorded_once_per_command_and_at_most_four(tmp_path):
     assert record["gap_closed"]["mole"] == pytest.approx(0.25) and record["oracle_minus_mix"]["diff"] == pytest.approx(0.2)
     with pytest.raises(ValueError, match="already records 4 designs"):
         record_design(str(path), "five", summary, runs, verdicts)
+
+
+@pytest.mark.slow
+def test_boundary_map_trains_each_cell_at_its_rank_and_domains_and_reuses_the_main_runs(cues_work, cues_report, cues_boundary):
+    document = json.loads((cues_boundary / "conflict_cues.boundary.json").read_text())
+    cells = {(c["rank"], len(c["domains"])): c for c in document["cells"]}
+    assert sorted(cells) == [(1, 2), (1, 6), (2, 2), (2, 6)], sorted(cells)
+    assert document["mole"] == "mole", "no test report in its --out to choose from: the default routing"
+    main = json.loads((cues_report / "conflict_cues.runs.json").read_text())["runs"]
+    recipe_cell = cells[(1, 6)]
+    for variant in ("mix", "oracle", "mole"):
+        seed0 = [r for r in main if r["spec"]["variant"] == variant]
+        mean = sum(m["accuracy"] for m in seed0[0]["domains"].values()) / 6
+        assert recipe_cell["mean_of_domains"][variant]["mean"] == pytest.approx(mean), f"{variant}: not the main runs"
+    boundary_dirs = sorted(p.name for p in (cues_work / "cues" / "smoke" / "boundary").iterdir())
+    assert boundary_dirs == ["r1_d2", "r2_d2", "r2_d6"], f"the recipe's cell must reuse the main runs: {boundary_dirs}"
+    for (rank, count), cell in cells.items():
+        assert cell["domains"] == list(CUE_DOMAINS[:count])
+        for variant in ("mix", "oracle", "mole"):
+            run_dir = os.path.join(cell["work_dir"], "test", f"{variant}_seed0")
+            adapter = json.loads(open(os.path.join(run_dir, "train", "adapter", "mole_config.json")).read())
+            assert (adapter["r"], adapter["alpha"]) == (rank, 2.0 * rank), f"{run_dir}: alpha / r must stay the recipe's 2"
+            experts = 1 if variant == "mix" else count
+            assert adapter["num_experts"] == experts, f"{run_dir}: K={adapter['num_experts']}, expected {experts}"
+            predictions = open(os.path.join(run_dir, "eval_test", "predictions.jsonl")).read().splitlines()
+            assert {json.loads(line)["domain"] for line in predictions} == set(CUE_DOMAINS[:count])
+        assert set(cell["per_domain"]["oracle"]) == set(CUE_DOMAINS[:count])
+    text = (cues_boundary / "conflict_cues.boundary.md").read_text()
+    assert "## 2 domains (alpha, beta)" in text and "--boundary-ranks 1 2" in text
+
+
+def test_boundary_map_refuses_a_cell_the_suite_cannot_hold(tmp_path):
+    from experiments.conflict import ExperimentConfig
+    from experiments.conflict_boundary import cell_config
+
+    main = ExperimentConfig(train_config="experiments/conflict.yaml", base_model="b", work_dir=str(tmp_path), suite="cues")
+    with pytest.raises(ValueError, match="7 domains, but suite 'cues' has 6"):
+        cell_config(main, {"r": 1, "alpha": 2}, 1, 7, "mole")
+    with pytest.raises(ValueError, match="LoRA rank 0 must be at least 1"):
+        cell_config(main, {"r": 1, "alpha": 2}, 0, 3, "mole")
+    cell = cell_config(main, {"r": 1, "alpha": 2}, 8, 3, "mole_hard")
+    assert cell.variants == ["mix", "oracle", "mole_hard"] and cell.domain_names == ("alpha", "beta", "gamma")
+    assert cell.extra_overrides == ["lora.r=8", "lora.alpha=16"]
