@@ -79,6 +79,9 @@ class RoutingStats:
     prob_sum: torch.Tensor  # (batch, K) float32, differentiable: sum of router probabilities
     count: torch.Tensor  # (batch, K) float32: tokens whose top-1 is each expert
     tokens: torch.Tensor  # (batch,) float32: non-padding tokens
+    entropy_sum: torch.Tensor | None = None
+    """(batch,) float32: sum of each token's router entropy in nats (how undecided the router is; 0 under
+    routing ``domain``), for the logged diagnostics: a router that stays near log K never commits."""
 
 
 class RoutingContext:
@@ -338,6 +341,9 @@ def _routing_stats(probs: torch.Tensor, chosen: torch.Tensor, samples: torch.Ten
     num_experts = probs.shape[-1]
     index = torch.where(samples < 0, num_samples, samples)  # (tokens,)
     ones = torch.ones(probs.shape[0], 1, dtype=probs.dtype, device=probs.device)
-    sums = probs.new_zeros(num_samples + 1, 2 * num_experts + 1).index_add(0, index, torch.cat([probs, chosen, ones], 1))
-    return RoutingStats(prob_sum=sums[:num_samples, :num_experts], count=sums[:num_samples, num_experts:-1].detach(),
-                        tokens=sums[:num_samples, -1].detach())
+    entropy = -torch.special.xlogy(probs.detach(), probs.detach()).sum(dim=1, keepdim=True)  # (tokens, 1); 0 log 0 = 0
+    sums = probs.new_zeros(num_samples + 1, 2 * num_experts + 2).index_add(
+        0, index, torch.cat([probs, chosen, entropy, ones], 1))
+    return RoutingStats(prob_sum=sums[:num_samples, :num_experts],
+                        count=sums[:num_samples, num_experts:2 * num_experts].detach(),
+                        tokens=sums[:num_samples, -1].detach(), entropy_sum=sums[:num_samples, -2].detach())

@@ -353,3 +353,19 @@ def test_domain_routing_follows_packed_sample_ids_and_refuses_a_forward_without_
     assert mlp.stats.count.tolist() == [[0, 2, 0], [0, 0, 3]], "padding is counted nowhere"
     context.route(0)  # one domain for every token: generation
     torch.testing.assert_close(mlp(x)[0, 5], expert_output(mlp, x[0, 5], 0), rtol=1e-5, atol=1e-5)
+
+
+def test_router_entropy_is_summed_per_sample_over_its_real_tokens_and_zero_under_domain_routing():
+    mlp, context = make_mlp(routing="scaled")
+    x = torch.randn(1, 6, HIDDEN)
+    context.pack(torch.tensor([[0, 0, 1, 1, 1, -1]]), num_samples=2)
+    mlp(x)
+    probs = mlp.router(x[0]).float().softmax(-1)
+    per_token = -(probs * probs.log()).sum(-1)
+    expected = torch.stack([per_token[:2].sum(), per_token[2:5].sum()])
+    torch.testing.assert_close(mlp.stats.entropy_sum, expected, rtol=1e-5, atol=1e-6)
+    oracle, context = make_mlp(routing="domain")
+    context.pack(torch.tensor([[0, 0, 1, 1, 1, -1]]), num_samples=2)
+    context.route(torch.tensor([1, 2]))
+    oracle(x)
+    assert oracle.stats.entropy_sum.tolist() == [0.0, 0.0], "a one-hot choice has no entropy"

@@ -111,6 +111,11 @@ def test_every_tensorboard_tag_is_written_and_finite(killed_then_resumed):
     assert [s for s, _ in tags["eval/loss/shapes"]] == [4, 8, 12]
     load = [sum(v for s, v in tags[f"moe/load/layer_0/expert_{e}"] if s == 5) for e in range(3)]
     assert sum(load) == pytest.approx(1.0), f"expert load fractions of a layer must sum to 1: {load}"
+    for layer in range(2):
+        entropy = [v for _, v in tags[f"moe/router_entropy/layer_{layer}"]]
+        assert len(entropy) == STEPS and all(0.0 < v <= math.log(3) + 1e-6 for v in entropy), entropy
+        nmi = tags[f"moe/nmi/layer_{layer}"]
+        assert [s for s, _ in nmi] == [4, 8, 12] and all(0.0 <= v <= 1.0 for _, v in nmi), nmi
 
 
 @pytest.mark.distributed

@@ -97,6 +97,7 @@ class StepMetrics:
         self.micro_batches = self.images = self.tokens = self.slots = self.samples = self.skipped_nonfinite = 0
         self.skipped_nonfinite_steps = 0  # 1 when this step's update was skipped (every rank agrees)
         self.load = torch.zeros(self.num_layers, self.num_experts, dtype=torch.float64)
+        self.entropy = torch.zeros(self.num_layers, dtype=torch.float64)  # summed over tokens, nats
         self.domains = torch.zeros(len(self.domain_names), dtype=torch.float64)
         self.skipped: Counter = Counter()
 
@@ -117,6 +118,7 @@ class StepMetrics:
             by_domain = domain_expert_counts(stats, batch["domain"], len(self.domain_names))  # (layers, domains, K)
             self.routing += by_domain
             self.load += by_domain.sum(dim=1)
+            self.entropy += torch.stack([layer.entropy_sum.sum() for layer in stats]).to("cpu", torch.float64)
 
     def add_skipped(self, skipped: dict) -> None:
         self.skipped.update(skipped)
@@ -138,14 +140,16 @@ class StepMetrics:
         })
         scalars = torch.tensor([local["loss"], local["lm_loss"], local["aux_loss"], self.tokens, self.samples,
                                 float(stop_requested), sum(self.skipped.values()), self.slots], dtype=torch.float64)
-        packed = torch.cat([scalars, self.domains, self.load.flatten()])
+        packed = torch.cat([scalars, self.domains, self.load.flatten(), self.entropy])
         world = 1
         if dist.is_initialized():
             dist.all_reduce(packed)
             world = dist.get_world_size()
         loss, lm_loss, aux, tokens, samples, stop, skipped, slots = packed[:8].tolist()
         domains = packed[8 : 8 + len(self.domain_names)]
-        load = packed[8 + len(self.domain_names) :].reshape(self.num_layers, self.num_experts)
+        load_end = 8 + len(self.domain_names) + self.load.numel()
+        load = packed[8 + len(self.domain_names) : load_end].reshape(self.num_layers, self.num_experts)
+        entropy = packed[load_end:]
         reduced = {"step": step, "loss": loss / world, "lm_loss": lm_loss / world, "aux_loss": aux / world,
                    "lr": lr, "stop": stop > 0}
         if self.writer is not None:
@@ -159,10 +163,12 @@ class StepMetrics:
                 scalars["train/grad_norm"] = grad_norm
             for name, count in zip(self.domain_names, domains.tolist()):
                 scalars[f"data/samples/{name}"] = count
-            fractions = load / load.sum(dim=1, keepdim=True).clamp(min=1)
+            routed_tokens = load.sum(dim=1, keepdim=True).clamp(min=1)
+            fractions = load / routed_tokens
             for layer in range(self.num_layers):
                 for expert in range(self.num_experts):
                     scalars[f"moe/load/layer_{layer}/expert_{expert}"] = fractions[layer, expert].item()
+                scalars[f"moe/router_entropy/layer_{layer}"] = (entropy[layer] / routed_tokens[layer, 0]).item()
             self.write_scalars(step, scalars)
         self._reset()
         return reduced
@@ -197,10 +203,12 @@ class StepMetrics:
             dist.all_reduce(routing)
         self.routing.zero_()
         if self.writer is not None:
+            nmi = layer_nmi(routing)
             image = routing_heatmap_array(domain_expert_shares(routing), self.domain_names,
                                           f"share of each domain's tokens per expert since the previous image, step {step}",
-                                          nmi=layer_nmi(routing))
+                                          nmi=nmi)
             self.writer.add_image("moe/routing", image, step, dataformats="HWC")
+            self.write_scalars(step, {f"moe/nmi/layer_{layer}": value for layer, value in enumerate(nmi)})
             self.writer.flush()
         return routing
 
