@@ -183,7 +183,10 @@ class TrainConfig(Section):
     grad_accum: int = Field(1, ge=1)
     """Micro-batches accumulated per optimizer step."""
     lr: Float = Field(2e-4, gt=0)
-    """Peak learning rate of the LoRA experts and routers."""
+    """Peak learning rate of the LoRA experts (and of the routers, unless router_lr)."""
+    router_lr: Float | None = Field(None, gt=0)
+    """Peak learning rate of the MoLE routers; unset: lr. Set, the routers are an optimizer parameter
+    group of their own, so a resumed run cannot switch between set and unset (its value may change)."""
     projector_lr: Float = Field(2e-5, ge=0)
     """Learning rate of the multimodal projector (used only when train_projector)."""
     train_projector: bool = True

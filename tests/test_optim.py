@@ -42,6 +42,23 @@ def test_param_groups_give_the_projector_its_own_learning_rate():
     assert {id(p) for p in groups[1]["params"]} == {id(p) for p in projector.parameters()}
 
 
+def test_router_lr_gives_the_routers_of_a_mole_model_a_group_of_their_own(tmp_path):
+    from mole.config import load_config
+    from mole.model import build_mole_model
+    from tests.helpers import TINY_CONFIG
+
+    model = build_mole_model(load_config(str(TINY_CONFIG), [f"output_dir={tmp_path}"]), torch.float32)[0]
+    names = {id(p): name for name, p in model.named_parameters()}
+    plain = param_groups(model, lr=1e-4, projector_lr=2e-5)
+    routed = param_groups(model, lr=1e-4, projector_lr=2e-5, router_lr=3e-3)
+    assert [g["lr"] for g in plain] == [1e-4, 2e-5] and [g["lr"] for g in routed] == [1e-4, 2e-5, 3e-3]
+    routers = {names[id(p)] for p in routed[2]["params"]}
+    assert routers and all(".router." in name for name in routers), sorted(routers)
+    assert len(routers) == 2 * sum(1 for name in names.values() if name.endswith("router.weight")), "weights and biases"
+    assert not routers & {names[id(p)] for p in routed[0]["params"]}, "a router parameter in two groups"
+    assert sum(len(g["params"]) for g in routed) == sum(len(g["params"]) for g in plain), "every parameter once"
+
+
 def test_an_unknown_optimizer_is_refused_by_name():
     with pytest.raises(ValueError, match="adamw or sgd, got 'lion'"):
         build_optimizer([{"params": [nn.Parameter(torch.zeros(1))], "lr": 1.0}], "lion", 1.0, 0.0)

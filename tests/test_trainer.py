@@ -392,6 +392,21 @@ def test_resuming_under_a_config_of_other_shapes_names_the_keys_before_anything_
     check_resumable_config(found, other)
 
 
+def test_a_resume_may_change_the_router_learning_rate_but_not_whether_routers_have_their_own(tmp_path):
+    """``train.router_lr`` set gives the routers an optimizer parameter group: the checkpoint's optimizer
+    state is laid out by the groups, so set/unset cannot change across a resume; the value can."""
+    from mole.config import load_config, save_config
+    from mole.train.checkpoint import check_resumable_config
+
+    save_config(load_config(str(TINY_CONFIG), [f"output_dir={tmp_path}", "train.router_lr=1e-3"]),
+                str(tmp_path / "config.yaml"))
+    fake_checkpoint(tmp_path / "checkpoints", 4)
+    found = resolve_resume("auto", str(tmp_path), world_size=2)
+    check_resumable_config(found, load_config(str(TINY_CONFIG), [f"output_dir={tmp_path}", "train.router_lr=1e-2"]))
+    with pytest.raises(CheckpointError, match=r"train\.router_lr: 0\.001 in the checkpoint's run, None now \(set or unset"):
+        check_resumable_config(found, load_config(str(TINY_CONFIG), [f"output_dir={tmp_path}"]))
+
+
 def test_resuming_under_settings_that_change_what_the_weights_compute_is_refused_unless_accepted(tmp_path):
     """alpha, routing, the base model's path and the image preparation keep the checkpoint's meaning: a
     change is refused naming each key, unless train.resume_accept names it."""

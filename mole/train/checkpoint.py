@@ -313,9 +313,14 @@ def check_resumable_config(resume: Resumable, cfg) -> None:
     changed = [_describe(key, before, after, impact, cfg.model.name_or_path)
                for key, before, after, impact in _changes(now, then)
                if impact == "shape" or (impact == "computation" and key not in accepted)]
-    optimizer = (saved or {}).get("train", {}).get("optimizer") if isinstance((saved or {}).get("train"), dict) else None
+    saved_train = (saved or {}).get("train") if isinstance((saved or {}).get("train"), dict) else {}
+    optimizer = saved_train.get("optimizer")
     if optimizer is not None and optimizer != cfg.train.optimizer:  # its state is shaped by it; not part of the adapter
         changed.append(f"train.optimizer: {optimizer!r} in the checkpoint's run, {cfg.train.optimizer!r} now")
+    if saved is not None and (saved_train.get("router_lr") is None) != (cfg.train.router_lr is None):
+        # its own parameter group, or none: the optimizer state is laid out by the groups
+        changed.append(f"train.router_lr: {saved_train.get('router_lr')!r} in the checkpoint's run, "
+                       f"{cfg.train.router_lr!r} now (set or unset, it decides the optimizer's parameter groups)")
     if changed:
         raise CheckpointError(
             f"cannot resume {resume.path}/{resume.tag} (its adapter as recorded in {source}) with this config: " + "; ".join(changed)

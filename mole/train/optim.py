@@ -20,14 +20,25 @@ from mole.backbones.base import Backbone
 from mole.backbones.llava import LLAVA
 
 
-def param_groups(model: nn.Module, lr: float, projector_lr: float, backbone: Backbone = LLAVA) -> list[dict]:
-    """The trainable parameters in two groups: the adapters at ``lr``, the projector (if it trains) at
-    ``projector_lr``; which parameters are the projector is the ``backbone`` family's."""
+ROUTER_PARAMETER = ".router."
+"""In a trainable parameter's name: a MoLE layer's router (``mole.experts.MoleMLP.router``)."""
+
+
+def param_groups(model: nn.Module, lr: float, projector_lr: float, backbone: Backbone = LLAVA,
+                 router_lr: float | None = None) -> list[dict]:
+    """The trainable parameters in groups: the adapters at ``lr``, the projector (if it trains) at
+    ``projector_lr``; which parameters are the projector is the ``backbone`` family's. With
+    ``router_lr`` the routers get a group of their own at that rate, last (unset, they are adapters:
+    a run without it has the groups it always had, so its checkpoints keep loading)."""
     trainable = [(name, p) for name, p in model.named_parameters() if p.requires_grad]
-    groups = [{"params": [p for name, p in trainable if not backbone.is_projector(name)], "lr": lr}]
+    is_router = (lambda name: ROUTER_PARAMETER in f".{name}") if router_lr is not None else (lambda name: False)  # noqa: E731
+    groups = [{"params": [p for name, p in trainable if not backbone.is_projector(name) and not is_router(name)], "lr": lr}]
     projector = [p for name, p in trainable if backbone.is_projector(name)]
     if projector:
         groups.append({"params": projector, "lr": projector_lr})
+    routers = [p for name, p in trainable if is_router(name) and not backbone.is_projector(name)]
+    if routers:
+        groups.append({"params": routers, "lr": router_lr})
     return groups
 
 
