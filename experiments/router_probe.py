@@ -45,7 +45,7 @@ def collect(model, processor, domains: list, max_samples: int | None, max_length
     from mole.data.conversation import IGNORE_INDEX
     from mole.data.sample import SampleProcessor
     from mole.evaluate import _rank_examples
-    from mole.inference import mole_layers, model_image_settings
+    from mole.inference import mole_layers, model_image_settings, routes_by_domain, routing_context
 
     layers = mole_layers(model)
     captured: list[torch.Tensor | None] = [None] * len(layers)
@@ -62,6 +62,8 @@ def collect(model, processor, domains: list, max_samples: int | None, max_length
         with torch.no_grad():
             while chunk := list(itertools.islice(examples, batch_size)):
                 batch = collate(chunk, processor.tokenizer.pad_token_id)
+                if routes_by_domain(model):  # the oracle: ``domains`` are the adapter's, in its order
+                    routing_context(model).route(batch["domain"])
                 inputs = to_device(batch, model.device, pixel_dtype=model.dtype)
                 labels = inputs.pop("labels")
                 images = None
@@ -145,6 +147,8 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--adapter", required=True, help="trained adapter directory (a MoLE or LoRA adapter)")
     parser.add_argument("--data", default="data_shards/cues", help="root of the suite's <domain>/<split>-*.tar")
     parser.add_argument("--split", default="val")
+    parser.add_argument("--domains", nargs="+", help="domains probed (default: the adapter's, for a domain-routed one, "
+                                                     "else every directory under --data)")
     parser.add_argument("--max-samples", type=int, default=64, help="samples per domain")
     parser.add_argument("--out", help="JSON file for the result (default: print only)")
     args = parser.parse_args(argv)
@@ -155,9 +159,12 @@ def main(argv: list[str]) -> int:
 
     torch.set_num_threads(1)
     spec = read_adapter_spec(args.adapter)
-    names = sorted(d for d in os.listdir(args.data) if os.path.isdir(os.path.join(args.data, d)))
-    if spec.domains:
+    if spec.domains:  # a domain-routed adapter: its experts are its domains, in its order
+        if args.domains and list(args.domains) != list(spec.domains):
+            parser.error(f"{args.adapter} routes by its domains {list(spec.domains)}; --domains must be those")
         names = list(spec.domains)
+    else:
+        names = args.domains or sorted(d for d in os.listdir(args.data) if os.path.isdir(os.path.join(args.data, d)))
     domains = [expand_eval_shards(d, os.path.join(args.data, d, f"{args.split}-*.tar")) for d in names]
     model = load_model(args.base, args.adapter, device="cpu", dtype="fp32")
     processor = load_processor(args.base, adapter_dir=args.adapter)

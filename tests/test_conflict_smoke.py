@@ -224,3 +224,20 @@ def test_boundary_map_refuses_a_cell_the_suite_cannot_hold(tmp_path):
     cell = cell_config(main, {"r": 1, "alpha": 2}, 8, 3, "mole_hard")
     assert cell.variants == ["mix", "oracle", "mole_hard"] and cell.domain_names == ("alpha", "beta", "gamma")
     assert cell.extra_overrides == ["lora.r=8", "lora.alpha=16"]
+
+
+@pytest.mark.slow
+def test_router_probe_runs_on_the_smoke_adapters_learned_and_domain_routed(cues_work, cues_report, tmp_path):
+    from experiments.router_probe import main as probe
+
+    runs = cues_work / "cues" / "smoke" / "test"
+    for variant, routed in (("mole", True), ("oracle", False)):
+        out = tmp_path / f"{variant}.json"
+        assert probe(["--base", str(cues_work / "base_smoke"), "--adapter", str(runs / f"{variant}_seed0" / "train" / "adapter"),
+                      "--split", "test", "--max-samples", "4", "--out", str(out)]) == 0
+        result = json.loads(out.read_text())
+        assert sorted(result["domains"]) == sorted(CUE_DOMAINS) and result["chance"] == pytest.approx(1 / 6)
+        assert [row["layer"] for row in result["layers"]] == [0, 1, 2, 3]
+        for row in result["layers"]:
+            assert 0.0 <= row["probe_accuracy_answer"] <= 1.0 and row["tokens_answer"] > 0, row
+            assert ("router_nmi_answer" in row) is routed, f"{variant}: a router NMI only for a learned router: {row}"
