@@ -21,6 +21,8 @@ mole_hard      D    N           the mix, ``hard`` routing (the authors' released
 mole_dense     D    N           the mix, ``dense`` routing (softmax-weighted sum of all experts)
 oracle         D    N           the mix, ``domain`` routing: each domain its own expert, chosen by the
                                 sample's domain in training and evaluation (the ceiling of routing)
+mole_prefix    D    N           the mix, ``scaled`` routing of ``mole.router_input: prefix_mean``: each
+                                token routed by the mean of its sample's MLP inputs so far
 =============  ===  ==========  ===================================================================
 
 K = D, the suite's number of domains, for every routed variant.
@@ -58,7 +60,10 @@ VARIANTS: dict[str, tuple[int, str, float, bool]] = {
     "mole_hard": (ROUTED, "hard", 1.0, True),
     "mole_dense": (ROUTED, "dense", 1.0, True),
     "oracle": (ROUTED, "domain", 1.0, True),
+    "mole_prefix": (ROUTED, "scaled", 1.0, True),  # and VARIANT_SETTINGS
 }
+VARIANT_SETTINGS = {"mole_prefix": ["mole.router_input=prefix_mean"]}
+"""Trainer overrides a variant adds to its routing: ``mole_prefix`` routes each token by its sample so far."""
 ALIASES = {"mole_scaled": "mole"}  # reported rows that are the same runs as another row
 
 # Each bundled domain's answer convention (data_shards/README.md), as a full match of the answer.
@@ -199,8 +204,8 @@ def run_specs(cfg: ExperimentConfig) -> list[RunSpec]:
             for domains in groups:
                 data = "[" + ", ".join(domain_entry(root, d) for d in domains) + "]"
                 overrides = [f"model.name_or_path={cfg.base_model}", f"mole.num_experts={experts}",
-                             f"mole.routing={routing}", f"train.max_steps={steps}", f"train.seed={seed}",
-                             f"data.domains={data}", *cfg.extra_overrides]
+                             f"mole.routing={routing}", *VARIANT_SETTINGS.get(variant, ()), f"train.max_steps={steps}",
+                             f"train.seed={seed}", f"data.domains={data}", *cfg.extra_overrides]
                 specs.append(RunSpec(variant, seed, domains, domains, overrides, cfg.split, cfg.max_eval_samples, recipe))
     return specs
 

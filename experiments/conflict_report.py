@@ -20,8 +20,8 @@ from collections import defaultdict
 
 from experiments.conflict import ALIASES
 
-ROW_ORDER = ("single", "mix", "mix2x", "mole", "mole_hard", "mole_scaled", "mole_dense", "oracle")
-MOLE_ROWS = ("mole", "mole_hard", "mole_dense")
+ROW_ORDER = ("single", "mix", "mix2x", "mole", "mole_hard", "mole_scaled", "mole_dense", "mole_prefix", "oracle")
+MOLE_ROWS = ("mole", "mole_hard", "mole_dense", "mole_prefix")
 SELECTION_POINTS = 0.05
 """A design is chosen when the oracle beats the mix by at least this much on the mean of domains (and by
 more than 2 SE over seeds)."""

@@ -8,7 +8,9 @@ the router's own form) to predict the sample's domain, on half of each domain's 
 the other half. Scored separately on
 
 * ``answer`` positions: those whose output predicts an answer token, where routing decides the answer;
-* ``all`` real tokens, image and prompt included (what the routing NMI of the report counts).
+* ``all`` real tokens, image and prompt included (what the routing NMI of the report counts);
+* ``answer_prefix_mean``: at the answer positions, the mean of the sample's MLP inputs up to there, what
+  a causal router of the whole sample so far (rather than of the token alone) would read.
 
 Next to the probe's held-out accuracy (chance: 1 / number of domains) it reports, for a routed
 adapter, the NMI between domain and the expert its router chose on the same positions. High probe
@@ -55,7 +57,8 @@ def collect(model, processor, domains: list, max_samples: int | None, max_length
     backbone = backbone_for(model.config)
     process = SampleProcessor(processor, max_length, image_aspect, image_backend=image_backend, backbone=backbone,
                               model_config=model.config)
-    out = {"features": [[] for _ in layers], "choice": [[] for _ in layers], "domain": [], "answer": [], "sample": []}
+    out = {"features": [[] for _ in layers], "prefix_mean": [[] for _ in layers], "choice": [[] for _ in layers],
+           "domain": [], "answer": [], "sample": []}
     seen: Counter = Counter()
     examples = _rank_examples(domains, process, Counter(), max_samples, 0, 1)
     try:
@@ -81,15 +84,19 @@ def collect(model, processor, domains: list, max_samples: int | None, max_length
                 out["domain"].append(batch["domain"][positions[0]])
                 out["sample"].append(torch.tensor(index)[positions[0]])
                 out["answer"].append(predicts_answer[positions])
+                weight = real.unsqueeze(-1).float()
+                seen_tokens = weight.cumsum(dim=1).clamp(min=1)
                 for i, layer in enumerate(layers):
                     out["features"][i].append(captured[i][positions].float())
+                    prefix_mean = (captured[i].float() * weight).cumsum(dim=1) / seen_tokens  # the sample's tokens so far
+                    out["prefix_mean"][i].append(prefix_mean[positions])
                     if layer.router is not None:
                         logits = layer.router(captured[i][positions])
                         out["choice"][i].append(logits.argmax(dim=-1))
     finally:
         for hook in hooks:
             hook.remove()
-    return {"features": [torch.cat(f) for f in out["features"]],
+    return {"features": [torch.cat(f) for f in out["features"]], "prefix_mean": [torch.cat(f) for f in out["prefix_mean"]],
             "choice": [torch.cat(c) if c else None for c in out["choice"]],
             "domain": torch.cat(out["domain"]), "answer": torch.cat(out["answer"]), "sample": torch.cat(out["sample"])}
 
@@ -137,6 +144,12 @@ def diagnose(collected: dict, num_domains: int) -> dict:
                 counts.index_put_((labels, choice[subset]), torch.ones(len(subset), dtype=torch.float64), accumulate=True)
                 row[f"router_nmi_{name}"] = normalized_mutual_information(counts)
             row[f"tokens_{name}"] = int(len(subset))
+        if "prefix_mean" in collected:  # what a router of the sample's tokens so far (causal) could read
+            subset = collected["answer"].nonzero(as_tuple=True)[0]
+            labels = collected["domain"][subset]
+            predicted = fit_probe(collected["prefix_mean"][layer][subset], labels, ~held_out[subset], num_domains)
+            test = held_out[subset]
+            row["probe_accuracy_answer_prefix_mean"] = float((predicted[test] == labels[test]).float().mean())
         rows.append(row)
     return {"chance": 1 / num_domains, "layers": rows}
 

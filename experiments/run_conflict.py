@@ -26,7 +26,7 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # The base: tiny-llava's tokenizer and processor (56 px, 16 image tokens), larger towers.
 BASE_RECIPE = {"vision_hidden": 64, "vision_layers": 2, "text_hidden": 128, "text_layers": 4, "text_heads": 4}
 SMOKE = {"steps": 6, "seeds": [0], "max_eval_samples": 4, "pretrain_steps": 4, "pretrain_samples": 16, "workers": 0}
-SMOKE_VARIANTS = {"cues": ["mix", "mole", "oracle"]}
+SMOKE_VARIANTS = {"cues": ["mix", "mole", "mole_prefix", "oracle"]}
 """Variants of a suite's smoke setting where all of them would take too long for the test suite."""
 
 
@@ -40,7 +40,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--split", default="test", choices=["val", "test"])
     parser.add_argument("--seeds", type=int, nargs="+", help="default: 0 1 2 (the boundary map: 0)")
     parser.add_argument("--steps", type=int, default=1200, help="N: steps of the mix runs")
-    parser.add_argument("--variants", nargs="+", help="subset of: single mix mix2x mole mole_hard mole_dense oracle "
+    parser.add_argument("--variants", nargs="+", help="subset of: single mix mix2x mole mole_hard mole_dense mole_prefix oracle "
                                                       "(default: the suite's)")
     parser.add_argument("--workers", type=int, default=2, help="runs at a time, each a fresh process with one CPU thread; 0: one after another in this process")
     parser.add_argument("--pretrain-steps", type=int, default=1000)
@@ -62,7 +62,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--boundary-ranks", type=int, nargs="+", default=list(RANKS), metavar="R")
     parser.add_argument("--boundary-domains", type=int, nargs="+", default=list(DOMAIN_COUNTS), metavar="D",
                         help="numbers of domains: the suite's first D")
-    parser.add_argument("--boundary-mole", choices=["mole", "mole_hard", "mole_dense"],
+    parser.add_argument("--boundary-mole", choices=["mole", "mole_hard", "mole_dense", "mole_prefix"],
                         help="MoLE row of the map (default: the best MoLE row of the suite's test report)")
     args = parser.parse_args(argv)
     if args.boundary and (args.variants or args.split != "test"):

@@ -17,6 +17,11 @@ Routing = Literal["hard", "scaled", "dense", "domain"]
 sum of every expert; domain: no router, every token of a sample goes to its domain's expert (one expert
 per ``data.domains`` entry, weight 1): per-domain LoRA in one model, the oracle a learned router aims at."""
 
+RouterInput = Literal["token", "prefix_mean"]
+"""What a learned router reads: each token's own MLP input (token, the paper's), or the mean of its sample's
+MLP inputs up to and including it (prefix_mean: causal, so a token is routed by everything its sample said
+so far; a domain told once, by the image or a cue in the prompt, then reaches every later token's routing)."""
+
 AuxLoss = Literal["switch", "per_sample"]
 """Load-balancing loss form: Switch Transformer (batch-level fractions) or the released code's per-sample form."""
 
@@ -70,7 +75,7 @@ Metric = Literal["exact_match", "normalized_match", "relaxed_accuracy", "anls", 
 ChartQA relaxed accuracy, DocVQA ANLS, VQAv2 accuracy over several references, PathVQA yes/no accuracy and
 open-answer recall."""
 
-ResumeAcceptable = Literal["lora.alpha", "mole.routing", "model.name_or_path", "data.image_aspect", "data.image_backend",
+ResumeAcceptable = Literal["lora.alpha", "mole.routing", "mole.router_input", "model.name_or_path", "data.image_aspect", "data.image_backend",
                            "data.image_processor_backend", "data.min_pixels", "data.max_pixels",
                            "data.image_grid_pinpoints", "data.vision_aspect_ratio", "data.domains"]
 """The run settings that change what an adapter's saved weights compute (:data:`mole.spec.Impact`

@@ -29,7 +29,7 @@ from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationEr
 
 from mole.choices import (ANYRES, ANYRES_MAX, DYNAMIC_RESOLUTION, AttnImplementation, AuxLoss, Family, ImageAspect,
                           ImageBackend, Metric, NonFinitePolicy, Optimizer, Packing, Precision, ProcessorBackend,
-                          ResumeAcceptable, Routing, options)
+                          ResumeAcceptable, RouterInput, Routing, options)
 from mole.spec import ANYRES_MAX_PATTERN
 
 RESUME_WORDS = ("auto", "never")
@@ -84,6 +84,9 @@ class MoleConfig(Section):
     router differentiable); dense: every expert, weighted by the router softmax; domain: no router,
     each sample's tokens go to its domain's expert (num_experts must equal the number of data.domains;
     no aux loss; evaluation and inference name the domain)."""
+    router_input: RouterInput = "token"
+    """What a learned router reads (mole.choices.RouterInput): token, each token's MLP input, or
+    prefix_mean, the mean of its sample's MLP inputs up to it (causal)."""
     aux_loss: AuxLoss = "switch"
     """Load-balancing loss: switch (Switch Transformer, batch-level fractions) or per_sample."""
     aux_weight: Float = Field(0.01, ge=0)
@@ -573,6 +576,9 @@ def validate(cfg: Config) -> None:
              f"{len(cfg.data.domains)}, got {k}")
     _require(k == 1 or bool(cfg.lora.mlp_targets), "lora.mlp_targets",
              f"is empty, so the {k} experts mole.num_experts asks for would have nothing to adapt")
+    _require(cfg.mole.router_input == "token" or (k > 1 and cfg.mole.routing != "domain"), "mole.router_input",
+             f"{cfg.mole.router_input!r} is what a learned router reads, but mole.num_experts={k} with routing "
+             f"{cfg.mole.routing!r} has no router")
 
     path, key = cfg.model.name_or_path, "model.name_or_path"
     _require(os.path.isdir(path), key,

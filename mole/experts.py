@@ -34,7 +34,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from mole.choices import Routing, options
+from mole.choices import RouterInput, Routing, options
 from mole.expert_kernels import (
     GroupedLora,
     PermuteRows,
@@ -205,10 +205,13 @@ class MoleMLP(nn.Module):
         routing: Routing,
         context: RoutingContext,
         targets: tuple[str, ...] = ("gate_proj", "up_proj", "down_proj"),
+        router_input: RouterInput = "token",
     ):
         super().__init__()
         if routing not in options(Routing):
             raise ValueError(f"routing must be one of {options(Routing)}, got {routing!r}")
+        if router_input not in options(RouterInput):
+            raise ValueError(f"router_input must be one of {options(RouterInput)}, got {router_input!r}")
         if num_experts < 1:
             raise ValueError(f"num_experts must be >= 1, got {num_experts}")
         self.gate_proj, self.up_proj, self.down_proj = base_mlp.gate_proj, base_mlp.up_proj, base_mlp.down_proj
@@ -216,6 +219,12 @@ class MoleMLP(nn.Module):
         self.num_experts, self.routing, self.scaling = num_experts, routing, alpha / r
         learned = num_experts > 1 and routing != "domain"
         self.router = nn.Linear(hidden_size, num_experts, bias=True) if learned else None
+        if router_input != "token" and not learned:
+            raise ValueError(f"router_input {router_input!r} needs a learned router (K > 1, routing not 'domain')")
+        self.router_input = router_input
+        self._prefix: tuple[torch.Tensor, torch.Tensor, int] | None = None
+        """prefix_mean: each row's running sum and count of MLP inputs after the latest forward, and the
+        positions it covered; a forward that continues those rows (a decode step under a KV cache) adds to it."""
         self.experts = nn.ModuleDict(
             {
                 name: LoraExperts(proj.in_features, proj.out_features, num_experts, r, alpha, dropout)
@@ -285,7 +294,8 @@ class MoleMLP(nn.Module):
         elif self.router is None:
             return Routes(slices=[slice(0, tokens.shape[0])]), None, None
         else:
-            probs = self.router(tokens).float().softmax(dim=-1)  # (tokens, K)
+            features = tokens if self.router_input == "token" else self._prefix_mean(tokens, batch, seq)
+            probs = self.router(features).float().softmax(dim=-1)  # (tokens, K)
             top_prob, top_expert = probs.max(dim=-1)
         self._stats, self._routing = None, (probs, top_expert, self.context.snapshot(), batch, seq)
         if self.routing == "dense":
@@ -314,6 +324,37 @@ class MoleMLP(nn.Module):
         else:
             routes = Routes(slices=row_slices(ends.tolist()), token_scale=scale)  # .tolist() waits for the device
         return routes, order, inverse
+
+    def _prefix_mean(self, tokens: torch.Tensor, batch: int, seq: int) -> torch.Tensor:
+        """(tokens, hidden): each token's mean of its sample's MLP inputs up to and including it, padding
+        excluded, without a host sync. Samples are contiguous runs of a row (one per row when padded,
+        several when packed). A forward whose attention mask is longer than its tokens continues the
+        rows of the previous forward (a decode step under a KV cache): their stored sums are added, and
+        a continuation of positions this layer did not see is refused rather than routed on a part of
+        its sample."""
+        samples, _ = _token_samples(*self.context.snapshot(), batch, seq, tokens.device)
+        samples = samples.view(batch, seq)
+        real = (samples >= 0).unsqueeze(-1).float()  # (batch, seq, 1); sums in fp32: bf16 counts stop at 256
+        hidden = tokens.view(batch, seq, -1).float()
+        sums, counts = (hidden * real).cumsum(dim=1), real.cumsum(dim=1)
+        # each token's sample's first position: where the sample id changes along the row
+        previous = F.pad(samples[:, :-1], (1, 0), value=-2)
+        positions = torch.arange(seq, device=tokens.device).expand(batch, seq)
+        first = torch.where(samples != previous, positions, 0).cummax(dim=1).values  # (batch, seq)
+        before_sums, before_counts = F.pad(sums, (0, 0, 1, 0))[:, :-1], F.pad(counts, (0, 0, 1, 0))[:, :-1]
+        sums = sums - before_sums.gather(1, first.unsqueeze(-1).expand_as(sums))
+        counts = counts - before_counts.gather(1, first.unsqueeze(-1))
+        mask = self.context.token_mask
+        earlier = 0 if mask is None or self.context.sample_ids is not None else mask.shape[1] - seq
+        if earlier > 0:
+            if self._prefix is None or self._prefix[0].shape[0] != batch or self._prefix[2] != earlier:
+                raise RuntimeError(f"router_input prefix_mean: this forward continues {earlier} earlier positions of "
+                                   f"{batch} rows that this layer did not see; run the whole sequence (or its prompt "
+                                   "first, as generate does)")
+            prior_sums, prior_counts, _ = self._prefix
+            sums, counts = sums + prior_sums.unsqueeze(1), counts + prior_counts.unsqueeze(1)
+        self._prefix = (sums[:, -1].detach(), counts[:, -1].detach(), earlier + seq)
+        return (sums / counts.clamp(min=1)).reshape(batch * seq, -1).to(tokens.dtype)
 
     def _domain_experts(self, batch: int, seq: int, device: torch.device) -> torch.Tensor:
         """(tokens,) each token's expert under routing ``domain``: its sample's domain (padding takes

@@ -21,7 +21,7 @@ from functools import reduce
 from typing import Any, Literal
 
 from mole.choices import (ANYRES, ANYRES_MAX, DYNAMIC_RESOLUTION, AuxLoss, Family, ImageAspect, ImageBackend,
-                          ProcessorBackend, Routing, options)
+                          ProcessorBackend, RouterInput, Routing, options)
 
 FORMAT_VERSION = 3
 """The ``mole_config.json`` version written. 2 added ``family``; 3 the image processor's backend and the
@@ -152,6 +152,9 @@ class AdapterSpec:
     """Routing ``domain``: the name of the domain each expert serves, in expert order (``data.domains``'
     names); evaluation and inference name one of them. Empty for every other routing, whose experts
     serve no domain by construction."""
+    router_input: RouterInput = field(default="token", metadata=_meta("computation", "mole.router_input"))
+    """What the router reads (:data:`mole.choices.RouterInput`); written to ``mole_config.json`` only when
+    not ``token``, so a token-routed adapter's file stays what every reader of version 3 reads."""
 
     def __post_init__(self) -> None:
         if self.base_model is not None and not isinstance(self.base_model, str):
@@ -161,6 +164,10 @@ class AdapterSpec:
             value = getattr(self, name)
             _require(_is_int(value) and value >= 1, name, f"must be an integer >= 1, got {value!r}")
         _choice(self.routing, Routing, "routing")
+        _choice(self.router_input, RouterInput, "router_input")
+        _require(self.router_input == "token" or self.has_router, "router_input",
+                 f"{self.router_input!r} is what a learned router reads; K={self.num_experts} with routing "
+                 f"{self.routing!r} has none")
         _choice(self.aux_loss, AuxLoss, "aux_loss")
         _require(_is_number(self.alpha) and math.isfinite(self.alpha) and self.alpha > 0, "alpha",
                  f"must be a finite number > 0, got {self.alpha!r}")
@@ -274,6 +281,8 @@ class AdapterSpec:
                            max_pixels=value.max_pixels, vision_aspect_ratio=value.vision_aspect_ratio,
                            image_grid_pinpoints=None if value.image_grid_pinpoints is None
                            else [list(p) for p in value.image_grid_pinpoints])
+            elif f.name == "router_input" and value == "token":
+                continue  # the default, implied by its absence (format 3 had no such key before)
             else:
                 out[f.name] = list(value) if isinstance(value, tuple) else value
         return out
@@ -355,7 +364,7 @@ _V1_DEFAULTS = {"base_model": None, "family": "llava", "aux_loss": "switch", "im
 _V2_REQUIRED = (*_V1_REQUIRED, "base_model", "family", "aux_loss", "image_aspect", "image_backend")
 _V3_REQUIRED = (*_V2_REQUIRED, *_IMAGE_KEYS.values(), "domains")
 _KEYS = {1: (_V1_REQUIRED, {**_V1_DEFAULTS, "domains": ()}), 2: (_V2_REQUIRED, {**_V2_DEFAULTS, "domains": ()}),
-         3: (_V3_REQUIRED, {})}
+         3: (_V3_REQUIRED, {"router_input": "token"})}
 """Per readable format version: the keys a file must hold, and defaults for those it may leave out."""
 
 

@@ -66,7 +66,7 @@ def apply_mole(model: nn.Module, spec: AdapterSpec) -> MoleSurgery:
         if missing:
             raise SurgeryError(f"{name} has no linear {missing}; lora.mlp_targets must name its projections")
         mole = MoleMLP(module, spec.hidden_size, spec.num_experts, spec.r, spec.alpha, spec.dropout, spec.routing,
-                       surgery.context, spec.mlp_targets)
+                       surgery.context, spec.mlp_targets, router_input=spec.router_input)
         parent_name, _, child = name.rpartition(".")
         setattr(model.get_submodule(parent_name), child, mole)
         surgery.mole_layers.append(name)

@@ -205,6 +205,7 @@ def test_wrong_type_in_yaml_names_file(workdir: Path) -> None:
         ("mole.num_experts=0", "mole.num_experts"),
         ("mole.routing=soft", "mole.routing"),
         ("mole.aux_loss=z", "mole.aux_loss"),
+        ("mole.router_input=sample", "mole.router_input"),
         ("mole.aux_weight=-1", "mole.aux_weight"),
         ("lora.r=0", "lora.r"),
         ("lora.dropout=1", "lora.dropout"),
@@ -410,6 +411,13 @@ def test_domain_routing_needs_one_expert_per_domain(workdir: Path) -> None:
     assert msg.startswith("mole.num_experts: routing domain gives each of the 3 data.domains its own expert, so it "
                           "must be 3, got 2"), msg
     load_config(None, ["mole.routing=domain", "mole.num_experts=3"])
+
+
+def test_a_router_input_needs_a_learned_router(workdir: Path) -> None:
+    for routerless in (["mole.num_experts=1"], ["mole.routing=domain", "mole.num_experts=3"]):
+        msg = error_of(["mole.router_input=prefix_mean", *routerless])
+        assert msg.startswith("mole.router_input: 'prefix_mean' is what a learned router reads"), msg
+    assert load_config(None, ["mole.router_input=prefix_mean"]).mole.router_input == "prefix_mean"
 
 
 def test_a_domain_names_its_metrics_and_an_unknown_one_lists_them(workdir: Path) -> None:

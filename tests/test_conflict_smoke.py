@@ -134,10 +134,10 @@ def test_runs_trained_under_another_lm_loss_definition_are_stale(tmp_path, monke
 
 
 @pytest.mark.slow
-def test_cue_suite_report_has_the_oracle_row_routed_by_domain_and_the_gap_closed(cues_report):
+def test_cue_suite_report_has_the_oracle_row_routed_by_domain_and_the_gap_closed(cues_report, cues_work):
     document = json.loads((cues_report / "conflict_cues.json").read_text())
     assert set(document) == {"variants", "setup"}, f"top-level keys {sorted(document)}"
-    assert tuple(document["variants"]) == ("mix", "mole", "mole_scaled", "oracle"), list(document["variants"])
+    assert tuple(document["variants"]) == ("mix", "mole", "mole_scaled", "mole_prefix", "oracle"), list(document["variants"])
     for variant, domains in document["variants"].items():
         assert tuple(domains) == CUE_DOMAINS, f"{variant}: domains {list(domains)}"
         assert all(set(stats) == {"mean", "std", "n"} and 0.0 <= stats["mean"] <= 1.0 for stats in domains.values())
@@ -150,10 +150,16 @@ def test_cue_suite_report_has_the_oracle_row_routed_by_domain_and_the_gap_closed
     assert oracle["train"]["aux_loss"] == 0.0, "no router, no balance loss"
     assert oracle["top_expert_share_per_layer"] == pytest.approx([1.0] * 4)
     shares = details["top_expert_share_per_layer"]
-    assert set(shares) == {"mole", "mole_scaled", "oracle"}, "per layer, for the routed rows only"
+    assert set(shares) == {"mole", "mole_scaled", "mole_prefix", "oracle"}, "per layer, for the routed rows only"
     assert len(shares["mole"]) == 4 and all(1 / 6 <= layer["mean"] <= 1.0 for layer in shares["mole"]), shares["mole"]
     assert set(details["foreign_convention_share"]["mix"]) == set(CUE_DOMAINS)
-    assert set(details["claims"]["oracle"]["gap_closed"]) == {"mole"} and details["claims"]["oracle"]["judged"] is False
+    assert set(details["claims"]["oracle"]["gap_closed"]) == {"mole", "mole_prefix"}
+    assert details["claims"]["oracle"]["judged"] is False
+    prefix = next(run for run in details["runs"] if run["spec"]["variant"] == "mole_prefix")
+    assert "mole.router_input=prefix_mean" in prefix["spec"]["overrides"]
+    adapter = json.loads((cues_work / "cues" / "smoke" / "test" / "mole_prefix_seed0" / "train" / "adapter" /
+                          "mole_config.json").read_text())
+    assert adapter["router_input"] == "prefix_mean" and adapter["routing"] == "scaled"
     text = (cues_report / "conflict_cues.md").read_text()
     assert "python -m experiments.run_conflict --smoke --suite cues" in text and "(conflict_cues.png)" in text
     assert (cues_report / "conflict_cues.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

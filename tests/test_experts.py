@@ -369,3 +369,60 @@ def test_router_entropy_is_summed_per_sample_over_its_real_tokens_and_zero_under
     context.route(torch.tensor([1, 2]))
     oracle(x)
     assert oracle.stats.entropy_sum.tolist() == [0.0, 0.0], "a one-hot choice has no entropy"
+
+
+def prefix_reference(x: torch.Tensor, samples: torch.Tensor) -> torch.Tensor:
+    """Token by token: the mean of the MLP inputs of the token's sample up to it (padding: anything)."""
+    out = torch.zeros_like(x)
+    for row in range(x.shape[0]):
+        for t in range(x.shape[1]):
+            s = int(samples[row, t])
+            if s >= 0:
+                same = [u for u in range(t + 1) if int(samples[row, u]) == s]
+                out[row, t] = x[row, same].mean(0)
+    return out
+
+
+def test_prefix_mean_routes_each_token_by_its_packed_sample_so_far():
+    mlp, context = make_mlp(routing="scaled")
+    mlp.router_input = "prefix_mean"
+    x = torch.randn(2, 6, HIDDEN)
+    sample_ids = torch.tensor([[0, 0, 1, 1, 1, -1], [2, 2, 2, 3, -1, -1]])
+    context.pack(sample_ids, num_samples=4)
+    mlp(x)
+    features = prefix_reference(x, sample_ids).reshape(-1, HIDDEN)
+    expected = mlp.router(features).softmax(-1)
+    probs = mlp._routing[0]
+    real = sample_ids.reshape(-1) >= 0
+    torch.testing.assert_close(probs[real], expected[real], rtol=1e-5, atol=1e-6)
+    token_routed = mlp.router(x.reshape(-1, HIDDEN)).softmax(-1)
+    assert not torch.allclose(probs[real], token_routed[real]), "the test would pass with token routing"
+
+
+def test_prefix_mean_decode_steps_continue_the_prompt_as_one_full_forward_routes_it():
+    """Under a KV cache a decode step sees one token and a longer attention mask: it must be routed by its
+    whole row so far, exactly as a forward of the full (left-padded) sequence routes that token."""
+    mlp, context = make_mlp(routing="scaled")
+    mlp.router_input = "prefix_mean"
+    x = torch.randn(2, 7, HIDDEN)
+    mask = torch.tensor([[0, 0, 1, 1, 1, 1, 1], [1, 1, 1, 1, 1, 1, 1]], dtype=torch.bool)
+    context.token_mask = mask
+    full = mlp(x)
+    full_probs = mlp._routing[0].view(2, 7, -1)
+    context.token_mask = mask[:, :5]
+    mlp(x[:, :5])  # the prompt
+    for t in (5, 6):  # two decode steps
+        context.token_mask = mask[:, : t + 1]
+        step = mlp(x[:, t : t + 1])
+        torch.testing.assert_close(mlp._routing[0], full_probs[:, t], rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(step[:, 0], full[:, t], rtol=1e-5, atol=1e-5)
+    context.token_mask = torch.ones(2, 9, dtype=torch.bool)
+    with pytest.raises(RuntimeError, match="continues 8 earlier positions of 2 rows that this layer did not see"):
+        mlp(x[:, :1])
+
+
+def test_prefix_mean_needs_a_learned_router():
+    base = LlamaMLP(LlamaConfig(hidden_size=HIDDEN, intermediate_size=INTER, num_attention_heads=2, num_key_value_heads=2))
+    with pytest.raises(ValueError, match="needs a learned router"):
+        MoleMLP(base, HIDDEN, 3, R, alpha=8.0, dropout=0.0, routing="domain", context=RoutingContext(),
+                router_input="prefix_mean")

@@ -130,6 +130,7 @@ def test_an_unknown_version_and_missing_keys_are_named(spec):
     ("hidden_size", 128, "shape"),
     ("num_hidden_layers", 32, "shape"),
     ("routing", "dense", "computation"),
+    ("router_input", "prefix_mean", "computation"),
     ("alpha", 16.0, "computation"),
     ("image", ImageSpec("pad", "fast"), "computation"),
     ("base_model", "/elsewhere", "computation"),
@@ -273,3 +274,16 @@ def test_a_domain_routed_spec_records_its_domain_names_in_expert_order(tmp_path)
         dataclasses.replace(built, routing="hard")
     saved = {"mole": {"routing": "domain"}, "data": {"domains": [{"name": "a"}, {"name": "b"}, {"name": "c"}]}}
     assert built.as_recorded(saved, None).domains == ("a", "b", "c"), "a saved run's domain names are its adapter's"
+
+
+def test_router_input_is_written_only_when_not_token_and_needs_a_learned_router(spec):
+    assert "router_input" not in spec.to_dict(), "a token-routed adapter's file stays what version 3 readers read"
+    prefix = dataclasses.replace(spec, router_input="prefix_mean")
+    assert prefix.to_dict()["router_input"] == "prefix_mean" and AdapterSpec.from_json(prefix.to_json()) == prefix
+    with pytest.raises(SpecError, match="router_input: 'prefix_mean' is what a learned router reads; K=1"):
+        dataclasses.replace(spec, num_experts=1, router_input="prefix_mean")
+    with pytest.raises(SpecError, match="router_input: must be one of"):
+        dataclasses.replace(spec, router_input="sample")
+    old = {**json.loads(V1_FIXTURE.read_text()), "router_input": "prefix_mean"}
+    with pytest.raises(SpecError, match=r"unknown keys \['router_input'\] for format_version 1"):
+        AdapterSpec.from_dict(old)

@@ -97,6 +97,9 @@ def check_exportable(spec: AdapterSpec) -> None:
     if spec.routing == "domain":
         raise ExportError(f"--format hf cannot export routing 'domain': its experts are chosen by the caller's domain "
                           f"({', '.join(spec.domains)}), which a transformers model is not given; use --format mole")
+    if spec.router_input != "token":
+        raise ExportError(f"--format hf cannot export router_input {spec.router_input!r}: its modelling file routes each "
+                          "token by its own hidden state; use --format mole")
     if spec.routing not in ROUTINGS:
         raise ExportError(f"--format hf cannot export routing {spec.routing!r}: its modelling file routes each token "
                           f"by its hidden state ({', '.join(ROUTINGS)}); use --format mole")
