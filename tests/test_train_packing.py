@@ -2,7 +2,7 @@
 Qwen-VL ones number each packed sample's M-RoPE positions on their own), and the LM loss of
 ``grad_accum`` micro-batches equals one batch of their size (the loss is the global batch's mean).
 
-All fourteen runs share one launch (``tests/several_runs.py``): the ranks start once.
+All sixteen runs share one launch (``tests/several_runs.py``): the ranks start once.
 """
 
 from __future__ import annotations
@@ -13,7 +13,8 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from tests.helpers import REPO, free_port, python, run_group, step_records, text_sample, write_shard
+from tests.helpers import (REPO, free_port, logged_heldout_answers, python, run_group, step_records, text_sample,
+                           write_shard)
 
 pytestmark = pytest.mark.distributed
 STEPS = 3
@@ -44,6 +45,11 @@ def packing_runs(tmp_path_factory):
     by_domain = [*packed, "mole.routing=domain", "mole.num_experts=2", val, f"train.eval_every={STEPS}",
                  "train.eval_batches=1", "train.eval_max_new_tokens=3"]
     runs |= {"domain_zero3_packed": [zero3, *by_domain], "domain_zero2_packed": [zero2, *by_domain]}
+    # routed by each sample's tokens so far: packed samples apart in training, and the held-out answers of the
+    # last step generated with a KV cache on every rank in step (ZeRO-3's synced generation)
+    by_prefix = [*packed, "mole.router_input=prefix_mean", val, f"train.eval_every={STEPS}", "train.eval_batches=1",
+                 "train.eval_max_new_tokens=3"]
+    runs |= {"prefix_zero3_packed": [zero3, *by_prefix], "prefix_zero2_packed": [zero2, *by_prefix]}
     runs |= {
         "accum2": [*plain, "train.micro_batch_size=2", "train.grad_accum=2"],
         "batch4": [*plain, "train.micro_batch_size=4", "train.grad_accum=1"],
@@ -124,3 +130,17 @@ def test_domain_routing_under_zero3_equals_zero2_with_every_domain_on_its_own_ex
     held = [r for r in evals if "eval/loss/text" in r]
     assert held and "eval/normalized_match/shapes" in held[-1], f"no held-out loss and answers per domain: {evals[-1]}"
     assert_same_adapter(z3, z2, "routing domain: packed ZeRO-3 != packed ZeRO-2")
+
+
+def test_prefix_routing_under_zero3_equals_zero2_in_training_and_in_held_out_answers(packing_runs):
+    z3, z2 = packing_runs["prefix_zero3_packed"], packing_runs["prefix_zero2_packed"]
+    for rank in (0, 1):
+        records = step_records(z3, rank)
+        assert len(records) == STEPS and all(r["samples"] > 2 for r in records), "rows must hold several samples"
+        for a, b in zip(records, step_records(z2, rank)):
+            assert a["expert_load"] == b["expert_load"], f"routing differs at step {a['step']} rank {rank}"
+            assert a["loss"] == pytest.approx(b["loss"], rel=1e-5, abs=1e-6), f"loss at step {a['step']} rank {rank}"
+    assert_same_adapter(z3, z2, "prefix_mean: packed ZeRO-3 != packed ZeRO-2")
+    answers = logged_heldout_answers(z3)
+    assert answers and answers == logged_heldout_answers(z2), "held-out answers differ between ZeRO-3 and ZeRO-2"
+    assert json.loads((z3 / "adapter" / "mole_config.json").read_text())["router_input"] == "prefix_mean"
