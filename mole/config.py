@@ -221,7 +221,7 @@ class TrainConfig(Section):
     existing checkpoint is then an error, to protect it); or a checkpoint directory path."""
     resume_accept: list[ResumeAcceptable] = Field(default_factory=list)
     """Settings a resumed run may change although they change what the checkpoint's weights compute
-    (lora.alpha, mole.routing, model.name_or_path, data.image_aspect, data.image_backend,
+    (lora.alpha, mole.routing, mole.router_input, model.name_or_path, data.image_aspect, data.image_backend,
     data.image_processor_backend, data.min_pixels, data.max_pixels, data.image_grid_pinpoints,
     data.vision_aspect_ratio, and under routing domain data.domains' names); any other change of them is
     refused, naming it. Settings that shape the tensors can never change."""
