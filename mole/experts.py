@@ -331,7 +331,8 @@ class MoleMLP(nn.Module):
         several when packed). A forward whose attention mask is longer than its tokens continues the
         rows of the previous forward (a decode step under a KV cache): their stored sums are added, and
         a continuation of positions this layer did not see is refused rather than routed on a part of
-        its sample."""
+        its sample. Rows are assumed to stay in place across decode steps (greedy or sampled generation;
+        beam search reorders them)."""
         samples, _ = _token_samples(*self.context.snapshot(), batch, seq, tokens.device)
         samples = samples.view(batch, seq)
         real = (samples >= 0).unsqueeze(-1).float()  # (batch, seq, 1); sums in fp32: bf16 counts stop at 256
