@@ -48,8 +48,9 @@ def cell_config(main: ExperimentConfig, recipe_lora: dict, rank: int, count: int
     alpha / r, variants ``mix``, ``oracle`` and ``mole``. The recipe's own cell is ``main``'s work
     directory and overrides, so its runs are the main experiment's."""
     suite = SUITES[main.suite].domains
-    if not 1 <= count <= len(suite):
-        raise ValueError(f"boundary map: {count} domains, but suite {main.suite!r} has {len(suite)}")
+    if not 2 <= count <= len(suite):
+        raise ValueError(f"boundary map: {count} domains, but a conflict needs at least 2 and suite {main.suite!r} "
+                         f"has {len(suite)}")
     if rank < 1:
         raise ValueError(f"boundary map: LoRA rank {rank} must be at least 1")
     overrides = list(main.extra_overrides)

@@ -90,9 +90,8 @@ def collect(model, processor, domains: list, max_samples: int | None, max_length
                     out["features"][i].append(captured[i][positions].float())
                     prefix_mean = (captured[i].float() * weight).cumsum(dim=1) / seen_tokens  # the sample's tokens so far
                     out["prefix_mean"][i].append(prefix_mean[positions])
-                    if layer.router is not None:
-                        logits = layer.router(captured[i][positions])
-                        out["choice"][i].append(logits.argmax(dim=-1))
+                    if layer.router is not None:  # the expert the layer chose (by what its router reads)
+                        out["choice"][i].append(layer._routing[1].view(*real.shape)[positions])
     finally:
         for hook in hooks:
             hook.remove()

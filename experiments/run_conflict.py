@@ -148,6 +148,10 @@ def boundary(args: argparse.Namespace, cfg, out: str, command: str) -> int:
         mole, why = conflict_boundary.best_mole_row(os.path.join(out, f"{name}.json"))
     with open(args.config) as handle:
         lora = yaml.safe_load(handle)["lora"]
+    for override in args.overrides:  # a --set of the rank or alpha moves the recipe's own cell
+        key, _, value = override.partition("=")
+        if key in ("lora.r", "lora.alpha"):
+            lora[key.split(".")[1]] = yaml.safe_load(value)
     document = conflict_boundary.run_boundary(cfg, {"r": lora["r"], "alpha": lora["alpha"]}, args.boundary_ranks,
                                               args.boundary_domains, mole, why)
     for path in conflict_boundary.write(document, out, name, command.strip()):

@@ -580,6 +580,9 @@ def validate(cfg: Config) -> None:
              f"{len(cfg.data.domains)}, got {k}")
     _require(k == 1 or bool(cfg.lora.mlp_targets), "lora.mlp_targets",
              f"is empty, so the {k} experts mole.num_experts asks for would have nothing to adapt")
+    _require(cfg.train.router_lr is None or (k > 1 and cfg.mole.routing != "domain"), "train.router_lr",
+             f"is the learning rate of learned routers, but mole.num_experts={k} with routing {cfg.mole.routing!r} "
+             "has none")
     _require(not cfg.mole.router_supervision or (k > 1 and cfg.mole.routing != "domain"), "mole.router_supervision",
              f"teaches a learned router, but mole.num_experts={k} with routing {cfg.mole.routing!r} has none")
     _require(not cfg.mole.router_supervision or k == len(cfg.data.domains), "mole.num_experts",

@@ -100,6 +100,7 @@ class RoutingContext:
         self.sample_ids: torch.Tensor | None = None  # (batch, seq) long: each token's sample, -1 = padding
         self.num_samples = 0  # how many samples ``sample_ids`` numbers (0 .. num_samples - 1)
         self.domains: torch.Tensor | None = None  # (samples,) long: each sample's domain; 0-d: every token's
+        self.cached_positions = 0  # positions of the rows that earlier forwards held (a KV cache's length)
         self.layers: list[MoleMLP] = []
 
     def pack(self, sample_ids: torch.Tensor | None, num_samples: int = 0) -> None:
@@ -345,8 +346,11 @@ class MoleMLP(nn.Module):
         before_sums, before_counts = F.pad(sums, (0, 0, 1, 0))[:, :-1], F.pad(counts, (0, 0, 1, 0))[:, :-1]
         sums = sums - before_sums.gather(1, first.unsqueeze(-1).expand_as(sums))
         counts = counts - before_counts.gather(1, first.unsqueeze(-1))
-        mask = self.context.token_mask
-        earlier = 0 if mask is None or self.context.sample_ids is not None else mask.shape[1] - seq
+        mask, sample_ids = self.context.token_mask, self.context.sample_ids
+        if sample_ids is not None and sample_ids.shape == (batch, seq):
+            earlier = 0  # a packed training batch: whole samples
+        else:  # the cache's length; without one a mask longer than the forward says it too
+            earlier = max(self.context.cached_positions, 0 if mask is None else mask.shape[1] - seq)
         if earlier > 0:
             if self._prefix is None or self._prefix[0].shape[0] != batch or self._prefix[2] != earlier:
                 raise RuntimeError(f"router_input prefix_mean: this forward continues {earlier} earlier positions of "

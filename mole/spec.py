@@ -230,6 +230,8 @@ class AdapterSpec:
             return _UNSET if node is None else node  # a null records nothing
 
         settings = {name: value for name, value in _run_settings(recorded, self.image).items() if value is not _UNSET}
+        if isinstance(recorded("mole"), dict) and "router_input" not in settings:
+            settings["router_input"] = "token"  # recorded before the key existed: every router read its token
         if isinstance(adapter_record, dict):
             settings.update({name: adapter_record[name] for name in BASE_FIELDS if name in adapter_record})
         return dataclasses.replace(self, **settings)

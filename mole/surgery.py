@@ -104,14 +104,18 @@ def _add_attention_lora(model: nn.Module, backbone: Backbone, targets: list[str]
 
 
 def _remember_padding_mask(context: RoutingContext):
-    """A pre-forward hook: the decoder calls ``mlp(x)`` with no mask, so hand it over via the context."""
+    """A pre-forward hook: the decoder calls ``mlp(x)`` with no mask, so hand it over via the context, with
+    how many positions of the rows the forward continues (its KV cache's length)."""
 
     def hook(module, args, kwargs):
-        mask = kwargs.get("attention_mask")
-        if mask is None and args:  # passed by position: bind it as the forward's signature says
+        mask, cache = kwargs.get("attention_mask"), kwargs.get("past_key_values")
+        if (mask is None or cache is None) and args:  # passed by position: bind them as the forward's signature says
             bound = inspect.signature(module.forward).bind_partial(*args, **kwargs)
-            mask = bound.arguments.get("attention_mask")
+            mask = bound.arguments.get("attention_mask") if mask is None else mask
+            cache = bound.arguments.get("past_key_values") if cache is None else cache
         context.token_mask = mask
+        # positions this forward continues (a KV cache's length), whether or not a mask says so
+        context.cached_positions = int(cache.get_seq_length()) if hasattr(cache, "get_seq_length") else 0
         return None
 
     return hook

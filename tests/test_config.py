@@ -420,6 +420,7 @@ def test_router_supervision_needs_a_learned_router_with_an_expert_per_domain(wor
     msg = error_of(["mole.router_supervision=0.1", "mole.routing=domain", "mole.num_experts=3"])
     assert msg.startswith("mole.router_supervision: teaches a learned router"), msg
     assert load_config(None, ["mole.router_supervision=0.1"]).mole.router_supervision == 0.1
+    assert error_of(["train.router_lr=0.01", "mole.num_experts=1"]).startswith("train.router_lr: is the learning rate of")
 
 
 def test_a_router_input_needs_a_learned_router(workdir: Path) -> None:

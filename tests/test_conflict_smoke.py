@@ -223,8 +223,10 @@ def test_boundary_map_refuses_a_cell_the_suite_cannot_hold(tmp_path):
     from experiments.conflict_boundary import cell_config
 
     main = ExperimentConfig(train_config="experiments/conflict.yaml", base_model="b", work_dir=str(tmp_path), suite="cues")
-    with pytest.raises(ValueError, match="7 domains, but suite 'cues' has 6"):
+    with pytest.raises(ValueError, match="7 domains, but a conflict needs at least 2 and suite 'cues' has 6"):
         cell_config(main, {"r": 1, "alpha": 2}, 1, 7, "mole")
+    with pytest.raises(ValueError, match="1 domains, but a conflict needs at least 2"):
+        cell_config(main, {"r": 1, "alpha": 2}, 1, 1, "mole")
     with pytest.raises(ValueError, match="LoRA rank 0 must be at least 1"):
         cell_config(main, {"r": 1, "alpha": 2}, 0, 3, "mole")
     cell = cell_config(main, {"r": 1, "alpha": 2}, 8, 3, "mole_hard")
@@ -237,7 +239,7 @@ def test_router_probe_runs_on_the_smoke_adapters_learned_and_domain_routed(cues_
     from experiments.router_probe import main as probe
 
     runs = cues_work / "cues" / "smoke" / "test"
-    for variant, routed in (("mole", True), ("oracle", False)):
+    for variant, routed in (("mole", True), ("mole_prefix", True), ("oracle", False)):
         out = tmp_path / f"{variant}.json"
         assert probe(["--base", str(cues_work / "base_smoke"), "--adapter", str(runs / f"{variant}_seed0" / "train" / "adapter"),
                       "--split", "test", "--max-samples", "4", "--out", str(out)]) == 0

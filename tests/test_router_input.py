@@ -37,6 +37,7 @@ def generated(model, processor, cache: bool) -> torch.Tensor:
 @pytest.mark.parametrize("config", CONFIGS)
 def test_cached_generation_routes_by_the_prefix_as_the_full_sequence_does(config, tmp_path):
     from mole.config import load_config
+    from mole.inference import mole_layers, routing_context
     from mole.model import build_mole_model
 
     cfg = load_config(str(REPO / "launch" / "configs" / config), ["mole.router_input=prefix_mean", f"output_dir={tmp_path}"])
@@ -46,6 +47,34 @@ def test_cached_generation_routes_by_the_prefix_as_the_full_sequence_does(config
         if "lora_B" in name or ".router." in name:  # B starts at zero: every expert would compute the same
             param.data.normal_(0, 0.5)
     model.eval()
+    layers = mole_layers(model)
+    assert layers and all(layer.router_input == "prefix_mean" for layer in layers)
+    # a packed training forward's sample ids left behind must not make a decode step look like a whole sample
+    routing_context(model).pack(torch.zeros(1, 3, dtype=torch.long), 1)
     with torch.no_grad():
         cached, recomputed = generated(model, processor, True), generated(model, processor, False)
+        for layer in layers:
+            layer.router_input = "token"
+        by_token = generated(model, processor, True)
     assert torch.equal(cached, recomputed), f"{config}: with the cache {cached.tolist()}, without {recomputed.tolist()}"
+    assert not torch.equal(cached, by_token), f"{config}: routing by the prefix changed nothing: the test shows nothing"
+
+
+def test_a_decode_step_without_an_attention_mask_still_continues_its_prompt(tmp_path):
+    """The continued positions come from the KV cache itself, not only from a mask longer than the step."""
+    from mole.config import load_config
+    from mole.model import build_mole_model
+
+    cfg = load_config(str(REPO / "launch" / "configs" / "tiny.yaml"), ["mole.router_input=prefix_mean", f"output_dir={tmp_path}"])
+    model, _, _ = build_mole_model(cfg, torch.float32)
+    torch.manual_seed(0)
+    for name, param in model.named_parameters():
+        if "lora_B" in name or ".router." in name:
+            param.data.normal_(0, 0.5)
+    model.eval()
+    ids = torch.randint(3, 500, (1, 9))
+    with torch.no_grad():
+        full = model(input_ids=ids).logits[:, -1]
+        prompt = model(input_ids=ids[:, :-1], use_cache=True)
+        step = model(input_ids=ids[:, -1:], past_key_values=prompt.past_key_values, use_cache=True).logits[:, -1]
+    torch.testing.assert_close(step, full, rtol=1e-4, atol=1e-4)

@@ -287,3 +287,10 @@ def test_router_input_is_written_only_when_not_token_and_needs_a_learned_router(
     old = {**json.loads(V1_FIXTURE.read_text()), "router_input": "prefix_mean"}
     with pytest.raises(SpecError, match=r"unknown keys \['router_input'\] for format_version 1"):
         AdapterSpec.from_dict(old)
+
+
+def test_a_run_config_recorded_before_router_input_records_token(spec):
+    prefix = dataclasses.replace(spec, router_input="prefix_mean")
+    assert prefix.as_recorded({"mole": {"routing": "hard"}}, None).router_input == "token"
+    assert prefix.as_recorded({"mole": {"router_input": "prefix_mean"}}, None).router_input == "prefix_mean"
+    assert prefix.as_recorded({"lora": {"r": 16}}, None).router_input == "prefix_mean", "no mole section: unrecorded"
