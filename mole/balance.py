@@ -45,25 +45,6 @@ def per_sample_loss(stats: list[RoutingStats]) -> torch.Tensor:
     return (per_sample * has_tokens).sum() / has_tokens.sum().clamp(min=1)
 
 
-def domain_supervision_loss(stats: list[RoutingStats], domain: torch.Tensor) -> torch.Tensor:
-    """``-log`` of the mean router probability of each sample's domain's expert over its tokens (expert
-    ``i`` serves ``data.domains[i]``), averaged over the samples that have tokens and over the layers.
-
-    Teaches a learned router to route by domain where the data carries labels, so that inference, which
-    has none, routes by what the router learned to read. The learned router alone need not find the
-    domain even where its input holds it: its experts start equal (LoRA B = 0), so no expert is better
-    for any domain and nothing pulls the router towards a domain split (``experiments.router_probe``).
-    From the routing statistics' probability sums (the mean probability, not the mean log probability,
-    which they do not hold); ``domain``: (samples,) in the statistics' row order."""
-    prob_sum = torch.stack([layer.prob_sum for layer in stats])  # (layers, samples, K)
-    tokens = torch.stack([layer.tokens for layer in stats])  # (layers, samples)
-    index = domain.to(prob_sum.device).view(1, -1, 1).expand(prob_sum.shape[0], -1, 1)
-    mean_prob = prob_sum.gather(2, index).squeeze(2) / tokens.clamp(min=1.0)  # (layers, samples)
-    has_tokens = (tokens > 0).float()
-    nll = -torch.log(mean_prob.clamp(min=1e-9)) * has_tokens
-    return nll.sum() / has_tokens.sum().clamp(min=1.0)
-
-
 def aux_loss(stats: list[RoutingStats], kind: AuxLoss) -> torch.Tensor:
     """The configured balance loss; zero (a constant) when nothing is routed, e.g. plain LoRA."""
     if not stats:

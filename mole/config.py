@@ -91,10 +91,6 @@ class MoleConfig(Section):
     """Load-balancing loss: switch (Switch Transformer, batch-level fractions) or per_sample."""
     aux_weight: Float = Field(0.01, ge=0)
     """Multiplier of the auxiliary loss added to the LM loss; 0 disables balancing."""
-    router_supervision: Float = Field(0.0, ge=0)
-    """Weight of a loss that teaches each learned router to send a sample's tokens to its domain's expert
-    (expert i serves data.domains[i]; num_experts must equal their number): routing learned from the
-    training data's domain labels, used at inference without them. 0 disables."""
 
 
 class LoraConfig(Section):
@@ -583,11 +579,6 @@ def validate(cfg: Config) -> None:
     _require(cfg.train.router_lr is None or (k > 1 and cfg.mole.routing != "domain"), "train.router_lr",
              f"is the learning rate of learned routers, but mole.num_experts={k} with routing {cfg.mole.routing!r} "
              "has none")
-    _require(not cfg.mole.router_supervision or (k > 1 and cfg.mole.routing != "domain"), "mole.router_supervision",
-             f"teaches a learned router, but mole.num_experts={k} with routing {cfg.mole.routing!r} has none")
-    _require(not cfg.mole.router_supervision or k == len(cfg.data.domains), "mole.num_experts",
-             f"mole.router_supervision teaches expert i to serve data.domains[i], so it must be the "
-             f"{len(cfg.data.domains)} domains, got {k}")
     _require(cfg.mole.router_input == "token" or (k > 1 and cfg.mole.routing != "domain"), "mole.router_input",
              f"{cfg.mole.router_input!r} is what a learned router reads, but mole.num_experts={k} with routing "
              f"{cfg.mole.routing!r} has no router")

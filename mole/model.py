@@ -14,7 +14,7 @@ from torch import nn
 from transformers import AutoConfig
 
 from mole.backbones import Backbone, backbone_for
-from mole.balance import aux_loss, domain_supervision_loss
+from mole.balance import aux_loss
 from mole.config import Config, ConfigError
 from mole.lm_loss import answer_tokens, lm_loss_sum
 from mole.spec import AdapterSpec
@@ -108,15 +108,12 @@ class TrainingModel(nn.Module):
     ``image_sizes``, Qwen-VL's ``image_grid_thw``), or ``None``.
     """
 
-    def __init__(self, llava: nn.Module, surgery: MoleSurgery, aux_kind: str, aux_weight: float,
-                 router_supervision: float = 0.0):
+    def __init__(self, llava: nn.Module, surgery: MoleSurgery, aux_kind: str, aux_weight: float):
         super().__init__()
         self.llava = llava
         self.backbone: Backbone = backbone_for(llava.config)
         self.context = surgery.context
         self.aux_kind, self.aux_weight = aux_kind, aux_weight
-        self.router_supervision = router_supervision
-        """Weight of :func:`mole.balance.domain_supervision_loss` in the loss (``mole.router_supervision``)."""
         spec = getattr(llava, "mole_spec", None)
         self.by_domain = spec is not None and spec.routing == "domain"
         """Routing ``domain``: the batch's ``domain`` picks the experts, and there is no router to balance
@@ -141,14 +138,9 @@ class TrainingModel(nn.Module):
         lm_sum = lm_loss_sum(logits, labels)
         normaliser = loss_normaliser if loss_normaliser is not None else answer_tokens(labels).clamp(min=1)
         lm = lm_sum / normaliser
-        stats = [] if self.by_domain else self.context.stats()
-        aux = (aux_loss(stats, self.aux_kind) if stats else torch.zeros(())).to(lm.device)
-        loss = lm + self.aux_weight * aux
-        if self.router_supervision and stats:
-            if domain is None:
-                raise ValueError("mole.router_supervision needs each sample's domain with the batch")
-            loss = loss + self.router_supervision * domain_supervision_loss(stats, domain).to(lm.device)
-        return {"loss": loss, "lm_loss": lm.detach(), "aux_loss": aux.detach()}
+        aux = torch.zeros(()) if self.by_domain else aux_loss(self.context.stats(), self.aux_kind)
+        aux = aux.to(lm.device)
+        return {"loss": lm + self.aux_weight * aux, "lm_loss": lm.detach(), "aux_loss": aux.detach()}
 
     def prefill_inputs(self, input_ids: torch.Tensor, pixel_values: torch.Tensor | None = None,
                        image_sizes: torch.Tensor | None = None) -> dict:

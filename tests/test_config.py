@@ -413,14 +413,9 @@ def test_domain_routing_needs_one_expert_per_domain(workdir: Path) -> None:
     load_config(None, ["mole.routing=domain", "mole.num_experts=3"])
 
 
-def test_router_supervision_needs_a_learned_router_with_an_expert_per_domain(workdir: Path) -> None:
-    msg = error_of(["mole.router_supervision=0.1", "mole.num_experts=2"])
-    assert msg.startswith("mole.num_experts: mole.router_supervision teaches expert i to serve data.domains[i], so it "
-                          "must be the 3 domains, got 2"), msg
-    msg = error_of(["mole.router_supervision=0.1", "mole.routing=domain", "mole.num_experts=3"])
-    assert msg.startswith("mole.router_supervision: teaches a learned router"), msg
-    assert load_config(None, ["mole.router_supervision=0.1"]).mole.router_supervision == 0.1
+def test_router_lr_needs_a_learned_router(workdir: Path) -> None:
     assert error_of(["train.router_lr=0.01", "mole.num_experts=1"]).startswith("train.router_lr: is the learning rate of")
+    assert load_config(None, ["train.router_lr=0.01"]).train.router_lr == 0.01
 
 
 def test_a_router_input_needs_a_learned_router(workdir: Path) -> None:

@@ -1,7 +1,6 @@
 """MoLE layer maths against per-token reference loops and against peft itself."""
 
 import copy
-import math
 
 import pytest
 import torch
@@ -427,20 +426,3 @@ def test_prefix_mean_needs_a_learned_router():
     with pytest.raises(ValueError, match="needs a learned router"):
         MoleMLP(base, HIDDEN, 3, R, alpha=8.0, dropout=0.0, routing="domain", context=RoutingContext(),
                 router_input="prefix_mean")
-
-
-def test_domain_supervision_is_the_mean_nll_of_each_samples_domain_expert_and_reaches_the_router():
-    from mole.balance import domain_supervision_loss
-
-    # layer 1: sample 0 (2 tokens) mean probs [0.75, 0.25], sample 1 (1 token) [0.2, 0.8]; sample 2 has no tokens
-    probs = torch.tensor([[[0.9, 0.1], [0.6, 0.4]], [[0.2, 0.8], [0.5, 0.5]], [[0.3, 0.7], [0.3, 0.7]]])
-    mask = torch.tensor([[True, True], [True, False], [False, False]])
-    first = stats_from(probs, probs.argmax(-1), mask)
-    second = stats_from(probs.flip(-1), probs.flip(-1).argmax(-1), mask)
-    domain = torch.tensor([0, 1, 1])
-    expected = -(math.log(0.75) + math.log(0.8) + math.log(0.25) + math.log(0.2)) / 4
-    assert domain_supervision_loss([first, second], domain).item() == pytest.approx(expected)
-    mlp, context = make_mlp(routing="scaled")
-    mlp(torch.randn(2, 4, HIDDEN))
-    domain_supervision_loss(context.stats(), torch.tensor([0, 2])).backward()
-    assert mlp.router.weight.grad.abs().sum() > 0, "the supervision must reach the router"

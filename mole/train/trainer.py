@@ -103,7 +103,7 @@ class Trainer:
         if cfg.train.gradient_checkpointing:
             llava.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
         self.llava, self.llava_config = llava, llava.config
-        self.model = TrainingModel(llava, self.surgery, cfg.mole.aux_loss, cfg.mole.aux_weight, cfg.mole.router_supervision)
+        self.model = TrainingModel(llava, self.surgery, cfg.mole.aux_loss, cfg.mole.aux_weight)
         groups = param_groups(self.model, cfg.train.lr, cfg.train.projector_lr, self.model.backbone, cfg.train.router_lr)
         optimizer = build_optimizer(groups, cfg.train.optimizer, cfg.train.lr, cfg.train.weight_decay)
         schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_cosine(cfg.train.warmup_steps, cfg.train.max_steps))
