@@ -249,3 +249,20 @@ def test_router_probe_runs_on_the_smoke_adapters_learned_and_domain_routed(cues_
         for row in result["layers"]:
             assert 0.0 <= row["probe_accuracy_answer"] <= 1.0 and row["tokens_answer"] > 0, row
             assert ("router_nmi_answer" in row) is routed, f"{variant}: a router NMI only for a learned router: {row}"
+
+
+@pytest.mark.slow
+def test_routing_diagnosis_summarises_the_smoke_runs_routers(cues_work, cues_report, tmp_path):
+    from experiments.routing_diagnosis import main as diagnose
+
+    runs = cues_work / "cues" / "smoke" / "test"
+    assert diagnose([f"mole={runs / 'mole_seed0'}", f"prefix={runs / 'mole_prefix_seed0'}", "--out", str(tmp_path / "d")]) == 0
+    rows = json.loads((tmp_path / "d.json").read_text())
+    for name in ("mole", "prefix"):
+        point = rows[name]["curve"][0]
+        assert point["step"] == 6 and len(rows[name]["curve"]) == 1, "6 steps: one point, the last step"
+        assert len(point["router_entropy"]) == 4, point
+        assert all(0.0 <= h <= math.log(6) + 1e-6 for h in point["router_entropy"]), point
+        assert all(1 / 6 - 1e-6 <= s <= 1.0 for s in point["top_expert_share"]), point
+        assert point["nmi"] is None, "the smoke recipe logs no routing images"
+    assert "| mole |" in (tmp_path / "d.md").read_text()
