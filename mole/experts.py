@@ -329,8 +329,9 @@ class MoleMLP(nn.Module):
     def _prefix_mean(self, tokens: torch.Tensor, batch: int, seq: int) -> torch.Tensor:
         """(tokens, hidden): each token's mean of its sample's MLP inputs up to and including it, padding
         excluded, without a host sync. Samples are contiguous runs of a row (one per row when padded,
-        several when packed). A forward whose attention mask is longer than its tokens continues the
-        rows of the previous forward (a decode step under a KV cache): their stored sums are added, and
+        several when packed). A forward that continues cached positions (its KV cache's length, or an
+        attention mask longer than its tokens: a decode step) continues the rows of the previous forward:
+        their stored sums are added, and
         a continuation of positions this layer did not see is refused rather than routed on a part of
         its sample. Rows are assumed to stay in place across decode steps (greedy or sampled generation;
         beam search reorders them)."""
