@@ -108,11 +108,12 @@ def _remember_padding_mask(context: RoutingContext):
     how many positions of the rows the forward continues (its KV cache's length)."""
 
     def hook(module, args, kwargs):
-        mask, cache = kwargs.get("attention_mask"), kwargs.get("past_key_values")
+        # the KV cache is ``cache`` in transformers 5.x, ``past_key_values`` before
+        mask, cache = kwargs.get("attention_mask"), kwargs.get("cache", kwargs.get("past_key_values"))
         if (mask is None or cache is None) and args:  # passed by position: bind them as the forward's signature says
-            bound = inspect.signature(module.forward).bind_partial(*args, **kwargs)
-            mask = bound.arguments.get("attention_mask") if mask is None else mask
-            cache = bound.arguments.get("past_key_values") if cache is None else cache
+            bound = inspect.signature(module.forward).bind_partial(*args, **kwargs).arguments
+            mask = bound.get("attention_mask") if mask is None else mask
+            cache = bound.get("cache", bound.get("past_key_values")) if cache is None else cache
         context.token_mask = mask
         # positions this forward continues (a KV cache's length), whether or not a mask says so
         context.cached_positions = int(cache.get_seq_length()) if hasattr(cache, "get_seq_length") else 0

@@ -5,6 +5,8 @@ the tokens that generation without it (the full sequence every step) gives, on e
 
 from __future__ import annotations
 
+import inspect
+
 import pytest
 import torch
 from PIL import Image
@@ -73,8 +75,9 @@ def test_a_decode_step_without_an_attention_mask_still_continues_its_prompt(tmp_
             param.data.normal_(0, 0.5)
     model.eval()
     ids = torch.randint(3, 500, (1, 9))
+    name = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"  # 5.x: cache
     with torch.no_grad():
         full = model(input_ids=ids).logits[:, -1]
         prompt = model(input_ids=ids[:, :-1], use_cache=True)
-        step = model(input_ids=ids[:, -1:], past_key_values=prompt.past_key_values, use_cache=True).logits[:, -1]
+        step = model(input_ids=ids[:, -1:], **{name: prompt[name]}, use_cache=True).logits[:, -1]
     torch.testing.assert_close(step, full, rtol=1e-4, atol=1e-4)
