@@ -20,7 +20,7 @@ import dataclasses
 import os
 
 from experiments.conflict import SUITES, VARIANTS, ExperimentConfig, run_all
-from experiments.conflict_report import MOLE_ROWS, _stats, domain_average, write_json
+from experiments.conflict_report import MOLE_ROWS, domain_average, stats, write_json
 
 RANKS = (1, 4, 16)
 DOMAIN_COUNTS = (3, 6)
@@ -79,7 +79,7 @@ def run_boundary(main: ExperimentConfig, recipe_lora: dict, ranks: list[int], co
             cells.append({
                 "rank": rank, "domains": list(domains), "work_dir": cfg.work_dir, "overrides": cfg.extra_overrides,
                 "mean_of_domains": means,
-                "per_domain": {v: {d: _stats([r["domains"][d]["accuracy"] for r in runs if r["spec"]["variant"] == v])
+                "per_domain": {v: {d: stats([r["domains"][d]["accuracy"] for r in runs if r["spec"]["variant"] == v])
                                    for d in domains} for v in cfg.variants},
                 "oracle_minus_mix": gap,
                 "gap_closed": (means[mole]["mean"] - means["mix"]["mean"]) / gap if gap else None,

@@ -28,7 +28,7 @@ more than 2 SE over seeds)."""
 NOT_JUDGED = "**not judged** (fewer than two seeds: no standard error)"
 
 
-def _stats(values: list[float]) -> dict:
+def stats(values: list[float]) -> dict:
     n = len(values)
     mean = sum(values) / n
     std = math.sqrt(sum((v - mean) ** 2 for v in values) / (n - 1)) if n > 1 else 0.0
@@ -55,7 +55,7 @@ def summarize(runs: list[dict], setup: dict) -> dict:
     """The ``conflict.json`` document: accuracy mean/std/n per variant and domain, plus the setup (whose
     ``domains`` name the suite's domains in order)."""
     accuracy = _per_variant(runs, "accuracy")
-    return {"variants": _ordered({v: {d: _stats(x) for d, x in ds.items()} for v, ds in accuracy.items()},
+    return {"variants": _ordered({v: {d: stats(x) for d, x in ds.items()} for v, ds in accuracy.items()},
                                  setup["domains"]),
             "setup": setup}
 
@@ -91,15 +91,15 @@ def details(runs: list[dict], domains: tuple[str, ...]) -> dict:
             if source in table:
                 table[alias] = table[source]
     return {
-        "foreign_convention_share": _ordered({v: {d: _stats(x) for d, x in ds.items()} for v, ds in foreign.items()},
+        "foreign_convention_share": _ordered({v: {d: stats(x) for d, x in ds.items()} for v, ds in foreign.items()},
                                              domains),
-        "accuracy_by_question_kind": {v: {k: _stats(x) for k, x in sorted(ks.items())} for v, ks in by_kind.items()
+        "accuracy_by_question_kind": {v: {k: stats(x) for k, x in sorted(ks.items())} for v, ks in by_kind.items()
                                       if v in ROW_ORDER},
-        "loss": _ordered({v: {d: _stats(x) for d, x in ds.items()} for v, ds in loss.items()}, domains),
-        "exact_match": _ordered({v: {d: _stats(x) for d, x in ds.items()} for v, ds in exact.items()}, domains),
-        "routing_nmi_per_layer": {v: [_stats(list(layer)) for layer in zip(*rows)] for v, rows in nmi.items()},
-        "top_expert_share_per_layer": {v: [_stats(list(layer)) for layer in zip(*rows)] for v, rows in top_share.items()},
-        "train_lm_loss_last20": {v: _stats(x) for v, x in train_loss.items()},
+        "loss": _ordered({v: {d: stats(x) for d, x in ds.items()} for v, ds in loss.items()}, domains),
+        "exact_match": _ordered({v: {d: stats(x) for d, x in ds.items()} for v, ds in exact.items()}, domains),
+        "routing_nmi_per_layer": {v: [stats(list(layer)) for layer in zip(*rows)] for v, rows in nmi.items()},
+        "top_expert_share_per_layer": {v: [stats(list(layer)) for layer in zip(*rows)] for v, rows in top_share.items()},
+        "train_lm_loss_last20": {v: stats(x) for v, x in train_loss.items()},
         "runs": runs,
     }
 
@@ -120,7 +120,7 @@ def domain_average(runs: list[dict], variant: str, domains: tuple[str, ...]) -> 
         if run["spec"]["variant"] == source:
             by_seed[run["spec"]["seed"]] += [m["accuracy"] for m in run["domains"].values()]
     values = [sum(v) / len(v) for v in by_seed.values() if len(v) == len(domains)]
-    return _stats(values) if values else None
+    return stats(values) if values else None
 
 
 def claims(summary: dict, runs: list[dict]) -> dict:
@@ -302,7 +302,7 @@ def markdown(summary: dict, run_details: dict, verdicts: dict, command: str, png
     for variant, layers in run_details["routing_nmi_per_layer"].items():
         nmi_rows.append(f"| `{variant}` | " + " | ".join(_cell(layer) for layer in layers) + " |")
     layers = len(next(iter(run_details["routing_nmi_per_layer"].values()), []))
-    top_share = _ordered({v: {d: _stats(x) for d, x in ds.items()}
+    top_share = _ordered({v: {d: stats(x) for d, x in ds.items()}
                           for v, ds in _per_variant([r for r in runs if r["nmi_per_layer"] is not None],
                                                     "top_expert_share").items()}, domains)
     train = run_details["train_lm_loss_last20"]

@@ -46,7 +46,7 @@ def collect(model, processor, domains: list, max_samples: int | None, max_length
     from mole.data.collate import collate, to_device
     from mole.data.conversation import IGNORE_INDEX
     from mole.data.sample import SampleProcessor
-    from mole.evaluate import _rank_examples
+    from mole.evaluate import rank_examples
     from mole.inference import mole_layers, model_image_settings, routes_by_domain, routing_context
 
     layers = mole_layers(model)
@@ -60,7 +60,7 @@ def collect(model, processor, domains: list, max_samples: int | None, max_length
     out = {"features": [[] for _ in layers], "prefix_mean": [[] for _ in layers], "choice": [[] for _ in layers],
            "domain": [], "answer": [], "sample": []}
     seen: Counter = Counter()
-    examples = _rank_examples(domains, process, Counter(), max_samples, 0, 1)
+    examples = rank_examples(domains, process, Counter(), max_samples, 0, 1)
     try:
         with torch.no_grad():
             while chunk := list(itertools.islice(examples, batch_size)):

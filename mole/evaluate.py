@@ -113,7 +113,7 @@ def evaluate(
     skipped: Counter = Counter()
     predictions: list[dict] = []
 
-    examples = _rank_examples(domains, sample_processor, skipped, max_samples, rank, world_size)
+    examples = rank_examples(domains, sample_processor, skipped, max_samples, rank, world_size)
     while chunk := list(itertools.islice(examples, batch_size)):
         _score_batch(model, chunk, processor.tokenizer.pad_token_id, sums, routing, experts)
         predictions += _ask_questions(model, processor, encoder, chunk, domains, max_new_tokens, batch_size, sums,
@@ -146,7 +146,7 @@ def _route_experts(model, domains: list[EvalDomain], route: dict[str, str] | Non
     return torch.tensor([spec.domain_index(route[d.name]) for d in domains], dtype=torch.long)
 
 
-def _rank_examples(domains: list[EvalDomain], process: SampleProcessor, skipped: Counter, max_samples: int | None,
+def rank_examples(domains: list[EvalDomain], process: SampleProcessor, skipped: Counter, max_samples: int | None,
                    rank: int, world_size: int) -> Iterator[Example]:
     """This rank's usable samples of every domain, prepared one at a time (sample i of a domain belongs
     to rank i % world_size); bad ones counted in ``skipped`` as ``<domain>/<reason>``."""
