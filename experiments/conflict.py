@@ -447,7 +447,9 @@ def describe_setup(cfg: ExperimentConfig, base: dict, train_config: str, smoke: 
         "steps on its domain alone, i.e. as many samples of that domain as the mix sees.",
         f"`mole` uses the default routing (`scaled`); `mole_scaled` is the same runs, listed for the routing "
         f"comparison; every routed row has K = {d} experts. `oracle`: `mole.routing: domain`, each domain its own "
-        "expert chosen by the sample's domain in training and evaluation (no router, no aux loss).",
+        "expert chosen by the sample's domain in training and evaluation (no router, no aux loss)."
+        + (" `mole_prefix`: `scaled` routing whose router reads the mean of the sample's MLP inputs so far "
+           "(`mole.router_input: prefix_mean`)." if "mole_prefix" in cfg.variants else ""),
         f"Evaluation: `{cfg.data_root}/<domain>/{cfg.split}-*.tar`"
         + (f", first {cfg.max_eval_samples} samples per domain" if cfg.max_eval_samples else " (every sample)")
         + f"; every answer turn generated greedily (at most {suite.max_new_tokens} new tokens) and matched after "
