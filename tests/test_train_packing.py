@@ -73,6 +73,20 @@ def assert_same_adapter(a, b, what: str) -> None:
         torch.testing.assert_close(wa[key], wb[key], rtol=1e-4, atol=1e-6, msg=f"{key}: {what}")
 
 
+def same_steps(z3, z2, what: str) -> list[tuple[dict, dict]]:
+    """Every step of both ranks of a packed ZeRO-3 run and its ZeRO-2 twin: several samples per row, the same
+    routing and the same loss. Returns the (ZeRO-3, ZeRO-2) step records, for checks of their own."""
+    pairs = []
+    for rank in (0, 1):
+        records = step_records(z3, rank)
+        assert len(records) == STEPS and all(r["samples"] > 2 for r in records), f"{what}: rows must hold several samples"
+        for a, b in zip(records, step_records(z2, rank)):
+            assert a["expert_load"] == b["expert_load"], f"{what}: routing differs at step {a['step']} rank {rank}"
+            assert a["loss"] == pytest.approx(b["loss"], rel=1e-5, abs=1e-6), f"{what}: loss at step {a['step']} rank {rank}"
+            pairs.append((a, b))
+    return pairs
+
+
 def test_packed_rows_hold_different_numbers_of_samples_on_the_two_ranks(packing_runs):
     rank0, rank1 = (step_records(packing_runs["zero3_packed"], rank) for rank in (0, 1))
     assert len(rank0) == len(rank1) == STEPS
@@ -85,12 +99,7 @@ def test_packed_rows_hold_different_numbers_of_samples_on_the_two_ranks(packing_
 def test_zero3_with_packing_equals_zero2(packing_runs, family):
     prefix = "" if family == "llava" else f"{family}_"
     z3, z2 = packing_runs[f"{prefix}zero3_packed"], packing_runs[f"{prefix}zero2_packed"]
-    for rank in (0, 1):
-        records = step_records(z3, rank)
-        assert len(records) == STEPS and all(r["samples"] > 2 for r in records), f"{family}: rows must hold several samples"
-        for a, b in zip(records, step_records(z2, rank)):
-            assert a["expert_load"] == b["expert_load"], f"{family}: routing differs at step {a['step']} rank {rank}"
-            assert a["loss"] == pytest.approx(b["loss"], rel=1e-5, abs=1e-6), f"{family}: loss at step {a['step']} rank {rank}"
+    same_steps(z3, z2, family)
     assert any(r["images"] for rank in (0, 1) for r in step_records(z3, rank)), f"{family}: no step packed an image"
     assert json.loads((z3 / "adapter" / "mole_config.json").read_text())["family"] == family
     assert_same_adapter(z3, z2, f"{family}: packed ZeRO-3 != packed ZeRO-2")
@@ -112,15 +121,10 @@ def test_two_accumulated_micro_batches_train_as_one_batch_of_their_size(packing_
 
 def test_domain_routing_under_zero3_equals_zero2_with_every_domain_on_its_own_expert(packing_runs):
     z3, z2 = packing_runs["domain_zero3_packed"], packing_runs["domain_zero2_packed"]
-    for rank in (0, 1):
-        records = step_records(z3, rank)
-        assert len(records) == STEPS and all(r["samples"] > 2 for r in records), "rows must hold several samples"
-        for a, b in zip(records, step_records(z2, rank)):
-            assert a["expert_load"] == b["expert_load"], f"routing differs at step {a['step']} rank {rank}"
-            assert a["loss"] == pytest.approx(b["loss"], rel=1e-5, abs=1e-6), f"loss at step {a['step']} rank {rank}"
-            assert a["aux_loss"] == 0.0, "routing domain has no router to balance"
-            for expert, domain in enumerate(["shapes", "text"]):  # every layer: tokens on an expert iff its domain drew some
-                assert all((load[expert] > 0) == (domain in a["domains"]) for load in a["expert_load"]), (a["domains"], a["expert_load"])
+    for a, _ in same_steps(z3, z2, "routing domain"):
+        assert a["aux_loss"] == 0.0, "routing domain has no router to balance"
+        for expert, domain in enumerate(["shapes", "text"]):  # every layer: tokens on an expert iff its domain drew some
+            assert all((load[expert] > 0) == (domain in a["domains"]) for load in a["expert_load"]), (a["domains"], a["expert_load"])
     assert any(len(r["domains"]) == 2 for r in step_records(z3, 0)), "no packed micro-batch mixed the two domains"
     spec = json.loads((z3 / "adapter" / "mole_config.json").read_text())
     assert spec["routing"] == "domain" and spec["domains"] == ["shapes", "text"], spec
@@ -134,12 +138,7 @@ def test_domain_routing_under_zero3_equals_zero2_with_every_domain_on_its_own_ex
 
 def test_prefix_routing_under_zero3_equals_zero2_in_training_and_in_held_out_answers(packing_runs):
     z3, z2 = packing_runs["prefix_zero3_packed"], packing_runs["prefix_zero2_packed"]
-    for rank in (0, 1):
-        records = step_records(z3, rank)
-        assert len(records) == STEPS and all(r["samples"] > 2 for r in records), "rows must hold several samples"
-        for a, b in zip(records, step_records(z2, rank)):
-            assert a["expert_load"] == b["expert_load"], f"routing differs at step {a['step']} rank {rank}"
-            assert a["loss"] == pytest.approx(b["loss"], rel=1e-5, abs=1e-6), f"loss at step {a['step']} rank {rank}"
+    same_steps(z3, z2, "prefix_mean")
     assert_same_adapter(z3, z2, "prefix_mean: packed ZeRO-3 != packed ZeRO-2")
     answers = logged_heldout_answers(z3)
     assert answers and answers == logged_heldout_answers(z2), "held-out answers differ between ZeRO-3 and ZeRO-2"
